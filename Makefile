@@ -1,0 +1,52 @@
+# usage-billing: the two commands are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-unit lint typecheck proto proto-check bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $(STAMP)
+
+proto: $(STAMP)
+	tools/gen_protos.sh
+
+# Fails when the committed generated code differs from what protos/ generates.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d); tools/gen_protos.sh $$tmp; \
+	if diff -r -x __pycache__ $$tmp/usagebilling usagebilling; then echo "generated code is up to date"; \
+	else echo "generated code drifted from protos/: run 'make proto' and commit"; rm -rf $$tmp; exit 1; fi; \
+	rm -rf $$tmp
+
+run: $(STAMP)
+	$(PY) -m tools.run_suite
+
+test: $(STAMP) proto-check
+	$(PY) -m tools.with_stack $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services tools tests bench
+	$(VENV)/bin/ruff format --check services tools tests bench
+	$(VENV)/bin/mypy services tools
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+lock:
+	rm -rf /tmp/ub-lock && $(PYTHON) -m venv /tmp/ub-lock
+	/tmp/ub-lock/bin/pip install --quiet -r requirements.in
+	{ echo '# Pinned dependencies: what CI tested. Regenerate with `make lock` after changing requirements.in.'; \
+	  /tmp/ub-lock/bin/pip freeze; } > requirements.lock
+
+clean:
+	rm -rf $(VENV) .run

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Generates the Python code of protos/ into the importable package usagebilling/.
+# Usage: tools/gen_protos.sh [OUT_DIR]   (default: the repository root)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root}
+py=${PYTHON:-$root/.venv/bin/python}
+export PATH="$(dirname "$py"):$PATH"
+cd "$root"
+rm -rf "$out/usagebilling"
+mkdir -p "$out"
+mapfile -t files < <(find protos -name '*.proto' | sort)
+"$py" -m grpc_tools.protoc -Iprotos \
+  --python_out="$out" --grpc_python_out="$out" \
+  --mypy_out="$out" --mypy_grpc_out="$out" \
+  "${files[@]}"
+# Make every generated folder a regular package.
+find "$out/usagebilling" -type d -exec touch {}/__init__.py \;
