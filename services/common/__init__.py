@@ -1,0 +1,1 @@
+"""Cross-cutting plumbing shared by the services: never domain rules."""
