@@ -1,0 +1,133 @@
+"""Runs one service: logging, PostgreSQL pool and migrations, NATS, the gRPC
+server and the service's background tasks; stops it all gracefully on
+SIGINT/SIGTERM. Each service's __main__ supplies only its wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.common import db, jetstream, logs
+from services.common.auth import Authenticator, KeyResolver
+from services.common.config import CommonSettings, ConfigError
+from services.common.grpc_server import GrpcServer, Registration
+
+log = logs.get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a service's wiring gets to build its parts from."""
+
+    settings: CommonSettings
+    pool: asyncpg.Pool
+    nc: Any
+    js: Any
+
+
+@dataclass
+class Wiring:
+    registrations: list[Registration]
+    resolver: KeyResolver
+    # Long-running tasks (relay, consumer, scheduler); cancelled on shutdown
+    # after the gRPC server stopped taking calls.
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Run last, in order (close channels and the like).
+    cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+Wire = Callable[[Runtime], Awaitable[Wiring]]
+
+
+def load_or_exit(loader: Callable[[], Any]) -> Any:
+    try:
+        return loader()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+async def migrate_only(settings: CommonSettings, migrations: Path) -> None:
+    pool = await db.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        applied = await db.migrate(pool, settings.service, migrations)
+        log.info("migrations_done", schema=settings.service, applied=applied)
+    finally:
+        await pool.close()
+
+
+async def _wait_for_migrations(pool: asyncpg.Pool, settings: CommonSettings, path: Path) -> None:
+    while pending := await db.pending_migrations(pool, settings.service, path):
+        log.info("waiting_for_migrations", schema=settings.service, pending=pending)
+        await asyncio.sleep(2)
+
+
+async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    pool = await db.create_pool(settings.database_url)
+    if settings.auto_migrate:
+        await db.migrate(pool, settings.service, migrations)
+    else:
+        await _wait_for_migrations(pool, settings, migrations)
+    nc = await jetstream.connect(settings.nats_url, name=settings.service)
+    js = nc.jetstream()
+    await jetstream.ensure_streams(js, replicas=settings.stream_replicas)
+
+    wiring = await wire(Runtime(settings=settings, pool=pool, nc=nc, js=js))
+    server = GrpcServer(
+        settings.host,
+        settings.port,
+        wiring.registrations,
+        Authenticator(settings.admin_token, wiring.resolver),
+    )
+    await server.start()
+    tasks = [asyncio.create_task(run()) for run in wiring.background]
+    log.info("serving", service=settings.service, address=server.address)
+
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task.done() and task.exception():
+            log.error("background_task_failed", error=repr(task.exception()))
+    log.info("stopping", service=settings.service)
+    await server.stop(settings.shutdown_grace.total_seconds())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for close in wiring.cleanup:
+        await close()
+    await nc.drain()
+    await pool.close()
+    log.info("stopped", service=settings.service)
+
+
+def main(
+    argv: list[str],
+    load_settings: Callable[[], Any],
+    common: Callable[[Any], CommonSettings],
+    migrations: Path,
+    wire: Wire,
+) -> None:
+    """`python -m services.<name> [serve|migrate]`."""
+    settings = load_or_exit(load_settings)
+    base = common(settings)
+    logs.configure(base.log_level, base.log_format)
+    command = argv[1] if len(argv) > 1 else "serve"
+    if command == "migrate":
+        asyncio.run(migrate_only(base, migrations))
+    elif command == "serve":
+        asyncio.run(serve(base, migrations, wire))
+    else:
+        print(f"usage: python -m services.{base.service} [serve|migrate]", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,137 @@
+"""Typed configuration read from environment variables.
+
+Each service declares a frozen dataclass and fills it through an `EnvReader`,
+which collects every problem and reports them all at once at start-up, and
+remembers which variables it read (so the deployment checks can compare the
+manifests with what the code reads).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """Raised with every configuration problem, one per line."""
+
+
+class EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        self.errors: list[str] = []
+        self.names: set[str] = set()
+        self.required: set[str] = set()
+
+    def _raw(self, name: str, required: bool) -> str | None:
+        self.names.add(name)
+        if required:
+            self.required.add(name)
+        value = self._env.get(name, "").strip()
+        if not value:
+            if required:
+                self.errors.append(f"{name}: required but not set")
+            return None
+        return value
+
+    def text(self, name: str, default: str = "", *, required: bool = False) -> str:
+        value = self._raw(name, required)
+        return default if value is None else value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int = 2**31) -> int:
+        value = self._raw(name, False)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            self.errors.append(f"{name}: {value!r} is not an integer")
+            return default
+        if not minimum <= number <= maximum:
+            self.errors.append(f"{name}: {number} is outside [{minimum}, {maximum}]")
+            return default
+        return number
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._raw(name, False)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        self.errors.append(f"{name}: {value!r} is not a boolean (true/false)")
+        return default
+
+    def duration(self, name: str, default: timedelta) -> timedelta:
+        """Reads durations such as 500ms, 30s, 5m, 1h, 35d."""
+        value = self._raw(name, False)
+        if value is None:
+            return default
+        match = _DURATION.match(value)
+        if not match:
+            self.errors.append(f"{name}: {value!r} is not a duration such as 30s, 5m, 1h or 35d")
+            return default
+        return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            self.errors.append(f"{name}: {value!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+    def check(self) -> None:
+        if self.errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
+
+
+DEFAULT_PORTS = {"ingest": 50051, "meter": 50052, "billing": 50053}
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """What every service reads."""
+
+    service: str
+    database_url: str
+    nats_url: str
+    admin_token: str
+    host: str
+    port: int
+    log_level: str
+    log_format: str
+    shutdown_grace: timedelta
+    stream_replicas: int
+    auto_migrate: bool
+
+
+def read_common(reader: EnvReader, service: str) -> CommonSettings:
+    upper = service.upper()
+    # A service's schema may live in its own database: <SERVICE>_DATABASE_URL wins.
+    database_url = reader.text(f"USAGEBILLING_{upper}_DATABASE_URL") or reader.text(
+        "DATABASE_URL", required=True
+    )
+    return CommonSettings(
+        service=service,
+        database_url=database_url,
+        nats_url=reader.text("NATS_URL", required=True),
+        admin_token=reader.text("USAGEBILLING_ADMIN_TOKEN", required=True),
+        host=reader.text("USAGEBILLING_HOST", "0.0.0.0"),
+        port=reader.integer(
+            f"USAGEBILLING_{upper}_PORT", DEFAULT_PORTS[service], minimum=1, maximum=65535
+        ),
+        log_level=reader.choice(
+            "USAGEBILLING_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+        ),
+        log_format=reader.choice("USAGEBILLING_LOG_FORMAT", "auto", ("auto", "json", "console")),
+        shutdown_grace=reader.duration("USAGEBILLING_SHUTDOWN_GRACE", timedelta(seconds=8)),
+        stream_replicas=reader.integer("USAGEBILLING_STREAM_REPLICAS", 1, minimum=1, maximum=5),
+        auto_migrate=reader.boolean("USAGEBILLING_AUTO_MIGRATE", True),
+    )

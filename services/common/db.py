@@ -1,0 +1,89 @@
+"""PostgreSQL: an asyncpg pool per service, and the migration runner that applies
+a service's numbered SQL files to its own schema."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.common.logs import get_logger
+
+log = get_logger(__name__)
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> Any:
+    pool: Any = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60
+    )
+    return pool
+
+
+def migration_files(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_FILE.match(path.name)
+        if not match:
+            raise ValueError(f"migration file {path.name} is not named NNNN_description.sql")
+        found.append((int(match.group(1)), path))
+    versions = [v for v, _ in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration numbers in {directory}")
+    return found
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, directory: Path) -> list[int]:
+    """Applies the pending migrations, each in its own transaction, under an
+    advisory lock so that replicas (or a Kubernetes Job) never race. Returns the
+    versions applied by this call."""
+    applied: list[int] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"migrate:{schema}")
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(
+                f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {
+                r["version"]
+                for r in await conn.fetch(f'SELECT version FROM "{schema}".schema_migrations')
+            }
+            for version, path in migration_files(directory):
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute(
+                        f'INSERT INTO "{schema}".schema_migrations (version, name) VALUES ($1, $2)',
+                        version,
+                        path.name,
+                    )
+                log.info("migration_applied", schema=schema, version=version, file=path.name)
+                applied.append(version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"migrate:{schema}")
+    return applied
+
+
+async def pending_migrations(pool: asyncpg.Pool, schema: str, directory: Path) -> list[int]:
+    """The versions not yet applied (for services that wait for a migration Job)."""
+    wanted = [v for v, _ in migration_files(directory)]
+    exists = await pool.fetchval("SELECT to_regclass($1)", f"{schema}.schema_migrations")
+    if exists is None:
+        return wanted
+    done = {
+        r["version"] for r in await pool.fetch(f'SELECT version FROM "{schema}".schema_migrations')
+    }
+    return [v for v in wanted if v not in done]
