@@ -1,0 +1,1 @@
+"""ingest: accepts usage events, stores them durably, relays them to JetStream."""

@@ -1,0 +1,90 @@
+"""IngestService servicer: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from services.common.context import current_tenant
+from services.common.errors import InvalidArgument
+from services.common.paging import decode_token, encode_token, page_size
+from services.ingest import convert
+from services.ingest.service import Ingestor, IngestResult
+from services.ingest.store import IngestStore
+from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+
+def _response(result: IngestResult) -> ingest_pb2.IngestEventsResponse:
+    return ingest_pb2.IngestEventsResponse(
+        accepted_count=result.accepted,
+        duplicate_count=result.duplicates,
+        rejections=[
+            ingest_pb2.EventRejection(index=r.index, event_id=r.event_id, reason=r.reason)
+            for r in result.rejections
+        ],
+    )
+
+
+def _optional_time(request: Any, field: str) -> datetime | None:
+    return convert.to_datetime(getattr(request, field)) if request.HasField(field) else None
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    def __init__(self, ingestor: Ingestor, store: IngestStore) -> None:
+        self._ingestor = ingestor
+        self._store = store
+
+    async def IngestEvents(
+        self, request: ingest_pb2.IngestEventsRequest, context: Any
+    ) -> ingest_pb2.IngestEventsResponse:
+        result = await self._ingestor.ingest(current_tenant(), request.events, datetime.now(UTC))
+        return _response(result)
+
+    async def StreamIngest(
+        self, request_iterator: AsyncIterator[ingest_pb2.IngestEventsRequest], context: Any
+    ) -> AsyncIterator[ingest_pb2.IngestEventsResponse]:
+        tenant = current_tenant()
+        async for request in request_iterator:
+            result = await self._ingestor.ingest(tenant, request.events, datetime.now(UTC))
+            yield _response(result)
+
+    async def GetEvent(self, request: ingest_pb2.GetEventRequest, context: Any) -> ingest_pb2.Event:
+        if not request.event_id:
+            raise InvalidArgument("event_id: required")
+        return convert.proto_event(await self._store.get_event(current_tenant(), request.event_id))
+
+    async def ListEvents(
+        self, request: ingest_pb2.ListEventsRequest, context: Any
+    ) -> ingest_pb2.ListEventsResponse:
+        limit = page_size(request.page_size)
+        cursor = decode_token(request.page_token, 2)
+        after = (datetime.fromisoformat(cursor[0]), str(cursor[1])) if cursor else None
+        events = await self._store.list_events(
+            current_tenant(),
+            customer_id=request.customer_id,
+            event_name=request.event_name,
+            start=_optional_time(request, "start_time"),
+            end=_optional_time(request, "end_time"),
+            after=after,
+            limit=limit + 1,
+        )
+        token = ""
+        if len(events) > limit:
+            events = events[:limit]
+            token = encode_token([events[-1].event_time.isoformat(), events[-1].event_id])
+        return ingest_pb2.ListEventsResponse(
+            events=[convert.proto_event(e) for e in events], next_page_token=token
+        )
+
+    async def ReplayEvents(
+        self, request: ingest_pb2.ReplayEventsRequest, context: Any
+    ) -> AsyncIterator[ingest_pb2.Event]:
+        if not request.event_names:
+            raise InvalidArgument("event_names: at least one event name is required")
+        start = _optional_time(request, "start_time") or datetime(1970, 1, 1, tzinfo=UTC)
+        end = _optional_time(request, "end_time") or datetime.now(UTC)
+        if end <= start:
+            raise InvalidArgument("end_time: must be after start_time")
+        async for event in self._store.replay(current_tenant(), request.event_names, start, end):
+            yield convert.proto_event(event)
