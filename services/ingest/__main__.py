@@ -37,7 +37,7 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
             ],
             resolver=CachedKeyResolver(RemoteKeyResolver(billing)),
             background=[relay.run],
-            cleanup=[lambda: billing.close()],
+            cleanup=[lambda: billing.close(None)],
         )
 
     return wire
