@@ -93,13 +93,16 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     )
     await server.start()
     tasks = [asyncio.create_task(run()) for run in wiring.background]
-    log.info("serving", service=settings.service, address=server.address)
 
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        if task.done() and task.exception():
+    def failed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
             log.error("background_task_failed", error=repr(task.exception()))
+            stop.set()
+
+    for task in tasks:
+        task.add_done_callback(failed)
+    log.info("serving", service=settings.service, address=server.address)
+    await stop.wait()
     log.info("stopping", service=settings.service)
     await server.stop(settings.shutdown_grace.total_seconds())
     for task in tasks:

@@ -1,0 +1,69 @@
+"""MeterService servicer: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from services.common.context import current_tenant
+from services.common.errors import InvalidArgument
+from services.common.paging import decode_token, encode_token, page_size
+from services.meter import convert
+from services.meter.service import MeterService
+from services.meter.store import MeterStore
+from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
+
+
+class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
+    def __init__(self, service: MeterService, store: MeterStore) -> None:
+        self._service = service
+        self._store = store
+
+    async def CreateMeter(
+        self, request: meter_pb2.CreateMeterRequest, context: Any
+    ) -> meter_pb2.Meter:
+        return convert.proto_meter(await self._service.create_meter(current_tenant(), request))
+
+    async def GetMeter(self, request: meter_pb2.GetMeterRequest, context: Any) -> meter_pb2.Meter:
+        if not request.id:
+            raise InvalidArgument("id: required")
+        return convert.proto_meter(await self._store.get_meter(current_tenant(), request.id))
+
+    async def ListMeters(
+        self, request: meter_pb2.ListMetersRequest, context: Any
+    ) -> meter_pb2.ListMetersResponse:
+        limit = page_size(request.page_size)
+        cursor = decode_token(request.page_token, 2)
+        after = (datetime.fromisoformat(cursor[0]), str(cursor[1])) if cursor else None
+        meters = await self._store.list_meters(current_tenant(), after, limit + 1)
+        token = ""
+        if len(meters) > limit:
+            meters = meters[:limit]
+            token = encode_token([meters[-1].created_at.isoformat(), meters[-1].id])
+        return meter_pb2.ListMetersResponse(
+            meters=[convert.proto_meter(m) for m in meters], next_page_token=token
+        )
+
+    async def ArchiveMeter(
+        self, request: meter_pb2.ArchiveMeterRequest, context: Any
+    ) -> meter_pb2.Meter:
+        if not request.id:
+            raise InvalidArgument("id: required")
+        return convert.proto_meter(await self._store.archive_meter(current_tenant(), request.id))
+
+    async def QueryUsage(
+        self, request: meter_pb2.QueryUsageRequest, context: Any
+    ) -> meter_pb2.QueryUsageResponse:
+        rows = await self._service.query_usage(current_tenant(), request)
+        return meter_pb2.QueryUsageResponse(
+            rows=[
+                meter_pb2.UsageRow(
+                    window_start=convert.to_timestamp(r.window_start),
+                    window_end=convert.to_timestamp(r.window_end),
+                    customer_id=r.customer_id,
+                    group=r.group,
+                    value=r.value,
+                )
+                for r in rows
+            ]
+        )

@@ -1,0 +1,82 @@
+"""Backfill: a new meter counts the events ingest already holds for its event
+name within the backdating window, replayed over gRPC. Folding is idempotent
+per (meter, event), so events the consumer folds meanwhile count once."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from services.common.auth import on_behalf_of
+from services.common.logs import get_logger
+from services.meter import convert
+from services.meter.service import MeterService
+from services.meter.store import MeterRecord, MeterStore
+from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+log = get_logger(__name__)
+
+CHUNK = 1000
+
+
+class Backfiller:
+    def __init__(
+        self,
+        store: MeterStore,
+        service: MeterService,
+        ingest: grpc.aio.Channel,
+        admin_token: str,
+        window: timedelta,
+    ) -> None:
+        self._store = store
+        self._service = service
+        self._ingest = ingest_pb2_grpc.IngestServiceStub(ingest)
+        self._admin_token = admin_token
+        self._window = window
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, record: MeterRecord) -> None:
+        task = asyncio.create_task(self.backfill(record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def backfill(self, record: MeterRecord) -> None:
+        now = datetime.now(UTC)
+        request = ingest_pb2.ReplayEventsRequest(
+            event_names=[record.event_name],
+            start_time=convert.to_timestamp(now - self._window),
+            end_time=convert.to_timestamp(now + timedelta(minutes=10)),
+        )
+        folded = 0
+        try:
+            chunk: list[Any] = []
+            stream = self._ingest.ReplayEvents(
+                request, metadata=on_behalf_of(self._admin_token, record.tenant_id)
+            )
+            async for event in stream:
+                chunk.append(event)
+                if len(chunk) >= CHUNK:
+                    folded += await self._service.fold_for_meter(record, chunk)
+                    chunk = []
+            folded += await self._service.fold_for_meter(record, chunk)
+        except asyncio.CancelledError:
+            raise  # stays RUNNING: resumed at the next start
+        except Exception as exc:
+            log.error("backfill_failed", meter_id=record.id, error=repr(exc))
+            await self._store.set_backfill_state(record.tenant_id, record.id, "FAILED")
+            return
+        await self._store.set_backfill_state(record.tenant_id, record.id, "DONE")
+        log.info("backfill_done", meter_id=record.id, folded=folded)
+
+    async def resume(self) -> None:
+        """Restarts backfills that a stopped process left running (idempotent)."""
+        for record in await self._store.meters_with_backfill_running():
+            self.start(record)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,263 @@
+"""meter's SQL: meter definitions and the per-meter event contributions
+(schema `meter`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from services.common.errors import AlreadyExists, NotFound
+from services.meter.domain.matching import FoldedEvent
+
+_METER_COLUMNS = (
+    "id, name, event_name, aggregation, property, filter, group_by, measurement_unit,"
+    " description, created_at, archived_at, backfill_state"
+)
+
+
+@dataclass(frozen=True)
+class MeterRecord:
+    id: str
+    tenant_id: str
+    name: str
+    event_name: str
+    aggregation: str  # the domain Aggregation's name, e.g. "SUM"
+    property: str
+    filter: dict[str, Any] | None  # the API's JSON form of usagebilling.meter.v1.Filter
+    group_by: tuple[str, ...]
+    measurement_unit: str
+    description: str
+    created_at: datetime
+    archived_at: datetime | None
+    backfill_state: str
+
+
+def _meter(tenant_id: str, row: asyncpg.Record) -> MeterRecord:
+    return MeterRecord(
+        id=str(row["id"]),
+        tenant_id=tenant_id,
+        name=row["name"],
+        event_name=row["event_name"],
+        aggregation=row["aggregation"],
+        property=row["property"],
+        filter=row["filter"],
+        group_by=tuple(row["group_by"]),
+        measurement_unit=row["measurement_unit"],
+        description=row["description"],
+        created_at=row["created_at"],
+        archived_at=row["archived_at"],
+        backfill_state=row["backfill_state"],
+    )
+
+
+@dataclass(frozen=True)
+class UsageGroup:
+    """One aggregated row: window index (1-based, into the bounds), customer,
+    dimension values, value (None when no event contributed)."""
+
+    window: int
+    customer_id: str
+    dims: tuple[str, ...]
+    value: Decimal | None
+
+
+# How each aggregation is computed in SQL over the contributions; the pure
+# domain.aggregation.aggregate is the oracle these must agree with.
+SQL_AGGREGATES = {
+    "COUNT": "count(*)::numeric",
+    "SUM": "sum(value)",
+    "MIN": "min(value)",
+    "MAX": "max(value)",
+    "AVG": "avg(value)",
+    "UNIQUE_COUNT": "count(DISTINCT text_value)::numeric",
+    "LATEST": "(array_agg(value ORDER BY event_time DESC, event_id DESC))[1]",
+}
+
+
+class MeterStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def create_meter(
+        self,
+        tenant_id: str,
+        *,
+        name: str,
+        event_name: str,
+        aggregation: str,
+        property: str,
+        filter: dict[str, Any] | None,
+        group_by: Sequence[str],
+        measurement_unit: str,
+        description: str,
+    ) -> MeterRecord:
+        try:
+            row = await self.pool.fetchrow(
+                "INSERT INTO meter.meters (tenant_id, name, event_name, aggregation, property,"
+                " filter, group_by, measurement_unit, description)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_METER_COLUMNS}",
+                tenant_id,
+                name,
+                event_name,
+                aggregation,
+                property,
+                filter,
+                list(group_by),
+                measurement_unit,
+                description,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise AlreadyExists(f"name: a meter named {name!r} already exists") from exc
+        assert row is not None
+        return _meter(tenant_id, row)
+
+    async def get_meter(self, tenant_id: str, meter_id: str) -> MeterRecord:
+        row = None
+        if _is_uuid(meter_id):
+            row = await self.pool.fetchrow(
+                f"SELECT {_METER_COLUMNS} FROM meter.meters WHERE tenant_id = $1 AND id = $2",
+                tenant_id,
+                meter_id,
+            )
+        if row is None:
+            raise NotFound(f"meter_id: no meter {meter_id!r}")
+        return _meter(tenant_id, row)
+
+    async def list_meters(
+        self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[MeterRecord]:
+        rows = await self.pool.fetch(
+            f"SELECT {_METER_COLUMNS} FROM meter.meters WHERE tenant_id = $1"
+            " AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3::uuid))"
+            " ORDER BY created_at, id LIMIT $4",
+            tenant_id,
+            after[0] if after else None,
+            after[1] if after else "00000000-0000-0000-0000-000000000000",
+            limit,
+        )
+        return [_meter(tenant_id, r) for r in rows]
+
+    async def archive_meter(self, tenant_id: str, meter_id: str) -> MeterRecord:
+        await self.get_meter(tenant_id, meter_id)
+        await self.pool.execute(
+            "UPDATE meter.meters SET archived_at = coalesce(archived_at, now())"
+            " WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            meter_id,
+        )
+        return await self.get_meter(tenant_id, meter_id)
+
+    async def set_backfill_state(self, tenant_id: str, meter_id: str, state: str) -> None:
+        await self.pool.execute(
+            "UPDATE meter.meters SET backfill_state = $3 WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            meter_id,
+            state,
+        )
+
+    async def meters_with_backfill_running(self) -> list[MeterRecord]:
+        rows = await self.pool.fetch(
+            f"SELECT tenant_id, {_METER_COLUMNS} FROM meter.meters"
+            " WHERE backfill_state = 'RUNNING' AND archived_at IS NULL"
+        )
+        return [_meter(r["tenant_id"], r) for r in rows]
+
+    async def active_meters(self, tenant_ids: Sequence[str]) -> list[MeterRecord]:
+        rows = await self.pool.fetch(
+            f"SELECT tenant_id, {_METER_COLUMNS} FROM meter.meters"
+            " WHERE tenant_id = ANY($1::text[]) AND archived_at IS NULL",
+            list(tenant_ids),
+        )
+        return [_meter(r["tenant_id"], r) for r in rows]
+
+    async def fold(self, tenant_contributions: Sequence[tuple[str, FoldedEvent]]) -> int:
+        """Inserts contributions not seen before, in one transaction; a repeat of
+        (tenant, meter, event) is ignored. Returns how many were new."""
+        if not tenant_contributions:
+            return 0
+        rows = await self.pool.fetch(
+            "INSERT INTO meter.meter_events (tenant_id, meter_id, event_id, customer_id,"
+            " event_time, value, text_value, dims, skip_reason)"
+            " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[],"
+            " $5::timestamptz[], $6::numeric[], $7::text[], $8::jsonb[], $9::text[])"
+            " ON CONFLICT DO NOTHING RETURNING 1",
+            [t for t, _ in tenant_contributions],
+            [c.meter_id for _, c in tenant_contributions],
+            [c.event_id for _, c in tenant_contributions],
+            [c.customer_id for _, c in tenant_contributions],
+            [c.event_time for _, c in tenant_contributions],
+            [c.value for _, c in tenant_contributions],
+            [c.text_value for _, c in tenant_contributions],
+            [c.dims for _, c in tenant_contributions],
+            [c.skip_reason for _, c in tenant_contributions],
+        )
+        return len(rows)
+
+    async def skipped_counts(self, tenant_id: str, meter_id: str) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT skip_reason, count(*) AS n FROM meter.meter_events"
+            " WHERE tenant_id = $1 AND meter_id = $2 AND skip_reason IS NOT NULL"
+            " GROUP BY skip_reason",
+            tenant_id,
+            meter_id,
+        )
+        return {r["skip_reason"]: r["n"] for r in rows}
+
+    async def usage(
+        self,
+        meter: MeterRecord,
+        *,
+        customer_id: str,
+        bounds: Sequence[datetime],
+        end: datetime,
+        group_by: Sequence[str],
+        group_filter: dict[str, str],
+    ) -> list[UsageGroup]:
+        """Aggregates the meter's contributions in [bounds[0], end), bucketed by
+        the window starts in `bounds` (ascending)."""
+        args: list[Any] = [meter.tenant_id, meter.id, list(bounds), bounds[0], end]
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        conditions = [
+            "tenant_id = $1",
+            "meter_id = $2",
+            "event_time >= $4",
+            "event_time < $5",
+            "skip_reason IS NULL",
+        ]
+        if customer_id:
+            conditions.append(f"customer_id = {arg(customer_id)}")
+        for key, value in sorted(group_filter.items()):
+            conditions.append(f"coalesce(dims->>{arg(key)}, '') = {arg(value)}")
+        dims = [f"coalesce(dims->>{arg(key)}, '')" for key in group_by]
+        selected = ", ".join(["width_bucket(event_time, $3::timestamptz[])", "customer_id", *dims])
+        keys = ", ".join(str(i) for i in range(1, 3 + len(dims)))
+        rows = await self.pool.fetch(
+            f"SELECT {selected}, {SQL_AGGREGATES[meter.aggregation]} AS value"
+            f" FROM meter.meter_events WHERE {' AND '.join(conditions)}"
+            f" GROUP BY {keys} ORDER BY {keys}",
+            *args,
+        )
+        return [
+            UsageGroup(
+                window=r[0], customer_id=r[1], dims=tuple(r[2 : 2 + len(dims)]), value=r["value"]
+            )
+            for r in rows
+        ]
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
