@@ -1,0 +1,1 @@
+"""billing: tenants, customers, products, subscriptions and invoices."""

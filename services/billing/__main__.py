@@ -1,0 +1,97 @@
+"""`python -m services.billing [serve|migrate]`: wires billing's parts together."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import grpc
+
+from services.billing import api
+from services.billing import settings as billing_settings
+from services.billing.accounts import Accounts
+from services.billing.catalog import Catalog
+from services.billing.invoicing import Invoicing
+from services.billing.meter_client import MeterClient
+from services.billing.scheduler import Scheduler
+from services.billing.store import BillingStore
+from services.common import app
+from services.common.grpc_server import Registration
+from usagebilling.billing.v1 import (
+    customer_pb2,
+    customer_pb2_grpc,
+    invoice_pb2,
+    invoice_pb2_grpc,
+    product_pb2,
+    product_pb2_grpc,
+    subscription_pb2,
+    subscription_pb2_grpc,
+    tenant_pb2,
+    tenant_pb2_grpc,
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _name(module: object, service: str) -> str:
+    return str(module.DESCRIPTOR.services_by_name[service].full_name)  # type: ignore[attr-defined]
+
+
+def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
+    async def wire(runtime: app.Runtime) -> app.Wiring:
+        store = BillingStore(runtime.pool)
+        meter_channel = grpc.aio.insecure_channel(settings.meter_addr)
+        meters = MeterClient(meter_channel, settings.common.admin_token)
+        accounts = Accounts(store)
+        catalog = Catalog(store, meters)
+        invoicing = Invoicing(store, meters, settings.invoice_grace, runtime.js)
+        scheduler = Scheduler(store, invoicing, settings.scheduler_interval)
+        return app.Wiring(
+            registrations=[
+                Registration(
+                    tenant_pb2_grpc.add_TenantServiceServicer_to_server,
+                    api.TenantServicer(accounts, store),
+                    _name(tenant_pb2, "TenantService"),
+                ),
+                Registration(
+                    tenant_pb2_grpc.add_AuthServiceServicer_to_server,
+                    api.AuthServicer(),
+                    _name(tenant_pb2, "AuthService"),
+                ),
+                Registration(
+                    customer_pb2_grpc.add_CustomerServiceServicer_to_server,
+                    api.CustomerServicer(accounts, store),
+                    _name(customer_pb2, "CustomerService"),
+                ),
+                Registration(
+                    product_pb2_grpc.add_ProductServiceServicer_to_server,
+                    api.ProductServicer(catalog, store),
+                    _name(product_pb2, "ProductService"),
+                ),
+                Registration(
+                    subscription_pb2_grpc.add_SubscriptionServiceServicer_to_server,
+                    api.SubscriptionServicer(catalog, store),
+                    _name(subscription_pb2, "SubscriptionService"),
+                ),
+                Registration(
+                    invoice_pb2_grpc.add_InvoiceServiceServicer_to_server,
+                    api.InvoiceServicer(invoicing, store),
+                    _name(invoice_pb2, "InvoiceService"),
+                ),
+            ],
+            # billing owns the keys: it reads them from its own schema.
+            resolver=accounts,
+            background=[scheduler.run] if settings.scheduler_enabled else [],
+            cleanup=[lambda: meter_channel.close(None)],
+        )
+
+    return wire
+
+
+def main() -> None:
+    settings: billing_settings.BillingSettings = app.load_or_exit(billing_settings.load)
+    app.main(sys.argv, lambda: settings, lambda s: s.common, MIGRATIONS, wiring(settings))
+
+
+if __name__ == "__main__":
+    main()

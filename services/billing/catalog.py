@@ -1,0 +1,91 @@
+"""Products (what things cost) and subscriptions (who pays for what)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from services.billing import convert
+from services.billing.domain.money import minor_units
+from services.billing.domain.periods import Interval, period_containing
+from services.billing.domain.pricing import validate_usage_price
+from services.billing.meter_client import MeterClient
+from services.billing.store import BillingStore, ProductRecord, SubscriptionRecord
+from services.common.errors import FailedPrecondition, InvalidArgument
+from usagebilling.billing.v1 import product_pb2
+
+MAX_USAGE_PRICES = 50
+
+
+class Catalog:
+    def __init__(self, store: BillingStore, meters: MeterClient) -> None:
+        self._store = store
+        self._meters = meters
+
+    async def create_product(
+        self, tenant_id: str, request: product_pb2.CreateProductRequest
+    ) -> ProductRecord:
+        if not request.name:
+            raise InvalidArgument("name: required")
+        minor_units(request.currency)
+        if request.billing_interval not in convert.INTERVALS:
+            raise InvalidArgument("billing_interval: a BILLING_INTERVAL_* value is required")
+        if request.fixed_price_minor < 0:
+            raise InvalidArgument("fixed_price_minor: must not be negative")
+        if len(request.usage_prices) > MAX_USAGE_PRICES:
+            raise InvalidArgument(f"usage_prices: at most {MAX_USAGE_PRICES}")
+        prices = [convert.usage_price(p, i) for i, p in enumerate(request.usage_prices)]
+        seen: set[str] = set()
+        for i, price in enumerate(prices):
+            validate_usage_price(price, i)
+            if price.meter_id in seen:
+                raise InvalidArgument(f"usage_prices[{i}].meter_id: meter priced twice")
+            seen.add(price.meter_id)
+        names = [
+            await self._meters.meter_name(tenant_id, p.meter_id, f"usage_prices[{i}].meter_id")
+            for i, p in enumerate(prices)
+        ]
+        return await self._store.create_product(
+            tenant_id,
+            name=request.name,
+            currency=request.currency,
+            billing_interval=convert.INTERVALS[request.billing_interval].name,
+            fixed_price_minor=request.fixed_price_minor,
+            usage_prices=[
+                convert.price_json(p, name) for p, name in zip(prices, names, strict=True)
+            ],
+        )
+
+    async def create_subscription(
+        self, tenant_id: str, customer_id: str, product_id: str, start_time: datetime
+    ) -> SubscriptionRecord:
+        if not customer_id:
+            raise InvalidArgument("customer_id: required")
+        if not product_id:
+            raise InvalidArgument("product_id: required")
+        customer = await self._store.get_customer(tenant_id, customer_id)
+        product = await self._store.get_product(tenant_id, product_id)
+        return await self._store.create_subscription(tenant_id, customer.id, product.id, start_time)
+
+    async def current_period(
+        self, tenant_id: str, subscription: SubscriptionRecord, now: datetime
+    ) -> tuple[datetime, datetime]:
+        product = await self._store.get_product(tenant_id, subscription.product_id)
+        at = max(now, subscription.start_time)
+        start, end, _ = period_containing(
+            subscription.start_time, Interval[product.billing_interval], at
+        )
+        if subscription.end_time is not None:
+            end = min(end, subscription.end_time)
+        return start, end
+
+    async def cancel(
+        self, tenant_id: str, subscription_id: str, immediately: bool, now: datetime
+    ) -> SubscriptionRecord:
+        subscription = await self._store.get_subscription(tenant_id, subscription_id)
+        if subscription.end_time is not None and subscription.end_time <= now:
+            raise FailedPrecondition(f"id: subscription {subscription_id!r} already ended")
+        if immediately:
+            end = max(now, subscription.start_time)
+        else:
+            _, end = await self.current_period(tenant_id, subscription, now)
+        return await self._store.cancel_subscription(tenant_id, subscription_id, end, now)

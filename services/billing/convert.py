@@ -1,0 +1,247 @@
+"""Protobuf and stored JSON <-> billing's domain types."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.billing.domain.invoice import InvoiceDraft, InvoiceLine
+from services.billing.domain.periods import Interval
+from services.billing.domain.pricing import (
+    PriceModel,
+    Tier,
+    TierCharge,
+    UsagePrice,
+    parse_decimal,
+)
+from services.billing.store import CustomerRecord, InvoiceRecord, ProductRecord
+from services.common.errors import InvalidArgument
+from usagebilling.billing.v1 import customer_pb2, invoice_pb2, product_pb2
+
+INTERVALS = {
+    product_pb2.BILLING_INTERVAL_DAY: Interval.DAY,
+    product_pb2.BILLING_INTERVAL_WEEK: Interval.WEEK,
+    product_pb2.BILLING_INTERVAL_MONTH: Interval.MONTH,
+    product_pb2.BILLING_INTERVAL_YEAR: Interval.YEAR,
+}
+MODELS = {
+    product_pb2.PRICE_MODEL_PER_UNIT: PriceModel.PER_UNIT,
+    product_pb2.PRICE_MODEL_GRADUATED: PriceModel.GRADUATED,
+    product_pb2.PRICE_MODEL_VOLUME: PriceModel.VOLUME,
+    product_pb2.PRICE_MODEL_PACKAGE: PriceModel.PACKAGE,
+}
+INVOICE_STATUSES = {
+    "DRAFT": invoice_pb2.INVOICE_STATUS_DRAFT,
+    "FINALIZED": invoice_pb2.INVOICE_STATUS_FINALIZED,
+    "VOID": invoice_pb2.INVOICE_STATUS_VOID,
+}
+
+
+def to_datetime(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def to_timestamp(when: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def text(value: Decimal | None) -> str:
+    """Plain notation ("1000", not "1E+3"); empty for None."""
+    return "" if value is None else format(value, "f")
+
+
+def _optional(value: str | None) -> Decimal | None:
+    return None if value is None or value == "" else Decimal(value)
+
+
+# Usage prices: request -> domain -> stored JSON -> domain / response.
+
+
+def usage_price(message: product_pb2.UsagePrice, index: int) -> UsagePrice:
+    at = f"usage_prices[{index}]"
+    if message.model not in MODELS:
+        raise InvalidArgument(f"{at}.model: a PRICE_MODEL_* value is required")
+    return UsagePrice(
+        meter_id=message.meter_id,
+        model=MODELS[message.model],
+        unit_price=parse_decimal(message.unit_price, f"{at}.unit_price")
+        if message.unit_price
+        else None,
+        free_threshold=parse_decimal(message.free_threshold, f"{at}.free_threshold"),
+        tiers=tuple(
+            Tier(
+                up_to=parse_decimal(t.up_to, f"{at}.tiers[{i}].up_to") if t.up_to else None,
+                unit_price=parse_decimal(t.unit_price, f"{at}.tiers[{i}].unit_price"),
+                flat_price=parse_decimal(t.flat_price, f"{at}.tiers[{i}].flat_price"),
+            )
+            for i, t in enumerate(message.tiers)
+        ),
+        package_size=parse_decimal(message.package_size, f"{at}.package_size")
+        if message.package_size
+        else None,
+        package_price=parse_decimal(message.package_price, f"{at}.package_price"),
+    )
+
+
+def price_json(price: UsagePrice, meter_name: str) -> dict[str, Any]:
+    return {
+        "meter_id": price.meter_id,
+        "meter_name": meter_name,
+        "model": price.model.name,
+        "unit_price": text(price.unit_price) or None,
+        "free_threshold": text(price.free_threshold),
+        "tiers": [
+            {
+                "up_to": text(t.up_to) or None,
+                "unit_price": text(t.unit_price),
+                "flat_price": text(t.flat_price),
+            }
+            for t in price.tiers
+        ],
+        "package_size": text(price.package_size) or None,
+        "package_price": text(price.package_price),
+    }
+
+
+def price_from_json(data: dict[str, Any]) -> UsagePrice:
+    return UsagePrice(
+        meter_id=data["meter_id"],
+        model=PriceModel[data["model"]],
+        unit_price=_optional(data["unit_price"]),
+        free_threshold=Decimal(data["free_threshold"]),
+        tiers=tuple(
+            Tier(_optional(t["up_to"]), Decimal(t["unit_price"]), Decimal(t["flat_price"]))
+            for t in data["tiers"]
+        ),
+        package_size=_optional(data["package_size"]),
+        package_price=Decimal(data["package_price"]),
+    )
+
+
+def proto_product(record: ProductRecord) -> product_pb2.Product:
+    interval = Interval[record.billing_interval]
+    return product_pb2.Product(
+        id=record.id,
+        name=record.name,
+        currency=record.currency,
+        billing_interval=next(k for k, v in INTERVALS.items() if v is interval),
+        fixed_price_minor=record.fixed_price_minor,
+        usage_prices=[
+            product_pb2.UsagePrice(
+                meter_id=p["meter_id"],
+                model=next(k for k, v in MODELS.items() if v.name == p["model"]),
+                unit_price=p["unit_price"] or "",
+                free_threshold=p["free_threshold"],
+                tiers=[
+                    product_pb2.PriceTier(
+                        up_to=t["up_to"] or "",
+                        unit_price=t["unit_price"],
+                        flat_price=t["flat_price"],
+                    )
+                    for t in p["tiers"]
+                ],
+                package_size=p["package_size"] or "",
+                package_price=p["package_price"],
+            )
+            for p in record.usage_prices
+        ],
+    )
+
+
+def proto_customer(record: CustomerRecord) -> customer_pb2.Customer:
+    return customer_pb2.Customer(
+        id=record.id, external_id=record.external_id, name=record.name, email=record.email
+    )
+
+
+# Invoices: domain draft -> stored JSON -> response.
+
+
+def _tier_json(tier: TierCharge) -> dict[str, str]:
+    return {
+        "up_to": text(tier.up_to),
+        "quantity": text(tier.quantity),
+        "unit_price": text(tier.unit_price),
+        "flat_price": text(tier.flat_price),
+        "amount": text(tier.amount),
+    }
+
+
+def _line_json(line: InvoiceLine) -> dict[str, Any]:
+    return {
+        "description": line.description,
+        "meter_id": line.meter_id,
+        "meter_name": line.meter_name,
+        "quantity": text(line.quantity),
+        "free_quantity": text(line.free_quantity),
+        "billable_quantity": text(line.billable_quantity),
+        "unit_price": text(line.unit_price),
+        "amount_minor": line.amount_minor,
+        "tiers": [_tier_json(t) for t in line.tiers],
+    }
+
+
+def draft_json(draft: InvoiceDraft) -> dict[str, Any]:
+    return {
+        "period_start": draft.period_start,
+        "period_end": draft.period_end,
+        "currency": draft.currency,
+        "lines": [_line_json(line) for line in draft.lines],
+        "subtotal_minor": draft.subtotal_minor,
+        "total_minor": draft.total_minor,
+    }
+
+
+def _proto_line(line: dict[str, Any]) -> invoice_pb2.InvoiceLine:
+    return invoice_pb2.InvoiceLine(
+        description=line["description"],
+        meter_id=line["meter_id"],
+        meter_name=line["meter_name"],
+        quantity=line["quantity"],
+        free_quantity=line["free_quantity"],
+        billable_quantity=line["billable_quantity"],
+        unit_price=line["unit_price"],
+        amount_minor=line["amount_minor"],
+        tiers=[invoice_pb2.InvoiceLineTier(**t) for t in line["tiers"]],
+    )
+
+
+def proto_invoice(record: InvoiceRecord) -> invoice_pb2.Invoice:
+    invoice = invoice_pb2.Invoice(
+        id=record.id,
+        number=record.number,
+        customer_id=record.customer_id,
+        subscription_id=record.subscription_id,
+        period_start=to_timestamp(record.period_start),
+        period_end=to_timestamp(record.period_end),
+        currency=record.currency,
+        status=INVOICE_STATUSES[record.status],
+        lines=[_proto_line(line) for line in record.lines],
+        subtotal_minor=record.subtotal_minor,
+        total_minor=record.total_minor,
+    )
+    if record.finalized_at:
+        invoice.finalize_time.CopyFrom(to_timestamp(record.finalized_at))
+    return invoice
+
+
+def preview_invoice(
+    draft: InvoiceDraft, customer_id: str, subscription_id: str
+) -> invoice_pb2.Invoice:
+    data = draft_json(draft)
+    return invoice_pb2.Invoice(
+        customer_id=customer_id,
+        subscription_id=subscription_id,
+        period_start=to_timestamp(draft.period_start),
+        period_end=to_timestamp(draft.period_end),
+        currency=draft.currency,
+        status=invoice_pb2.INVOICE_STATUS_DRAFT,
+        lines=[_proto_line(line) for line in data["lines"]],
+        subtotal_minor=draft.subtotal_minor,
+        total_minor=draft.total_minor,
+    )

@@ -1,0 +1,36 @@
+"""billing's configuration, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+from services.common.config import CommonSettings, EnvReader, read_common
+
+
+@dataclass(frozen=True)
+class BillingSettings:
+    common: CommonSettings
+    meter_addr: str
+    invoice_grace: timedelta
+    scheduler_interval: timedelta
+    scheduler_enabled: bool
+
+
+def read(reader: EnvReader) -> BillingSettings:
+    return BillingSettings(
+        common=read_common(reader, "billing"),
+        meter_addr=reader.text("USAGEBILLING_METER_ADDR", "127.0.0.1:50052"),
+        invoice_grace=reader.duration("USAGEBILLING_INVOICE_GRACE", timedelta(hours=1)),
+        scheduler_interval=reader.duration("USAGEBILLING_SCHEDULER_INTERVAL", timedelta(minutes=1)),
+        scheduler_enabled=reader.boolean("USAGEBILLING_SCHEDULER_ENABLED", True),
+    )
+
+
+def load(env: Mapping[str, str] = os.environ) -> BillingSettings:
+    reader = EnvReader(env)
+    settings = read(reader)
+    reader.check()
+    return settings

@@ -1,0 +1,272 @@
+from datetime import UTC, date, datetime, timedelta, timezone
+from fractions import Fraction
+from itertools import pairwise
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.billing.domain.periods import (
+    Interval,
+    period_containing,
+    period_start,
+    periods_ended,
+    proration,
+)
+
+
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+
+
+# --- period_start ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("anchor", "starts"),
+    [
+        # Leap year: Jan 31 -> Feb 29 -> Mar 31 -> Apr 30 -> May 31, never stuck on the 29th.
+        (
+            utc(2024, 1, 31, 10, 30),
+            [(2024, 1, 31), (2024, 2, 29), (2024, 3, 31), (2024, 4, 30), (2024, 5, 31)],
+        ),
+        # Non-leap year: Feb 28, then back to the 31st.
+        (utc(2023, 1, 31, 10, 30), [(2023, 1, 31), (2023, 2, 28), (2023, 3, 31), (2023, 4, 30)]),
+        (utc(2023, 1, 30, 10, 30), [(2023, 1, 30), (2023, 2, 28), (2023, 3, 30)]),
+        # Across a year end.
+        (utc(2023, 11, 30, 10, 30), [(2023, 11, 30), (2023, 12, 30), (2024, 1, 30), (2024, 2, 29)]),
+    ],
+)
+def test_month_end_anchors_do_not_drift(
+    anchor: datetime, starts: list[tuple[int, int, int]]
+) -> None:
+    got = [period_start(anchor, Interval.MONTH, n) for n in range(len(starts))]
+    assert got == [utc(*ymd, 10, 30) for ymd in starts]
+
+
+def test_month_backwards() -> None:
+    assert period_start(utc(2024, 3, 31), Interval.MONTH, -1) == utc(2024, 2, 29)
+    assert period_start(utc(2024, 1, 15), Interval.MONTH, -13) == utc(2022, 12, 15)
+
+
+def test_year_from_february_29() -> None:
+    anchor = utc(2024, 2, 29, 8)
+    got = [period_start(anchor, Interval.YEAR, n) for n in range(5)]
+    assert got == [
+        utc(2024, 2, 29, 8),
+        utc(2025, 2, 28, 8),
+        utc(2026, 2, 28, 8),
+        utc(2027, 2, 28, 8),
+        utc(2028, 2, 29, 8),  # computed from the anchor: back to the 29th
+    ]
+
+
+@pytest.mark.parametrize(
+    ("interval", "n", "expected"),
+    [
+        (Interval.DAY, 0, utc(2024, 1, 1, 23, 59, 59)),
+        (Interval.DAY, 1, utc(2024, 1, 2, 23, 59, 59)),
+        (Interval.DAY, 366, utc(2025, 1, 1, 23, 59, 59)),  # 2024 has 366 days
+        (Interval.WEEK, 2, utc(2024, 1, 15, 23, 59, 59)),
+        (Interval.MONTH, 1, utc(2024, 2, 1, 23, 59, 59)),
+        (Interval.YEAR, 1, utc(2025, 1, 1, 23, 59, 59)),
+    ],
+)
+def test_each_interval_keeps_the_time_of_day(
+    interval: Interval, n: int, expected: datetime
+) -> None:
+    assert period_start(utc(2024, 1, 1, 23, 59, 59), interval, n) == expected
+
+
+def test_times_must_be_utc() -> None:
+    with pytest.raises(ValueError):
+        period_start(datetime(2024, 1, 1), Interval.DAY, 1)
+    with pytest.raises(ValueError):
+        period_start(datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2))), Interval.DAY, 1)
+    # Any zero-offset tzinfo is UTC.
+    zero = datetime(2024, 1, 1, tzinfo=timezone(timedelta(0)))
+    assert period_start(zero, Interval.DAY, 1) == utc(2024, 1, 2)
+
+
+# --- period_containing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("anchor", "interval", "at", "expected"),
+    [
+        # [start, end): the start belongs to the period, the end to the next.
+        (
+            utc(2024, 1, 31, 10),
+            Interval.MONTH,
+            utc(2024, 1, 31, 10),
+            (utc(2024, 1, 31, 10), utc(2024, 2, 29, 10), 0),
+        ),
+        (
+            utc(2024, 1, 31, 10),
+            Interval.MONTH,
+            utc(2024, 2, 29, 9, 59),
+            (utc(2024, 1, 31, 10), utc(2024, 2, 29, 10), 0),
+        ),
+        (
+            utc(2024, 1, 31, 10),
+            Interval.MONTH,
+            utc(2024, 2, 29, 10),
+            (utc(2024, 2, 29, 10), utc(2024, 3, 31, 10), 1),
+        ),
+        (
+            utc(2024, 1, 15),
+            Interval.MONTH,
+            utc(2024, 5, 10),
+            (utc(2024, 4, 15), utc(2024, 5, 15), 3),
+        ),
+        (
+            utc(2024, 2, 29),
+            Interval.YEAR,
+            utc(2025, 3, 1),
+            (utc(2025, 2, 28), utc(2026, 2, 28), 1),
+        ),
+        (
+            utc(2024, 1, 1, 12),
+            Interval.WEEK,
+            utc(2024, 1, 15, 11),
+            (utc(2024, 1, 8, 12), utc(2024, 1, 15, 12), 1),
+        ),
+        (
+            utc(2024, 1, 1, 12),
+            Interval.DAY,
+            utc(2023, 12, 31, 13),  # before the anchor: period -1
+            (utc(2023, 12, 31, 12), utc(2024, 1, 1, 12), -1),
+        ),
+    ],
+)
+def test_period_containing(
+    anchor: datetime,
+    interval: Interval,
+    at: datetime,
+    expected: tuple[datetime, datetime, int],
+) -> None:
+    assert period_containing(anchor, interval, at) == expected
+
+
+def test_day_periods_over_decades_are_computed_directly() -> None:
+    anchor = utc(2000, 1, 1, 6)
+    start, end, n = period_containing(anchor, Interval.DAY, utc(9000, 6, 15, 12))
+    assert n == (date(9000, 6, 15) - date(2000, 1, 1)).days
+    assert (start, end) == (utc(9000, 6, 15, 6), utc(9000, 6, 16, 6))
+
+
+times = st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2100, 1, 1)).map(
+    lambda d: d.replace(tzinfo=UTC)
+)
+
+
+@given(times, times, st.sampled_from(Interval))
+def test_the_containing_period_contains(anchor: datetime, at: datetime, interval: Interval) -> None:
+    start, end, n = period_containing(anchor, interval, at)
+    assert start <= at < end
+    assert start == period_start(anchor, interval, n)
+    assert end == period_start(anchor, interval, n + 1)
+
+
+@given(times, st.integers(min_value=-240, max_value=240))
+def test_month_starts_keep_the_anchor_day_when_the_month_has_it(anchor: datetime, n: int) -> None:
+    start = period_start(anchor, Interval.MONTH, n)
+    if start.day != anchor.day:
+        # Only clamping changes the day: to the last day of a shorter month.
+        assert start.day < anchor.day
+        assert (start + timedelta(days=1)).day == 1
+    assert start.time() == anchor.time()
+
+
+# --- periods_ended -------------------------------------------------------------
+
+
+ANCHOR = utc(2024, 1, 15, 10)
+
+
+def test_periods_ended_lists_full_periods_only() -> None:
+    # Mar 15 10:00 - Apr 15 10:00 has not ended at Apr 15 00:00.
+    assert periods_ended(ANCHOR, Interval.MONTH, utc(2024, 4, 15)) == [
+        (utc(2024, 1, 15, 10), utc(2024, 2, 15, 10)),
+        (utc(2024, 2, 15, 10), utc(2024, 3, 15, 10)),
+    ]
+    # ... and has at 10:00 (end <= as_of).
+    assert len(periods_ended(ANCHOR, Interval.MONTH, utc(2024, 4, 15, 10))) == 3
+
+
+def test_periods_ended_before_anything_ended() -> None:
+    assert periods_ended(ANCHOR, Interval.MONTH, utc(2024, 2, 15, 9)) == []
+    assert periods_ended(ANCHOR, Interval.MONTH, utc(2023, 1, 1)) == []
+
+
+def test_cancellation_cuts_the_last_period() -> None:
+    until = utc(2024, 3, 20)
+    assert periods_ended(ANCHOR, Interval.MONTH, utc(2024, 6, 1), until) == [
+        (utc(2024, 1, 15, 10), utc(2024, 2, 15, 10)),
+        (utc(2024, 2, 15, 10), utc(2024, 3, 15, 10)),
+        (utc(2024, 3, 15, 10), until),  # cut, and nothing after it
+    ]
+    # Before `until` the cut period has not ended yet.
+    assert len(periods_ended(ANCHOR, Interval.MONTH, utc(2024, 3, 19), until)) == 2
+
+
+def test_cancellation_on_a_boundary_adds_no_empty_period() -> None:
+    until = utc(2024, 3, 15, 10)
+    assert periods_ended(ANCHOR, Interval.MONTH, utc(2024, 6, 1), until) == [
+        (utc(2024, 1, 15, 10), utc(2024, 2, 15, 10)),
+        (utc(2024, 2, 15, 10), utc(2024, 3, 15, 10)),
+    ]
+
+
+def test_cancellation_inside_the_first_period() -> None:
+    until = utc(2024, 1, 20)
+    assert periods_ended(ANCHOR, Interval.MONTH, utc(2024, 6, 1), until) == [(ANCHOR, until)]
+    assert periods_ended(ANCHOR, Interval.MONTH, utc(2024, 6, 1), utc(2024, 1, 1)) == []
+
+
+def test_since_skips_what_was_billed() -> None:
+    as_of = utc(2024, 6, 1)
+    from_boundary = periods_ended(ANCHOR, Interval.MONTH, as_of, since=utc(2024, 3, 15, 10))
+    assert [s for s, _ in from_boundary] == [utc(2024, 3, 15, 10), utc(2024, 4, 15, 10)]
+    # A `since` inside a period starts at the next one.
+    inside = periods_ended(ANCHOR, Interval.MONTH, as_of, since=utc(2024, 3, 16))
+    assert [s for s, _ in inside] == [utc(2024, 4, 15, 10)]
+    # The cut period still comes when it starts at or after `since`.
+    cut = periods_ended(
+        ANCHOR, Interval.MONTH, as_of, until=utc(2024, 4, 20), since=utc(2024, 4, 15, 10)
+    )
+    assert cut == [(utc(2024, 4, 15, 10), utc(2024, 4, 20))]
+
+
+def test_day_periods_over_years() -> None:
+    periods = periods_ended(utc(2020, 1, 1), Interval.DAY, utc(2024, 1, 1))
+    assert len(periods) == 366 + 365 + 365 + 365
+    assert all(a[1] == b[0] for a, b in pairwise(periods))
+    assert periods[-1] == (utc(2023, 12, 31), utc(2024, 1, 1))
+
+
+@given(times, times, st.sampled_from(Interval), st.none() | times)
+def test_ended_periods_are_contiguous_and_ended(
+    anchor: datetime, as_of: datetime, interval: Interval, until: datetime | None
+) -> None:
+    periods = periods_ended(anchor, interval, as_of, until)[-300:]
+    assert all(a[1] == b[0] for a, b in pairwise(periods))
+    for start, end in periods:
+        assert anchor <= start < end <= as_of
+        assert until is None or end <= until
+
+
+# --- proration -----------------------------------------------------------------
+
+
+def test_proration() -> None:
+    start, end = utc(2024, 1, 1), utc(2024, 1, 31)
+    assert proration(start, end, utc(2024, 1, 16)) == Fraction(1, 2)
+    assert proration(start, end, utc(2024, 1, 6)) == Fraction(1, 6)
+    assert proration(start, end, end) == 1
+    assert proration(start, end, utc(2025, 1, 1)) == 1
+    assert proration(start, end, utc(2023, 1, 1)) == 0
+    with pytest.raises(ValueError):
+        proration(end, start, start)
