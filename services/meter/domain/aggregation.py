@@ -1,0 +1,243 @@
+"""Meter definitions and aggregation.
+
+The store pushes aggregation down to SQL for speed; `aggregate` here is the pure
+oracle that the SQL must agree with. Every aggregation is order-free: LATEST picks
+the greatest (timestamp, event_id), not the last one seen.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import (
+    MAX_EMAX,
+    MAX_PREC,
+    MIN_EMIN,
+    ROUND_HALF_EVEN,
+    Context,
+    Decimal,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    Rounded,
+    localcontext,
+)
+from typing import TypeAlias
+
+from services.common.errors import InvalidArgument
+from services.meter.domain.filters import Filter, matches, validate_filter
+from services.meter.domain.values import MetaValue, canonical, to_number
+from services.meter.domain.values import format_decimal as format_decimal
+
+MAX_NAME_LENGTH = 255
+MAX_GROUP_BY = 10
+
+# Sums, minima and maxima are exact: an unbounded context that raises rather than
+# round (the `decimal` docs' recipe for exact arithmetic).
+_EXACT = Context(
+    prec=MAX_PREC,
+    Emax=MAX_EMAX,
+    Emin=MIN_EMIN,
+    traps=[InvalidOperation, Overflow, Inexact, Rounded],
+)
+# An average is a quotient that may not terminate (1/3): 50 significant digits,
+# half-even, is what the SQL side must reproduce.
+AVG_PRECISION = 50
+_AVG = Context(prec=AVG_PRECISION, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, Overflow])
+
+SKIP_MISSING_PROPERTY = "missing_property"
+SKIP_NOT_A_NUMBER = "not_a_number"
+
+
+class Aggregation(enum.Enum):
+    # Values are the protobuf enum names (see filters.Operator).
+    COUNT = "AGGREGATION_COUNT"
+    SUM = "AGGREGATION_SUM"
+    MAX = "AGGREGATION_MAX"
+    MIN = "AGGREGATION_MIN"
+    AVG = "AGGREGATION_AVG"
+    UNIQUE_COUNT = "AGGREGATION_UNIQUE_COUNT"
+    LATEST = "AGGREGATION_LATEST"
+
+
+@dataclass(frozen=True)
+class MeterSpec:
+    event_name: str
+    aggregation: Aggregation
+    property: str = ""
+    filter: Filter | None = None
+    group_by: tuple[str, ...] = ()
+
+
+def validate_meter(
+    name: str,
+    event_name: str,
+    aggregation: Aggregation,
+    property: str,
+    filter: Filter | None,
+    group_by: Sequence[str],
+) -> MeterSpec:
+    """Raise InvalidArgument naming the field; return the spec when all is well.
+
+    A `property` given to a COUNT meter is allowed and ignored.
+    """
+    for field, text in (("name", name), ("event_name", event_name)):
+        if not text:
+            raise InvalidArgument(f"{field}: required")
+        if len(text) > MAX_NAME_LENGTH:
+            raise InvalidArgument(f"{field}: at most {MAX_NAME_LENGTH} characters")
+    if not isinstance(aggregation, Aggregation):
+        raise InvalidArgument(f"aggregation: unknown aggregation {aggregation!r}")
+    if aggregation is not Aggregation.COUNT and not property:
+        raise InvalidArgument(f"property: required for {aggregation.value}")
+    if len(group_by) > MAX_GROUP_BY:
+        raise InvalidArgument(f"group_by: at most {MAX_GROUP_BY} keys")
+    seen: set[str] = set()
+    for i, key in enumerate(group_by):
+        if not key:
+            raise InvalidArgument(f"group_by[{i}]: must not be empty")
+        if key in seen:
+            raise InvalidArgument(f"group_by[{i}]: duplicate key {key!r}")
+        seen.add(key)
+    if filter is not None:
+        validate_filter(filter, "filter")
+    return MeterSpec(
+        event_name=event_name,
+        aggregation=aggregation,
+        property=property,
+        filter=filter,
+        group_by=tuple(group_by),
+    )
+
+
+# --- what one event contributes ------------------------------------------------------
+
+
+def meter_matches(meter: MeterSpec, event_name: str, metadata: Mapping[str, MetaValue]) -> bool:
+    """Whether the event belongs to the meter: same event name (case-sensitive), passes
+    the filter."""
+    return event_name == meter.event_name and matches(meter.filter, metadata)
+
+
+def extract(
+    meter: MeterSpec, metadata: Mapping[str, MetaValue]
+) -> tuple[Decimal | str | None, str | None]:
+    """The value a matching event contributes, or (None, skip reason).
+
+    COUNT -> Decimal(1); SUM/MIN/MAX/AVG/LATEST -> the property as a number;
+    UNIQUE_COUNT -> the property as a canonical string (1 and 1.0 are one value).
+    For LATEST the caller pairs the number with the event's timestamp and id.
+    """
+    if meter.aggregation is Aggregation.COUNT:
+        return Decimal(1), None
+    if meter.property not in metadata:
+        return None, SKIP_MISSING_PROPERTY
+    raw = metadata[meter.property]
+    if meter.aggregation is Aggregation.UNIQUE_COUNT:
+        return canonical(raw), None
+    number = to_number(raw)
+    if number is None:
+        return None, SKIP_NOT_A_NUMBER
+    return number, None
+
+
+def group_values(keys: Sequence[str], metadata: Mapping[str, MetaValue]) -> dict[str, str]:
+    """Each dimension's canonical value; "" when the event lacks it."""
+    return {k: canonical(metadata[k]) if k in metadata else "" for k in keys}
+
+
+def group_key(meter: MeterSpec, metadata: Mapping[str, MetaValue]) -> dict[str, str]:
+    """The event's values for the meter's group-by dimensions."""
+    return group_values(meter.group_by, metadata)
+
+
+# --- folding contributions -----------------------------------------------------------
+
+# LATEST contributions carry what decides the winner: (timestamp, event_id, value).
+LatestContribution: TypeAlias = tuple[datetime, str, Decimal]
+Contribution: TypeAlias = Decimal | str | LatestContribution
+
+
+def _numbers(values: Sequence[Contribution]) -> list[Decimal]:
+    out = []
+    for v in values:
+        if not isinstance(v, Decimal):
+            raise TypeError(f"expected Decimal contributions, got {type(v).__name__}")
+        out.append(v)
+    return out
+
+
+def _exact_sum(numbers: Sequence[Decimal]) -> Decimal:
+    with localcontext(_EXACT):
+        return sum(numbers, Decimal(0))
+
+
+def _count(values: Sequence[Contribution]) -> Decimal | None:
+    return Decimal(len(values))
+
+
+def _sum(values: Sequence[Contribution]) -> Decimal | None:
+    return _exact_sum(_numbers(values))
+
+
+def _max(values: Sequence[Contribution]) -> Decimal | None:
+    numbers = _numbers(values)
+    return max(numbers) if numbers else None
+
+
+def _min(values: Sequence[Contribution]) -> Decimal | None:
+    numbers = _numbers(values)
+    return min(numbers) if numbers else None
+
+
+def _avg(values: Sequence[Contribution]) -> Decimal | None:
+    numbers = _numbers(values)
+    if not numbers:
+        return None
+    total = _exact_sum(numbers)
+    with localcontext(_AVG):
+        return total / Decimal(len(numbers))
+
+
+def _unique_count(values: Sequence[Contribution]) -> Decimal | None:
+    distinct: set[str] = set()
+    for v in values:
+        if not isinstance(v, str):
+            raise TypeError(f"expected str contributions, got {type(v).__name__}")
+        distinct.add(v)
+    return Decimal(len(distinct))
+
+
+def _latest(values: Sequence[Contribution]) -> Decimal | None:
+    entries: list[LatestContribution] = []
+    for v in values:
+        if not isinstance(v, tuple):
+            raise TypeError(f"expected (timestamp, event_id, value), got {type(v).__name__}")
+        entries.append(v)
+    if not entries:
+        return None
+    # Greatest timestamp wins; ties go to the greatest event_id (by code point: the
+    # SQL side must compare with COLLATE "C").
+    return max(entries, key=lambda e: (e[0], e[1]))[2]
+
+
+AGGREGATIONS: Mapping[Aggregation, Callable[[Sequence[Contribution]], Decimal | None]] = {
+    Aggregation.COUNT: _count,
+    Aggregation.SUM: _sum,
+    Aggregation.MAX: _max,
+    Aggregation.MIN: _min,
+    Aggregation.AVG: _avg,
+    Aggregation.UNIQUE_COUNT: _unique_count,
+    Aggregation.LATEST: _latest,
+}
+
+
+def aggregate(values: Sequence[Contribution], kind: Aggregation) -> Decimal | None:
+    """Fold the contributions of one (customer, window, group).
+
+    No contributions: Decimal(0) for COUNT, SUM and UNIQUE_COUNT; None (no row) for
+    MIN, MAX, AVG and LATEST. Render the result with `format_decimal`.
+    """
+    return AGGREGATIONS[kind](values)

@@ -1,0 +1,257 @@
+"""Meter filters: conditions on event metadata, joined by AND/OR, at most 3 levels deep.
+
+Matching rules (also in API.md):
+- An event that lacks the key fails every condition but NOT_EXISTS; so NOT_EQUALS,
+  NOT_IN and DOES_NOT_CONTAIN on a missing key fail too.
+- EQUALS (and IN): when both sides are numbers (per `to_number`, numeric strings
+  included) they compare numerically, so 1, 1.0 and "1.00" are equal; otherwise a
+  string equals only the same string (case-sensitive) and a bool only the same bool.
+  A bool never equals a number or a string.
+- Ordering operators fail unless both sides are numbers.
+- CONTAINS / DOES_NOT_CONTAIN are case-sensitive substring tests on string values;
+  on a non-string value both fail.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from services.common.errors import InvalidArgument
+from services.meter.domain.values import MetaValue, to_number
+
+MAX_FILTER_DEPTH = 3
+
+
+class Operator(enum.Enum):
+    # Values are the protobuf enum names: the gRPC layer maps by name, and messages
+    # show the name clients know.
+    EQUALS = "OPERATOR_EQUALS"
+    NOT_EQUALS = "OPERATOR_NOT_EQUALS"
+    GREATER_THAN = "OPERATOR_GREATER_THAN"
+    GREATER_THAN_OR_EQUALS = "OPERATOR_GREATER_THAN_OR_EQUALS"
+    LESS_THAN = "OPERATOR_LESS_THAN"
+    LESS_THAN_OR_EQUALS = "OPERATOR_LESS_THAN_OR_EQUALS"
+    CONTAINS = "OPERATOR_CONTAINS"
+    DOES_NOT_CONTAIN = "OPERATOR_DOES_NOT_CONTAIN"
+    IN = "OPERATOR_IN"
+    NOT_IN = "OPERATOR_NOT_IN"
+    EXISTS = "OPERATOR_EXISTS"
+    NOT_EXISTS = "OPERATOR_NOT_EXISTS"
+
+
+class Conjunction(enum.Enum):
+    AND = "CONJUNCTION_AND"
+    OR = "CONJUNCTION_OR"
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    operator: Operator
+    value: MetaValue | None = None
+    values: tuple[MetaValue, ...] = ()
+
+
+@dataclass(frozen=True)
+class Filter:
+    conjunction: Conjunction = Conjunction.AND
+    conditions: tuple[Condition, ...] = ()
+    filters: tuple[Filter, ...] = ()
+
+
+_ORDERING = frozenset(
+    {
+        Operator.GREATER_THAN,
+        Operator.GREATER_THAN_OR_EQUALS,
+        Operator.LESS_THAN,
+        Operator.LESS_THAN_OR_EQUALS,
+    }
+)
+_SUBSTRING = frozenset({Operator.CONTAINS, Operator.DOES_NOT_CONTAIN})
+_LIST = frozenset({Operator.IN, Operator.NOT_IN})
+_PRESENCE = frozenset({Operator.EXISTS, Operator.NOT_EXISTS})
+
+
+# --- validation -------------------------------------------------------------------
+
+
+def validate_filter(f: Filter, field: str = "filter") -> None:
+    """Raise InvalidArgument, naming the field, when the filter cannot be evaluated."""
+    _validate_filter(f, field, level=1)
+
+
+def _validate_filter(f: Filter, field: str, level: int) -> None:
+    if level > MAX_FILTER_DEPTH:
+        raise InvalidArgument(f"{field}: filters nest at most {MAX_FILTER_DEPTH} levels deep")
+    if not isinstance(f.conjunction, Conjunction):
+        raise InvalidArgument(f"{field}.conjunction: unknown conjunction {f.conjunction!r}")
+    for i, condition in enumerate(f.conditions):
+        _validate_condition(condition, f"{field}.conditions[{i}]")
+    for i, child in enumerate(f.filters):
+        _validate_filter(child, f"{field}.filters[{i}]", level + 1)
+
+
+def _validate_condition(c: Condition, field: str) -> None:
+    if not c.key:
+        raise InvalidArgument(f"{field}.key: required")
+    if not isinstance(c.operator, Operator):
+        raise InvalidArgument(f"{field}.operator: unknown operator {c.operator!r}")
+    op = c.operator.value
+    if c.value is not None:
+        _validate_value(c.value, f"{field}.value")
+    for i, v in enumerate(c.values):
+        _validate_value(v, f"{field}.values[{i}]")
+
+    if c.operator in _PRESENCE:
+        if c.value is not None:
+            raise InvalidArgument(f"{field}.value: {op} takes no value")
+        if c.values:
+            raise InvalidArgument(f"{field}.values: {op} takes no values")
+        return
+    if c.operator in _LIST:
+        if c.value is not None:
+            raise InvalidArgument(f"{field}.value: {op} takes values, not value")
+        if not c.values:
+            raise InvalidArgument(f"{field}.values: {op} needs at least one value")
+        return
+    if c.values:
+        raise InvalidArgument(f"{field}.values: {op} takes value, not values")
+    if c.value is None:
+        raise InvalidArgument(f"{field}.value: {op} needs a value")
+    if c.operator in _ORDERING and to_number(c.value) is None:
+        raise InvalidArgument(f"{field}.value: {op} needs a number")
+    if c.operator in _SUBSTRING and not isinstance(c.value, str):
+        raise InvalidArgument(f"{field}.value: {op} needs a string")
+
+
+def _validate_value(v: object, field: str) -> None:
+    if isinstance(v, Decimal):
+        if not v.is_finite():
+            raise InvalidArgument(f"{field}: must be a finite number")
+    elif not isinstance(v, (str, bool)):
+        raise InvalidArgument(f"{field}: must be a string, a number or a bool")
+
+
+# --- matching ---------------------------------------------------------------------
+
+
+def _same(actual: MetaValue, expected: MetaValue) -> bool:
+    """Equality as EQUALS and IN define it (see the module docstring)."""
+    a, e = to_number(actual), to_number(expected)
+    if a is not None and e is not None:
+        return a == e
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return isinstance(actual, bool) and isinstance(expected, bool) and actual == expected
+    return isinstance(actual, str) and isinstance(expected, str) and actual == expected
+
+
+def _ordered(
+    actual: MetaValue, expected: MetaValue, accept: Callable[[Decimal, Decimal], bool]
+) -> bool:
+    a, e = to_number(actual), to_number(expected)
+    return a is not None and e is not None and accept(a, e)
+
+
+def _contains(actual: MetaValue, expected: MetaValue) -> bool:
+    return isinstance(actual, str) and isinstance(expected, str) and expected in actual
+
+
+# Each predicate sees the event's value for the key (the key is present: presence is
+# decided in `_condition_matches`) and the condition.
+Predicate = Callable[[MetaValue, Condition], bool]
+
+
+def _expected(c: Condition) -> MetaValue:
+    assert c.value is not None  # validate_filter guarantees it for value operators
+    return c.value
+
+
+def _equals(actual: MetaValue, c: Condition) -> bool:
+    return _same(actual, _expected(c))
+
+
+def _not_equals(actual: MetaValue, c: Condition) -> bool:
+    return not _same(actual, _expected(c))
+
+
+def _greater_than(actual: MetaValue, c: Condition) -> bool:
+    return _ordered(actual, _expected(c), lambda a, e: a > e)
+
+
+def _greater_than_or_equals(actual: MetaValue, c: Condition) -> bool:
+    return _ordered(actual, _expected(c), lambda a, e: a >= e)
+
+
+def _less_than(actual: MetaValue, c: Condition) -> bool:
+    return _ordered(actual, _expected(c), lambda a, e: a < e)
+
+
+def _less_than_or_equals(actual: MetaValue, c: Condition) -> bool:
+    return _ordered(actual, _expected(c), lambda a, e: a <= e)
+
+
+def _contains_op(actual: MetaValue, c: Condition) -> bool:
+    return _contains(actual, _expected(c))
+
+
+def _does_not_contain(actual: MetaValue, c: Condition) -> bool:
+    # A non-string fails, like a missing key: "does not contain" is about strings.
+    return isinstance(actual, str) and not _contains(actual, _expected(c))
+
+
+def _in(actual: MetaValue, c: Condition) -> bool:
+    return any(_same(actual, v) for v in c.values)
+
+
+def _not_in(actual: MetaValue, c: Condition) -> bool:
+    return not _in(actual, c)
+
+
+def _exists(actual: MetaValue, c: Condition) -> bool:
+    return True
+
+
+def _not_exists(actual: MetaValue, c: Condition) -> bool:
+    return False
+
+
+OPERATORS: Mapping[Operator, Predicate] = {
+    Operator.EQUALS: _equals,
+    Operator.NOT_EQUALS: _not_equals,
+    Operator.GREATER_THAN: _greater_than,
+    Operator.GREATER_THAN_OR_EQUALS: _greater_than_or_equals,
+    Operator.LESS_THAN: _less_than,
+    Operator.LESS_THAN_OR_EQUALS: _less_than_or_equals,
+    Operator.CONTAINS: _contains_op,
+    Operator.DOES_NOT_CONTAIN: _does_not_contain,
+    Operator.IN: _in,
+    Operator.NOT_IN: _not_in,
+    Operator.EXISTS: _exists,
+    Operator.NOT_EXISTS: _not_exists,
+}
+
+
+def _condition_matches(c: Condition, metadata: Mapping[str, MetaValue]) -> bool:
+    if c.key not in metadata:
+        return c.operator is Operator.NOT_EXISTS
+    return OPERATORS[c.operator](metadata[c.key], c)
+
+
+def matches(f: Filter | None, metadata: Mapping[str, MetaValue]) -> bool:
+    """Whether an event with this metadata passes the (validated) filter.
+
+    None and an empty filter (no conditions, no nested filters, whatever the
+    conjunction) match every event.
+    """
+    if f is None or (not f.conditions and not f.filters):
+        return True
+    # Lazy, so any/all stop at the first deciding result.
+    results = itertools.chain(
+        (_condition_matches(c, metadata) for c in f.conditions),
+        (matches(g, metadata) for g in f.filters),
+    )
+    return any(results) if f.conjunction is Conjunction.OR else all(results)

@@ -1,0 +1,88 @@
+"""Event metadata values as the meter domain sees them.
+
+The gRPC layer converts `usagebilling.common.v1.Value` into a `MetaValue`:
+string -> `str`, number_value (a double) -> `Decimal(repr(x))` (its shortest repr, so
+0.1 becomes Decimal("0.1")), int_value -> `Decimal(int)`, bool -> `bool`.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import TypeAlias
+
+MetaValue: TypeAlias = str | Decimal | bool
+
+# Numbers beyond these magnitudes are not numbers to the meter: every double and
+# int64 fits well inside, and the bound keeps each value storable in a Postgres
+# `numeric` and cheap to add exactly.
+MAX_ADJUSTED_EXPONENT = 1000
+MIN_ADJUSTED_EXPONENT = -1000
+
+# Plain decimal notation only, ASCII digits: no whitespace, no "_" separators, no
+# "NaN"/"Infinity", no non-ASCII digits (all of which `Decimal(str)` would accept).
+_NUMERIC_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def to_number(value: MetaValue) -> Decimal | None:
+    """The value as a finite number, or None when it is not one.
+
+    Numeric strings ("12.5", "-3", "1e3") count as numbers, since many clients send
+    numbers as strings. A bool is never a number. NaN, infinities and numbers outside
+    10**±1000 are not numbers.
+    """
+    if isinstance(value, bool):  # checked first: bool is not a number here
+        return None
+    if isinstance(value, Decimal):
+        number = value
+    elif isinstance(value, str):
+        if _NUMERIC_STRING.fullmatch(value) is None:
+            return None
+        try:
+            number = Decimal(value)
+        except InvalidOperation:  # an exponent too large for Decimal itself
+            return None
+    else:
+        return None
+    if not number.is_finite():
+        return None
+    if not number.is_zero() and not (
+        MIN_ADJUSTED_EXPONENT <= number.adjusted() <= MAX_ADJUSTED_EXPONENT
+    ):
+        return None
+    return number
+
+
+def format_decimal(number: Decimal) -> str:
+    """A finite decimal in plain notation without trailing zeros: "1", "0.000125", "-2.5".
+
+    Done by hand rather than with `Decimal.normalize()`, which rounds to the context
+    precision (28 digits by default) and would change long values.
+    """
+    if not number.is_finite():
+        raise ValueError(f"not a finite number: {number}")
+    if number.is_zero():
+        return "0"  # also for -0 and 0E-5
+    sign, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # finite, so never "n"/"N"/"F"
+    coefficient = list(digits)
+    while exponent < 0 and coefficient[-1] == 0:
+        coefficient.pop()
+        exponent += 1
+    # format "f" without a precision is exact and never uses an exponent.
+    return format(Decimal((sign, tuple(coefficient), exponent)), "f")
+
+
+def canonical(value: MetaValue) -> str:
+    """The value as one string, for UNIQUE_COUNT and group-by dimensions.
+
+    Numbers are normalized so that 1, 1.0 and 1E+0 are one value. Strings are kept
+    exactly as sent, so the identifiers "007" and "7" stay distinct. Booleans become
+    "true"/"false". Untagged on purpose: the number 42 and the string "42" are one value,
+    as a client that sends an id sometimes as a number and sometimes as a string means.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format_decimal(value) if value.is_finite() else str(value)
+    return value
