@@ -10,11 +10,11 @@ from datetime import datetime
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.logs import get_logger
 from services.meter import convert
-from services.meter.domain.aggregation import MeterSpec, validate_meter
+from services.meter.domain.aggregation import Aggregation, MeterSpec, average, validate_meter
 from services.meter.domain.matching import FoldedEvent, fold_event
 from services.meter.domain.values import format_decimal
 from services.meter.domain.windows import WindowSize, validate_time_zone, windows
-from services.meter.store import MeterRecord, MeterStore
+from services.meter.store import MeterRecord, MeterStore, UsageGroup
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
 
@@ -47,6 +47,24 @@ def _fold(
         ):
             rows.append((tenant_id, row))
     return rows
+
+
+def _value(meter: MeterRecord, group: UsageGroup) -> str:
+    if group.value is None:
+        return "0"
+    if meter.aggregation == Aggregation.AVG.name:
+        return format_decimal(average(group.value, group.count))
+    return format_decimal(group.value)
+
+
+def _window_count_bound(start: datetime, end: datetime, size: WindowSize) -> int:
+    """An upper bound on the windows of [start, end), known before building them."""
+    seconds = {WindowSize.MINUTE: 60, WindowSize.HOUR: 1800, WindowSize.DAY: 82800}
+    if size is WindowSize.NONE:
+        return 1
+    if size is WindowSize.MONTH:
+        return (end.year - start.year) * 12 + end.month - start.month + 2
+    return int((end - start).total_seconds() // seconds[size]) + 2
 
 
 class MeterService:
@@ -124,11 +142,11 @@ class MeterService:
                 f"group_by: {unknown[0]!r} is not a dimension of meter {meter.name!r}"
                 f" (its group_by is {list(meter.group_by)})"
             )
-        spans = windows(start, end, size, tz)
-        if len(spans) > MAX_WINDOWS:
+        if _window_count_bound(start, end, size) > MAX_WINDOWS:
             raise ResourceExhausted(
-                f"window_size: {len(spans)} windows; at most {MAX_WINDOWS} per query"
+                f"window_size: the range holds too many windows; at most {MAX_WINDOWS} per query"
             )
+        spans = windows(start, end, size, tz)
         groups = await self._store.usage(
             meter,
             customer_id=request.customer_id,
@@ -143,7 +161,7 @@ class MeterService:
                 window_end=spans[g.window - 1][1],
                 customer_id=g.customer_id,
                 group=dict(zip(request.group_by, g.dims, strict=True)),
-                value=format_decimal(g.value) if g.value is not None else "0",
+                value=_value(meter, g),
             )
             for g in groups
         ]

@@ -65,6 +65,7 @@ class UsageGroup:
     customer_id: str
     dims: tuple[str, ...]
     value: Decimal | None
+    count: int
 
 
 # How each aggregation is computed in SQL over the contributions; the pure
@@ -74,9 +75,10 @@ SQL_AGGREGATES = {
     "SUM": "sum(value)",
     "MIN": "min(value)",
     "MAX": "max(value)",
-    "AVG": "avg(value)",
+    "AVG": "sum(value)",  # divided exactly by n in the service (domain.average)
     "UNIQUE_COUNT": "count(DISTINCT text_value)::numeric",
-    "LATEST": "(array_agg(value ORDER BY event_time DESC, event_id DESC))[1]",
+    # Ties on time go to the greatest event_id by code point, as in the domain.
+    "LATEST": '(array_agg(value ORDER BY event_time DESC, event_id COLLATE "C" DESC))[1]',
 }
 
 
@@ -242,14 +244,18 @@ class MeterStore:
         selected = ", ".join(["width_bucket(event_time, $3::timestamptz[])", "customer_id", *dims])
         keys = ", ".join(str(i) for i in range(1, 3 + len(dims)))
         rows = await self.pool.fetch(
-            f"SELECT {selected}, {SQL_AGGREGATES[meter.aggregation]} AS value"
+            f"SELECT {selected}, {SQL_AGGREGATES[meter.aggregation]} AS value, count(*) AS n"
             f" FROM meter.meter_events WHERE {' AND '.join(conditions)}"
             f" GROUP BY {keys} ORDER BY {keys}",
             *args,
         )
         return [
             UsageGroup(
-                window=r[0], customer_id=r[1], dims=tuple(r[2 : 2 + len(dims)]), value=r["value"]
+                window=r[0],
+                customer_id=r[1],
+                dims=tuple(r[2 : 2 + len(dims)]),
+                value=r["value"],
+                count=r["n"],
             )
             for r in rows
         ]

@@ -196,9 +196,14 @@ def _avg(values: Sequence[Contribution]) -> Decimal | None:
     numbers = _numbers(values)
     if not numbers:
         return None
-    total = _exact_sum(numbers)
+    return average(_exact_sum(numbers), len(numbers))
+
+
+def average(total: Decimal, count: int) -> Decimal:
+    """AVG from an exact sum and a count: also how the store's SQL sums become
+    averages, since PostgreSQL's avg() rounds differently."""
     with localcontext(_AVG):
-        return total / Decimal(len(numbers))
+        return total / Decimal(count)
 
 
 def _unique_count(values: Sequence[Contribution]) -> Decimal | None:

@@ -1,0 +1,1 @@
+"""Developer tooling: private infrastructure for `make run` and `make test`."""
