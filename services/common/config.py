@@ -69,7 +69,9 @@ class EnvReader:
         self.errors.append(f"{name}: {value!r} is not a boolean (true/false)")
         return default
 
-    def duration(self, name: str, default: timedelta) -> timedelta:
+    def duration(
+        self, name: str, default: timedelta, *, maximum: timedelta | None = None
+    ) -> timedelta:
         """Reads durations such as 500ms, 30s, 5m, 1h, 35d."""
         value = self._raw(name, False)
         if value is None:
@@ -78,7 +80,11 @@ class EnvReader:
         if not match:
             self.errors.append(f"{name}: {value!r} is not a duration such as 30s, 5m, 1h or 35d")
             return default
-        return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        parsed = timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        if maximum is not None and parsed > maximum:
+            self.errors.append(f"{name}: {value} is more than the allowed {maximum}")
+            return default
+        return parsed
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default)
@@ -110,6 +116,7 @@ class CommonSettings:
     shutdown_grace: timedelta
     stream_replicas: int
     auto_migrate: bool
+    auth_cache_ttl: timedelta
 
 
 def read_common(reader: EnvReader, service: str) -> CommonSettings:
@@ -134,4 +141,9 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
         shutdown_grace=reader.duration("USAGEBILLING_SHUTDOWN_GRACE", timedelta(seconds=8)),
         stream_replicas=reader.integer("USAGEBILLING_STREAM_REPLICAS", 1, minimum=1, maximum=5),
         auto_migrate=reader.boolean("USAGEBILLING_AUTO_MIGRATE", True),
+        # How long ingest and meter trust a key billing resolved: a revoked key
+        # stops working within this time (at most 60 s allowed).
+        auth_cache_ttl=reader.duration(
+            "USAGEBILLING_AUTH_CACHE_TTL", timedelta(seconds=30), maximum=timedelta(seconds=60)
+        ),
     )

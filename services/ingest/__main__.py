@@ -35,7 +35,10 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
                     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
                 )
             ],
-            resolver=CachedKeyResolver(RemoteKeyResolver(billing)),
+            resolver=CachedKeyResolver(
+                RemoteKeyResolver(billing),
+                ttl=settings.common.auth_cache_ttl.total_seconds(),
+            ),
             background=[relay.run],
             cleanup=[lambda: billing.close(None)],
         )

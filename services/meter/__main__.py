@@ -43,7 +43,10 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                     meter_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
                 )
             ],
-            resolver=CachedKeyResolver(RemoteKeyResolver(billing)),
+            resolver=CachedKeyResolver(
+                RemoteKeyResolver(billing),
+                ttl=settings.common.auth_cache_ttl.total_seconds(),
+            ),
             background=[consumer.run, backfiller.resume],
             cleanup=[backfiller.stop, lambda: billing.close(None), lambda: ingest.close(None)],
         )
