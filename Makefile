@@ -13,6 +13,8 @@ $(STAMP): requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	# Put the checkout on the venv's path, so scripts anywhere import services/ and usagebilling/.
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/usage-billing.pth"
 	touch $(STAMP)
 
 proto: $(STAMP)

@@ -4,6 +4,7 @@ answers its health check, and stops them all on request."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -23,6 +24,13 @@ from usagebilling.billing.v1 import tenant_pb2, tenant_pb2_grpc
 
 SERVICES = ("billing", "meter", "ingest")
 DEFAULT_PORTS = {"ingest": 50051, "meter": 50052, "billing": 50053}
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the runner is killed (even with -9),
+    the kernel sends the service SIGTERM, so nothing is left behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Suite:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop them in order
+            preexec_fn=_die_with_parent,
         )
 
     def start(self, timeout: float = 60) -> None:

@@ -108,11 +108,23 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    # Every step is bounded: a dependency that is down must not hang the exit.
     for close in wiring.cleanup:
-        await close()
-    await nc.drain()
-    await pool.close()
+        await _bounded(close(), "cleanup")
+    if not await _bounded(nc.drain(), "nats_drain"):
+        await _bounded(nc.close(), "nats_close")
+    if not await _bounded(pool.close(), "pool_close"):
+        pool.terminate()
     log.info("stopped", service=settings.service)
+
+
+async def _bounded(step: Awaitable[Any], name: str, seconds: float = 3.0) -> bool:
+    try:
+        await asyncio.wait_for(step, seconds)
+    except Exception as exc:
+        log.warning("shutdown_step_failed", step=name, error=repr(exc))
+        return False
+    return True
 
 
 def main(

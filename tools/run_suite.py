@@ -1,0 +1,120 @@
+"""`make run`: the whole suite on this machine.
+
+Uses DATABASE_URL and NATS_URL when both are set; otherwise starts a private
+PostgreSQL and NATS under .run/ (kept across runs). Starts the three services,
+makes sure a dev tenant and API key exist, writes .run/env, prints where
+everything listens, and stops all it started on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tools.devstack import DEFAULT_BASE_DIR, DevStack
+from tools.suite import DEFAULT_PORTS, SERVICES, Suite, create_tenant, key_works
+
+RUN_DIR = DEFAULT_BASE_DIR
+
+
+def _admin_token() -> str:
+    if token := os.environ.get("USAGEBILLING_ADMIN_TOKEN"):
+        return token
+    path = RUN_DIR / "admin-token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _dev_key(suite: Suite) -> tuple[str, str]:
+    path = RUN_DIR / "dev-tenant.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if key_works(suite, saved["api_key"]):
+            return saved["tenant_id"], saved["api_key"]
+    tenant_id, api_key = create_tenant(suite, "dev")
+    path.write_text(json.dumps({"tenant_id": tenant_id, "api_key": api_key}))
+    path.chmod(0o600)
+    return tenant_id, api_key
+
+
+def _write_env(suite: Suite, api_key: str) -> Path:
+    path = RUN_DIR / "env"
+    lines = {
+        "DATABASE_URL": suite.database_url,
+        "NATS_URL": suite.nats_url,
+        "USAGEBILLING_ADMIN_TOKEN": suite.admin_token,
+        "USAGEBILLING_API_KEY": api_key,
+        **{f"USAGEBILLING_{s.upper()}_ADDR": suite.address(s) for s in SERVICES},
+        **{f"USAGEBILLING_{s.upper()}_PORT": str(suite.ports[s]) for s in SERVICES},
+    }
+    path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+    path.chmod(0o600)
+    return path
+
+
+def _banner(suite: Suite, tenant_id: str, api_key: str, env_path: Path) -> str:
+    endpoints = "\n".join(f"  {s:<8} {suite.address(s)}" for s in ("ingest", "meter", "billing"))
+    return f"""
+usage-billing is running.
+
+Endpoints (gRPC, plaintext; health and reflection on each):
+{endpoints}
+
+Admin token:   {suite.admin_token}
+Dev tenant:    {tenant_id}
+Dev API key:   {api_key}
+Settings:      {env_path}    Logs: {suite.log_dir}/
+
+Try it (another terminal):
+  .venv/bin/python examples/quickstart.py
+
+Ctrl-C stops everything.
+"""
+
+
+def main() -> int:
+    RUN_DIR.mkdir(exist_ok=True)
+    # A plain flag: a threading.Event set from a signal handler can deadlock
+    # with the main thread waiting on it.
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: stopping.append(signum))
+
+    stack: DevStack | None = None
+    database_url, nats_url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
+    if not (database_url and nats_url):
+        stack = DevStack(RUN_DIR)
+        database_url, nats_url = stack.start()
+    ports = {
+        s: int(os.environ.get(f"USAGEBILLING_{s.upper()}_PORT", DEFAULT_PORTS[s])) for s in SERVICES
+    }
+    suite = Suite(database_url, nats_url, RUN_DIR / "logs", _admin_token(), ports)
+    try:
+        suite.start()
+        tenant_id, api_key = _dev_key(suite)
+        print(_banner(suite, tenant_id, api_key, _write_env(suite, api_key)), flush=True)
+        while not stopping:
+            time.sleep(0.2)
+            if dead := suite.dead():
+                print(f"{', '.join(dead)} stopped unexpectedly; see {suite.log_dir}/", flush=True)
+                return 1
+        print("stopping...", flush=True)
+        return 0
+    except Exception as exc:
+        print(f"make run failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        suite.stop()
+        if stack is not None:
+            stack.stop()
+        print("stopped: nothing left running.", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
