@@ -11,7 +11,13 @@ import pytest
 
 from tests.client import Client, event, eventually, status_of
 from tools.suite import SERVICES, Suite
-from usagebilling.billing.v1 import customer_pb2, invoice_pb2, tenant_pb2
+from usagebilling.billing.v1 import (
+    customer_pb2,
+    invoice_pb2,
+    product_pb2,
+    subscription_pb2,
+    tenant_pb2,
+)
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
 
@@ -149,5 +155,34 @@ async def test_tenants_are_isolated(
     assert [e.event_id for e in listed_events.events] == ["evt-1"]
     listed_customers = await b.call(b.customers.ListCustomers, customer_pb2.ListCustomersRequest())
     assert [c.id for c in listed_customers.customers] == [customer_b.id]
+    # Nor each other's invoices.
+    product = await a.call(
+        a.products.CreateProduct,
+        product_pb2.CreateProductRequest(
+            name="Base",
+            currency="EUR",
+            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
+            fixed_price_minor=100,
+        ),
+    )
+    subscribe = subscription_pb2.CreateSubscriptionRequest(
+        customer_id=customer_a.id, product_id=product.id
+    )
+    subscribe.start_time.FromDatetime(datetime.now(UTC) - timedelta(days=2, hours=2))
+    await a.call(a.subscriptions.CreateSubscription, subscribe)
+    run = await a.call(a.invoices.RunBillingCycle, invoice_pb2.RunBillingCycleRequest())
+    assert len(run.invoice_ids) == 2
+    assert (
+        await _status(
+            b.invoices.GetInvoice(
+                invoice_pb2.GetInvoiceRequest(id=run.invoice_ids[0]), metadata=b.metadata
+            )
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert not (await b.call(b.invoices.ListInvoices, invoice_pb2.ListInvoicesRequest())).invoices
+    assert not (
+        await b.call(b.invoices.RunBillingCycle, invoice_pb2.RunBillingCycleRequest())
+    ).invoice_ids
     for client in (a, b):
         await client.close()
