@@ -39,6 +39,9 @@ class Wiring:
     # Long-running tasks (relay, consumer, scheduler); cancelled on shutdown
     # after the gRPC server stopped taking calls.
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Asked first, after the gRPC server stopped taking calls: background tasks
+    # finish what they hold (commit, ack) and return.
+    stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run last, in order (close channels and the like).
     cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -105,6 +108,12 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     await stop.wait()
     log.info("stopping", service=settings.service)
     await server.stop(settings.shutdown_grace.total_seconds())
+    for ask in wiring.stop:
+        await ask()
+    # What did not finish within a few seconds is cancelled; its uncommitted
+    # work is redone by whoever takes over (nothing acked is lost).
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

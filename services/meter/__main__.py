@@ -48,6 +48,7 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                 ttl=settings.common.auth_cache_ttl.total_seconds(),
             ),
             background=[consumer.run, backfiller.resume],
+            stop=[consumer.stop],
             cleanup=[backfiller.stop, lambda: billing.close(None), lambda: ingest.close(None)],
         )
 

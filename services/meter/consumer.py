@@ -19,13 +19,24 @@ from usagebilling.ingest.v1 import ingest_pb2
 
 log = get_logger(__name__)
 
+# A message not acked in this time is redelivered (to any replica).
+ACK_WAIT_SECONDS = 15
+
 
 class EventConsumer:
-    def __init__(self, js: Any, service: MeterService, *, durable: str, batch: int) -> None:
+    """A fetch loop feeding `workers` fold tasks: while one batch is being
+    written to PostgreSQL the next is decoded, so the process keeps both its
+    own core and the database busy."""
+
+    def __init__(
+        self, js: Any, service: MeterService, *, durable: str, batch: int, workers: int = 2
+    ) -> None:
         self._js = js
         self._service = service
         self._durable = durable
         self._batch = batch
+        self._workers = workers
+        self._stopping = asyncio.Event()
 
     async def _subscribe(self) -> Any:
         return await self._js.pull_subscribe(
@@ -35,7 +46,7 @@ class EventConsumer:
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30,
+                ack_wait=ACK_WAIT_SECONDS,
                 max_ack_pending=20_000,
             ),
         )
@@ -60,20 +71,39 @@ class EventConsumer:
         for message in good:
             await message.ack()
 
-    async def run(self) -> None:
+    async def _work(self, queue: asyncio.Queue[list[Any] | None]) -> None:
+        while (messages := await queue.get()) is not None:
+            await self.handle(messages)
+
+    async def _fetch(self, queue: asyncio.Queue[list[Any] | None]) -> None:
         subscription = None
-        while True:
+        while not self._stopping.is_set():
             try:
                 if subscription is None:
                     subscription = await self._subscribe()
                 messages = await subscription.fetch(self._batch, timeout=1)
             except nats.errors.TimeoutError:
                 continue
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.warning("fetch_failed", error=repr(exc))
                 subscription = None
                 await asyncio.sleep(1)
                 continue
-            await self.handle(messages)
+            await queue.put(messages)
+
+    async def run(self) -> None:
+        queue: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=self._workers)
+        workers = [asyncio.create_task(self._work(queue)) for _ in range(self._workers)]
+        try:
+            await self._fetch(queue)
+            # Stopping: the batches already fetched are folded and acked.
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+
+    async def stop(self) -> None:
+        """Stops fetching; `run` returns once what was fetched is committed and acked."""
+        self._stopping.set()

@@ -27,7 +27,7 @@ def read(reader: EnvReader) -> MeterSettings:
         ingest_addr=reader.text("USAGEBILLING_INGEST_ADDR", "127.0.0.1:50051"),
         backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
         consumer_name=reader.text("USAGEBILLING_METER_CONSUMER", "meter"),
-        fetch_batch=reader.integer("USAGEBILLING_METER_FETCH_BATCH", 64, minimum=1, maximum=1000),
+        fetch_batch=reader.integer("USAGEBILLING_METER_FETCH_BATCH", 16, minimum=1, maximum=1000),
     )
 
 

@@ -183,23 +183,26 @@ class MeterStore:
         (tenant, meter, event) is ignored. Returns how many were new."""
         if not tenant_contributions:
             return 0
-        rows = await self.pool.fetch(
-            "INSERT INTO meter.meter_events (tenant_id, meter_id, event_id, customer_id,"
-            " event_time, value, text_value, dims, skip_reason)"
-            " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[],"
-            " $5::timestamptz[], $6::numeric[], $7::text[], $8::jsonb[], $9::text[])"
-            " ON CONFLICT DO NOTHING RETURNING 1",
-            [t for t, _ in tenant_contributions],
-            [c.meter_id for _, c in tenant_contributions],
-            [c.event_id for _, c in tenant_contributions],
-            [c.customer_id for _, c in tenant_contributions],
-            [c.event_time for _, c in tenant_contributions],
-            [c.value for _, c in tenant_contributions],
-            [c.text_value for _, c in tenant_contributions],
-            [c.dims for _, c in tenant_contributions],
-            [c.skip_reason for _, c in tenant_contributions],
+        # Sorted by key, so that concurrent folds lock rows in one order (no deadlock).
+        rows = sorted(tenant_contributions, key=lambda r: (r[0], r[1].meter_id, r[1].event_id))
+        inserted = await self.pool.fetchval(
+            "WITH new AS (INSERT INTO meter.meter_events (tenant_id, meter_id, event_id,"
+            " customer_id, event_time, value, text_value, dims, skip_reason)"
+            " SELECT t, m, e, c, ts, v, tv, coalesce(d, '{}'::jsonb), sr FROM unnest("
+            "$1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::numeric[],"
+            " $7::text[], $8::jsonb[], $9::text[]) AS u(t, m, e, c, ts, v, tv, d, sr)"
+            " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
+            [t for t, _ in rows],
+            [c.meter_id for _, c in rows],
+            [c.event_id for _, c in rows],
+            [c.customer_id for _, c in rows],
+            [c.event_time for _, c in rows],
+            [c.value for _, c in rows],
+            [c.text_value for _, c in rows],
+            [c.dims or None for _, c in rows],
+            [c.skip_reason for _, c in rows],
         )
-        return len(rows)
+        return int(inserted)
 
     async def skipped_counts(self, tenant_id: str, meter_id: str) -> dict[str, int]:
         rows = await self.pool.fetch(
