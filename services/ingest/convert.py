@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.ingest.domain.validation import IncomingEvent, RawValue
+from services.ingest.domain.validation import IncomingEvent, InvalidTime, RawValue
 from services.ingest.store import StoredEvent
 from usagebilling.common.v1 import value_pb2
 from usagebilling.ingest.v1 import ingest_pb2
@@ -32,7 +32,8 @@ def proto_value(value: Any) -> value_pb2.Value:
 
 
 def to_datetime(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+    # Cheaper than Timestamp.ToDatetime, which matters per event.
+    return datetime.fromtimestamp(ts.seconds, UTC).replace(microsecond=ts.nanos // 1000)
 
 
 def to_timestamp(when: datetime) -> Timestamp:
@@ -41,12 +42,21 @@ def to_timestamp(when: datetime) -> Timestamp:
     return ts
 
 
+def _event_time(event: ingest_pb2.Event) -> datetime | InvalidTime | None:
+    if not event.HasField("timestamp"):
+        return None
+    try:
+        return to_datetime(event.timestamp)
+    except (ValueError, OverflowError, OSError):
+        return InvalidTime(event.timestamp.seconds)
+
+
 def incoming(event: ingest_pb2.Event) -> IncomingEvent:
     return IncomingEvent(
         event_id=event.event_id,
         customer_id=event.customer_id,
         event_name=event.event_name,
-        timestamp=to_datetime(event.timestamp) if event.HasField("timestamp") else None,
+        timestamp=_event_time(event),
         metadata={key: raw_value(value) for key, value in event.metadata.items()},
     )
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from services.common.logs import get_logger
 from services.ingest import convert
-from services.ingest.domain.validation import Rejection, triage
+from services.ingest.domain.validation import Rejection, effective_time, triage
 from services.ingest.store import IngestStore, NewEvent
 from usagebilling.ingest.v1 import ingest_pb2
 
@@ -42,16 +42,17 @@ class Ingestor:
                 event_id=e.event_id,
                 customer_id=e.customer_id,
                 event_name=e.event_name,
-                event_time=e.timestamp or now,
+                event_time=effective_time(e, now),
                 metadata=dict(e.metadata),
             )
             for e in valid
         ]
+        # What is published is the event as sent, with the server's time filled in.
         stamped = {}
         for index, event in zip(verdict.valid, new_events, strict=True):
-            message = ingest_pb2.Event()
-            message.CopyFrom(events[index])
-            message.timestamp.CopyFrom(convert.to_timestamp(event.event_time))
+            message = events[index]
+            if not message.HasField("timestamp"):
+                message.timestamp.CopyFrom(convert.to_timestamp(event.event_time))
             stamped[event.event_id] = message
 
         def payload(new_ids: set[str]) -> bytes:

@@ -22,11 +22,18 @@ RawValue = str | int | float | bool
 
 
 @dataclass(frozen=True)
+class InvalidTime:
+    """A timestamp outside what a datetime can hold."""
+
+    seconds: int
+
+
+@dataclass(frozen=True)
 class IncomingEvent:
     event_id: str
     customer_id: str
     event_name: str
-    timestamp: datetime | None  # None: the server's time
+    timestamp: datetime | InvalidTime | None  # None: the server's time
     metadata: Mapping[str, RawValue] = field(default_factory=dict)
 
 
@@ -93,6 +100,8 @@ def event_problem(event: IncomingEvent, now: datetime, backdate_window: timedelt
         problem = _text_problem(name, value, limit)
         if problem:
             return problem
+    if isinstance(event.timestamp, InvalidTime):
+        return f"timestamp ({event.timestamp.seconds} s since 1970) is not a valid time"
     if event.timestamp is not None:
         if event.timestamp > now + MAX_FUTURE:
             return (
@@ -105,6 +114,13 @@ def event_problem(event: IncomingEvent, now: datetime, backdate_window: timedelt
                 f" of {backdate_window.days} days"
             )
     return _metadata_problem(event.metadata)
+
+
+def effective_time(event: IncomingEvent, now: datetime) -> datetime:
+    """The time an accepted event is counted at: its own, or the server's."""
+    if isinstance(event.timestamp, InvalidTime):
+        raise ValueError("an event with an invalid timestamp is never accepted")
+    return event.timestamp or now
 
 
 def triage(events: Sequence[IncomingEvent], now: datetime, backdate_window: timedelta) -> Triage:

@@ -21,9 +21,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from services.common.errors import InvalidArgument
-from services.meter.domain.values import MetaValue, to_number
+from services.meter.domain.values import MetaValue, check_text, to_number
 
 MAX_FILTER_DEPTH = 3
+# Ingest accepts metadata keys of at most 100 characters and strings of at most 500:
+# a longer key or string in a condition could never match, so it is a mistake.
+MAX_KEY_LENGTH = 100
+MAX_STRING_LENGTH = 500
 
 
 class Operator(enum.Enum):
@@ -98,6 +102,7 @@ def _validate_filter(f: Filter, field: str, level: int) -> None:
 def _validate_condition(c: Condition, field: str) -> None:
     if not c.key:
         raise InvalidArgument(f"{field}.key: required")
+    check_text(c.key, f"{field}.key", MAX_KEY_LENGTH)
     if not isinstance(c.operator, Operator):
         raise InvalidArgument(f"{field}.operator: unknown operator {c.operator!r}")
     op = c.operator.value
@@ -132,7 +137,9 @@ def _validate_value(v: object, field: str) -> None:
     if isinstance(v, Decimal):
         if not v.is_finite():
             raise InvalidArgument(f"{field}: must be a finite number")
-    elif not isinstance(v, (str, bool)):
+    elif isinstance(v, str):
+        check_text(v, field, MAX_STRING_LENGTH)
+    elif not isinstance(v, bool):
         raise InvalidArgument(f"{field}: must be a string, a number or a bool")
 
 
@@ -141,6 +148,8 @@ def _validate_value(v: object, field: str) -> None:
 
 def _same(actual: MetaValue, expected: MetaValue) -> bool:
     """Equality as EQUALS and IN define it (see the module docstring)."""
+    if type(actual) is type(expected) and actual == expected:
+        return True  # the common case, decided without parsing numbers
     a, e = to_number(actual), to_number(expected)
     if a is not None and e is not None:
         return a == e
