@@ -646,12 +646,24 @@ class DevStack:
                     raise DevStackError(f"could not stop the earlier nats-server (pid {pid})")
         self._nats_pidfile.unlink(missing_ok=True)
 
-    def _start_nats(self) -> int:
+    def stop_nats(self) -> None:
+        """Stops NATS alone (an outage, for tests); `restart_nats` brings it back."""
+        with self._mutex:
+            self._stop_nats()
+
+    def restart_nats(self) -> None:
+        """Starts NATS again on the port and store it had, so clients reconnect."""
+        with self._mutex:
+            if self._nats_port is None:
+                raise DevStackError("NATS was never started")
+            self._start_nats(self._nats_port)
+
+    def _start_nats(self, fixed_port: int | None = None) -> int:
         self.nats_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._stop_leftover_nats()
         binary = nats_server_binary()
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = free_port()
+            port = fixed_port or free_port()
             offset = _size(self.nats_log)
             began = time.monotonic()
             command = [
@@ -692,7 +704,7 @@ class DevStack:
                 return port
             log_tail = _tail(self.nats_log, offset) + _tail(self.nats_dir / "nats-server.out")
             self._stop_nats()
-            if _PORT_CLASH.search(log_tail) and attempt < PORT_ATTEMPTS:
+            if _PORT_CLASH.search(log_tail) and attempt < PORT_ATTEMPTS and not fixed_port:
                 _log(f"port {port} was taken meanwhile; trying another one")
                 continue
             raise DevStackError(f"nats-server did not start (log {self.nats_log}):\n{log_tail}")
