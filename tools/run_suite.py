@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.common.config import DEFAULT_METRICS_PORTS
 from tools.devstack import DEFAULT_BASE_DIR, DevStack
 from tools.suite import DEFAULT_PORTS, SERVICES, Suite, create_tenant, key_works
 
@@ -59,7 +60,10 @@ def _write_env(suite: Suite, api_key: str) -> Path:
 
 
 def _banner(suite: Suite, tenant_id: str, api_key: str, env_path: Path) -> str:
-    endpoints = "\n".join(f"  {s:<8} {suite.address(s)}" for s in ("ingest", "meter", "billing"))
+    endpoints = "\n".join(
+        f"  {s:<8} {suite.address(s)}    metrics http://127.0.0.1:{suite.metrics_ports[s]}/metrics"
+        for s in ("ingest", "meter", "billing")
+    )
     return f"""
 usage-billing is running.
 
@@ -94,7 +98,14 @@ def main() -> int:
     ports = {
         s: int(os.environ.get(f"USAGEBILLING_{s.upper()}_PORT", DEFAULT_PORTS[s])) for s in SERVICES
     }
-    suite = Suite(database_url, nats_url, RUN_DIR / "logs", _admin_token(), ports)
+    suite = Suite(
+        database_url,
+        nats_url,
+        RUN_DIR / "logs",
+        _admin_token(),
+        ports,
+        metrics_ports=dict(DEFAULT_METRICS_PORTS),
+    )
     try:
         suite.start()
         tenant_id, api_key = _dev_key(suite)

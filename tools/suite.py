@@ -40,6 +40,9 @@ class Suite:
     log_dir: Path
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     ports: dict[str, int] = field(default_factory=lambda: {s: free_port() for s in SERVICES})
+    metrics_ports: dict[str, int] = field(
+        default_factory=lambda: {s: free_port() for s in SERVICES}
+    )
     extra_env: Mapping[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
@@ -69,10 +72,12 @@ class Suite:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self._logs.get(service) or open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115
         self._logs[service] = log
+        env = self.env()
+        env["USAGEBILLING_METRICS_PORT"] = str(self.metrics_ports[service])
         self.processes[service] = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
             cwd=REPO_ROOT,
-            env=self.env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop them in order

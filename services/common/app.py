@@ -10,11 +10,11 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
-from services.common import db, jetstream, logs
+from services.common import db, jetstream, logs, metrics
 from services.common.auth import Authenticator, KeyResolver
 from services.common.config import CommonSettings, ConfigError
 from services.common.grpc_server import GrpcServer, Registration
@@ -32,16 +32,22 @@ class Runtime:
     js: Any
 
 
+class Worker(Protocol):
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class Wiring:
     registrations: list[Registration]
     resolver: KeyResolver
-    # Long-running tasks (relay, consumer, scheduler); cancelled on shutdown
+    # Long-running loops (relay, scheduler, gauges); cancelled on shutdown
     # after the gRPC server stopped taking calls.
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
-    # Asked first, after the gRPC server stopped taking calls: background tasks
-    # finish what they hold (commit, ack) and return.
-    stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Loops that hold work in flight (the consumer): on shutdown they are asked
+    # to stop, and given a few seconds to commit and ack what they hold.
+    workers: list[Worker] = field(default_factory=list)
     # Run last, in order (close channels and the like).
     cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -95,28 +101,30 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         Authenticator(settings.admin_token, wiring.resolver),
     )
     await server.start()
+    metrics.serve(settings.metrics_port)
     tasks = [asyncio.create_task(run()) for run in wiring.background]
+    working = [asyncio.create_task(worker.run()) for worker in wiring.workers]
 
     def failed(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("background_task_failed", error=repr(task.exception()))
             stop.set()
 
-    for task in tasks:
+    for task in [*tasks, *working]:
         task.add_done_callback(failed)
     log.info("serving", service=settings.service, address=server.address)
     await stop.wait()
     log.info("stopping", service=settings.service)
     await server.stop(settings.shutdown_grace.total_seconds())
-    for ask in wiring.stop:
-        await ask()
-    # What did not finish within a few seconds is cancelled; its uncommitted
-    # work is redone by whoever takes over (nothing acked is lost).
-    if tasks:
-        await asyncio.wait(tasks, timeout=5)
-    for task in tasks:
+    for worker in wiring.workers:
+        await worker.stop()
+    if working:
+        await asyncio.wait(working, timeout=5)
+    # What did not finish is cancelled; its uncommitted work is redone by
+    # whoever takes over (nothing acknowledged is lost).
+    for task in [*tasks, *working]:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, *working, return_exceptions=True)
     # Every step is bounded: a dependency that is down must not hang the exit.
     for close in wiring.cleanup:
         await _bounded(close(), "cleanup")

@@ -99,6 +99,8 @@ class EnvReader:
 
 
 DEFAULT_PORTS = {"ingest": 50051, "meter": 50052, "billing": 50053}
+# Distinct by default so that the three can share one machine; 0 turns it off.
+DEFAULT_METRICS_PORTS = {"ingest": 9091, "meter": 9092, "billing": 9093}
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class CommonSettings:
     stream_replicas: int
     auto_migrate: bool
     auth_cache_ttl: timedelta
+    metrics_port: int
 
 
 def read_common(reader: EnvReader, service: str) -> CommonSettings:
@@ -145,5 +148,8 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
         # stops working within this time (at most 60 s allowed).
         auth_cache_ttl=reader.duration(
             "USAGEBILLING_AUTH_CACHE_TTL", timedelta(seconds=30), maximum=timedelta(seconds=60)
+        ),
+        metrics_port=reader.integer(
+            "USAGEBILLING_METRICS_PORT", DEFAULT_METRICS_PORTS[service], maximum=65535
         ),
     )

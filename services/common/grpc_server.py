@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import context as call_context
-from services.common import errors
+from services.common import errors, metrics
 from services.common.auth import Authenticator
 from services.common.logs import get_logger
 
@@ -123,6 +123,38 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         return wrapped
 
 
+class MetricsInterceptor(_BehaviorInterceptor):
+    """Outermost: counts every call by method and final status code."""
+
+    def _unary(self, method: str, behavior: Behavior) -> Behavior:
+        async def wrapped(request: Any, context: Ctx) -> Any:
+            started = time.perf_counter()
+            try:
+                return await behavior(request, context)
+            finally:
+                _observe(method, context, started)
+
+        return wrapped
+
+    def _streaming(self, method: str, behavior: Behavior) -> Behavior:
+        async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                _observe(method, context, started)
+
+        return wrapped
+
+
+def _observe(method: str, context: Ctx, started: float) -> None:
+    code = context.code() or grpc.StatusCode.OK
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    metrics.GRPC_REQUESTS.labels(method, name).inc()
+    metrics.GRPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+
+
 class ErrorInterceptor(_BehaviorInterceptor):
     """Translates domain errors to status codes, once, by type."""
 
@@ -170,7 +202,7 @@ class GrpcServer:
         self, host: str, port: int, registrations: list[Registration], auth: Authenticator
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(auth)],
+            interceptors=[MetricsInterceptor(), ErrorInterceptor(), AuthInterceptor(auth)],
             options=[("grpc.so_reuseport", 0)],
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]

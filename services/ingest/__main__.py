@@ -39,7 +39,7 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
                 RemoteKeyResolver(billing),
                 ttl=settings.common.auth_cache_ttl.total_seconds(),
             ),
-            background=[relay.run],
+            background=[relay.run, relay.watch_depth],
             cleanup=[lambda: billing.close(None)],
         )
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from services.common import metrics
 from services.common.jetstream import EVENTS_SUBJECT_PREFIX
 from services.common.logs import get_logger
 from services.ingest.store import IngestStore
@@ -48,6 +49,13 @@ class Relay:
                     )
                 )
         return len(rows)
+
+    async def watch_depth(self, every: float = 5.0) -> None:
+        """Keeps the outbox-depth gauge current (a NATS outage shows as growth)."""
+        while True:
+            with contextlib.suppress(Exception):
+                metrics.OUTBOX_DEPTH.set(await self._store.outbox_depth())
+            await asyncio.sleep(every)
 
     async def run(self) -> None:
         backoff = 0.2

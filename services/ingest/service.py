@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from services.common import metrics
 from services.common.logs import get_logger
 from services.ingest import convert
 from services.ingest.domain.validation import Rejection, effective_time, triage
@@ -70,6 +71,9 @@ class Ingestor:
             duplicates=len(verdict.duplicate_in_batch) + len(valid) - len(new_ids),
             rejections=verdict.rejections,
         )
+        metrics.EVENTS.labels("accepted").inc(result.accepted)
+        metrics.EVENTS.labels("duplicate").inc(result.duplicates)
+        metrics.EVENTS.labels("rejected").inc(len(result.rejections))
         log.info(
             "events_ingested",
             accepted=result.accepted,

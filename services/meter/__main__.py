@@ -47,8 +47,8 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                 RemoteKeyResolver(billing),
                 ttl=settings.common.auth_cache_ttl.total_seconds(),
             ),
-            background=[consumer.run, backfiller.resume],
-            stop=[consumer.stop],
+            background=[consumer.watch_lag, backfiller.resume],
+            workers=[consumer],
             cleanup=[backfiller.stop, lambda: billing.close(None), lambda: ingest.close(None)],
         )
 

@@ -6,12 +6,14 @@ cannot be decoded is terminated and logged, not retried forever."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import nats.errors
 from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from services.common import metrics
 from services.common.jetstream import EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
 from services.common.logs import get_logger
 from services.meter.service import MeterService
@@ -62,7 +64,8 @@ class EventConsumer:
                 log.error("poison_message", subject=message.subject, size=len(message.data))
                 await message.term()
         try:
-            await self._service.fold_batches(batches)
+            with metrics.CONSUMER_BATCH_SECONDS.time():
+                metrics.EVENTS_FOLDED.inc(await self._service.fold_batches(batches))
         except Exception as exc:
             log.warning("fold_failed", error=repr(exc), messages=len(good))
             for message in good:
@@ -103,6 +106,15 @@ class EventConsumer:
         finally:
             for worker in workers:
                 worker.cancel()
+
+    async def watch_lag(self, every: float = 5.0) -> None:
+        """Keeps the consumer-lag gauge current: messages not yet delivered plus
+        those delivered but not acknowledged."""
+        while True:
+            with contextlib.suppress(Exception):
+                info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
+                metrics.CONSUMER_LAG.set(info.num_pending + info.num_ack_pending)
+            await asyncio.sleep(every)
 
     async def stop(self) -> None:
         """Stops fetching; `run` returns once what was fetched is committed and acked."""
