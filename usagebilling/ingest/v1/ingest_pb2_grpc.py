@@ -75,8 +75,9 @@ class IngestServiceServicer:
 
     def StreamIngest(self, request_iterator, context):
         """The same as IngestEvents per batch: one response per request, in order.
-        (API.md binds these message names; buf's RPC_REQUEST_STANDARD_NAME is
-        waived for this RPC so that a batch is the same message on both paths.)
+        (API.md binds these message names, so that a batch is the same message on
+        both paths.)
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

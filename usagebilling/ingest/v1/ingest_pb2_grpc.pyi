@@ -37,8 +37,9 @@ class IngestServiceStub:
     """Validates, deduplicates and durably stores a batch of up to 1000 events."""
     StreamIngest: _grpc.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]
     """The same as IngestEvents per batch: one response per request, in order.
-    (API.md binds these message names; buf's RPC_REQUEST_STANDARD_NAME is
-    waived for this RPC so that a batch is the same message on both paths.)
+    (API.md binds these message names, so that a batch is the same message on
+    both paths.)
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
     GetEvent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetEventRequest, _ingest_pb2.Event]
     """Returns one stored event."""
@@ -56,8 +57,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """Validates, deduplicates and durably stores a batch of up to 1000 events."""
     StreamIngest: _aio.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]  # type: ignore[assignment]
     """The same as IngestEvents per batch: one response per request, in order.
-    (API.md binds these message names; buf's RPC_REQUEST_STANDARD_NAME is
-    waived for this RPC so that a batch is the same message on both paths.)
+    (API.md binds these message names, so that a batch is the same message on
+    both paths.)
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
     GetEvent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetEventRequest, _ingest_pb2.Event]  # type: ignore[assignment]
     """Returns one stored event."""
@@ -84,8 +86,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.IngestEventsResponse], _abc.AsyncIterator[_ingest_pb2.IngestEventsResponse]]:
         """The same as IngestEvents per batch: one response per request, in order.
-        (API.md binds these message names; buf's RPC_REQUEST_STANDARD_NAME is
-        waived for this RPC so that a batch is the same message on both paths.)
+        (API.md binds these message names, so that a batch is the same message on
+        both paths.)
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod
