@@ -53,6 +53,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
 Behavior = Callable[..., Any]
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -203,7 +205,12 @@ class GrpcServer:
     ) -> None:
         self.server = grpc.aio.server(
             interceptors=[MetricsInterceptor(), ErrorInterceptor(), AuthInterceptor(auth)],
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                # A full batch (1000 events, 50 keys of 500 characters) is about
+                # 25 MB; larger messages get RESOURCE_EXHAUSTED from gRPC itself.
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
