@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-unit lint typecheck proto proto-check bench lock clean
+.PHONY: setup run test test-unit lint proto-lint proto proto-check bench lock clean k8s-check
 
 setup: $(STAMP)
 
@@ -36,10 +36,19 @@ test: $(STAMP) proto-check
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-lint: $(STAMP)
+# buf lint (STANDARD rules, API.md's exceptions in buf.yaml); buf comes from the npm registry.
+proto-lint:
+	npx --yes @bufbuild/buf@1.75.0 lint
+
+lint: $(STAMP) proto-lint
 	$(VENV)/bin/ruff check services tools tests bench
 	$(VENV)/bin/ruff format --check services tools tests bench
 	$(VENV)/bin/mypy services tools
+
+# Renders deploy/k8s (kustomize overlays, Helm chart) offline and checks every
+# object against the Kubernetes 1.31 schemas and the services' settings.
+k8s-check: $(STAMP)
+	$(PY) -m tools.k8s_check
 
 bench: $(STAMP)
 	$(PY) -m bench.run

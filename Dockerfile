@@ -1,0 +1,45 @@
+# One image for the three services; the command chooses one:
+#   python -m services.ingest | services.meter | services.billing   (serve)
+#   python -m services.<name> migrate                             (apply migrations, exit)
+# Configuration is environment variables only (README "Configuration").
+#
+#   docker build -t usage-billing:0.1.0 .
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY requirements.lock .
+# requirements.lock pins the runtime and the dev/test tools (pytest, mypy,
+# kubectl, Helm, ...): install only the runtime lines, with --no-deps because
+# the lock already pins every one of their dependencies (pip check proves the
+# set complete). Binary wheels only: no compiler needed, even here.
+RUN grep -iE '^(asyncpg|grpcio|grpcio-health-checking|grpcio-reflection|nats-py|prometheus[-_]client|protobuf|structlog|typing[-_]extensions|tzdata)==' \
+        requirements.lock > runtime.txt \
+ && python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-deps --only-binary=:all: -r runtime.txt \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip uninstall --yes pip setuptools
+COPY services/ /app/services/
+COPY usagebilling/ /app/usagebilling/
+# Byte-code compiled now, since the running container may not write it
+# (read-only root filesystem); unchecked-hash: valid whatever the file times.
+RUN /opt/venv/bin/python -m compileall -q --invalidation-mode unchecked-hash /app
+
+FROM python:3.11-slim-bookworm
+# A fixed numeric user, so that Kubernetes can verify runAsNonRoot (10001, as
+# the manifests' runAsUser).
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin app
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /app /app
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /app
+USER 10001:10001
+# gRPC: ingest, meter, billing; Prometheus metrics.
+EXPOSE 50051 50052 50053 9090
+# No default service: the command says which one to run.
+CMD ["python", "-c", "raise SystemExit('usage: python -m services.<ingest|meter|billing> [migrate]')"]

