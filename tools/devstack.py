@@ -536,12 +536,25 @@ class DevStack:
         # pg_ctl hands -o to /bin/sh: quote every word.
         return " ".join(shlex.quote(option) for option in options)
 
-    def _start_postgres(self) -> int:
+    def stop_postgres(self) -> None:
+        """Stops PostgreSQL alone (an outage, for tests); `restart_postgres` brings it back."""
+        with self._mutex:
+            if self._pg_may_run and self._pg_ctl_stop():
+                self._pg_may_run = False
+
+    def restart_postgres(self) -> None:
+        """Starts PostgreSQL again on the port it had, so that clients reconnect."""
+        with self._mutex:
+            if self._pg_port is None:
+                raise DevStackError("PostgreSQL was never started")
+            self._start_postgres(self._pg_port)
+
+    def _start_postgres(self, fixed_port: int | None = None) -> int:
         self.pg_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._ensure_cluster()
         self._stop_leftover_postgres()
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = free_port()
+            port = fixed_port or free_port()
             offset = _size(self.pg_log)
             began = time.monotonic()
             self._pg_may_run = True
@@ -568,7 +581,7 @@ class DevStack:
                 self._create_database(port)
                 return port
             log_tail = _tail(self.pg_log, offset)
-            if _PORT_CLASH.search(log_tail) and attempt < PORT_ATTEMPTS:
+            if _PORT_CLASH.search(log_tail) and attempt < PORT_ATTEMPTS and not fixed_port:
                 _log(f"port {port} was taken meanwhile; trying another one")
                 self._pg_ctl_stop()
                 continue
