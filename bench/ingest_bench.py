@@ -16,6 +16,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -171,7 +172,12 @@ async def _copy_reference(database_url: str, events: list[ingest_pb2.Event]) -> 
 
 
 async def run(
-    suite: Suite, *, events: int = 500_000, batch: int = 500, concurrency: int = 2
+    suite: Suite,
+    *,
+    events: int = 500_000,
+    batch: int = 500,
+    concurrency: int = 2,
+    cpu: Callable[[], dict[str, float]] = dict,
 ) -> dict[str, float]:
     _, secret = create_tenant(suite, "bench")
     auth = (("authorization", f"Bearer {secret}"),)
@@ -217,6 +223,7 @@ async def run(
     probe = asyncio.create_task(
         _probe_freshness(ingest_stub, meter, auth, meters["calls"], stop_probe)
     )
+    cpu_before = cpu()
     started = time.perf_counter()
     await asyncio.gather(*(sender() for _ in range(concurrency)))
     acked_at = time.perf_counter() - started
@@ -233,6 +240,7 @@ async def run(
                 break
         await asyncio.sleep(0.05)
     counted_at = time.perf_counter() - started
+    cpu_used = {k: v - cpu_before[k] for k, v in cpu().items()}
     stop_probe.set()
     freshness = await probe
     exact = all(totals[k] == expected[k] for k in meters) and accepted == events
@@ -253,8 +261,8 @@ async def run(
         query_ms.append((time.perf_counter() - t0) * 1000)
 
     copy_rate = await _copy_reference(suite.database_url, load)
-    await ingest_channel.close()
-    await meter_channel.close()
+    await ingest_channel.close(None)
+    await meter_channel.close(None)
     return {
         "events": events,
         "batch": batch,
@@ -268,4 +276,7 @@ async def run(
         "freshness_samples": len(freshness),
         "query_usage_p99_ms": percentile(query_ms, 99),
         "pg_copy_rows_per_s": copy_rate,
+        # Where the machine's CPU went, per 100,000 events (steadier than rates
+        # on a noisy machine): services, PostgreSQL, NATS.
+        **{f"cpu_s_per_100k_{k}": v * 100_000 / events for k, v in cpu_used.items()},
     }

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ingest_bench
+from bench.stats import cpu_seconds
 from tools.devstack import DEFAULT_BASE_DIR, DevStack
 from tools.suite import Suite
 
@@ -41,7 +42,13 @@ async def one_run(events: int, billing: bool) -> dict[str, float]:
     )
     try:
         suite.start()
-        figures = await ingest_bench.run(suite, events=events)
+
+        def cpu() -> dict[str, float]:
+            pids: dict[str, int | None] = {s: suite.processes[s].pid for s in ("ingest", "meter")}
+            pids |= {"postgres": stack.postgres_pid, "nats": stack.nats_pid}
+            return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+        figures = await ingest_bench.run(suite, events=events, cpu=cpu)
         if billing:
             try:
                 from bench import billing_bench
