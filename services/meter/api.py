@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from services.common.context import current_tenant
@@ -25,16 +24,14 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
         return convert.proto_meter(await self._service.create_meter(current_tenant(), request))
 
     async def GetMeter(self, request: meter_pb2.GetMeterRequest, context: Any) -> meter_pb2.Meter:
-        if not request.id:
-            raise InvalidArgument("id: required")
-        return convert.proto_meter(await self._store.get_meter(current_tenant(), request.id))
+        record, skipped = await self._service.get_meter(current_tenant(), request.id)
+        return convert.proto_meter(record, skipped)
 
     async def ListMeters(
         self, request: meter_pb2.ListMetersRequest, context: Any
     ) -> meter_pb2.ListMetersResponse:
         limit = page_size(request.page_size)
-        cursor = decode_token(request.page_token, 2)
-        after = (datetime.fromisoformat(cursor[0]), str(cursor[1])) if cursor else None
+        after = convert.meter_cursor(decode_token(request.page_token, 2))
         meters = await self._store.list_meters(current_tenant(), after, limit + 1)
         token = ""
         if len(meters) > limit:

@@ -20,6 +20,9 @@ from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 log = get_logger(__name__)
 
 CHUNK = 1000
+# A replay that fails is tried again after 0.5, 1, 2, 4 s; then the meter is FAILED.
+ATTEMPTS = 5
+RETRY_DELAY = 0.5
 
 
 class Backfiller:
@@ -30,12 +33,15 @@ class Backfiller:
         ingest: grpc.aio.Channel,
         admin_token: str,
         window: timedelta,
+        *,
+        retry_delay: float = RETRY_DELAY,
     ) -> None:
         self._store = store
         self._service = service
         self._ingest = ingest_pb2_grpc.IngestServiceStub(ingest)
         self._admin_token = admin_token
         self._window = window
+        self._retry_delay = retry_delay
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, record: MeterRecord) -> None:
@@ -44,32 +50,44 @@ class Backfiller:
         task.add_done_callback(self._tasks.discard)
 
     async def backfill(self, record: MeterRecord) -> None:
+        """Replays and folds, then marks the meter DONE. A failed replay (ingest
+        restarting, say) is retried from the start, which folding makes safe; after
+        `ATTEMPTS` failures the meter is marked FAILED."""
         now = datetime.now(UTC)
         request = ingest_pb2.ReplayEventsRequest(
             event_names=[record.event_name],
             start_time=convert.to_timestamp(now - self._window),
             end_time=convert.to_timestamp(now + timedelta(minutes=10)),
         )
-        folded = 0
-        try:
-            chunk: list[Any] = []
-            stream = self._ingest.ReplayEvents(
-                request, metadata=on_behalf_of(self._admin_token, record.tenant_id)
-            )
-            async for event in stream:
-                chunk.append(event)
-                if len(chunk) >= CHUNK:
-                    folded += await self._service.fold_for_meter(record, chunk)
-                    chunk = []
-            folded += await self._service.fold_for_meter(record, chunk)
-        except asyncio.CancelledError:
-            raise  # stays RUNNING: resumed at the next start
-        except Exception as exc:
-            log.error("backfill_failed", meter_id=record.id, error=repr(exc))
-            await self._store.set_backfill_state(record.tenant_id, record.id, "FAILED")
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                folded = await self._replay(record, request)
+            except asyncio.CancelledError:
+                raise  # stays RUNNING: resumed at the next start
+            except Exception as exc:
+                if attempt == ATTEMPTS:
+                    log.error("backfill_failed", meter_id=record.id, error=repr(exc))
+                    await self._store.set_backfill_state(record.tenant_id, record.id, "FAILED")
+                    return
+                log.warning("backfill_retry", meter_id=record.id, attempt=attempt, error=repr(exc))
+                await asyncio.sleep(self._retry_delay * 2 ** (attempt - 1))
+                continue
+            await self._store.set_backfill_state(record.tenant_id, record.id, "DONE")
+            log.info("backfill_done", meter_id=record.id, folded=folded)
             return
-        await self._store.set_backfill_state(record.tenant_id, record.id, "DONE")
-        log.info("backfill_done", meter_id=record.id, folded=folded)
+
+    async def _replay(self, record: MeterRecord, request: ingest_pb2.ReplayEventsRequest) -> int:
+        folded = 0
+        chunk: list[Any] = []
+        stream = self._ingest.ReplayEvents(
+            request, metadata=on_behalf_of(self._admin_token, record.tenant_id)
+        )
+        async for event in stream:
+            chunk.append(event)
+            if len(chunk) >= CHUNK:
+                folded += await self._service.fold_for_meter(record, chunk)
+                chunk = []
+        return folded + await self._service.fold_for_meter(record, chunk)
 
     async def resume(self) -> None:
         """Restarts backfills that a stopped process left running (idempotent)."""

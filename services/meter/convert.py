@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -45,7 +46,21 @@ def metadata(values: Mapping[str, value_pb2.Value]) -> dict[str, MetaValue]:
 
 
 def to_datetime(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+    # Cheaper than Timestamp.ToDatetime, which matters on the consumer's hot path.
+    return datetime.fromtimestamp(ts.seconds, UTC).replace(microsecond=ts.nanos // 1000)
+
+
+def optional_time(message: Any, field: str) -> datetime | None:
+    """A request's Timestamp field as a UTC datetime, None when unset; InvalidArgument
+    naming the field when it is not a valid Timestamp (seconds outside the years
+    1..9999, nanos outside [0, 1e9))."""
+    if not message.HasField(field):
+        return None
+    ts: Timestamp = getattr(message, field)
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"{field}: not a valid timestamp: {exc}") from None
 
 
 def to_timestamp(when: datetime) -> Timestamp:
@@ -111,7 +126,23 @@ def filter_json(message: meter_pb2.Filter) -> dict[str, Any]:
     return result
 
 
-def proto_meter(record: MeterRecord) -> meter_pb2.Meter:
+def meter_cursor(cursor: list[Any] | None) -> tuple[datetime, str] | None:
+    """ListMeters' keyset cursor (create time, id) from a decoded page token."""
+    if cursor is None:
+        return None
+    try:
+        created = datetime.fromisoformat(cursor[0])
+        meter_id = str(uuid.UUID(cursor[1]))
+    except (TypeError, ValueError):
+        raise InvalidArgument("page_token: not a token returned by this API") from None
+    if created.tzinfo is None:
+        raise InvalidArgument("page_token: not a token returned by this API")
+    return created, meter_id
+
+
+def proto_meter(
+    record: MeterRecord, skipped_events: Mapping[str, int] | None = None
+) -> meter_pb2.Meter:
     meter = meter_pb2.Meter(
         id=record.id,
         name=record.name,
@@ -127,6 +158,8 @@ def proto_meter(record: MeterRecord) -> meter_pb2.Meter:
             record.backfill_state, meter_pb2.BACKFILL_STATE_UNSPECIFIED
         ),
     )
+    if skipped_events:
+        meter.skipped_events.update(skipped_events)
     if record.filter:
         meter.filter.CopyFrom(json_format.ParseDict(record.filter, meter_pb2.Filter()))
     if record.archived_at:

@@ -7,20 +7,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument
 from services.common.logs import get_logger
 from services.meter import convert
-from services.meter.domain.aggregation import Aggregation, MeterSpec, average, validate_meter
+from services.meter.domain.aggregation import Aggregation, MeterSpec, validate_meter
 from services.meter.domain.matching import FoldedEvent, fold_event
-from services.meter.domain.values import format_decimal
-from services.meter.domain.windows import WindowSize, validate_time_zone, windows
-from services.meter.store import MeterRecord, MeterStore, UsageGroup
+from services.meter.domain.query import empty_row_group, plan_query, usage_value
+from services.meter.store import MeterRecord, MeterStore
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
 
 log = get_logger(__name__)
-
-MAX_WINDOWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -35,10 +32,18 @@ class UsageRow:
 def _fold(
     meters: Sequence[tuple[str, MeterSpec]], tenant_id: str, events: Iterable[ingest_pb2.Event]
 ) -> list[tuple[str, FoldedEvent]]:
+    # The hot path of the consumer: only events whose name some meter counts
+    # have their metadata converted.
+    by_name: dict[str, list[tuple[str, MeterSpec]]] = defaultdict(list)
+    for meter_id, spec in meters:
+        by_name[spec.event_name].append((meter_id, spec))
     rows: list[tuple[str, FoldedEvent]] = []
     for event in events:
+        matching = by_name.get(event.event_name)
+        if not matching:
+            continue
         for row in fold_event(
-            meters,
+            matching,
             event_id=event.event_id,
             customer_id=event.customer_id,
             event_name=event.event_name,
@@ -47,24 +52,6 @@ def _fold(
         ):
             rows.append((tenant_id, row))
     return rows
-
-
-def _value(meter: MeterRecord, group: UsageGroup) -> str:
-    if group.value is None:
-        return "0"
-    if meter.aggregation == Aggregation.AVG.name:
-        return format_decimal(average(group.value, group.count))
-    return format_decimal(group.value)
-
-
-def _window_count_bound(start: datetime, end: datetime, size: WindowSize) -> int:
-    """An upper bound on the windows of [start, end), known before building them."""
-    seconds = {WindowSize.MINUTE: 60, WindowSize.HOUR: 1800, WindowSize.DAY: 82800}
-    if size is WindowSize.NONE:
-        return 1
-    if size is WindowSize.MONTH:
-        return (end.year - start.year) * 12 + end.month - start.month + 2
-    return int((end - start).total_seconds() // seconds[size]) + 2
 
 
 class MeterService:
@@ -86,6 +73,8 @@ class MeterService:
             request.property,
             domain_filter,
             list(request.group_by),
+            measurement_unit=request.measurement_unit,
+            description=request.description,
         )
         record = await self._store.create_meter(
             tenant_id,
@@ -121,51 +110,49 @@ class MeterService:
             _fold([(record.id, convert.spec(record))], record.tenant_id, events)
         )
 
+    async def get_meter(self, tenant_id: str, meter_id: str) -> tuple[MeterRecord, dict[str, int]]:
+        """The meter and how many matching events it skipped, by reason."""
+        if not meter_id:
+            raise InvalidArgument("id: required")
+        record = await self._store.get_meter(tenant_id, meter_id)
+        return record, await self._store.skipped_counts(tenant_id, record.id)
+
     async def query_usage(
         self, tenant_id: str, request: meter_pb2.QueryUsageRequest
     ) -> list[UsageRow]:
         if not request.meter_id:
             raise InvalidArgument("meter_id: required")
         meter = await self._store.get_meter(tenant_id, request.meter_id)
-        if not request.HasField("start_time") or not request.HasField("end_time"):
-            raise InvalidArgument("start_time and end_time: both are required")
-        start = convert.to_datetime(request.start_time)
-        end = convert.to_datetime(request.end_time)
-        if end <= start:
-            raise InvalidArgument("end_time: must be after start_time")
-        size = convert.window_size(request.window_size or meter_pb2.WINDOW_SIZE_NONE)
-        tz = request.time_zone or "UTC"
-        validate_time_zone(tz)
-        unknown = [k for k in [*request.group_by, *request.group_filter] if k not in meter.group_by]
-        if unknown:
-            raise InvalidArgument(
-                f"group_by: {unknown[0]!r} is not a dimension of meter {meter.name!r}"
-                f" (its group_by is {list(meter.group_by)})"
-            )
-        if _window_count_bound(start, end, size) > MAX_WINDOWS:
-            raise ResourceExhausted(
-                f"window_size: the range holds too many windows; at most {MAX_WINDOWS} per query"
-            )
-        spans = windows(start, end, size, tz)
-        groups = await self._store.usage(
-            meter,
+        query = plan_query(
+            meter.group_by,
             customer_id=request.customer_id,
-            bounds=[s for s, _ in spans],
-            end=end,
+            start=convert.optional_time(request, "start_time"),
+            end=convert.optional_time(request, "end_time"),
+            window_size=convert.window_size(request.window_size or meter_pb2.WINDOW_SIZE_NONE),
+            time_zone=request.time_zone,
             group_by=list(request.group_by),
             group_filter=dict(request.group_filter),
         )
+        groups = await self._store.usage(
+            meter,
+            customer_id=query.customer_id,
+            bounds=[s for s, _ in query.windows],
+            end=query.end,
+            group_by=query.group_by,
+            group_filter=dict(query.group_filter),
+        )
+        aggregation = Aggregation[meter.aggregation]
         rows = [
             UsageRow(
-                window_start=spans[g.window - 1][0],
-                window_end=spans[g.window - 1][1],
+                window_start=query.windows[g.window - 1][0],
+                window_end=query.windows[g.window - 1][1],
                 customer_id=g.customer_id,
-                group=dict(zip(request.group_by, g.dims, strict=True)),
-                value=_value(meter, g),
+                group=dict(zip(query.group_by, g.dims, strict=True)),
+                value=usage_value(aggregation, g.value, g.count),
             )
             for g in groups
         ]
-        if not rows and size is WindowSize.NONE and request.customer_id:
-            group = {key: request.group_filter.get(key, "") for key in request.group_by}
-            rows = [UsageRow(start, end, request.customer_id, group, "0")]
+        empty_group = empty_row_group(query)
+        if not rows and empty_group is not None:
+            rows = [UsageRow(query.start, query.end, query.customer_id, empty_group, "0")]
         return rows

@@ -28,10 +28,11 @@ from typing import TypeAlias
 
 from services.common.errors import InvalidArgument
 from services.meter.domain.filters import Filter, matches, validate_filter
-from services.meter.domain.values import MetaValue, canonical, to_number
+from services.meter.domain.values import MetaValue, canonical, check_text, to_number
 from services.meter.domain.values import format_decimal as format_decimal
 
 MAX_NAME_LENGTH = 255
+MAX_DESCRIPTION_LENGTH = 4096
 MAX_GROUP_BY = 10
 
 # Sums, minima and maxima are exact: an unbounded context that raises rather than
@@ -78,6 +79,9 @@ def validate_meter(
     property: str,
     filter: Filter | None,
     group_by: Sequence[str],
+    *,
+    measurement_unit: str = "",
+    description: str = "",
 ) -> MeterSpec:
     """Raise InvalidArgument naming the field; return the spec when all is well.
 
@@ -86,18 +90,21 @@ def validate_meter(
     for field, text in (("name", name), ("event_name", event_name)):
         if not text:
             raise InvalidArgument(f"{field}: required")
-        if len(text) > MAX_NAME_LENGTH:
-            raise InvalidArgument(f"{field}: at most {MAX_NAME_LENGTH} characters")
+        check_text(text, field, MAX_NAME_LENGTH)
     if not isinstance(aggregation, Aggregation):
         raise InvalidArgument(f"aggregation: unknown aggregation {aggregation!r}")
     if aggregation is not Aggregation.COUNT and not property:
         raise InvalidArgument(f"property: required for {aggregation.value}")
+    check_text(property, "property", MAX_NAME_LENGTH)
+    check_text(measurement_unit, "measurement_unit", MAX_NAME_LENGTH)
+    check_text(description, "description", MAX_DESCRIPTION_LENGTH)
     if len(group_by) > MAX_GROUP_BY:
         raise InvalidArgument(f"group_by: at most {MAX_GROUP_BY} keys")
     seen: set[str] = set()
     for i, key in enumerate(group_by):
         if not key:
             raise InvalidArgument(f"group_by[{i}]: must not be empty")
+        check_text(key, f"group_by[{i}]", MAX_NAME_LENGTH)
         if key in seen:
             raise InvalidArgument(f"group_by[{i}]: duplicate key {key!r}")
         seen.add(key)

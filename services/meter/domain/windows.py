@@ -10,7 +10,9 @@ instant after the gap. Where the clock repeats a span (DST fall-back):
   25 hours around DST changes.
 
 Every datetime taken must be aware; every datetime returned is in UTC. Windows are
-half-open, [start, end).
+half-open, [start, end). Ranges must lie within [MIN_TIME, MAX_TIME]: finding a window
+looks at the wall clock up to two months either side of an instant, and `datetime`
+stops at the years 1 and 9999.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class WindowSize(enum.Enum):
     DAY = "WINDOW_SIZE_DAY"
     MONTH = "WINDOW_SIZE_MONTH"
 
+
+# The instants a range may start or end at. A window is found from the local reading
+# of an instant (up to ±26 h away) stepped up to two months either way, so these keep
+# every intermediate value well inside datetime's years 1..9999.
+MIN_TIME = datetime(2, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 # Names that resolve to the host's own settings rather than to one IANA zone.
 _HOST_DEPENDENT = frozenset({"localtime", "posixrules"})
@@ -55,9 +63,12 @@ def windows(
 ) -> list[tuple[datetime, datetime]]:
     """The windows that cover [start, end) exactly, in order, the first and last clipped
     to the range. NONE gives the one window (start, end); an empty range gives no
-    sized window."""
+    sized window. InvalidArgument, naming start_time or end_time, for a range that is
+    reversed or not within [MIN_TIME, MAX_TIME]."""
     zone = validate_time_zone(tz)
     start, end = _utc(start, "start"), _utc(end, "end")
+    check_time(start, "start_time")
+    check_time(end, "end_time")
     if end < start:
         raise InvalidArgument("end_time: must not be before start_time")
     if size is WindowSize.NONE:
@@ -71,11 +82,43 @@ def windows(
     return out
 
 
+def check_time(ts: datetime, field: str) -> None:
+    """InvalidArgument naming the field unless MIN_TIME <= ts <= MAX_TIME."""
+    if not MIN_TIME <= ts <= MAX_TIME:
+        raise InvalidArgument(
+            f"{field}: must be between {MIN_TIME.isoformat()} and {MAX_TIME.isoformat()}"
+        )
+
+
 def window_of(ts: datetime, size: WindowSize, tz: str) -> tuple[datetime, datetime]:
-    """The whole (unclipped) window that holds the instant `ts`."""
+    """The whole (unclipped) window that holds the instant `ts`
+    (MIN_TIME <= ts < MAX_TIME)."""
     if size is WindowSize.NONE:
         raise ValueError("WINDOW_SIZE_NONE has no window of its own: use the query range")
-    return _window_of(_utc(ts, "ts"), size, validate_time_zone(tz))
+    ts = _utc(ts, "ts")
+    if not MIN_TIME <= ts < MAX_TIME:
+        raise ValueError(f"ts must be in [{MIN_TIME}, {MAX_TIME}), got {ts!r}")
+    return _window_of(ts, size, validate_time_zone(tz))
+
+
+# The shortest a whole window of each size can be, for bounding how many a range holds
+# before building them: an hour window may last 30 minutes (Lord Howe's half-hour DST
+# shift), a day 22 hours (Antarctica/Troll shifts by 2 hours).
+_SHORTEST = {
+    WindowSize.MINUTE: timedelta(minutes=1),
+    WindowSize.HOUR: timedelta(minutes=30),
+    WindowSize.DAY: timedelta(hours=22),
+}
+
+
+def window_count_bound(start: datetime, end: datetime, size: WindowSize) -> int:
+    """An upper bound on how many windows `windows(start, end, size, any zone)` gives,
+    known without building them."""
+    if size is WindowSize.NONE:
+        return 1
+    if size is WindowSize.MONTH:
+        return (end.year - start.year) * 12 + end.month - start.month + 2
+    return (end - start) // _SHORTEST[size] + 2
 
 
 def clip(
@@ -168,4 +211,29 @@ def _window_of(ts: datetime, size: WindowSize, zone: ZoneInfo) -> tuple[datetime
     )
     start = max(b for b in candidates if b <= ts)
     end = min(b for b in candidates if b > ts)
+    if every_occurrence:
+        # Where the clock is set back by more than the steps above reach (an hour, to
+        # minute windows: 02:59:59 CEST, then 02:00:00 CET), the instant it jumps to a
+        # round reading is a boundary they miss.
+        jump = _backward_jump(ts, end, zone)
+        if jump is not None and _floor(_reading(jump, zone), size) == _reading(jump, zone):
+            end = jump
     return start, end
+
+
+def _backward_jump(after: datetime, before: datetime, zone: ZoneInfo) -> datetime | None:
+    """The instant in (after, before) at which the clock is set back, if there is
+    one (at most one transition is assumed in between: windows are short)."""
+    offset = after.astimezone(zone).utcoffset()
+    later = (before - _ONE_MICROSECOND).astimezone(zone).utcoffset()
+    assert offset is not None and later is not None
+    if later >= offset:
+        return None
+    lo, hi = after, before - _ONE_MICROSECOND  # offset(lo) == offset, offset(hi) < offset
+    while hi - lo > _ONE_MICROSECOND:
+        mid = lo + (hi - lo) // 2
+        if mid.astimezone(zone).utcoffset() == offset:
+            lo = mid
+        else:
+            hi = mid
+    return hi

@@ -26,53 +26,57 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from usagebilling.common.v1 import value_pb2 as usagebilling_dot_common_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!usagebilling/meter/v1/meter.proto\x12\x15usagebilling.meter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"usagebilling/common/v1/value.proto\"\xa8\x01\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x08operator\x18\x02 \x01(\x0e\x32\x1f.usagebilling.meter.v1.Operator\x12,\n\x05value\x18\x03 \x01(\x0b\x32\x1d.usagebilling.common.v1.Value\x12-\n\x06values\x18\x04 \x03(\x0b\x32\x1d.usagebilling.common.v1.Value\"\xa7\x01\n\x06\x46ilter\x12\x37\n\x0b\x63onjunction\x18\x01 \x01(\x0e\x32\".usagebilling.meter.v1.Conjunction\x12\x34\n\nconditions\x18\x02 \x03(\x0b\x32 .usagebilling.meter.v1.Condition\x12.\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1d.usagebilling.meter.v1.Filter\"\xa3\x03\n\x05Meter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nevent_name\x18\x03 \x01(\t\x12\x37\n\x0b\x61ggregation\x18\x04 \x01(\x0e\x32\".usagebilling.meter.v1.Aggregation\x12\x10\n\x08property\x18\x05 \x01(\t\x12-\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x1d.usagebilling.meter.v1.Filter\x12\x10\n\x08group_by\x18\x07 \x03(\t\x12\x18\n\x10measurement_unit\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61rchived\x18\x0b \x01(\x08\x12\x30\n\x0c\x61rchive_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0e\x62\x61\x63kfill_state\x18\r \x01(\x0e\x32$.usagebilling.meter.v1.BackfillState\"\xf1\x01\n\x12\x43reateMeterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nevent_name\x18\x02 \x01(\t\x12\x37\n\x0b\x61ggregation\x18\x03 \x01(\x0e\x32\".usagebilling.meter.v1.Aggregation\x12\x10\n\x08property\x18\x04 \x01(\t\x12-\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x1d.usagebilling.meter.v1.Filter\x12\x10\n\x08group_by\x18\x06 \x03(\t\x12\x18\n\x10measurement_unit\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\"\x1d\n\x0fGetMeterRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x11ListMetersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x12ListMetersResponse\x12,\n\x06meters\x18\x01 \x03(\x0b\x32\x1c.usagebilling.meter.v1.Meter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13\x41rchiveMeterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xfa\x02\n\x11QueryUsageRequest\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0bwindow_size\x18\x05 \x01(\x0e\x32!.usagebilling.meter.v1.WindowSize\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x10\n\x08group_by\x18\x07 \x03(\t\x12O\n\x0cgroup_filter\x18\x08 \x03(\x0b\x32\x39.usagebilling.meter.v1.QueryUsageRequest.GroupFilterEntry\x1a\x32\n\x10GroupFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x12QueryUsageResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.usagebilling.meter.v1.UsageRow\"\xf9\x01\n\x08UsageRow\x12\x30\n\x0cwindow_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x39\n\x05group\x18\x04 \x03(\x0b\x32*.usagebilling.meter.v1.UsageRow.GroupEntry\x12\r\n\x05value\x18\x05 \x01(\t\x1a,\n\nGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xcb\x01\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41GGREGATION_COUNT\x10\x01\x12\x13\n\x0f\x41GGREGATION_SUM\x10\x02\x12\x13\n\x0f\x41GGREGATION_MAX\x10\x03\x12\x13\n\x0f\x41GGREGATION_MIN\x10\x04\x12\x13\n\x0f\x41GGREGATION_AVG\x10\x05\x12\x1c\n\x18\x41GGREGATION_UNIQUE_COUNT\x10\x06\x12\x16\n\x12\x41GGREGATION_LATEST\x10\x07*S\n\x0b\x43onjunction\x12\x1b\n\x17\x43ONJUNCTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43ONJUNCTION_AND\x10\x01\x12\x12\n\x0e\x43ONJUNCTION_OR\x10\x02*\xd6\x02\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x13\n\x0fOPERATOR_EQUALS\x10\x01\x12\x17\n\x13OPERATOR_NOT_EQUALS\x10\x02\x12\x19\n\x15OPERATOR_GREATER_THAN\x10\x03\x12#\n\x1fOPERATOR_GREATER_THAN_OR_EQUALS\x10\x04\x12\x16\n\x12OPERATOR_LESS_THAN\x10\x05\x12 \n\x1cOPERATOR_LESS_THAN_OR_EQUALS\x10\x06\x12\x15\n\x11OPERATOR_CONTAINS\x10\x07\x12\x1d\n\x19OPERATOR_DOES_NOT_CONTAIN\x10\x08\x12\x0f\n\x0bOPERATOR_IN\x10\t\x12\x13\n\x0fOPERATOR_NOT_IN\x10\n\x12\x13\n\x0fOPERATOR_EXISTS\x10\x0b\x12\x17\n\x13OPERATOR_NOT_EXISTS\x10\x0c*\x99\x01\n\nWindowSize\x12\x1b\n\x17WINDOW_SIZE_UNSPECIFIED\x10\x00\x12\x14\n\x10WINDOW_SIZE_NONE\x10\x01\x12\x16\n\x12WINDOW_SIZE_MINUTE\x10\x02\x12\x14\n\x10WINDOW_SIZE_HOUR\x10\x03\x12\x13\n\x0fWINDOW_SIZE_DAY\x10\x04\x12\x15\n\x11WINDOW_SIZE_MONTH\x10\x05*\x7f\n\rBackfillState\x12\x1e\n\x1a\x42\x41\x43KFILL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KFILL_STATE_RUNNING\x10\x01\x12\x17\n\x13\x42\x41\x43KFILL_STATE_DONE\x10\x02\x12\x19\n\x15\x42\x41\x43KFILL_STATE_FAILED\x10\x03\x32\xd8\x03\n\x0cMeterService\x12V\n\x0b\x43reateMeter\x12).usagebilling.meter.v1.CreateMeterRequest\x1a\x1c.usagebilling.meter.v1.Meter\x12P\n\x08GetMeter\x12&.usagebilling.meter.v1.GetMeterRequest\x1a\x1c.usagebilling.meter.v1.Meter\x12\x61\n\nListMeters\x12(.usagebilling.meter.v1.ListMetersRequest\x1a).usagebilling.meter.v1.ListMetersResponse\x12X\n\x0c\x41rchiveMeter\x12*.usagebilling.meter.v1.ArchiveMeterRequest\x1a\x1c.usagebilling.meter.v1.Meter\x12\x61\n\nQueryUsage\x12(.usagebilling.meter.v1.QueryUsageRequest\x1a).usagebilling.meter.v1.QueryUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!usagebilling/meter/v1/meter.proto\x12\x15usagebilling.meter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"usagebilling/common/v1/value.proto\"\xa8\x01\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x08operator\x18\x02 \x01(\x0e\x32\x1f.usagebilling.meter.v1.Operator\x12,\n\x05value\x18\x03 \x01(\x0b\x32\x1d.usagebilling.common.v1.Value\x12-\n\x06values\x18\x04 \x03(\x0b\x32\x1d.usagebilling.common.v1.Value\"\xa7\x01\n\x06\x46ilter\x12\x37\n\x0b\x63onjunction\x18\x01 \x01(\x0e\x32\".usagebilling.meter.v1.Conjunction\x12\x34\n\nconditions\x18\x02 \x03(\x0b\x32 .usagebilling.meter.v1.Condition\x12.\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1d.usagebilling.meter.v1.Filter\"\xa2\x04\n\x05Meter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nevent_name\x18\x03 \x01(\t\x12\x37\n\x0b\x61ggregation\x18\x04 \x01(\x0e\x32\".usagebilling.meter.v1.Aggregation\x12\x10\n\x08property\x18\x05 \x01(\t\x12-\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x1d.usagebilling.meter.v1.Filter\x12\x10\n\x08group_by\x18\x07 \x03(\t\x12\x18\n\x10measurement_unit\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61rchived\x18\x0b \x01(\x08\x12\x30\n\x0c\x61rchive_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0e\x62\x61\x63kfill_state\x18\r \x01(\x0e\x32$.usagebilling.meter.v1.BackfillState\x12G\n\x0eskipped_events\x18\x0e \x03(\x0b\x32/.usagebilling.meter.v1.Meter.SkippedEventsEntry\x1a\x34\n\x12SkippedEventsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xf1\x01\n\x12\x43reateMeterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nevent_name\x18\x02 \x01(\t\x12\x37\n\x0b\x61ggregation\x18\x03 \x01(\x0e\x32\".usagebilling.meter.v1.Aggregation\x12\x10\n\x08property\x18\x04 \x01(\t\x12-\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x1d.usagebilling.meter.v1.Filter\x12\x10\n\x08group_by\x18\x06 \x03(\t\x12\x18\n\x10measurement_unit\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\"\x1d\n\x0fGetMeterRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x11ListMetersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x12ListMetersResponse\x12,\n\x06meters\x18\x01 \x03(\x0b\x32\x1c.usagebilling.meter.v1.Meter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13\x41rchiveMeterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xfa\x02\n\x11QueryUsageRequest\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0bwindow_size\x18\x05 \x01(\x0e\x32!.usagebilling.meter.v1.WindowSize\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12\x10\n\x08group_by\x18\x07 \x03(\t\x12O\n\x0cgroup_filter\x18\x08 \x03(\x0b\x32\x39.usagebilling.meter.v1.QueryUsageRequest.GroupFilterEntry\x1a\x32\n\x10GroupFilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x12QueryUsageResponse\x12-\n\x04rows\x18\x01 \x03(\x0b\x32\x1f.usagebilling.meter.v1.UsageRow\"\xf9\x01\n\x08UsageRow\x12\x30\n\x0cwindow_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x39\n\x05group\x18\x04 \x03(\x0b\x32*.usagebilling.meter.v1.UsageRow.GroupEntry\x12\r\n\x05value\x18\x05 \x01(\t\x1a,\n\nGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xcb\x01\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41GGREGATION_COUNT\x10\x01\x12\x13\n\x0f\x41GGREGATION_SUM\x10\x02\x12\x13\n\x0f\x41GGREGATION_MAX\x10\x03\x12\x13\n\x0f\x41GGREGATION_MIN\x10\x04\x12\x13\n\x0f\x41GGREGATION_AVG\x10\x05\x12\x1c\n\x18\x41GGREGATION_UNIQUE_COUNT\x10\x06\x12\x16\n\x12\x41GGREGATION_LATEST\x10\x07*S\n\x0b\x43onjunction\x12\x1b\n\x17\x43ONJUNCTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43ONJUNCTION_AND\x10\x01\x12\x12\n\x0e\x43ONJUNCTION_OR\x10\x02*\xd6\x02\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x13\n\x0fOPERATOR_EQUALS\x10\x01\x12\x17\n\x13OPERATOR_NOT_EQUALS\x10\x02\x12\x19\n\x15OPERATOR_GREATER_THAN\x10\x03\x12#\n\x1fOPERATOR_GREATER_THAN_OR_EQUALS\x10\x04\x12\x16\n\x12OPERATOR_LESS_THAN\x10\x05\x12 \n\x1cOPERATOR_LESS_THAN_OR_EQUALS\x10\x06\x12\x15\n\x11OPERATOR_CONTAINS\x10\x07\x12\x1d\n\x19OPERATOR_DOES_NOT_CONTAIN\x10\x08\x12\x0f\n\x0bOPERATOR_IN\x10\t\x12\x13\n\x0fOPERATOR_NOT_IN\x10\n\x12\x13\n\x0fOPERATOR_EXISTS\x10\x0b\x12\x17\n\x13OPERATOR_NOT_EXISTS\x10\x0c*\x99\x01\n\nWindowSize\x12\x1b\n\x17WINDOW_SIZE_UNSPECIFIED\x10\x00\x12\x14\n\x10WINDOW_SIZE_NONE\x10\x01\x12\x16\n\x12WINDOW_SIZE_MINUTE\x10\x02\x12\x14\n\x10WINDOW_SIZE_HOUR\x10\x03\x12\x13\n\x0fWINDOW_SIZE_DAY\x10\x04\x12\x15\n\x11WINDOW_SIZE_MONTH\x10\x05*\x7f\n\rBackfillState\x12\x1e\n\x1a\x42\x41\x43KFILL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KFILL_STATE_RUNNING\x10\x01\x12\x17\n\x13\x42\x41\x43KFILL_STATE_DONE\x10\x02\x12\x19\n\x15\x42\x41\x43KFILL_STATE_FAILED\x10\x03\x32\xd8\x03\n\x0cMeterService\x12V\n\x0b\x43reateMeter\x12).usagebilling.meter.v1.CreateMeterRequest\x1a\x1c.usagebilling.meter.v1.Meter\x12P\n\x08GetMeter\x12&.usagebilling.meter.v1.GetMeterRequest\x1a\x1c.usagebilling.meter.v1.Meter\x12\x61\n\nListMeters\x12(.usagebilling.meter.v1.ListMetersRequest\x1a).usagebilling.meter.v1.ListMetersResponse\x12X\n\x0c\x41rchiveMeter\x12*.usagebilling.meter.v1.ArchiveMeterRequest\x1a\x1c.usagebilling.meter.v1.Meter\x12\x61\n\nQueryUsage\x12(.usagebilling.meter.v1.QueryUsageRequest\x1a).usagebilling.meter.v1.QueryUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usagebilling.meter.v1.meter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_METER_SKIPPEDEVENTSENTRY']._loaded_options = None
+  _globals['_METER_SKIPPEDEVENTSENTRY']._serialized_options = b'8\001'
   _globals['_QUERYUSAGEREQUEST_GROUPFILTERENTRY']._loaded_options = None
   _globals['_QUERYUSAGEREQUEST_GROUPFILTERENTRY']._serialized_options = b'8\001'
   _globals['_USAGEROW_GROUPENTRY']._loaded_options = None
   _globals['_USAGEROW_GROUPENTRY']._serialized_options = b'8\001'
-  _globals['_AGGREGATION']._serialized_start=2058
-  _globals['_AGGREGATION']._serialized_end=2261
-  _globals['_CONJUNCTION']._serialized_start=2263
-  _globals['_CONJUNCTION']._serialized_end=2346
-  _globals['_OPERATOR']._serialized_start=2349
-  _globals['_OPERATOR']._serialized_end=2691
-  _globals['_WINDOWSIZE']._serialized_start=2694
-  _globals['_WINDOWSIZE']._serialized_end=2847
-  _globals['_BACKFILLSTATE']._serialized_start=2849
-  _globals['_BACKFILLSTATE']._serialized_end=2976
+  _globals['_AGGREGATION']._serialized_start=2185
+  _globals['_AGGREGATION']._serialized_end=2388
+  _globals['_CONJUNCTION']._serialized_start=2390
+  _globals['_CONJUNCTION']._serialized_end=2473
+  _globals['_OPERATOR']._serialized_start=2476
+  _globals['_OPERATOR']._serialized_end=2818
+  _globals['_WINDOWSIZE']._serialized_start=2821
+  _globals['_WINDOWSIZE']._serialized_end=2974
+  _globals['_BACKFILLSTATE']._serialized_start=2976
+  _globals['_BACKFILLSTATE']._serialized_end=3103
   _globals['_CONDITION']._serialized_start=130
   _globals['_CONDITION']._serialized_end=298
   _globals['_FILTER']._serialized_start=301
   _globals['_FILTER']._serialized_end=468
   _globals['_METER']._serialized_start=471
-  _globals['_METER']._serialized_end=890
-  _globals['_CREATEMETERREQUEST']._serialized_start=893
-  _globals['_CREATEMETERREQUEST']._serialized_end=1134
-  _globals['_GETMETERREQUEST']._serialized_start=1136
-  _globals['_GETMETERREQUEST']._serialized_end=1165
-  _globals['_LISTMETERSREQUEST']._serialized_start=1167
-  _globals['_LISTMETERSREQUEST']._serialized_end=1225
-  _globals['_LISTMETERSRESPONSE']._serialized_start=1227
-  _globals['_LISTMETERSRESPONSE']._serialized_end=1318
-  _globals['_ARCHIVEMETERREQUEST']._serialized_start=1320
-  _globals['_ARCHIVEMETERREQUEST']._serialized_end=1353
-  _globals['_QUERYUSAGEREQUEST']._serialized_start=1356
-  _globals['_QUERYUSAGEREQUEST']._serialized_end=1734
-  _globals['_QUERYUSAGEREQUEST_GROUPFILTERENTRY']._serialized_start=1684
-  _globals['_QUERYUSAGEREQUEST_GROUPFILTERENTRY']._serialized_end=1734
-  _globals['_QUERYUSAGERESPONSE']._serialized_start=1736
-  _globals['_QUERYUSAGERESPONSE']._serialized_end=1803
-  _globals['_USAGEROW']._serialized_start=1806
-  _globals['_USAGEROW']._serialized_end=2055
-  _globals['_USAGEROW_GROUPENTRY']._serialized_start=2011
-  _globals['_USAGEROW_GROUPENTRY']._serialized_end=2055
-  _globals['_METERSERVICE']._serialized_start=2979
-  _globals['_METERSERVICE']._serialized_end=3451
+  _globals['_METER']._serialized_end=1017
+  _globals['_METER_SKIPPEDEVENTSENTRY']._serialized_start=965
+  _globals['_METER_SKIPPEDEVENTSENTRY']._serialized_end=1017
+  _globals['_CREATEMETERREQUEST']._serialized_start=1020
+  _globals['_CREATEMETERREQUEST']._serialized_end=1261
+  _globals['_GETMETERREQUEST']._serialized_start=1263
+  _globals['_GETMETERREQUEST']._serialized_end=1292
+  _globals['_LISTMETERSREQUEST']._serialized_start=1294
+  _globals['_LISTMETERSREQUEST']._serialized_end=1352
+  _globals['_LISTMETERSRESPONSE']._serialized_start=1354
+  _globals['_LISTMETERSRESPONSE']._serialized_end=1445
+  _globals['_ARCHIVEMETERREQUEST']._serialized_start=1447
+  _globals['_ARCHIVEMETERREQUEST']._serialized_end=1480
+  _globals['_QUERYUSAGEREQUEST']._serialized_start=1483
+  _globals['_QUERYUSAGEREQUEST']._serialized_end=1861
+  _globals['_QUERYUSAGEREQUEST_GROUPFILTERENTRY']._serialized_start=1811
+  _globals['_QUERYUSAGEREQUEST_GROUPFILTERENTRY']._serialized_end=1861
+  _globals['_QUERYUSAGERESPONSE']._serialized_start=1863
+  _globals['_QUERYUSAGERESPONSE']._serialized_end=1930
+  _globals['_USAGEROW']._serialized_start=1933
+  _globals['_USAGEROW']._serialized_end=2182
+  _globals['_USAGEROW_GROUPENTRY']._serialized_start=2138
+  _globals['_USAGEROW_GROUPENTRY']._serialized_end=2182
+  _globals['_METERSERVICE']._serialized_start=3106
+  _globals['_METERSERVICE']._serialized_end=3578
 # @@protoc_insertion_point(module_scope)

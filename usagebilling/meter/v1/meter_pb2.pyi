@@ -209,6 +209,26 @@ Global___Filter: _TypeAlias = Filter  # noqa: Y015
 class Meter(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SkippedEventsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     EVENT_NAME_FIELD_NUMBER: _builtins.int
@@ -222,6 +242,7 @@ class Meter(_message.Message):
     ARCHIVED_FIELD_NUMBER: _builtins.int
     ARCHIVE_TIME_FIELD_NUMBER: _builtins.int
     BACKFILL_STATE_FIELD_NUMBER: _builtins.int
+    SKIPPED_EVENTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     event_name: _builtins.str
@@ -240,6 +261,13 @@ class Meter(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def archive_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def skipped_events(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Matching events that did not count, by reason ("missing_property": the event
+        lacks `property`; "not_a_number": its value is not a number where the
+        aggregation needs one). Filled by GetMeter only.
+        """
+
     def __init__(
         self,
         *,
@@ -256,10 +284,11 @@ class Meter(_message.Message):
         archived: _builtins.bool = ...,
         archive_time: _timestamp_pb2.Timestamp | None = ...,
         backfill_state: Global___BackfillState.ValueType = ...,
+        skipped_events: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["archive_time", b"archive_time", "create_time", b"create_time", "filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "archive_time", b"archive_time", "archived", b"archived", "backfill_state", b"backfill_state", "create_time", b"create_time", "description", b"description", "event_name", b"event_name", "filter", b"filter", "group_by", b"group_by", "id", b"id", "measurement_unit", b"measurement_unit", "name", b"name", "property", b"property"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "archive_time", b"archive_time", "archived", b"archived", "backfill_state", b"backfill_state", "create_time", b"create_time", "description", b"description", "event_name", b"event_name", "filter", b"filter", "group_by", b"group_by", "id", b"id", "measurement_unit", b"measurement_unit", "name", b"name", "property", b"property", "skipped_events", b"skipped_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,7 +458,11 @@ class QueryUsageRequest(_message.Message):
     time_zone: _builtins.str
     """IANA time zone the windows align to; default UTC."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The range [start_time, end_time), both required, both within
+        [0002-01-01T00:00:00Z, 9999-01-01T00:00:00Z].
+        """
+
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property

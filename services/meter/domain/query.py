@@ -1,0 +1,110 @@
+"""Usage queries: what a QueryUsage request may ask, and the windows it covers.
+
+`plan_query` checks a request against its meter and returns the windows to bucket by;
+`usage_value` and `empty_row_group` finish the rows the store aggregated. Pure, like
+the rest of the domain: the service passes the parsed request in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.meter.domain.aggregation import Aggregation, average
+from services.meter.domain.values import check_text, format_decimal
+from services.meter.domain.windows import WindowSize, window_count_bound, windows
+
+MAX_WINDOWS = 100_000
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    customer_id: str  # "" for every customer
+    start: datetime
+    end: datetime
+    window_size: WindowSize
+    time_zone: str
+    group_by: tuple[str, ...]
+    group_filter: Mapping[str, str]
+    windows: tuple[tuple[datetime, datetime], ...]  # in order; covers [start, end)
+
+
+def _dimension(key: str, field: str, dimensions: Sequence[str]) -> None:
+    if key not in dimensions:
+        raise InvalidArgument(
+            f"{field}: {key!r} is not a dimension of this meter"
+            f" (its group_by is {list(dimensions)})"
+        )
+
+
+def plan_query(
+    dimensions: Sequence[str],
+    *,
+    customer_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    window_size: WindowSize,
+    time_zone: str,
+    group_by: Sequence[str],
+    group_filter: Mapping[str, str],
+) -> UsageQuery:
+    """The query, validated against the meter's group-by `dimensions`; InvalidArgument
+    names the field at fault, ResourceExhausted when the range holds more than
+    MAX_WINDOWS windows."""
+    check_text(customer_id, "customer_id", limit=255)
+    if start is None:
+        raise InvalidArgument("start_time: required")
+    if end is None:
+        raise InvalidArgument("end_time: required")
+    if end <= start:
+        raise InvalidArgument("end_time: must be after start_time")
+    seen: set[str] = set()
+    for i, key in enumerate(group_by):
+        _dimension(key, f"group_by[{i}]", dimensions)
+        if key in seen:
+            raise InvalidArgument(f"group_by[{i}]: duplicate key {key!r}")
+        seen.add(key)
+    for key, value in sorted(group_filter.items()):
+        _dimension(key, "group_filter", dimensions)
+        check_text(value, f"group_filter[{key!r}]", limit=10_000)
+    if window_count_bound(start, end, window_size) > 2 * MAX_WINDOWS:
+        raise ResourceExhausted(
+            f"window_size: the range holds too many windows; at most {MAX_WINDOWS} per query"
+        )
+    # Validates the zone and the range limits too.
+    spans = windows(start, end, window_size, time_zone)
+    if len(spans) > MAX_WINDOWS:
+        raise ResourceExhausted(
+            f"window_size: the range holds {len(spans)} windows; at most {MAX_WINDOWS} per query"
+        )
+    return UsageQuery(
+        customer_id=customer_id,
+        start=spans[0][0],
+        end=spans[-1][1],
+        window_size=window_size,
+        time_zone=time_zone or "UTC",
+        group_by=tuple(group_by),
+        group_filter=dict(group_filter),
+        windows=tuple(spans),
+    )
+
+
+def usage_value(aggregation: Aggregation, value: Decimal | None, count: int) -> str:
+    """The decimal string of one aggregated row: the store sums AVG's values, and
+    the exact quotient is taken here (see `aggregation.average`)."""
+    if value is None:
+        return "0"
+    if aggregation is Aggregation.AVG:
+        return format_decimal(average(value, count))
+    return format_decimal(value)
+
+
+def empty_row_group(query: UsageQuery) -> dict[str, str] | None:
+    """The group of the one row that WINDOW_SIZE_NONE with a customer_id answers when
+    nothing counted (value "0"); None when such a query answers no row."""
+    if query.window_size is not WindowSize.NONE or not query.customer_id:
+        return None
+    return {key: query.group_filter.get(key, "") for key in query.group_by}
