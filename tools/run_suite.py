@@ -105,6 +105,7 @@ def main() -> int:
         _admin_token(),
         ports,
         metrics_ports=dict(DEFAULT_METRICS_PORTS),
+        die_with_parent=True,
     )
     try:
         suite.start()

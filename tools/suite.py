@@ -4,7 +4,6 @@ answers its health check, and stops them all on request."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import signal
@@ -26,13 +25,6 @@ SERVICES = ("billing", "meter", "ingest")
 DEFAULT_PORTS = {"ingest": 50051, "meter": 50052, "billing": 50053}
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the runner is killed (even with -9),
-    the kernel sends the service SIGTERM, so nothing is left behind."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Suite:
     database_url: str
@@ -44,6 +36,10 @@ class Suite:
         default_factory=lambda: {s: free_port() for s in SERVICES}
     )
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # The services get SIGTERM when the process that started them dies. Only
+    # for a runner whose main thread starts them (the kernel ties the signal
+    # to the thread that forked): `make run`.
+    die_with_parent: bool = False
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
 
@@ -74,14 +70,18 @@ class Suite:
         self._logs[service] = log
         env = self.env()
         env["USAGEBILLING_METRICS_PORT"] = str(self.metrics_ports[service])
+        module = (
+            ["tools.launch", f"services.{service}"]
+            if self.die_with_parent
+            else [f"services.{service}"]
+        )
         self.processes[service] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
+            [sys.executable, "-m", *module],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop them in order
-            preexec_fn=_die_with_parent,
         )
 
     def start(self, timeout: float = 60) -> None:
