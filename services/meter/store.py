@@ -15,6 +15,9 @@ import asyncpg
 from services.common.errors import AlreadyExists, NotFound
 from services.meter.domain.matching import FoldedEvent
 
+# The compact key of meter $2 of tenant $1 (meter_events holds keys, not ids).
+_KEY_OF = "(SELECT key FROM meter.meters WHERE tenant_id = $1 AND id = $2)"
+
 _METER_COLUMNS = (
     "id, name, event_name, aggregation, property, filter, group_by, measurement_unit,"
     " description, created_at, archived_at, backfill_state"
@@ -180,34 +183,37 @@ class MeterStore:
 
     async def fold(self, tenant_contributions: Sequence[tuple[str, FoldedEvent]]) -> int:
         """Inserts contributions not seen before, in one transaction; a repeat of
-        (tenant, meter, event) is ignored. Returns how many were new."""
+        (meter, event) is ignored. Returns how many were new."""
         if not tenant_contributions:
             return 0
-        # Sorted by key, so that concurrent folds lock rows in one order (no deadlock).
-        rows = sorted(tenant_contributions, key=lambda r: (r[0], r[1].meter_id, r[1].event_id))
+        rows = [c for _, c in tenant_contributions]
+        # The meter's tenant comes from the meter (ids are unique). Rows go in key
+        # order, sorted by PostgreSQL: better index locality, and concurrent folds
+        # lock rows in one order (no deadlock).
         inserted = await self.pool.fetchval(
-            "WITH new AS (INSERT INTO meter.meter_events (tenant_id, meter_id, event_id,"
-            " customer_id, event_time, value, text_value, dims, skip_reason)"
-            " SELECT t, m, e, c, ts, v, tv, coalesce(d, '{}'::jsonb), sr FROM unnest("
-            "$1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::numeric[],"
-            " $7::text[], $8::jsonb[], $9::text[]) AS u(t, m, e, c, ts, v, tv, d, sr)"
+            "WITH new AS (INSERT INTO meter.meter_events (meter_key, customer_id, event_time,"
+            " event_id, tenant_id, value, text_value, dims, skip_reason)"
+            " SELECT m.key, u.c, u.ts, u.e, m.tenant_id, u.v, u.tv, u.d, u.sr FROM unnest("
+            "$1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[],"
+            " $6::text[], $7::jsonb[], $8::text[]) AS u(m, e, c, ts, v, tv, d, sr)"
+            " JOIN meter.meters m ON m.id = u.m"
+            " ORDER BY m.key, u.c, u.ts, u.e"
             " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
-            [t for t, _ in rows],
-            [c.meter_id for _, c in rows],
-            [c.event_id for _, c in rows],
-            [c.customer_id for _, c in rows],
-            [c.event_time for _, c in rows],
-            [c.value for _, c in rows],
-            [c.text_value for _, c in rows],
-            [c.dims or None for _, c in rows],
-            [c.skip_reason for _, c in rows],
+            [c.meter_id for c in rows],
+            [c.event_id for c in rows],
+            [c.customer_id for c in rows],
+            [c.event_time for c in rows],
+            [c.value for c in rows],
+            [c.text_value for c in rows],
+            [c.dims or None for c in rows],
+            [c.skip_reason for c in rows],
         )
         return int(inserted)
 
     async def skipped_counts(self, tenant_id: str, meter_id: str) -> dict[str, int]:
         rows = await self.pool.fetch(
             "SELECT skip_reason, count(*) AS n FROM meter.meter_events"
-            " WHERE tenant_id = $1 AND meter_id = $2 AND skip_reason IS NOT NULL"
+            f" WHERE meter_key = {_KEY_OF} AND skip_reason IS NOT NULL"
             " GROUP BY skip_reason",
             tenant_id,
             meter_id,
@@ -233,8 +239,7 @@ class MeterStore:
             return f"${len(args)}"
 
         conditions = [
-            "tenant_id = $1",
-            "meter_id = $2",
+            f"meter_key = {_KEY_OF}",
             "event_time >= $4",
             "event_time < $5",
             "skip_reason IS NULL",
