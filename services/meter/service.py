@@ -11,7 +11,7 @@ from services.common.errors import InvalidArgument
 from services.common.logs import get_logger
 from services.meter import convert
 from services.meter.domain.aggregation import Aggregation, MeterSpec, validate_meter
-from services.meter.domain.matching import FoldedEvent, fold_event
+from services.meter.domain.matching import FoldedEvent, Matcher
 from services.meter.domain.query import empty_row_group, plan_query, usage_value
 from services.meter.store import MeterRecord, MeterStore
 from usagebilling.ingest.v1 import ingest_pb2
@@ -32,23 +32,21 @@ class UsageRow:
 def _fold(
     meters: Sequence[tuple[str, MeterSpec]], tenant_id: str, events: Iterable[ingest_pb2.Event]
 ) -> list[tuple[str, FoldedEvent]]:
-    # The hot path of the consumer: only events whose name some meter counts
-    # have their metadata converted.
-    by_name: dict[str, list[tuple[str, MeterSpec]]] = defaultdict(list)
-    for meter_id, spec in meters:
-        by_name[spec.event_name].append((meter_id, spec))
+    # The consumer's hot path: only the metadata keys some meter reads are
+    # converted, and only for events that some meter counts.
+    matcher = Matcher(meters)
     rows: list[tuple[str, FoldedEvent]] = []
     for event in events:
-        matching = by_name.get(event.event_name)
-        if not matching:
+        keys = matcher.keys_for(event.event_name)
+        if keys is None:
             continue
-        for row in fold_event(
-            matching,
+        raw = event.metadata
+        for row in matcher.fold(
             event_id=event.event_id,
             customer_id=event.customer_id,
             event_name=event.event_name,
             event_time=convert.to_datetime(event.timestamp),
-            metadata=convert.metadata(event.metadata),
+            metadata={k: convert.meta_value(raw[k]) for k in keys if k in raw},
         ):
             rows.append((tenant_id, row))
     return rows

@@ -1,14 +1,20 @@
 """What an event contributes to each meter of its tenant: the rows the consumer
-and the backfill fold (pure; the store makes folding idempotent)."""
+and the backfill fold (pure; the store makes folding idempotent).
+
+`Matcher` is built once per batch of events: it finds an event's meters by
+name, and knows which metadata keys they read, so that the caller converts only
+those."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from services.meter.domain.aggregation import MeterSpec, extract, group_key, meter_matches
+from services.meter.domain.aggregation import MeterSpec, extract, group_key
+from services.meter.domain.filters import Filter, matches
 from services.meter.domain.values import MetaValue
 
 
@@ -27,6 +33,68 @@ class FoldedEvent:
     skip_reason: str | None
 
 
+def filter_keys(f: Filter | None) -> tuple[str, ...]:
+    """The metadata keys a filter reads, in a stable order."""
+    if f is None:
+        return ()
+    keys = {c.key for c in f.conditions}
+    for nested in f.filters:
+        keys.update(filter_keys(nested))
+    return tuple(sorted(keys))
+
+
+def read_keys(meter: MeterSpec) -> set[str]:
+    """Every metadata key that decides what an event contributes to the meter."""
+    return {
+        *filter_keys(meter.filter),
+        *meter.group_by,
+        *([meter.property] if meter.property else []),
+    }
+
+
+class Matcher:
+    def __init__(self, meters: Iterable[tuple[str, MeterSpec]]) -> None:
+        self._by_name: dict[str, list[tuple[str, MeterSpec]]] = defaultdict(list)
+        self._keys: dict[str, frozenset[str]] = {}
+        for meter_id, spec in meters:
+            self._by_name[spec.event_name].append((meter_id, spec))
+        for name, group in self._by_name.items():
+            self._keys[name] = frozenset(k for _, spec in group for k in read_keys(spec))
+
+    def keys_for(self, event_name: str) -> frozenset[str] | None:
+        """The metadata keys to convert for an event of this name; None when no
+        meter counts it (the event can be skipped without looking inside)."""
+        return self._keys.get(event_name)
+
+    def fold(
+        self,
+        *,
+        event_id: str,
+        customer_id: str,
+        event_name: str,
+        event_time: datetime,
+        metadata: Mapping[str, MetaValue],
+    ) -> list[FoldedEvent]:
+        rows = []
+        for meter_id, spec in self._by_name.get(event_name, ()):
+            if not matches(spec.filter, metadata):
+                continue
+            value, skip_reason = extract(spec, metadata)
+            rows.append(
+                FoldedEvent(
+                    meter_id=meter_id,
+                    event_id=event_id,
+                    customer_id=customer_id,
+                    event_time=event_time,
+                    value=value if isinstance(value, Decimal) else None,
+                    text_value=value if isinstance(value, str) else None,
+                    dims=group_key(spec, metadata),
+                    skip_reason=skip_reason,
+                )
+            )
+        return rows
+
+
 def fold_event(
     meters: Sequence[tuple[str, MeterSpec]],
     *,
@@ -36,21 +104,11 @@ def fold_event(
     event_time: datetime,
     metadata: Mapping[str, MetaValue],
 ) -> list[FoldedEvent]:
-    rows = []
-    for meter_id, meter in meters:
-        if not meter_matches(meter, event_name, metadata):
-            continue
-        value, skip_reason = extract(meter, metadata)
-        rows.append(
-            FoldedEvent(
-                meter_id=meter_id,
-                event_id=event_id,
-                customer_id=customer_id,
-                event_time=event_time,
-                value=value if isinstance(value, Decimal) else None,
-                text_value=value if isinstance(value, str) else None,
-                dims=group_key(meter, metadata),
-                skip_reason=skip_reason,
-            )
-        )
-    return rows
+    """One event against some meters (a Matcher of its own)."""
+    return Matcher(meters).fold(
+        event_id=event_id,
+        customer_id=customer_id,
+        event_name=event_name,
+        event_time=event_time,
+        metadata=metadata,
+    )
