@@ -12,7 +12,7 @@ from services.billing import settings as billing_settings
 from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog
 from services.billing.invoicing import Invoicing
-from services.billing.meter_client import MeterClient
+from services.billing.meter_client import CHANNEL_OPTIONS, MeterClient
 from services.billing.scheduler import Scheduler
 from services.billing.store import BillingStore
 from services.common import app
@@ -40,7 +40,7 @@ def _name(module: object, service: str) -> str:
 def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
         store = BillingStore(runtime.pool)
-        meter_channel = grpc.aio.insecure_channel(settings.meter_addr)
+        meter_channel = grpc.aio.insecure_channel(settings.meter_addr, options=CHANNEL_OPTIONS)
         meters = MeterClient(meter_channel, settings.common.admin_token)
         accounts = Accounts(store)
         catalog = Catalog(store, meters)
@@ -70,7 +70,7 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
                 ),
                 Registration(
                     subscription_pb2_grpc.add_SubscriptionServiceServicer_to_server,
-                    api.SubscriptionServicer(catalog, store),
+                    api.SubscriptionServicer(catalog, invoicing, store),
                     _name(subscription_pb2, "SubscriptionService"),
                 ),
                 Registration(

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
+from services.billing.domain.fields import check_text
 from services.billing.store import BillingStore, CustomerRecord
 from services.common.auth import Principal, hash_secret, new_secret
 from services.common.errors import InvalidArgument, NotFound
-
-MAX_TEXT = 255
-
-
-def _check_text(field: str, value: str, *, required: bool) -> None:
-    if required and not value:
-        raise InvalidArgument(f"{field}: required")
-    if len(value) > MAX_TEXT:
-        raise InvalidArgument(f"{field}: at most {MAX_TEXT} characters")
-    if "\x00" in value:
-        raise InvalidArgument(f"{field}: contains a NUL character")
 
 
 class Accounts:
@@ -23,12 +13,12 @@ class Accounts:
         self._store = store
 
     async def create_tenant(self, name: str) -> str:
-        _check_text("name", name, required=True)
+        check_text("name", name, required=True)
         return await self._store.create_tenant(name)
 
     async def create_api_key(self, tenant_id: str, description: str) -> tuple[str, str]:
         """Returns (key id, secret); only the secret's hash is stored."""
-        _check_text("description", description, required=False)
+        check_text("description", description, required=False)
         if not tenant_id:
             raise InvalidArgument("tenant_id: required")
         if not await self._store.tenant_exists(tenant_id):
@@ -44,9 +34,9 @@ class Accounts:
     async def create_customer(
         self, tenant_id: str, external_id: str, name: str, email: str
     ) -> CustomerRecord:
-        _check_text("external_id", external_id, required=True)
-        _check_text("name", name, required=False)
-        _check_text("email", email, required=False)
+        check_text("external_id", external_id, required=True)
+        check_text("name", name, required=False)
+        check_text("email", email, required=False)
         if email and "@" not in email:
             raise InvalidArgument(f"email: {email!r} is not an e-mail address")
         return await self._store.create_customer(tenant_id, external_id, name, email)

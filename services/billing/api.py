@@ -146,8 +146,9 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
 
 
 class SubscriptionServicer(subscription_pb2_grpc.SubscriptionServiceServicer):
-    def __init__(self, catalog: Catalog, store: BillingStore) -> None:
+    def __init__(self, catalog: Catalog, invoicing: Invoicing, store: BillingStore) -> None:
         self._catalog = catalog
+        self._invoicing = invoicing
         self._store = store
 
     async def _proto(self, tenant_id: str, record: Any) -> subscription_pb2.Subscription:
@@ -177,11 +178,14 @@ class SubscriptionServicer(subscription_pb2_grpc.SubscriptionServiceServicer):
         self, request: subscription_pb2.CreateSubscriptionRequest, context: Any
     ) -> subscription_pb2.Subscription:
         tenant = current_tenant()
+        now = _now()
         start = (
-            convert.to_datetime(request.start_time) if request.HasField("start_time") else _now()
+            convert.to_datetime(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else now
         )
         record = await self._catalog.create_subscription(
-            tenant, request.customer_id, request.product_id, start
+            tenant, request.customer_id, request.product_id, start, now
         )
         return await self._proto(tenant, record)
 
@@ -196,8 +200,8 @@ class SubscriptionServicer(subscription_pb2_grpc.SubscriptionServiceServicer):
         self, request: subscription_pb2.CancelSubscriptionRequest, context: Any
     ) -> subscription_pb2.Subscription:
         tenant = current_tenant()
-        record = await self._catalog.cancel(
-            tenant, _required(request.id, "id"), request.immediately, _now()
+        record = await self._invoicing.cancel(
+            tenant, request.id, immediately=request.immediately, now=_now()
         )
         return await self._proto(tenant, record)
 
@@ -210,16 +214,16 @@ class InvoiceServicer(invoice_pb2_grpc.InvoiceServiceServicer):
     async def PreviewInvoice(
         self, request: invoice_pb2.PreviewInvoiceRequest, context: Any
     ) -> invoice_pb2.Invoice:
-        tenant = current_tenant()
-        draft = await self._invoicing.preview(tenant, request.subscription_id, _now())
-        subscription = await self._store.get_subscription(tenant, request.subscription_id)
+        subscription, draft = await self._invoicing.preview(
+            current_tenant(), request.subscription_id, _now()
+        )
         return convert.preview_invoice(draft, subscription.customer_id, subscription.id)
 
     async def RunBillingCycle(
         self, request: invoice_pb2.RunBillingCycleRequest, context: Any
     ) -> invoice_pb2.RunBillingCycleResponse:
         now = _now()
-        as_of = convert.to_datetime(request.as_of) if request.HasField("as_of") else now
+        as_of = convert.to_datetime(request.as_of, "as_of") if request.HasField("as_of") else now
         ids = await self._invoicing.run_cycle(current_tenant(), as_of, now)
         return invoice_pb2.RunBillingCycleResponse(invoice_ids=ids)
 
@@ -251,7 +255,10 @@ class InvoiceServicer(invoice_pb2_grpc.InvoiceServiceServicer):
     async def VoidInvoice(
         self, request: invoice_pb2.VoidInvoiceRequest, context: Any
     ) -> invoice_pb2.Invoice:
-        return convert.proto_invoice(await self._invoicing.void(current_tenant(), request.id))
+        record = await self._invoicing.void(
+            current_tenant(), request.id, reissue=request.reissue, now=_now()
+        )
+        return convert.proto_invoice(record)
 
     async def GetCustomerUsage(
         self, request: invoice_pb2.GetCustomerUsageRequest, context: Any

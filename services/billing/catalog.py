@@ -5,27 +5,27 @@ from __future__ import annotations
 from datetime import datetime
 
 from services.billing import convert
+from services.billing.domain.fields import check_text
 from services.billing.domain.money import minor_units
-from services.billing.domain.periods import Interval, period_containing
+from services.billing.domain.periods import Interval, check_start, period_containing
 from services.billing.domain.pricing import validate_usage_price
-from services.billing.meter_client import MeterClient
+from services.billing.meter_client import Meters
 from services.billing.store import BillingStore, ProductRecord, SubscriptionRecord
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import InvalidArgument
 from usagebilling.billing.v1 import product_pb2
 
 MAX_USAGE_PRICES = 50
 
 
 class Catalog:
-    def __init__(self, store: BillingStore, meters: MeterClient) -> None:
+    def __init__(self, store: BillingStore, meters: Meters) -> None:
         self._store = store
         self._meters = meters
 
     async def create_product(
         self, tenant_id: str, request: product_pb2.CreateProductRequest
     ) -> ProductRecord:
-        if not request.name:
-            raise InvalidArgument("name: required")
+        check_text("name", request.name, required=True)
         minor_units(request.currency)
         if request.billing_interval not in convert.INTERVALS:
             raise InvalidArgument("billing_interval: a BILLING_INTERVAL_* value is required")
@@ -56,8 +56,14 @@ class Catalog:
         )
 
     async def create_subscription(
-        self, tenant_id: str, customer_id: str, product_id: str, start_time: datetime
+        self,
+        tenant_id: str,
+        customer_id: str,
+        product_id: str,
+        start_time: datetime,
+        now: datetime,
     ) -> SubscriptionRecord:
+        check_start(start_time, now)
         if not customer_id:
             raise InvalidArgument("customer_id: required")
         if not product_id:
@@ -77,15 +83,3 @@ class Catalog:
         if subscription.end_time is not None:
             end = min(end, subscription.end_time)
         return start, end
-
-    async def cancel(
-        self, tenant_id: str, subscription_id: str, immediately: bool, now: datetime
-    ) -> SubscriptionRecord:
-        subscription = await self._store.get_subscription(tenant_id, subscription_id)
-        if subscription.end_time is not None and subscription.end_time <= now:
-            raise FailedPrecondition(f"id: subscription {subscription_id!r} already ended")
-        if immediately:
-            end = max(now, subscription.start_time)
-        else:
-            _, end = await self.current_period(tenant_id, subscription, now)
-        return await self._store.cancel_subscription(tenant_id, subscription_id, end, now)

@@ -40,8 +40,13 @@ INVOICE_STATUSES = {
 }
 
 
-def to_datetime(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+def to_datetime(ts: Timestamp, field: str = "timestamp") -> datetime:
+    """A request's timestamp; InvalidArgument naming `field` when it is not a
+    valid instant (seconds outside years 1..9999, nanos outside 0..999999999)."""
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument(f"{field}: not a valid timestamp") from None
 
 
 def to_timestamp(when: datetime) -> Timestamp:
@@ -227,6 +232,10 @@ def proto_invoice(record: InvoiceRecord) -> invoice_pb2.Invoice:
     )
     if record.finalized_at:
         invoice.finalize_time.CopyFrom(to_timestamp(record.finalized_at))
+    if record.voided_at:
+        invoice.void_time.CopyFrom(to_timestamp(record.voided_at))
+    invoice.replaces_invoice_id = record.replaces_id
+    invoice.replaced_by_invoice_id = record.replaced_by_id
     return invoice
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Protocol
 
 import grpc
 
@@ -13,6 +14,29 @@ from services.common.logs import get_logger
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
 log = get_logger(__name__)
+
+# A usage answer for every customer of a tenant can be large (a row per customer).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class Meters(Protocol):
+    """What billing needs from meter; MeterClient over gRPC, a fake in tests."""
+
+    async def meter_name(self, tenant_id: str, meter_id: str, field: str) -> str: ...
+
+    async def consumed(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        customer_external_id: str,
+        start: datetime,
+        end: datetime,
+    ) -> Decimal: ...
+
+    async def consumed_by_customer(
+        self, tenant_id: str, meter_id: str, start: datetime, end: datetime
+    ) -> dict[str, Decimal]: ...
 
 
 class MeterClient:
@@ -34,14 +58,14 @@ class MeterClient:
             raise Unavailable(f"meter service: {exc.code().name}") from exc
         return str(meter.name)
 
-    async def consumed(
+    async def _query(
         self,
         tenant_id: str,
         meter_id: str,
         customer_external_id: str,
         start: datetime,
         end: datetime,
-    ) -> Decimal:
+    ) -> meter_pb2.QueryUsageResponse:
         request = meter_pb2.QueryUsageRequest(
             meter_id=meter_id,
             customer_id=customer_external_id,
@@ -50,10 +74,30 @@ class MeterClient:
         request.start_time.FromDatetime(start)
         request.end_time.FromDatetime(end)
         try:
-            answer = await self._stub.QueryUsage(
-                request, metadata=on_behalf_of(self._admin_token, tenant_id), timeout=30
+            answer: meter_pb2.QueryUsageResponse = await self._stub.QueryUsage(
+                request, metadata=on_behalf_of(self._admin_token, tenant_id), timeout=60
             )
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
+        return answer
+
+    async def consumed(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        customer_external_id: str,
+        start: datetime,
+        end: datetime,
+    ) -> Decimal:
+        """The meter's value for one customer over [start, end)."""
+        answer = await self._query(tenant_id, meter_id, customer_external_id, start, end)
         # WINDOW_SIZE_NONE with a customer_id answers exactly one row.
         return Decimal(answer.rows[0].value) if answer.rows else Decimal(0)
+
+    async def consumed_by_customer(
+        self, tenant_id: str, meter_id: str, start: datetime, end: datetime
+    ) -> dict[str, Decimal]:
+        """The meter's value over [start, end) for every customer (external id)
+        with usage, in one call; a customer without usage is absent."""
+        answer = await self._query(tenant_id, meter_id, "", start, end)
+        return {row.customer_id: Decimal(row.value) for row in answer.rows}

@@ -3,8 +3,9 @@ subscriptions, invoices. Every query filters on tenant_id."""
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,6 +78,10 @@ class InvoiceRecord:
     subtotal_minor: int
     total_minor: int
     finalized_at: datetime | None
+    voided_at: datetime | None = None
+    revision: int = 0
+    replaces_id: str = ""  # the voided invoice this one corrects
+    replaced_by_id: str = ""  # on a voided invoice: its correction
 
 
 def _customer(r: asyncpg.Record) -> CustomerRecord:
@@ -123,6 +128,10 @@ def _invoice(r: asyncpg.Record) -> InvoiceRecord:
         subtotal_minor=r["subtotal_minor"],
         total_minor=r["total_minor"],
         finalized_at=r["finalized_at"],
+        voided_at=r["voided_at"],
+        revision=r["revision"],
+        replaces_id=str(r["replaces_id"] or ""),
+        replaced_by_id=str(r["replaced_by_id"] or ""),
     )
 
 
@@ -266,6 +275,13 @@ class BillingStore:
             raise NotFound(f"product_id: no product {product_id!r}")
         return _product(row)
 
+    async def products_of(self, tenant_id: str) -> list[ProductRecord]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM billing.products WHERE tenant_id = $1 ORDER BY created_at, id",
+            tenant_id,
+        )
+        return [_product(r) for r in rows]
+
     async def list_products(
         self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[ProductRecord]:
@@ -332,79 +348,130 @@ class BillingStore:
 
     # Invoices.
 
-    async def last_period_end(self, subscription_id: str) -> datetime | None:
-        value: datetime | None = await self.pool.fetchval(
-            "SELECT max(period_end) FROM billing.invoices WHERE subscription_id = $1",
-            subscription_id,
+    async def billing_state(
+        self, tenant_id: str, subscription_id: str = ""
+    ) -> list[tuple[SubscriptionRecord, datetime | None]]:
+        """Every subscription of the tenant (or the one given) with the end of
+        the last period it has an invoice for, in any status (None: none yet)."""
+        rows = await self.pool.fetch(
+            "SELECT s.*, c.external_id, (SELECT max(i.period_end) FROM billing.invoices i"
+            "  WHERE i.subscription_id = s.id) AS billed_until"
+            " FROM billing.subscriptions s JOIN billing.customers c ON c.id = s.customer_id"
+            " WHERE s.tenant_id = $1 AND ($2::uuid IS NULL OR s.id = $2)"
+            " ORDER BY s.start_time, s.id",
+            tenant_id,
+            _uuid_or_missing(subscription_id, "subscription") if subscription_id else None,
         )
-        return value
+        return [(_subscription(r), r["billed_until"]) for r in rows]
 
-    async def insert_invoice(
-        self, tenant_id: str, subscription: SubscriptionRecord, draft: dict[str, Any]
-    ) -> str | None:
-        """Inserts a DRAFT for the period unless one exists; its id, or None."""
-        new_id = await self.pool.fetchval(
+    async def insert_drafts(
+        self, tenant_id: str, drafts: Sequence[tuple[SubscriptionRecord, dict[str, Any]]]
+    ) -> dict[tuple[str, datetime], str]:
+        """Inserts each (subscription, draft) as revision 0 of its period, unless
+        that period has had an invoice (in any status, voided too); returns the
+        ids inserted by (subscription id, period start). Safe against concurrent
+        runs: the unique revision key lets one of them insert, the others none."""
+        if not drafts:
+            return {}
+        rows = await self.pool.fetch(
             "INSERT INTO billing.invoices (tenant_id, customer_id, subscription_id, period_start,"
             " period_end, currency, status, lines, subtotal_minor, total_minor)"
-            " VALUES ($1, $2, $3, $4, $5, $6, 'DRAFT', $7, $8, $9)"
-            " ON CONFLICT (subscription_id, period_start) DO NOTHING RETURNING id",
+            " SELECT $1, d.customer_id, d.subscription_id, d.period_start, d.period_end,"
+            " d.currency, 'DRAFT', d.lines::jsonb, d.subtotal, d.total"
+            " FROM unnest($2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[],"
+            " $6::text[], $7::text[], $8::bigint[], $9::bigint[])"
+            " AS d(customer_id, subscription_id, period_start, period_end, currency, lines,"
+            " subtotal, total)"
+            " ON CONFLICT DO NOTHING RETURNING id, subscription_id, period_start",
             tenant_id,
-            subscription.customer_id,
-            subscription.id,
-            draft["period_start"],
-            draft["period_end"],
-            draft["currency"],
-            draft["lines"],
-            draft["subtotal_minor"],
-            draft["total_minor"],
+            [s.customer_id for s, _ in drafts],
+            [s.id for s, _ in drafts],
+            [d["period_start"] for _, d in drafts],
+            [d["period_end"] for _, d in drafts],
+            [d["currency"] for _, d in drafts],
+            [json.dumps(d["lines"]) for _, d in drafts],
+            [d["subtotal_minor"] for _, d in drafts],
+            [d["total_minor"] for _, d in drafts],
         )
-        return str(new_id) if new_id else None
+        return {(str(r["subscription_id"]), r["period_start"]): str(r["id"]) for r in rows}
 
-    async def drafts(self, tenant_id: str) -> list[InvoiceRecord]:
+    async def draft_ids(
+        self, tenant_id: str, periods: Sequence[tuple[str, datetime]]
+    ) -> dict[tuple[str, datetime], str]:
+        """The ids of the drafts of these (subscription id, period start)."""
+        rows = await self.pool.fetch(
+            "SELECT id, subscription_id, period_start FROM billing.invoices"
+            " WHERE tenant_id = $1 AND subscription_id = ANY($2::uuid[]) AND status = 'DRAFT'",
+            tenant_id,
+            list({subscription_id for subscription_id, _ in periods}),
+        )
+        wanted = set(periods)
+        found = {(str(r["subscription_id"]), r["period_start"]): str(r["id"]) for r in rows}
+        return {key: invoice_id for key, invoice_id in found.items() if key in wanted}
+
+    async def due_drafts(
+        self, tenant_id: str, ended_by: datetime, subscription_id: str = ""
+    ) -> list[InvoiceRecord]:
+        """The tenant's drafts (of one subscription, when given) whose period
+        ended at or before `ended_by`."""
         rows = await self.pool.fetch(
             "SELECT * FROM billing.invoices WHERE tenant_id = $1 AND status = 'DRAFT'"
+            " AND period_end <= $2 AND ($3::uuid IS NULL OR subscription_id = $3)"
             " ORDER BY period_end, id",
             tenant_id,
+            ended_by,
+            _uuid_or_missing(subscription_id, "subscription") if subscription_id else None,
         )
         return [_invoice(r) for r in rows]
 
-    @asynccontextmanager
-    async def locked_draft(self, invoice_id: str) -> AsyncIterator[tuple[Any, bool]]:
-        """A transaction holding the invoice's row lock; yields (connection,
-        still a draft). Whoever holds it may update or finalize the invoice."""
+    async def finalize_drafts(
+        self, tenant_id: str, drafts: Sequence[tuple[str, dict[str, Any]]], now: datetime
+    ) -> list[tuple[str, str]]:
+        """Finalizes the given (invoice id, draft) invoices that are still
+        drafts, with the draft's lines and totals, in one transaction: each
+        takes the tenant's next invoice number (gapless, in period order).
+        Returns (invoice id, number) for each one this call finalized; an
+        invoice that another run finalized meanwhile is left alone."""
+        if not drafts:
+            return []
         async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.fetchval(
-                "SELECT status FROM billing.invoices WHERE id = $1 FOR UPDATE", invoice_id
+            # Row locks in one order (period, id), so concurrent runs queue, not deadlock;
+            # a row finalized while we waited no longer matches status = 'DRAFT'.
+            locked = await conn.fetch(
+                "SELECT id FROM billing.invoices"
+                " WHERE tenant_id = $1 AND id = ANY($2::uuid[]) AND status = 'DRAFT'"
+                " ORDER BY period_end, period_start, id FOR UPDATE",
+                tenant_id,
+                [invoice_id for invoice_id, _ in drafts],
             )
-            yield conn, status == "DRAFT"
-
-    async def update_draft(self, conn: Any, invoice_id: str, draft: dict[str, Any]) -> None:
-        await conn.execute(
-            "UPDATE billing.invoices SET lines = $2, subtotal_minor = $3, total_minor = $4,"
-            " updated_at = now() WHERE id = $1 AND status = 'DRAFT'",
-            invoice_id,
-            draft["lines"],
-            draft["subtotal_minor"],
-            draft["total_minor"],
-        )
-
-    async def finalize(self, conn: Any, tenant_id: str, invoice_id: str, now: datetime) -> str:
-        """Takes the tenant's next invoice number and finalizes; returns the number."""
-        sequence = await conn.fetchval(
-            "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, 1)"
-            " ON CONFLICT (tenant_id) DO UPDATE"
-            " SET last_number = billing.invoice_numbers.last_number + 1 RETURNING last_number",
-            tenant_id,
-        )
-        number = f"INV-{sequence:06d}"
-        await conn.execute(
-            "UPDATE billing.invoices SET status = 'FINALIZED', number = $2, finalized_at = $3,"
-            " updated_at = now() WHERE id = $1",
-            invoice_id,
-            number,
-            now,
-        )
-        return number
+            if not locked:
+                return []
+            content = dict(drafts)
+            last = await conn.fetchval(
+                "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, $2)"
+                " ON CONFLICT (tenant_id) DO UPDATE"
+                " SET last_number = billing.invoice_numbers.last_number + $2"
+                " RETURNING last_number",
+                tenant_id,
+                len(locked),
+            )
+            ids = [str(r["id"]) for r in locked]
+            numbers = [f"INV-{last - len(ids) + 1 + i:06d}" for i in range(len(ids))]
+            chosen = [content[invoice_id] for invoice_id in ids]
+            await conn.execute(
+                "UPDATE billing.invoices i SET status = 'FINALIZED', number = u.number,"
+                " lines = u.lines::jsonb, subtotal_minor = u.subtotal, total_minor = u.total,"
+                " finalized_at = $1, updated_at = now()"
+                " FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::bigint[])"
+                " AS u(id, number, lines, subtotal, total) WHERE i.id = u.id",
+                now,
+                ids,
+                numbers,
+                [json.dumps(d["lines"]) for d in chosen],
+                [d["subtotal_minor"] for d in chosen],
+                [d["total_minor"] for d in chosen],
+            )
+        return list(zip(ids, numbers, strict=True))
 
     async def get_invoice(self, tenant_id: str, invoice_id: str) -> InvoiceRecord:
         row = await self.pool.fetchrow(
@@ -442,35 +509,78 @@ class BillingStore:
         )
         return [_invoice(r) for r in rows]
 
-    async def void_invoice(self, tenant_id: str, invoice_id: str) -> str:
-        """Voids a finalized invoice; returns the status it had."""
+    async def void_invoice(
+        self,
+        tenant_id: str,
+        invoice_id: str,
+        replacement: dict[str, Any] | None,
+        now: datetime,
+    ) -> str:
+        """Voids a finalized invoice and, given a `replacement` draft, inserts it
+        as the period's next revision, linked both ways, in one transaction.
+        Voiding a void invoice changes nothing, except that a replacement is
+        issued for one that has none yet. Returns the status the invoice had;
+        a draft is left alone."""
         async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.fetchval(
-                "SELECT status FROM billing.invoices WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+            row = await conn.fetchrow(
+                "SELECT * FROM billing.invoices WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
                 tenant_id,
                 _uuid_or_missing(invoice_id, "invoice"),
             )
-            if status is None:
+            if row is None:
                 raise NotFound(f"id: no invoice {invoice_id!r}")
+            status = str(row["status"])
+            if status == "DRAFT":
+                return status
             if status == "FINALIZED":
                 await conn.execute(
-                    "UPDATE billing.invoices SET status = 'VOID', voided_at = now(),"
+                    "UPDATE billing.invoices SET status = 'VOID', voided_at = $2,"
                     " updated_at = now() WHERE id = $1",
-                    invoice_id,
+                    row["id"],
+                    now,
                 )
-            return str(status)
+            if replacement is not None and row["replaced_by_id"] is None:
+                new_id = await conn.fetchval(
+                    "INSERT INTO billing.invoices (tenant_id, customer_id, subscription_id,"
+                    " period_start, period_end, currency, status, lines, subtotal_minor,"
+                    " total_minor, revision, replaces_id)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, 'DRAFT', $7, $8, $9, $10, $11) RETURNING id",
+                    tenant_id,
+                    row["customer_id"],
+                    row["subscription_id"],
+                    row["period_start"],
+                    row["period_end"],
+                    replacement["currency"],
+                    replacement["lines"],
+                    replacement["subtotal_minor"],
+                    replacement["total_minor"],
+                    row["revision"] + 1,
+                    row["id"],
+                )
+                await conn.execute(
+                    "UPDATE billing.invoices SET replaced_by_id = $2 WHERE id = $1",
+                    row["id"],
+                    new_id,
+                )
+            return status
 
-    async def unpublished(self, limit: int = 100) -> list[InvoiceRecord]:
+    async def unpublished(
+        self, tenant_id: str | None = None, limit: int = 500
+    ) -> list[InvoiceRecord]:
+        """Finalized invoices (of one tenant, or of all) not yet published, oldest first."""
         rows = await self.pool.fetch(
             "SELECT * FROM billing.invoices WHERE finalized_at IS NOT NULL"
-            " AND published_at IS NULL ORDER BY finalized_at LIMIT $1",
+            " AND published_at IS NULL AND ($1::text IS NULL OR tenant_id = $1)"
+            " ORDER BY finalized_at LIMIT $2",
+            tenant_id,
             limit,
         )
         return [_invoice(r) for r in rows]
 
-    async def mark_published(self, invoice_id: str) -> None:
+    async def mark_published(self, invoice_ids: Sequence[str]) -> None:
         await self.pool.execute(
-            "UPDATE billing.invoices SET published_at = now() WHERE id = $1", invoice_id
+            "UPDATE billing.invoices SET published_at = now() WHERE id = ANY($1::uuid[])",
+            list(invoice_ids),
         )
 
     @asynccontextmanager

@@ -1,2 +1,2 @@
-"""billing's pure rules: money, pricing, billing periods and invoice building
-(no I/O, no logging, no clock reads; `now` is always passed in)."""
+"""billing's pure rules: money, pricing, billing periods, invoice building and
+field checks (no I/O, no logging, no clock reads; `now` is always passed in)."""

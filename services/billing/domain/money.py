@@ -44,10 +44,17 @@ def minor_units(currency: str, *, field: str = "currency") -> int:
     try:
         return CURRENCIES[currency]
     except KeyError:
-        # Codes are case sensitive on purpose: "usd" is a client bug, not USD.
+        pass
+    if not currency:
+        raise InvalidArgument(f"{field}: required (an ISO 4217 code such as USD)")
+    # Codes are case sensitive on purpose: "usd" is a client bug, not USD.
+    if currency.upper() in CURRENCIES:
         raise InvalidArgument(
-            f"{field}: {currency[:20]!r} is not an ISO 4217 code (such as USD)"
-        ) from None
+            f"{field}: {currency!r} must be uppercase, as ISO 4217 writes it ({currency.upper()!r})"
+        )
+    raise InvalidArgument(
+        f"{field}: {currency[:20]!r} is not a supported ISO 4217 code (such as USD, JPY, KWD)"
+    )
 
 
 def to_minor(amount: Decimal, currency: str) -> int:

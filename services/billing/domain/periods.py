@@ -12,6 +12,9 @@ import calendar
 import enum
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from typing import Final
+
+from services.common.errors import InvalidArgument
 
 
 class Interval(enum.Enum):
@@ -20,6 +23,11 @@ class Interval(enum.Enum):
     MONTH = "month"
     YEAR = "year"
 
+
+# How far from now a subscription may start (about five years). Every period
+# since the start is billed, so a start decades ago (a typo) would make the next
+# cycle build thousands of invoices.
+MAX_START_OFFSET: Final = timedelta(days=1827)
 
 _FIXED = {Interval.DAY: timedelta(days=1), Interval.WEEK: timedelta(weeks=1)}
 _MONTHS = {Interval.MONTH: 1, Interval.YEAR: 12}
@@ -119,3 +127,39 @@ def proration(start: datetime, end: datetime, until: datetime) -> Fraction:
     until = min(max(until, start), end)
     micro = timedelta(microseconds=1)
     return Fraction((until - start) // micro, (end - start) // micro)
+
+
+def period_share(anchor: datetime, interval: Interval, start: datetime, end: datetime) -> Fraction:
+    """The share of its full period that the billed period [start, end) is: 1
+    for a whole period, less for one cut short by a cancellation. `start` is a
+    period start of the anchor's schedule."""
+    full_start, full_end, _ = period_containing(anchor, interval, start)
+    if _utc(end, "end") >= full_end:
+        return Fraction(1)
+    return proration(full_start, full_end, end)
+
+
+def cancellation_end(
+    anchor: datetime,
+    interval: Interval,
+    now: datetime,
+    *,
+    immediately: bool,
+    current_end: datetime | None = None,
+) -> datetime:
+    """When a subscription canceled at `now` stops billing: at once (but not
+    before it started), or at the end of the period that contains `now` (the
+    first period, for a subscription that has not started yet). A subscription
+    already set to end (`current_end`) never ends later than that."""
+    anchor, now = _utc(anchor, "anchor"), _utc(now, "now")
+    if immediately:
+        end = max(now, anchor)
+    else:
+        _, end, _ = period_containing(anchor, interval, max(now, anchor))
+    return end if current_end is None else min(end, _utc(current_end, "current_end"))
+
+
+def check_start(start: datetime, now: datetime, field: str = "start_time") -> None:
+    """A subscription's start must lie within MAX_START_OFFSET of now."""
+    if not now - MAX_START_OFFSET <= start <= now + MAX_START_OFFSET:
+        raise InvalidArgument(f"{field}: must be within {MAX_START_OFFSET.days} days of now")

@@ -23,10 +23,24 @@ def test_table_covers_the_most_used_currencies() -> None:
     assert len(CURRENCIES) >= 40
 
 
-@pytest.mark.parametrize("currency", ["usd", "XXXX", "", "ABC"])
-def test_unknown_or_lowercase_currency_is_invalid(currency: str) -> None:
-    with pytest.raises(InvalidArgument, match=r"^currency: .* is not an ISO 4217 code"):
+@pytest.mark.parametrize(
+    ("currency", "message"),
+    [
+        ("usd", r"^currency: 'usd' must be uppercase, as ISO 4217 writes it \('USD'\)$"),
+        ("Jpy", r"^currency: 'Jpy' must be uppercase"),
+        ("XXXX", r"^currency: 'XXXX' is not a supported ISO 4217 code"),
+        ("ABC", r"^currency: 'ABC' is not a supported ISO 4217 code"),
+        ("", r"^currency: required"),
+    ],
+)
+def test_unknown_or_lowercase_currency_is_invalid(currency: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
         minor_units(currency)
+
+
+def test_the_currency_message_names_the_callers_field() -> None:
+    with pytest.raises(InvalidArgument, match=r"^product\.currency: 'eur' must be uppercase"):
+        minor_units("eur", field="product.currency")
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.billing.domain.periods import (
+    MAX_START_OFFSET,
     Interval,
+    cancellation_end,
+    check_start,
     period_containing,
+    period_share,
     period_start,
     periods_ended,
     proration,
 )
+from services.common.errors import InvalidArgument
 
 
 def utc(
@@ -270,3 +275,99 @@ def test_proration() -> None:
     assert proration(start, end, utc(2023, 1, 1)) == 0
     with pytest.raises(ValueError):
         proration(end, start, start)
+
+
+# --- the share of a period billed (a fixed fee's proration) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("interval", "start", "end", "share"),
+    [
+        # A whole period, of any length, is the whole fee.
+        (Interval.MONTH, utc(2024, 1, 15, 10), utc(2024, 2, 15, 10), Fraction(1)),
+        (Interval.MONTH, utc(2024, 2, 15, 10), utc(2024, 3, 15, 10), Fraction(1)),  # 29 days
+        (Interval.DAY, utc(2024, 3, 1, 10), utc(2024, 3, 2, 10), Fraction(1)),
+        # Cut by a cancellation: 5 of February's 29 days (Feb 15 10:00 - Feb 20 10:00).
+        (Interval.MONTH, utc(2024, 2, 15, 10), utc(2024, 2, 20, 10), Fraction(5, 29)),
+        # 6 hours of a day; 3.5 days of a week.
+        (Interval.DAY, utc(2024, 3, 1, 10), utc(2024, 3, 1, 16), Fraction(1, 4)),
+        (Interval.WEEK, utc(2024, 1, 15, 10), utc(2024, 1, 18, 22), Fraction(1, 2)),
+        # 2024 is a leap year: 183 of 366 days (Jan 15 10:00 - Jul 16 10:00).
+        (Interval.YEAR, utc(2024, 1, 15, 10), utc(2024, 7, 16, 10), Fraction(1, 2)),
+    ],
+)
+def test_period_share(interval: Interval, start: datetime, end: datetime, share: Fraction) -> None:
+    assert period_share(ANCHOR, interval, start, end) == share
+
+
+# --- cancellation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("interval", "now", "immediately", "end"),
+    [
+        # At the end of the period that contains now.
+        (Interval.MONTH, utc(2024, 3, 20), False, utc(2024, 4, 15, 10)),
+        (Interval.DAY, utc(2024, 3, 20, 9), False, utc(2024, 3, 20, 10)),
+        (Interval.WEEK, utc(2024, 1, 23), False, utc(2024, 1, 29, 10)),
+        # On a boundary, the period that starts there is the current one.
+        (Interval.MONTH, utc(2024, 3, 15, 10), False, utc(2024, 4, 15, 10)),
+        # Month-end anchors: the period ends on the anchor day (or the last day).
+        (Interval.YEAR, utc(2025, 1, 1), False, utc(2025, 1, 15, 10)),
+        # At once.
+        (Interval.MONTH, utc(2024, 3, 20, 12, 34, 56), True, utc(2024, 3, 20, 12, 34, 56)),
+        # Not started yet: at once means it never bills; at period end, the first period.
+        (Interval.MONTH, utc(2024, 1, 1), True, ANCHOR),
+        (Interval.MONTH, utc(2024, 1, 1), False, utc(2024, 2, 15, 10)),
+    ],
+)
+def test_cancellation_end(
+    interval: Interval, now: datetime, immediately: bool, end: datetime
+) -> None:
+    assert cancellation_end(ANCHOR, interval, now, immediately=immediately) == end
+
+
+def test_a_second_cancellation_never_ends_later() -> None:
+    already = utc(2024, 3, 20)  # canceled at once earlier
+    later = cancellation_end(
+        ANCHOR, Interval.MONTH, utc(2024, 3, 19), immediately=False, current_end=already
+    )
+    assert later == already
+    # ... but at once ends earlier than the end of period set before.
+    sooner = cancellation_end(
+        ANCHOR, Interval.MONTH, utc(2024, 3, 18), immediately=True, current_end=utc(2024, 4, 15, 10)
+    )
+    assert sooner == utc(2024, 3, 18)
+
+
+def test_end_of_period_cancellation_bills_that_period_whole_and_no_later_one() -> None:
+    end = cancellation_end(ANCHOR, Interval.MONTH, utc(2024, 3, 20), immediately=False)
+    periods = periods_ended(ANCHOR, Interval.MONTH, utc(2024, 9, 1), until=end)
+    assert periods[-1] == (utc(2024, 3, 15, 10), utc(2024, 4, 15, 10))
+    assert len(periods) == 3
+    assert period_share(ANCHOR, Interval.MONTH, *periods[-1]) == 1
+
+
+def test_immediate_cancellation_bills_the_part_served() -> None:
+    end = cancellation_end(ANCHOR, Interval.MONTH, utc(2024, 3, 25, 10), immediately=True)
+    periods = periods_ended(ANCHOR, Interval.MONTH, utc(2024, 9, 1), until=end)
+    assert periods[-1] == (utc(2024, 3, 15, 10), utc(2024, 3, 25, 10))
+    # 10 of the 31 days from Mar 15 10:00 to Apr 15 10:00.
+    assert period_share(ANCHOR, Interval.MONTH, *periods[-1]) == Fraction(10, 31)
+
+
+# --- a subscription's start -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "start",
+    [utc(2024, 6, 1), utc(2019, 6, 1), utc(2029, 6, 1), utc(2024, 6, 1) - MAX_START_OFFSET],
+)
+def test_a_start_within_five_years_is_accepted(start: datetime) -> None:
+    check_start(start, utc(2024, 6, 1))
+
+
+@pytest.mark.parametrize("start", [utc(1990, 1, 1), utc(2019, 5, 31), utc(2030, 1, 1)])
+def test_a_start_further_away_is_refused_naming_the_field(start: datetime) -> None:
+    with pytest.raises(InvalidArgument, match=r"^start_time: must be within 1827 days of now$"):
+        check_start(start, utc(2024, 6, 1))

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from services.billing.domain.fields import check_text
 from services.billing.domain.pricing import (
     PriceModel,
     Tier,
@@ -238,3 +239,18 @@ def test_parse_decimal_refuses_what_is_not_a_plain_decimal(text: str) -> None:
 def test_parse_decimal_refuses_absurd_sizes(text: str) -> None:
     with pytest.raises(InvalidArgument, match=r"^free_threshold: "):
         parse_decimal(text, "free_threshold")
+
+
+@pytest.mark.parametrize(
+    ("value", "required", "message"),
+    [
+        ("", True, r"^name: required$"),
+        ("x" * 256, False, r"^name: at most 255 characters$"),
+        ("a\x00b", False, r"^name: contains a NUL character$"),
+    ],
+)
+def test_text_fields_name_themselves(value: str, required: bool, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        check_text("name", value, required=required)
+    check_text("name", "", required=False)  # optional and empty is fine
+    check_text("name", "x" * 255, required=True)

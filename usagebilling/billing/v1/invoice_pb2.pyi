@@ -134,6 +134,9 @@ class Invoice(_message.Message):
     SUBTOTAL_MINOR_FIELD_NUMBER: _builtins.int
     TOTAL_MINOR_FIELD_NUMBER: _builtins.int
     FINALIZE_TIME_FIELD_NUMBER: _builtins.int
+    VOID_TIME_FIELD_NUMBER: _builtins.int
+    REPLACES_INVOICE_ID_FIELD_NUMBER: _builtins.int
+    REPLACED_BY_INVOICE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     number: _builtins.str
     """Per-tenant sequential number such as INV-000042, set at finalization."""
@@ -143,6 +146,10 @@ class Invoice(_message.Message):
     status: Global___InvoiceStatus.ValueType
     subtotal_minor: _builtins.int
     total_minor: _builtins.int
+    replaces_invoice_id: _builtins.str
+    """On a corrected invoice: the voided invoice it replaces."""
+    replaced_by_invoice_id: _builtins.str
+    """On a voided invoice: the corrected invoice issued for the same period."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -151,6 +158,8 @@ class Invoice(_message.Message):
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLine]: ...
     @_builtins.property
     def finalize_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def void_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -166,10 +175,13 @@ class Invoice(_message.Message):
         subtotal_minor: _builtins.int = ...,
         total_minor: _builtins.int = ...,
         finalize_time: _timestamp_pb2.Timestamp | None = ...,
+        void_time: _timestamp_pb2.Timestamp | None = ...,
+        replaces_invoice_id: _builtins.str = ...,
+        replaced_by_invoice_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finalize_time", b"finalize_time", "period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finalize_time", b"finalize_time", "period_end", b"period_end", "period_start", b"period_start", "void_time", b"void_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "customer_id", b"customer_id", "finalize_time", b"finalize_time", "id", b"id", "lines", b"lines", "number", b"number", "period_end", b"period_end", "period_start", b"period_start", "status", b"status", "subscription_id", b"subscription_id", "subtotal_minor", b"subtotal_minor", "total_minor", b"total_minor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "customer_id", b"customer_id", "finalize_time", b"finalize_time", "id", b"id", "lines", b"lines", "number", b"number", "period_end", b"period_end", "period_start", b"period_start", "replaced_by_invoice_id", b"replaced_by_invoice_id", "replaces_invoice_id", b"replaces_invoice_id", "status", b"status", "subscription_id", b"subscription_id", "subtotal_minor", b"subtotal_minor", "total_minor", b"total_minor", "void_time", b"void_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -313,15 +325,23 @@ class VoidInvoiceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    REISSUE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """A finalized invoice; voiding a voided one changes nothing."""
+    reissue: _builtins.bool
+    """Also issue a corrected invoice for the same period: a draft, priced on the
+    usage read now, that the next billing cycle finalizes (reading usage again)
+    with a new number. Its id is the voided invoice's replaced_by_invoice_id.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        reissue: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reissue", b"reissue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -100,7 +100,9 @@ class InvoiceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def VoidInvoice(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
+        asked, issues a corrected invoice for its period.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -43,6 +43,9 @@ class InvoiceServiceStub:
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.ListInvoicesRequest, _invoice_pb2.ListInvoicesResponse]
     """Newest period first."""
     VoidInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]
+    """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
+    asked, issues a corrected invoice for its period.
+    """
     GetCustomerUsage: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]
 
 @_typing.type_check_only
@@ -60,6 +63,9 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     ListInvoices: _aio.UnaryUnaryMultiCallable[_invoice_pb2.ListInvoicesRequest, _invoice_pb2.ListInvoicesResponse]  # type: ignore[assignment]
     """Newest period first."""
     VoidInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
+    """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
+    asked, issues a corrected invoice for its period.
+    """
     GetCustomerUsage: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]  # type: ignore[assignment]
 
 class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -103,7 +109,10 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _invoice_pb2.VoidInvoiceRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_invoice_pb2.Invoice, _abc.Awaitable[_invoice_pb2.Invoice]]: ...
+    ) -> _typing.Union[_invoice_pb2.Invoice, _abc.Awaitable[_invoice_pb2.Invoice]]:
+        """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
+        asked, issues a corrected invoice for its period.
+        """
 
     @_abc_1.abstractmethod
     def GetCustomerUsage(
