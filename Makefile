@@ -43,7 +43,7 @@ proto-lint:
 lint: $(STAMP) proto-lint
 	$(VENV)/bin/ruff check services tools tests bench
 	$(VENV)/bin/ruff format --check services tools tests bench
-	$(VENV)/bin/mypy services tools
+	$(VENV)/bin/mypy services tools bench
 
 # Renders deploy/k8s (kustomize overlays, Helm chart) offline and checks every
 # object against the Kubernetes 1.31 schemas and the services' settings.
