@@ -12,7 +12,7 @@ from services.billing.invoicing import Invoicing
 from services.billing.store import BillingStore
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_token, encode_token, page_size
+from services.common.paging import decode_time_cursor, next_page, page_size
 from usagebilling.billing.v1 import (
     customer_pb2,
     customer_pb2_grpc,
@@ -29,11 +29,6 @@ from usagebilling.billing.v1 import (
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _cursor(token: str) -> tuple[datetime, str] | None:
-    cursor = decode_token(token, 2)
-    return (datetime.fromisoformat(cursor[0]), str(cursor[1])) if cursor else None
 
 
 def _required(value: str, field: str) -> str:
@@ -101,13 +96,13 @@ class CustomerServicer(customer_pb2_grpc.CustomerServiceServicer):
         self, request: customer_pb2.ListCustomersRequest, context: Any
     ) -> customer_pb2.ListCustomersResponse:
         limit = page_size(request.page_size)
-        rows = await self._store.list_customers(
-            current_tenant(), _cursor(request.page_token), limit + 1
+        rows, token = next_page(
+            await self._store.list_customers(
+                current_tenant(), decode_time_cursor(request.page_token, uuid_key=True), limit + 1
+            ),
+            limit,
+            lambda r: (r.created_at, r.id),
         )
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = encode_token([rows[-1].created_at.isoformat(), rows[-1].id])
         return customer_pb2.ListCustomersResponse(
             customers=[convert.proto_customer(r) for r in rows], next_page_token=token
         )
@@ -133,13 +128,13 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
         self, request: product_pb2.ListProductsRequest, context: Any
     ) -> product_pb2.ListProductsResponse:
         limit = page_size(request.page_size)
-        rows = await self._store.list_products(
-            current_tenant(), _cursor(request.page_token), limit + 1
+        rows, token = next_page(
+            await self._store.list_products(
+                current_tenant(), decode_time_cursor(request.page_token, uuid_key=True), limit + 1
+            ),
+            limit,
+            lambda r: (r.created_at, r.id),
         )
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = encode_token([rows[-1].created_at.isoformat(), rows[-1].id])
         return product_pb2.ListProductsResponse(
             products=[convert.proto_product(r) for r in rows], next_page_token=token
         )
@@ -237,17 +232,17 @@ class InvoiceServicer(invoice_pb2_grpc.InvoiceServiceServicer):
         self, request: invoice_pb2.ListInvoicesRequest, context: Any
     ) -> invoice_pb2.ListInvoicesResponse:
         limit = page_size(request.page_size)
-        rows = await self._store.list_invoices(
-            current_tenant(),
-            customer_id=request.customer_id,
-            subscription_id=request.subscription_id,
-            after=_cursor(request.page_token),
-            limit=limit + 1,
+        rows, token = next_page(
+            await self._store.list_invoices(
+                current_tenant(),
+                customer_id=request.customer_id,
+                subscription_id=request.subscription_id,
+                after=decode_time_cursor(request.page_token, uuid_key=True),
+                limit=limit + 1,
+            ),
+            limit,
+            lambda r: (r.period_start, r.id),
         )
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = encode_token([rows[-1].period_start.isoformat(), rows[-1].id])
         return invoice_pb2.ListInvoicesResponse(
             invoices=[convert.proto_invoice(r) for r in rows], next_page_token=token
         )

@@ -195,6 +195,21 @@ class BillingStore:
         rows = await self.pool.fetch("SELECT tenant_id FROM billing.tenants ORDER BY tenant_id")
         return [r["tenant_id"] for r in rows]
 
+    async def _page(
+        self, table: str, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[asyncpg.Record]:
+        """A page of a tenant's rows in creation order (keyset: created_at, id)."""
+        rows: list[asyncpg.Record] = await self.pool.fetch(
+            f"SELECT * FROM billing.{table} WHERE tenant_id = $1"
+            " AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3::uuid))"
+            " ORDER BY created_at, id LIMIT $4",
+            tenant_id,
+            after[0] if after else None,
+            after[1] if after else str(uuid.UUID(int=0)),
+            limit,
+        )
+        return rows
+
     # Customers.
 
     async def create_customer(
@@ -229,16 +244,7 @@ class BillingStore:
     async def list_customers(
         self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[CustomerRecord]:
-        rows = await self.pool.fetch(
-            "SELECT * FROM billing.customers WHERE tenant_id = $1"
-            " AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3::uuid))"
-            " ORDER BY created_at, id LIMIT $4",
-            tenant_id,
-            after[0] if after else None,
-            after[1] if after else str(uuid.UUID(int=0)),
-            limit,
-        )
-        return [_customer(r) for r in rows]
+        return [_customer(r) for r in await self._page("customers", tenant_id, after, limit)]
 
     # Products.
 
@@ -285,16 +291,7 @@ class BillingStore:
     async def list_products(
         self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[ProductRecord]:
-        rows = await self.pool.fetch(
-            "SELECT * FROM billing.products WHERE tenant_id = $1"
-            " AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3::uuid))"
-            " ORDER BY created_at, id LIMIT $4",
-            tenant_id,
-            after[0] if after else None,
-            after[1] if after else str(uuid.UUID(int=0)),
-            limit,
-        )
-        return [_product(r) for r in rows]
+        return [_product(r) for r in await self._page("products", tenant_id, after, limit)]
 
     # Subscriptions.
 

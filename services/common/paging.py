@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
 
 from services.common.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+
+T = TypeVar("T")
 
 
 def page_size(requested: int) -> int:
@@ -33,3 +38,31 @@ def decode_token(token: str, size: int) -> list[Any] | None:
     if not isinstance(cursor, list) or len(cursor) != size:
         raise InvalidArgument("page_token: not a token returned by this API")
     return cursor
+
+
+def decode_time_cursor(token: str, *, uuid_key: bool = False) -> tuple[datetime, str] | None:
+    """The (time, key) a page token made by `next_page` points after; with
+    `uuid_key` the key must be a UUID (it is compared as one in SQL)."""
+    cursor = decode_token(token, 2)
+    if cursor is None:
+        return None
+    try:
+        when = datetime.fromisoformat(str(cursor[0]))
+        key = str(uuid.UUID(str(cursor[1]))) if uuid_key else str(cursor[1])
+    except ValueError as exc:
+        raise InvalidArgument("page_token: not a token returned by this API") from exc
+    if when.tzinfo is None:
+        raise InvalidArgument("page_token: not a token returned by this API")
+    return when, key
+
+
+def next_page(
+    rows: list[T], limit: int, cursor: Callable[[T], tuple[datetime, str]]
+) -> tuple[list[T], str]:
+    """From up to limit + 1 rows (one more than a page, to learn whether more
+    follow): the page, and the token of the next one (empty after the last)."""
+    if len(rows) <= limit:
+        return rows, ""
+    page = rows[:limit]
+    when, key = cursor(page[-1])
+    return page, encode_token([when.isoformat(), key])

@@ -8,7 +8,7 @@ from typing import Any
 
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_token, encode_token, page_size
+from services.common.paging import decode_time_cursor, next_page, page_size
 from services.ingest import convert
 from services.ingest.service import Ingestor, IngestResult
 from services.ingest.store import IngestStore
@@ -27,7 +27,12 @@ def _response(result: IngestResult) -> ingest_pb2.IngestEventsResponse:
 
 
 def _optional_time(request: Any, field: str) -> datetime | None:
-    return convert.to_datetime(getattr(request, field)) if request.HasField(field) else None
+    if not request.HasField(field):
+        return None
+    try:
+        return convert.to_datetime(getattr(request, field))
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument(f"{field}: not a valid timestamp") from None
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -58,21 +63,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.ListEventsRequest, context: Any
     ) -> ingest_pb2.ListEventsResponse:
         limit = page_size(request.page_size)
-        cursor = decode_token(request.page_token, 2)
-        after = (datetime.fromisoformat(cursor[0]), str(cursor[1])) if cursor else None
-        events = await self._store.list_events(
-            current_tenant(),
-            customer_id=request.customer_id,
-            event_name=request.event_name,
-            start=_optional_time(request, "start_time"),
-            end=_optional_time(request, "end_time"),
-            after=after,
-            limit=limit + 1,
+        events, token = next_page(
+            await self._store.list_events(
+                current_tenant(),
+                customer_id=request.customer_id,
+                event_name=request.event_name,
+                start=_optional_time(request, "start_time"),
+                end=_optional_time(request, "end_time"),
+                after=decode_time_cursor(request.page_token),
+                limit=limit + 1,
+            ),
+            limit,
+            lambda e: (e.event_time, e.event_id),
         )
-        token = ""
-        if len(events) > limit:
-            events = events[:limit]
-            token = encode_token([events[-1].event_time.isoformat(), events[-1].event_id])
         return ingest_pb2.ListEventsResponse(
             events=[convert.proto_event(e) for e in events], next_page_token=token
         )

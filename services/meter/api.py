@@ -6,7 +6,7 @@ from typing import Any
 
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_token, encode_token, page_size
+from services.common.paging import decode_time_cursor, next_page, page_size
 from services.meter import convert
 from services.meter.service import MeterService
 from services.meter.store import MeterStore
@@ -31,12 +31,12 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
         self, request: meter_pb2.ListMetersRequest, context: Any
     ) -> meter_pb2.ListMetersResponse:
         limit = page_size(request.page_size)
-        after = convert.meter_cursor(decode_token(request.page_token, 2))
-        meters = await self._store.list_meters(current_tenant(), after, limit + 1)
-        token = ""
-        if len(meters) > limit:
-            meters = meters[:limit]
-            token = encode_token([meters[-1].created_at.isoformat(), meters[-1].id])
+        after = decode_time_cursor(request.page_token, uuid_key=True)
+        meters, token = next_page(
+            await self._store.list_meters(current_tenant(), after, limit + 1),
+            limit,
+            lambda m: (m.created_at, m.id),
+        )
         return meter_pb2.ListMetersResponse(
             meters=[convert.proto_meter(m) for m in meters], next_page_token=token
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -124,20 +123,6 @@ def spec(record: MeterRecord) -> MeterSpec:
 def filter_json(message: meter_pb2.Filter) -> dict[str, Any]:
     result: dict[str, Any] = json_format.MessageToDict(message)
     return result
-
-
-def meter_cursor(cursor: list[Any] | None) -> tuple[datetime, str] | None:
-    """ListMeters' keyset cursor (create time, id) from a decoded page token."""
-    if cursor is None:
-        return None
-    try:
-        created = datetime.fromisoformat(cursor[0])
-        meter_id = str(uuid.UUID(cursor[1]))
-    except (TypeError, ValueError):
-        raise InvalidArgument("page_token: not a token returned by this API") from None
-    if created.tzinfo is None:
-        raise InvalidArgument("page_token: not a token returned by this API")
-    return created, meter_id
 
 
 def proto_meter(
