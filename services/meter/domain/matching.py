@@ -8,7 +8,7 @@ those."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -93,22 +93,3 @@ class Matcher:
                 )
             )
         return rows
-
-
-def fold_event(
-    meters: Sequence[tuple[str, MeterSpec]],
-    *,
-    event_id: str,
-    customer_id: str,
-    event_name: str,
-    event_time: datetime,
-    metadata: Mapping[str, MetaValue],
-) -> list[FoldedEvent]:
-    """One event against some meters (a Matcher of its own)."""
-    return Matcher(meters).fold(
-        event_id=event_id,
-        customer_id=customer_id,
-        event_name=event_name,
-        event_time=event_time,
-        metadata=metadata,
-    )
