@@ -33,10 +33,6 @@ from usagebilling.billing.v1 import (
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _name(module: object, service: str) -> str:
-    return str(module.DESCRIPTOR.services_by_name[service].full_name)  # type: ignore[attr-defined]
-
-
 def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
         store = BillingStore(runtime.pool)
@@ -48,35 +44,41 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
         scheduler = Scheduler(store, invoicing, settings.scheduler_interval)
         return app.Wiring(
             registrations=[
-                Registration(
+                Registration.of(
+                    tenant_pb2,
+                    "TenantService",
                     tenant_pb2_grpc.add_TenantServiceServicer_to_server,
                     api.TenantServicer(accounts, store),
-                    _name(tenant_pb2, "TenantService"),
                 ),
-                Registration(
+                Registration.of(
+                    tenant_pb2,
+                    "AuthService",
                     tenant_pb2_grpc.add_AuthServiceServicer_to_server,
                     api.AuthServicer(),
-                    _name(tenant_pb2, "AuthService"),
                 ),
-                Registration(
+                Registration.of(
+                    customer_pb2,
+                    "CustomerService",
                     customer_pb2_grpc.add_CustomerServiceServicer_to_server,
                     api.CustomerServicer(accounts, store),
-                    _name(customer_pb2, "CustomerService"),
                 ),
-                Registration(
+                Registration.of(
+                    product_pb2,
+                    "ProductService",
                     product_pb2_grpc.add_ProductServiceServicer_to_server,
                     api.ProductServicer(catalog, store),
-                    _name(product_pb2, "ProductService"),
                 ),
-                Registration(
+                Registration.of(
+                    subscription_pb2,
+                    "SubscriptionService",
                     subscription_pb2_grpc.add_SubscriptionServiceServicer_to_server,
                     api.SubscriptionServicer(catalog, invoicing, store),
-                    _name(subscription_pb2, "SubscriptionService"),
                 ),
-                Registration(
+                Registration.of(
+                    invoice_pb2,
+                    "InvoiceService",
                     invoice_pb2_grpc.add_InvoiceServiceServicer_to_server,
                     api.InvoiceServicer(invoicing, store),
-                    _name(invoice_pb2, "InvoiceService"),
                 ),
             ],
             # billing owns the keys: it reads them from its own schema.
@@ -89,8 +91,8 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
 
 
 def main() -> None:
-    settings: billing_settings.BillingSettings = app.load_or_exit(billing_settings.load)
-    app.main(sys.argv, lambda: settings, lambda s: s.common, MIGRATIONS, wiring(settings))
+    settings = app.load_or_exit(billing_settings.load)
+    app.main(sys.argv, settings.common, MIGRATIONS, wiring(settings))
 
 
 if __name__ == "__main__":

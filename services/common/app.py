@@ -144,22 +144,14 @@ async def _bounded(step: Awaitable[Any], name: str, seconds: float = 3.0) -> boo
     return True
 
 
-def main(
-    argv: list[str],
-    load_settings: Callable[[], Any],
-    common: Callable[[Any], CommonSettings],
-    migrations: Path,
-    wire: Wire,
-) -> None:
+def main(argv: list[str], settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     """`python -m services.<name> [serve|migrate]`."""
-    settings = load_or_exit(load_settings)
-    base = common(settings)
-    logs.configure(base.log_level, base.log_format)
+    logs.configure(settings.log_level, settings.log_format)
     command = argv[1] if len(argv) > 1 else "serve"
     if command == "migrate":
-        asyncio.run(migrate_only(base, migrations))
+        asyncio.run(migrate_only(settings, migrations))
     elif command == "serve":
-        asyncio.run(serve(base, migrations, wire))
+        asyncio.run(serve(settings, migrations, wire))
     else:
-        print(f"usage: python -m services.{base.service} [serve|migrate]", file=sys.stderr)
+        print(f"usage: python -m services.{settings.service} [serve|migrate]", file=sys.stderr)
         raise SystemExit(2)

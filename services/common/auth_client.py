@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 
-from services.common.auth import Principal
+from services.common.auth import CachedKeyResolver, Principal
 from services.common.errors import Unavailable
 from usagebilling.billing.v1 import tenant_pb2, tenant_pb2_grpc
+
+
+def billing_key_resolver(channel: grpc.aio.Channel, ttl: timedelta) -> CachedKeyResolver:
+    """How ingest and meter resolve keys: ask billing, remember the answer for `ttl`."""
+    return CachedKeyResolver(RemoteKeyResolver(channel), ttl=ttl.total_seconds())
 
 
 class RemoteKeyResolver:

@@ -198,6 +198,13 @@ class Registration:
     servicer: Any
     service_name: str
 
+    @classmethod
+    def of(
+        cls, module: Any, service: str, add: Callable[[Any, grpc.aio.Server], None], servicer: Any
+    ) -> Registration:
+        """Names the service from its generated `_pb2` module (for reflection and health)."""
+        return cls(add, servicer, str(module.DESCRIPTOR.services_by_name[service].full_name))
+
 
 class GrpcServer:
     def __init__(

@@ -8,8 +8,7 @@ from pathlib import Path
 import grpc
 
 from services.common import app
-from services.common.auth import CachedKeyResolver
-from services.common.auth_client import RemoteKeyResolver
+from services.common.auth_client import billing_key_resolver
 from services.common.grpc_server import Registration
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
@@ -29,16 +28,14 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
         billing = grpc.aio.insecure_channel(settings.billing_addr)
         return app.Wiring(
             registrations=[
-                Registration(
+                Registration.of(
+                    ingest_pb2,
+                    "IngestService",
                     ingest_pb2_grpc.add_IngestServiceServicer_to_server,
                     IngestServicer(ingestor, store),
-                    ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
                 )
             ],
-            resolver=CachedKeyResolver(
-                RemoteKeyResolver(billing),
-                ttl=settings.common.auth_cache_ttl.total_seconds(),
-            ),
+            resolver=billing_key_resolver(billing, settings.common.auth_cache_ttl),
             background=[relay.run, relay.watch_depth],
             cleanup=[lambda: billing.close(None)],
         )
@@ -47,8 +44,8 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
 
 
 def main() -> None:
-    settings: ingest_settings.IngestSettings = app.load_or_exit(ingest_settings.load)
-    app.main(sys.argv, lambda: settings, lambda s: s.common, MIGRATIONS, wiring(settings))
+    settings = app.load_or_exit(ingest_settings.load)
+    app.main(sys.argv, settings.common, MIGRATIONS, wiring(settings))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,7 @@ from pathlib import Path
 import grpc
 
 from services.common import app
-from services.common.auth import CachedKeyResolver
-from services.common.auth_client import RemoteKeyResolver
+from services.common.auth_client import billing_key_resolver
 from services.common.grpc_server import Registration
 from services.meter import settings as meter_settings
 from services.meter.api import MeterServicer
@@ -37,16 +36,14 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
         )
         return app.Wiring(
             registrations=[
-                Registration(
+                Registration.of(
+                    meter_pb2,
+                    "MeterService",
                     meter_pb2_grpc.add_MeterServiceServicer_to_server,
                     MeterServicer(service, store),
-                    meter_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
                 )
             ],
-            resolver=CachedKeyResolver(
-                RemoteKeyResolver(billing),
-                ttl=settings.common.auth_cache_ttl.total_seconds(),
-            ),
+            resolver=billing_key_resolver(billing, settings.common.auth_cache_ttl),
             background=[consumer.watch_lag, backfiller.resume],
             workers=[consumer],
             cleanup=[backfiller.stop, lambda: billing.close(None), lambda: ingest.close(None)],
@@ -56,8 +53,8 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
 
 
 def main() -> None:
-    settings: meter_settings.MeterSettings = app.load_or_exit(meter_settings.load)
-    app.main(sys.argv, lambda: settings, lambda s: s.common, MIGRATIONS, wiring(settings))
+    settings = app.load_or_exit(meter_settings.load)
+    app.main(sys.argv, settings.common, MIGRATIONS, wiring(settings))
 
 
 if __name__ == "__main__":
