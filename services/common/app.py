@@ -5,6 +5,7 @@ SIGINT/SIGTERM. Each service's __main__ supplies only its wiring."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -102,6 +103,7 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     )
     await server.start()
     metrics.serve(settings.metrics_port)
+    _tune_garbage_collector()
     tasks = [asyncio.create_task(run()) for run in wiring.background]
     working = [asyncio.create_task(worker.run()) for worker in wiring.workers]
 
@@ -133,6 +135,16 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     if not await _bounded(pool.close(), "pool_close"):
         pool.terminate()
     log.info("stopped", service=settings.service)
+
+
+def _tune_garbage_collector() -> None:
+    """The services allocate many short-lived objects per batch (events, rows,
+    decimals) and few reference cycles: with the default thresholds the cyclic
+    collector took about a tenth of meter's CPU. Objects alive after start-up
+    (modules, descriptors, pools) are frozen out of every later collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 async def _bounded(step: Awaitable[Any], name: str, seconds: float = 3.0) -> bool:
