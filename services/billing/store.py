@@ -195,6 +195,18 @@ class BillingStore:
         rows = await self.pool.fetch("SELECT tenant_id FROM billing.tenants ORDER BY tenant_id")
         return [r["tenant_id"] for r in rows]
 
+    async def _by_id(self, table: str, tenant_id: str, row_id: str, field: str) -> asyncpg.Record:
+        """One of the tenant's rows; NotFound naming `field` otherwise."""
+        what = table.rstrip("s")
+        row: asyncpg.Record | None = await self.pool.fetchrow(
+            f"SELECT * FROM billing.{table} WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            _uuid_or_missing(row_id, what, field),
+        )
+        if row is None:
+            raise NotFound(f"{field}: no {what} {row_id!r}")
+        return row
+
     async def _page(
         self, table: str, tenant_id: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[asyncpg.Record]:
@@ -232,14 +244,7 @@ class BillingStore:
         return _customer(row)
 
     async def get_customer(self, tenant_id: str, customer_id: str) -> CustomerRecord:
-        row = await self.pool.fetchrow(
-            "SELECT * FROM billing.customers WHERE tenant_id = $1 AND id = $2",
-            tenant_id,
-            _uuid_or_missing(customer_id, "customer", "customer_id"),
-        )
-        if row is None:
-            raise NotFound(f"customer_id: no customer {customer_id!r}")
-        return _customer(row)
+        return _customer(await self._by_id("customers", tenant_id, customer_id, "customer_id"))
 
     async def list_customers(
         self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
@@ -272,14 +277,7 @@ class BillingStore:
         return _product(row)
 
     async def get_product(self, tenant_id: str, product_id: str) -> ProductRecord:
-        row = await self.pool.fetchrow(
-            "SELECT * FROM billing.products WHERE tenant_id = $1 AND id = $2",
-            tenant_id,
-            _uuid_or_missing(product_id, "product", "product_id"),
-        )
-        if row is None:
-            raise NotFound(f"product_id: no product {product_id!r}")
-        return _product(row)
+        return _product(await self._by_id("products", tenant_id, product_id, "product_id"))
 
     async def products_of(self, tenant_id: str) -> list[ProductRecord]:
         rows = await self.pool.fetch(
@@ -471,14 +469,7 @@ class BillingStore:
         return list(zip(ids, numbers, strict=True))
 
     async def get_invoice(self, tenant_id: str, invoice_id: str) -> InvoiceRecord:
-        row = await self.pool.fetchrow(
-            "SELECT * FROM billing.invoices WHERE tenant_id = $1 AND id = $2",
-            tenant_id,
-            _uuid_or_missing(invoice_id, "invoice"),
-        )
-        if row is None:
-            raise NotFound(f"id: no invoice {invoice_id!r}")
-        return _invoice(row)
+        return _invoice(await self._by_id("invoices", tenant_id, invoice_id, "id"))
 
     async def list_invoices(
         self,

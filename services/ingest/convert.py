@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.ingest.domain.validation import IncomingEvent, InvalidTime, RawValue
-from services.ingest.store import StoredEvent
+from services.ingest.store import EventRow
 from usagebilling.common.v1 import value_pb2
 from usagebilling.ingest.v1 import ingest_pb2
 
@@ -61,7 +61,7 @@ def incoming(event: ingest_pb2.Event) -> IncomingEvent:
     )
 
 
-def proto_event(event: StoredEvent) -> ingest_pb2.Event:
+def proto_event(event: EventRow) -> ingest_pb2.Event:
     return ingest_pb2.Event(
         event_id=event.event_id,
         customer_id=event.customer_id,

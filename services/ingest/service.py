@@ -11,7 +11,7 @@ from services.common import metrics
 from services.common.logs import get_logger
 from services.ingest import convert
 from services.ingest.domain.validation import Rejection, effective_time, triage
-from services.ingest.store import IngestStore, NewEvent
+from services.ingest.store import EventRow, IngestStore
 from usagebilling.ingest.v1 import ingest_pb2
 
 log = get_logger(__name__)
@@ -39,7 +39,7 @@ class Ingestor:
         verdict = triage(incoming, now, self._backdate_window)
         valid = [incoming[i] for i in verdict.valid]
         new_events = [
-            NewEvent(
+            EventRow(
                 event_id=e.event_id,
                 customer_id=e.customer_id,
                 event_name=e.event_name,

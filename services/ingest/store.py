@@ -25,7 +25,10 @@ _COLUMNS = "event_id, customer_id, event_name, event_time, metadata"
 
 
 @dataclass(frozen=True)
-class StoredEvent:
+class EventRow:
+    """An event as the log stores it: the time is always set (the server's when
+    the client sent none)."""
+
     event_id: str
     customer_id: str
     event_name: str
@@ -33,17 +36,8 @@ class StoredEvent:
     metadata: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class NewEvent:
-    event_id: str
-    customer_id: str
-    event_name: str
-    event_time: datetime
-    metadata: dict[str, Any]
-
-
-def _stored(row: asyncpg.Record) -> StoredEvent:
-    return StoredEvent(
+def _stored(row: asyncpg.Record) -> EventRow:
+    return EventRow(
         event_id=row["event_id"],
         customer_id=row["customer_id"],
         event_name=row["event_name"],
@@ -57,7 +51,7 @@ class IngestStore:
         self.pool = pool
 
     async def store_batch(
-        self, tenant_id: str, events: Sequence[NewEvent], outbox_payload: Any
+        self, tenant_id: str, events: Sequence[EventRow], outbox_payload: Any
     ) -> set[str]:
         """Inserts the events that are new for the tenant and, in the same
         transaction, one outbox row for them. `outbox_payload(new_ids)` builds
@@ -85,7 +79,7 @@ class IngestStore:
                 )
         return new_ids
 
-    async def get_event(self, tenant_id: str, event_id: str) -> StoredEvent:
+    async def get_event(self, tenant_id: str, event_id: str) -> EventRow:
         row = await self.pool.fetchrow(
             f"SELECT {_COLUMNS} FROM ingest.events WHERE tenant_id = $1 AND event_id = $2",
             tenant_id,
@@ -105,7 +99,7 @@ class IngestStore:
         end: datetime | None,
         after: tuple[datetime, str] | None,
         limit: int,
-    ) -> list[StoredEvent]:
+    ) -> list[EventRow]:
         """Newest first; `after` is the (event_time, event_id) of the last row seen."""
         conditions = ["tenant_id = $1"]
         args: list[Any] = [tenant_id]
@@ -138,7 +132,7 @@ class IngestStore:
         start: datetime,
         end: datetime,
         page: int = 1000,
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncIterator[EventRow]:
         """Oldest first, in pages (keyset), so no transaction stays open."""
         after: tuple[datetime, str] | None = None
         while True:
