@@ -17,9 +17,25 @@ log = get_logger(__name__)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
+def _jsonb_encode(value: Any) -> bytes:
+    # jsonb's binary form: a version byte, then the JSON text.
+    return b"\x01" + json.dumps(value).encode()
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    for kind in ("json", "jsonb"):
-        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # jsonb in binary, which COPY requires (meter's consumer copies its rows).
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=_jsonb_encode,
+        decoder=_jsonb_decode,
+        schema="pg_catalog",
+        format="binary",
+    )
 
 
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> Any:

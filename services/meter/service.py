@@ -30,25 +30,24 @@ class UsageRow:
 
 
 def _fold(
-    meters: Sequence[tuple[str, MeterSpec]], tenant_id: str, events: Iterable[ingest_pb2.Event]
-) -> list[tuple[str, FoldedEvent]]:
+    meters: Sequence[tuple[int, MeterSpec]], events: Iterable[ingest_pb2.Event]
+) -> list[FoldedEvent]:
     # The consumer's hot path: only the metadata keys some meter reads are
     # converted, and only for events that some meter counts.
     matcher = Matcher(meters)
-    rows: list[tuple[str, FoldedEvent]] = []
+    rows: list[FoldedEvent] = []
     for event in events:
         keys = matcher.keys_for(event.event_name)
         if keys is None:
             continue
         raw = event.metadata
-        for row in matcher.fold(
+        rows += matcher.fold(
             event_id=event.event_id,
             customer_id=event.customer_id,
             event_name=event.event_name,
             event_time=convert.to_datetime(event.timestamp),
             metadata={k: convert.meta_value(raw[k]) for k in keys if k in raw},
-        ):
-            rows.append((tenant_id, row))
+        )
     return rows
 
 
@@ -94,19 +93,17 @@ class MeterService:
         transaction. Meters are loaded after the fetch, so a meter created before
         an event was consumed either sees it here or in its backfill."""
         tenants = sorted({b.tenant_id for b in batches})
-        by_tenant: dict[str, list[tuple[str, MeterSpec]]] = defaultdict(list)
+        by_tenant: dict[str, list[tuple[int, MeterSpec]]] = defaultdict(list)
         for record in await self._store.active_meters(tenants):
-            by_tenant[record.tenant_id].append((record.id, convert.spec(record)))
-        rows: list[tuple[str, FoldedEvent]] = []
+            by_tenant[record.tenant_id].append((record.key, convert.spec(record)))
+        rows: list[FoldedEvent] = []
         for batch in batches:
             if by_tenant.get(batch.tenant_id):
-                rows += _fold(by_tenant[batch.tenant_id], batch.tenant_id, batch.events)
+                rows += _fold(by_tenant[batch.tenant_id], batch.events)
         return await self._store.fold(rows)
 
     async def fold_for_meter(self, record: MeterRecord, events: Sequence[ingest_pb2.Event]) -> int:
-        return await self._store.fold(
-            _fold([(record.id, convert.spec(record))], record.tenant_id, events)
-        )
+        return await self._store.fold(_fold([(record.key, convert.spec(record))], events))
 
     async def get_meter(self, tenant_id: str, meter_id: str) -> tuple[MeterRecord, dict[str, int]]:
         """The meter and how many matching events it skipped, by reason."""

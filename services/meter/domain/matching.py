@@ -9,27 +9,30 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from services.meter.domain.aggregation import MeterSpec, extract, group_key
 from services.meter.domain.filters import Filter, matches
 from services.meter.domain.values import MetaValue
 
 
-@dataclass(frozen=True)
-class FoldedEvent:
+class FoldedEvent(NamedTuple):
     """One (meter, event) row. `value` holds numbers, `text_value` the canonical
-    string UNIQUE_COUNT counts; a `skip_reason` records why nothing counted."""
+    string UNIQUE_COUNT counts, `dims` the group-by values (None when the meter
+    has no group-by); a `skip_reason` records why nothing counted.
 
-    meter_id: str
-    event_id: str
+    A plain tuple, in the store's column order: the consumer makes one per
+    meter per event, and the store copies them to PostgreSQL as they are."""
+
+    meter_key: int
     customer_id: str
     event_time: datetime
+    event_id: str
     value: Decimal | None
     text_value: str | None
-    dims: dict[str, str]
+    dims: dict[str, str] | None
     skip_reason: str | None
 
 
@@ -53,11 +56,13 @@ def read_keys(meter: MeterSpec) -> set[str]:
 
 
 class Matcher:
-    def __init__(self, meters: Iterable[tuple[str, MeterSpec]]) -> None:
-        self._by_name: dict[str, list[tuple[str, MeterSpec]]] = defaultdict(list)
+    """Built from (meter key, spec) pairs."""
+
+    def __init__(self, meters: Iterable[tuple[int, MeterSpec]]) -> None:
+        self._by_name: dict[str, list[tuple[int, MeterSpec]]] = defaultdict(list)
         self._keys: dict[str, frozenset[str]] = {}
-        for meter_id, spec in meters:
-            self._by_name[spec.event_name].append((meter_id, spec))
+        for meter_key, spec in meters:
+            self._by_name[spec.event_name].append((meter_key, spec))
         for name, group in self._by_name.items():
             self._keys[name] = frozenset(k for _, spec in group for k in read_keys(spec))
 
@@ -76,20 +81,20 @@ class Matcher:
         metadata: Mapping[str, MetaValue],
     ) -> list[FoldedEvent]:
         rows = []
-        for meter_id, spec in self._by_name.get(event_name, ()):
+        for meter_key, spec in self._by_name.get(event_name, ()):
             if not matches(spec.filter, metadata):
                 continue
             value, skip_reason = extract(spec, metadata)
             rows.append(
                 FoldedEvent(
-                    meter_id=meter_id,
-                    event_id=event_id,
-                    customer_id=customer_id,
-                    event_time=event_time,
-                    value=value if isinstance(value, Decimal) else None,
-                    text_value=value if isinstance(value, str) else None,
-                    dims=group_key(spec, metadata),
-                    skip_reason=skip_reason,
+                    meter_key,
+                    customer_id,
+                    event_time,
+                    event_id,
+                    value if isinstance(value, Decimal) else None,
+                    value if isinstance(value, str) else None,
+                    group_key(spec, metadata) if spec.group_by else None,
+                    skip_reason,
                 )
             )
         return rows

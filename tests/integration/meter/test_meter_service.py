@@ -5,6 +5,7 @@ edges to the second, skipped events. Events are folded as the consumer folds the
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -649,3 +650,28 @@ async def test_a_fetch_of_several_tenants_counts_each_in_its_own_meters(meters: 
     assert await total(meters, b, meter_b.id) == "2"
     with pytest.raises(NotFound):
         await meters.query(a, meter_b.id, START, END)
+
+
+# --- folding is idempotent ------------------------------------------------------------
+
+
+async def test_a_redelivered_or_overlapping_fold_counts_each_event_once(meters: Meters) -> None:
+    tenant = meters.new_tenant()
+    calls = await meters.create(tenant, name="calls")
+    tokens = await meters.create(tenant, name="tokens", aggregation="SUM", property="tokens")
+
+    def batch(*ids: str) -> ingest_pb2.EventBatch:
+        events = [ev(i, "c", DAY, tokens=int(i[1:])).proto for i in ids]
+        return ingest_pb2.EventBatch(tenant_id=tenant, events=events)
+
+    assert await meters.service.fold_batches([batch("e1", "e2")]) == 4  # two rows per event
+    # The same message again (a redelivery): nothing new.
+    assert await meters.service.fold_batches([batch("e1", "e2")]) == 0
+    # Old and new events in one fetch: only the new ones count.
+    assert await meters.service.fold_batches([batch("e2", "e3"), batch("e4")]) == 4
+    # Folds racing each other over the same events (a backfill beside the consumer).
+    racing = [batch(*(f"e{i}" for i in range(1, 40))) for _ in range(4)]
+    folded = await asyncio.gather(*(meters.service.fold_batches([b]) for b in racing))
+    assert sum(folded) == 2 * 35
+    assert await total(meters, tenant, calls.id) == "39"
+    assert await total(meters, tenant, tokens.id) == str(sum(range(1, 40)))

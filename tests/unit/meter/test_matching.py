@@ -23,16 +23,16 @@ def test_keys_read_by_a_meter() -> None:
 
 
 def test_matcher_finds_meters_by_name_and_names_the_keys_to_read() -> None:
-    matcher = Matcher([("t", TOKENS), ("c", CALLS), ("s", OTHER)])
+    matcher = Matcher([(1, TOKENS), (2, CALLS), (3, OTHER)])
     assert matcher.keys_for("api.call") == {"region", "tier", "tokens", "model"}
     assert matcher.keys_for("storage") == {"gb"}
     assert matcher.keys_for("unknown") is None
 
 
 def test_matcher_folds_what_each_meter_counts() -> None:
-    matcher = Matcher([("t", TOKENS), ("c", CALLS)])
+    matcher = Matcher([(1, TOKENS), (2, CALLS)])
 
-    def fold(metadata: dict[str, str | Decimal]) -> dict[str, tuple[object, ...]]:
+    def fold(metadata: dict[str, str | Decimal]) -> dict[int, tuple[object, ...]]:
         rows = matcher.fold(
             event_id="e",
             customer_id="c1",
@@ -40,15 +40,16 @@ def test_matcher_folds_what_each_meter_counts() -> None:
             event_time=WHEN,
             metadata=metadata,
         )
-        return {r.meter_id: (r.value, r.dims, r.skip_reason) for r in rows}
+        assert {(r.customer_id, r.event_time, r.event_id) for r in rows} <= {("c1", WHEN, "e")}
+        return {r.meter_key: (r.value, r.dims, r.skip_reason) for r in rows}
 
     assert fold({"region": "us", "tier": "pro", "tokens": Decimal(5), "model": "m"}) == {
-        "t": (Decimal(5), {"model": "m"}, None),
-        "c": (Decimal(1), {}, None),
+        1: (Decimal(5), {"model": "m"}, None),
+        2: (Decimal(1), None, None),
     }
     # Neither branch of the OR holds: only the unfiltered meter counts it.
     assert fold({"region": "us", "tier": "free", "tokens": Decimal(5)}) == {
-        "c": (Decimal(1), {}, None)
+        2: (Decimal(1), None, None)
     }
     # Passes the filter but lacks the property: recorded as skipped.
-    assert fold({"region": "eu"})["t"] == (None, {"model": ""}, "missing_property")
+    assert fold({"region": "eu"})[1] == (None, {"model": ""}, "missing_property")
