@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 
 from services.common.logs import get_logger
 
@@ -18,12 +19,16 @@ _MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
 def _jsonb_encode(value: Any) -> bytes:
-    # jsonb's binary form: a version byte, then the JSON text.
-    return b"\x01" + json.dumps(value).encode()
+    # jsonb's binary form: a version byte, then the JSON text. orjson, because
+    # ingest encodes every event's metadata (a tenth of json.dumps' time).
+    try:
+        return b"\x01" + orjson.dumps(value)
+    except TypeError:  # what orjson does not take, an int beyond 64 bits say
+        return b"\x01" + json.dumps(value).encode()
 
 
 def _jsonb_decode(data: bytes) -> Any:
-    return json.loads(data[1:])
+    return orjson.loads(data[1:])
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
