@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -188,6 +189,12 @@ class MeterStore:
         repeat of (meter, event) is ignored. Returns how many were new."""
         if not rows:
             return 0
+        # A customer's rows go in together, so that their usage query later
+        # reads a few heap pages per fetch instead of one page per event.
+        by_customer: dict[str, list[FoldedEvent]] = defaultdict(list)
+        for row in rows:
+            by_customer[row.customer_id].append(row)
+        rows = [row for group in by_customer.values() for row in group]
         async with self.pool.acquire() as conn:
             # Almost always every row is new: COPY them, the cheapest write
             # PostgreSQL has. The primary key still refuses a repeat (a
