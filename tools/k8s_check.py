@@ -487,18 +487,37 @@ def service_port(index: Index, host: str, port: int) -> Obj | None:
     return service if port in ports else None
 
 
+def grpc_target(value: str) -> tuple[str, bool]:
+    """A gRPC target as `host:port`, and whether gRPC resolves it by DNS to
+    every address (`dns:///host:port`) rather than dialling it as it is."""
+    if value.startswith("dns:"):
+        return value.removeprefix("dns:").lstrip("/").split("/")[-1], True
+    return value, False
+
+
 def check_addresses(index: Index, app: AppContainer) -> list[str]:
     problems = []
     for name, value in sorted(app.env.items()):
         if value is None or not (name.endswith("_ADDR") or name == "NATS_URL"):
             continue
-        targets = value.split(",") if name == "NATS_URL" else [f"grpc://{value}"]
+        by_dns = False
+        if name == "NATS_URL":
+            targets = value.split(",")
+        else:
+            address, by_dns = grpc_target(value)
+            targets = [f"grpc://{address}"]
         for target in targets:
             parts = urlsplit(target.strip())
             default = 4222 if name == "NATS_URL" else 0
             host, port = parts.hostname or "", parts.port or default
-            if service_port(index, host, port) is None:
+            service = service_port(index, host, port)
+            if service is None:
                 problems.append(f"{name}={value}: no Service {host} with port {port} here")
+            elif by_dns and service.get("spec", {}).get("clusterIP") != "None":
+                problems.append(
+                    f"{name}={value}: Service {host} is not headless, so DNS gives one"
+                    " address and round_robin cannot spread the calls"
+                )
     nats = urlsplit((app.env.get("NATS_URL") or "").split(",")[0])
     service = service_port(index, nats.hostname or "", nats.port or 4222)
     replicas = app.common.stream_replicas

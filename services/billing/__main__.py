@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import grpc
-
 from services.billing import api
 from services.billing import settings as billing_settings
 from services.billing.accounts import Accounts
@@ -16,6 +14,7 @@ from services.billing.meter_client import CHANNEL_OPTIONS, MeterClient
 from services.billing.scheduler import Scheduler
 from services.billing.store import BillingStore
 from services.common import app
+from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from usagebilling.billing.v1 import (
     customer_pb2,
@@ -36,7 +35,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
         store = BillingStore(runtime.pool)
-        meter_channel = grpc.aio.insecure_channel(settings.meter_addr, options=CHANNEL_OPTIONS)
+        meter_channel = internal_channel(settings.meter_addr, CHANNEL_OPTIONS)
         meters = MeterClient(meter_channel, settings.common.admin_token)
         accounts = Accounts(store)
         catalog = Catalog(store, meters)

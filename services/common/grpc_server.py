@@ -54,6 +54,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 
 Behavior = Callable[..., Any]
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -217,6 +218,10 @@ class GrpcServer:
                 # A full batch (1000 events, 50 keys of 500 characters) is about
                 # 25 MB; larger messages get RESOURCE_EXHAUSTED from gRPC itself.
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # Clients reconnect (and resolve again) this often, so that the
+                # callers' round_robin finds replicas added since
+                # (services/common/channels.py). Calls in flight finish first.
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
             ],
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]

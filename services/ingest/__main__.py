@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import grpc
-
 from services.common import app
 from services.common.auth_client import billing_key_resolver
+from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
@@ -25,7 +24,7 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
         store = IngestStore(runtime.pool)
         relay = Relay(store, runtime.js)
         ingestor = Ingestor(store, relay.wake, settings.backdate_window)
-        billing = grpc.aio.insecure_channel(settings.billing_addr)
+        billing = internal_channel(settings.billing_addr)
         return app.Wiring(
             registrations=[
                 Registration.of(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import grpc
-
 from services.common import app
 from services.common.auth_client import billing_key_resolver
+from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from services.meter import settings as meter_settings
 from services.meter.api import MeterServicer
@@ -25,8 +24,8 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
         store = MeterStore(runtime.pool)
         service = MeterService(store)
-        billing = grpc.aio.insecure_channel(settings.billing_addr)
-        ingest = grpc.aio.insecure_channel(settings.ingest_addr)
+        billing = internal_channel(settings.billing_addr)
+        ingest = internal_channel(settings.ingest_addr)
         backfiller = Backfiller(
             store, service, ingest, settings.common.admin_token, settings.backdate_window
         )

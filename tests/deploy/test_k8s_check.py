@@ -196,3 +196,41 @@ def test_schema_errors_and_weakened_pods_fail(renderings: list[Rendering]) -> No
 
 def test_known_variables_include_the_metrics_port() -> None:
     assert "USAGEBILLING_METRICS_PORT" in k8s_check.known_variables("billing")
+
+
+def test_services_dial_each_other_through_headless_services(renderings: list[Rendering]) -> None:
+    for rendering in renderings:
+        index = Index(rendering.objects)
+        addresses = {
+            name: value
+            for o in rendering.objects
+            if o["kind"] == "ConfigMap"
+            for name, value in (o.get("data") or {}).items()
+            if name.endswith("_ADDR")
+        }
+        assert set(addresses) == {
+            "USAGEBILLING_BILLING_ADDR",
+            "USAGEBILLING_INGEST_ADDR",
+            "USAGEBILLING_METER_ADDR",
+        }, rendering.name
+        for value in addresses.values():
+            address, by_dns = k8s_check.grpc_target(value)
+            assert by_dns, value
+            service = index.get("Service", address.split(":")[0])
+            assert service is not None and service["spec"]["clusterIP"] == "None", value
+        # A ClusterIP Service behind a dns:/// address is reported.
+        objects = copy.deepcopy(rendering.objects)
+        for service in objects:
+            if service["kind"] == "Service" and service["metadata"]["name"].endswith("-peers"):
+                del service["spec"]["clusterIP"]
+        problems, _ = k8s_check.check_objects(objects)
+        assert any("is not headless" in p for p in problems), rendering.name
+
+
+def test_grpc_targets() -> None:
+    assert k8s_check.grpc_target("dns:///meter-peers:50052") == ("meter-peers:50052", True)
+    assert k8s_check.grpc_target("dns://10.0.0.10/meter-peers:50052") == (
+        "meter-peers:50052",
+        True,
+    )
+    assert k8s_check.grpc_target("meter:50052") == ("meter:50052", False)

@@ -1,0 +1,29 @@
+"""gRPC channels from one service to another.
+
+A plain channel to a Kubernetes ClusterIP Service keeps one HTTP/2 connection
+to whichever pod the first connection landed on, so every call of a replica
+goes to that one pod. Given a target that resolves to every pod (a headless
+Service, `dns:///meter-peers:50052`), round_robin keeps a connection to each
+ready pod and spreads the calls. Servers end connections after
+`MAX_CONNECTION_AGE` (see grpc_server), which makes clients resolve again and
+find pods added since. With a single address (127.0.0.1:50052, a ClusterIP)
+it behaves as a plain channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+BALANCED: Sequence[tuple[str, Any]] = (
+    ("grpc.lb_policy_name", "round_robin"),
+    # Dead connections are noticed between calls, not at the next call's deadline.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+
+
+def internal_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=[*BALANCED, *options])
