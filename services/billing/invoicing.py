@@ -34,12 +34,19 @@ from usagebilling.billing.v1 import invoice_pb2
 log = get_logger(__name__)
 
 FINALIZED_SUBJECT: Final = f"{BILLING_SUBJECT_PREFIX}.invoice.finalized"
+VOIDED_SUBJECT: Final = f"{BILLING_SUBJECT_PREFIX}.invoice.voided"
+# Per subject: the payload's message type, the Nats-Msg-Id's suffix to the
+# invoice id, and the metrics action.
+_MESSAGES: Final = {
+    FINALIZED_SUBJECT: (invoice_pb2.InvoiceFinalized, "", "published"),
+    VOIDED_SUBJECT: (invoice_pb2.InvoiceVoided, ".voided", "void_published"),
+}
 # How far ahead of the server's clock a client's as_of may be (clock skew).
 AS_OF_SKEW: Final = timedelta(seconds=5)
 # Invoices inserted or finalized per transaction.
 BATCH: Final = 1000
-# invoice.finalized messages read and published at once, and how long JetStream
-# has to acknowledge them.
+# invoice messages read and published at once, and how long JetStream has to
+# acknowledge them.
 PUBLISH_BATCH: Final = 1000
 PUBLISH_TIMEOUT: Final = 10.0
 
@@ -210,27 +217,32 @@ class Invoicing:
         return list(dict.fromkeys(touched))
 
     async def publish_pending(self, tenant_id: str | None = None) -> int:
-        """Publishes finalized invoices (of one tenant, or all) not yet published,
-        Nats-Msg-Id = invoice id, so that a repeat (after a crash, or by two
-        replicas) is absorbed by JetStream; marks them only after the ack."""
+        """Publishes invoice.finalized for finalized invoices (of one tenant, or
+        all) not yet published, then invoice.voided for voided ones whose
+        invoice.finalized is out. Nats-Msg-Id is derived from the invoice id, so
+        that a repeat (after a crash, or by two replicas) is absorbed by
+        JetStream; invoices are marked only after the ack. Returns how many
+        messages went out."""
         if self._js is None:
             return 0
         published = 0
-        while batch := await self._store.unpublished(tenant_id, PUBLISH_BATCH):
-            acked = await self._publish(batch)
-            await self._store.mark_published(acked)
-            published += len(acked)
-            metrics.INVOICES.labels(action="published").inc(len(acked))
-            if len(acked) < len(batch):
-                break  # JetStream is unwell: a later run retries the rest
+        for subject, message in ((FINALIZED_SUBJECT, "finalized"), (VOIDED_SUBJECT, "voided")):
+            while batch := await self._store.unpublished(tenant_id, PUBLISH_BATCH, message):
+                acked = await self._publish(subject, batch)
+                await self._store.mark_published(acked, message)
+                published += len(acked)
+                metrics.INVOICES.labels(action=_MESSAGES[subject][2]).inc(len(acked))
+                if len(acked) < len(batch):
+                    return published  # JetStream is unwell: a later run retries the rest
         return published
 
-    async def _publish(self, invoices: Sequence[InvoiceRecord]) -> list[str]:
+    async def _publish(self, subject: str, invoices: Sequence[InvoiceRecord]) -> list[str]:
         """Publishes without waiting for each ack in turn; returns the ids acked."""
+        message_type, msg_id_suffix, _ = _MESSAGES[subject]
         payloads = [
             (
                 invoice.id,
-                invoice_pb2.InvoiceFinalized(
+                message_type(
                     tenant_id=invoice.tenant_id, invoice=convert.proto_invoice(invoice)
                 ).SerializeToString(),
             )
@@ -243,7 +255,7 @@ class Invoicing:
                 # would then write each message on its own. A batch (1000) stays
                 # well below the client's limit of pending acks (4000).
                 future = await self._js.publish_async(
-                    FINALIZED_SUBJECT, payload, headers={"Nats-Msg-Id": invoice_id}
+                    subject, payload, headers={"Nats-Msg-Id": invoice_id + msg_id_suffix}
                 )
             except Exception as exc:
                 log.warning("invoice_publish_failed", invoice_id=invoice_id, error=repr(exc))
@@ -370,6 +382,11 @@ class Invoicing:
             replacement = convert.draft_json(drafts[period.key])
         if await self._store.void_invoice(tenant_id, invoice.id, replacement, now) == "FINALIZED":
             metrics.INVOICES.labels(action="voided").inc()
+            # Announced now; if JetStream is down, by the scheduler's next pass.
+            try:
+                await self.publish_pending(tenant_id)
+            except Exception as exc:  # the void is committed: it must not fail now
+                log.warning("invoice_publish_failed", invoice_id=invoice.id, error=repr(exc))
         return await self._store.get_invoice(tenant_id, invoice.id)
 
 

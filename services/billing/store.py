@@ -141,6 +141,19 @@ _SUBSCRIPTION_SELECT = (
 )
 
 
+# Per invoice message: which invoices it is due for, the column recording that
+# it went out, the order in which they go. invoice.voided waits for the
+# invoice's invoice.finalized, so that it never overtakes it.
+_PUBLISHING = {
+    "finalized": ("finalized_at IS NOT NULL", "published_at", "finalized_at"),
+    "voided": (
+        "voided_at IS NOT NULL AND published_at IS NOT NULL",
+        "void_published_at",
+        "voided_at",
+    ),
+}
+
+
 class BillingStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -553,21 +566,23 @@ class BillingStore:
             return status
 
     async def unpublished(
-        self, tenant_id: str | None = None, limit: int = 500
+        self, tenant_id: str | None = None, limit: int = 500, message: str = "finalized"
     ) -> list[InvoiceRecord]:
-        """Finalized invoices (of one tenant, or of all) not yet published, oldest first."""
+        """Invoices (of one tenant, or of all) whose invoice.<message> is due and
+        not yet published, oldest first."""
+        due, published, order = _PUBLISHING[message]
         rows = await self.pool.fetch(
-            "SELECT * FROM billing.invoices WHERE finalized_at IS NOT NULL"
-            " AND published_at IS NULL AND ($1::text IS NULL OR tenant_id = $1)"
-            " ORDER BY finalized_at LIMIT $2",
+            f"SELECT * FROM billing.invoices WHERE {due} AND {published} IS NULL"
+            f" AND ($1::text IS NULL OR tenant_id = $1) ORDER BY {order} LIMIT $2",
             tenant_id,
             limit,
         )
         return [_invoice(r) for r in rows]
 
-    async def mark_published(self, invoice_ids: Sequence[str]) -> None:
+    async def mark_published(self, invoice_ids: Sequence[str], message: str = "finalized") -> None:
+        _, published, _ = _PUBLISHING[message]
         await self.pool.execute(
-            "UPDATE billing.invoices SET published_at = now() WHERE id = ANY($1::uuid[])",
+            f"UPDATE billing.invoices SET {published} = now() WHERE id = ANY($1::uuid[])",
             list(invoice_ids),
         )
 

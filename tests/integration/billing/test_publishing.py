@@ -1,6 +1,7 @@
-"""invoice.finalized on a real JetStream: one message per finalized invoice,
-Nats-Msg-Id = invoice id, published after the finalizing transaction, retried
-after a failure, deduplicated when sent twice."""
+"""invoice.finalized and invoice.voided on a real JetStream: one message per
+finalized (voided) invoice, Nats-Msg-Id = invoice id (+ ".voided"), published
+after the transaction, retried after a failure, deduplicated when sent twice;
+an invoice's voided message never comes before its finalized one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from nats.errors import TimeoutError as NatsTimeout
 
 from services.billing import convert
-from services.billing.invoicing import FINALIZED_SUBJECT
+from services.billing.invoicing import FINALIZED_SUBJECT, VOIDED_SUBJECT
 from services.common import jetstream
 from tests.integration.billing.builders import DAY, invoices_of, tenant_with
 from tests.integration.billing.conftest import Billing, wire
@@ -34,10 +35,15 @@ async def js(stack_urls: tuple[str, str]) -> AsyncIterator[Any]:
     await connection.close()
 
 
-async def _messages(js: Any, tenant_id: str) -> list[tuple[str, invoice_pb2.InvoiceFinalized]]:
-    """(Nats-Msg-Id, payload) of the tenant's messages on the shared BILLING stream."""
-    subscription = await js.pull_subscribe(FINALIZED_SUBJECT, stream=jetstream.BILLING_STREAM)
-    found: list[tuple[str, invoice_pb2.InvoiceFinalized]] = []
+async def _stream(js: Any, subject: str, tenant_id: str) -> list[tuple[int, str, Any]]:
+    """(stream sequence, Nats-Msg-Id, payload) of the tenant's messages on
+    `subject` of the shared BILLING stream."""
+    message_type = {
+        FINALIZED_SUBJECT: invoice_pb2.InvoiceFinalized,
+        VOIDED_SUBJECT: invoice_pb2.InvoiceVoided,
+    }[subject]
+    subscription = await js.pull_subscribe(subject, stream=jetstream.BILLING_STREAM)
+    found: list[tuple[int, str, Any]] = []
     try:
         while True:
             try:
@@ -45,12 +51,21 @@ async def _messages(js: Any, tenant_id: str) -> list[tuple[str, invoice_pb2.Invo
             except NatsTimeout:
                 return found
             for message in batch:
-                payload = invoice_pb2.InvoiceFinalized.FromString(message.data)
+                payload = message_type.FromString(message.data)
                 if payload.tenant_id == tenant_id:
-                    found.append((message.headers["Nats-Msg-Id"], payload))
+                    found.append(
+                        (message.metadata.sequence.stream, message.headers["Nats-Msg-Id"], payload)
+                    )
                 await message.ack()
     finally:
         await subscription.unsubscribe()
+
+
+async def _messages(js: Any, tenant_id: str) -> list[tuple[str, invoice_pb2.InvoiceFinalized]]:
+    """(Nats-Msg-Id, payload) of the tenant's invoice.finalized messages."""
+    return [
+        (msg_id, payload) for _, msg_id, payload in await _stream(js, FINALIZED_SUBJECT, tenant_id)
+    ]
 
 
 class _Failing:
@@ -107,3 +122,36 @@ async def test_a_failed_publish_is_retried_and_a_repeat_is_absorbed(
     )
     assert await up.invoicing.publish_pending(tenant.id) == 3
     assert sorted(m for m, _ in await _messages(js, tenant.id)) == sorted(ids)
+
+
+async def test_a_voided_invoice_is_announced_once_after_its_finalized_message(
+    billing: Billing, js: Any
+) -> None:
+    up = wire(billing.store.pool, billing.meters, js=js)
+    tenant = await tenant_with(billing, interval=DAY, start=MAY1, now=MAY1, fixed_price_minor=7)
+    first, second, _ = sorted(
+        await up.invoicing.run_cycle(tenant.id, AFTER_THREE_DAYS, AFTER_THREE_DAYS)
+    )
+    voided = await up.invoicing.void(tenant.id, first, reissue=True, now=AFTER_THREE_DAYS)
+    # Voided again (with a reissue asked twice): still one message.
+    await up.invoicing.void(tenant.id, first, reissue=True, now=AFTER_THREE_DAYS)
+    [(_, msg_id, payload)] = await _stream(js, VOIDED_SUBJECT, tenant.id)
+    assert msg_id == f"{first}.voided"
+    assert payload.invoice == convert.proto_invoice(voided)
+    assert payload.invoice.status == invoice_pb2.INVOICE_STATUS_VOID
+    assert payload.invoice.replaced_by_invoice_id == voided.replaced_by_id != ""
+
+    # With NATS down, a void waits; when it is back its finalized message goes
+    # out first, even when the invoice was finalized during the outage.
+    down = wire(billing.store.pool, billing.meters, js=_Failing())
+    await billing.store.pool.execute(
+        "UPDATE billing.invoices SET published_at = NULL WHERE id = $1", second
+    )
+    await down.invoicing.void(tenant.id, second, reissue=False, now=AFTER_THREE_DAYS)
+    assert [i.id for i in await billing.store.unpublished(tenant.id, message="voided")] == []
+    assert await up.invoicing.publish_pending(tenant.id) == 2
+    finalized = {m: seq for seq, m, _ in await _stream(js, FINALIZED_SUBJECT, tenant.id)}
+    voids = {m: seq for seq, m, _ in await _stream(js, VOIDED_SUBJECT, tenant.id)}
+    assert set(voids) == {f"{first}.voided", f"{second}.voided"}
+    assert voids[f"{second}.voided"] > finalized[second]
+    assert await billing.store.unpublished(tenant.id, message="voided") == []

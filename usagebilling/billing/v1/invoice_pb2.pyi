@@ -465,3 +465,33 @@ class InvoiceFinalized(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvoiceFinalized: _TypeAlias = InvoiceFinalized  # noqa: Y015
+
+@_typing.final
+class InvoiceVoided(_message.Message):
+    """Published on JetStream as usagebilling.billing.v1.invoice.voided
+    (Nats-Msg-Id = invoice id + ".voided"), never before the invoice's
+    invoice.finalized. `invoice` is the voided invoice as it was then (status
+    VOID, void_time set, replaced_by_invoice_id when VoidInvoice reissued it in
+    the same call; a correction issued later names it in replaces_invoice_id).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    INVOICE_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    @_builtins.property
+    def invoice(self) -> Global___Invoice: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        invoice: Global___Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoiceVoided: _TypeAlias = InvoiceVoided  # noqa: Y015
