@@ -143,13 +143,18 @@ _SUBSCRIPTION_SELECT = (
 
 # Per invoice message: which invoices it is due for, the column recording that
 # it went out, the order in which they go. invoice.voided waits for the
-# invoice's invoice.finalized, so that it never overtakes it.
+# invoice's invoice.finalized, so that it never overtakes it. Invoices
+# finalized together go out in number order ("INV-1000000" after "INV-999999").
 _PUBLISHING = {
-    "finalized": ("finalized_at IS NOT NULL", "published_at", "finalized_at"),
+    "finalized": (
+        "finalized_at IS NOT NULL",
+        "published_at",
+        "finalized_at, length(number), number",
+    ),
     "voided": (
         "voided_at IS NOT NULL AND published_at IS NOT NULL",
         "void_published_at",
-        "voided_at",
+        "voided_at, length(number), number",
     ),
 }
 

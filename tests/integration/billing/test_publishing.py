@@ -89,6 +89,8 @@ async def test_one_message_per_finalized_invoice(billing: Billing, js: Any) -> N
     assert len(ids) == 6
     messages = await _messages(js, tenant.id)
     assert sorted(msg_id for msg_id, _ in messages) == sorted(ids)
+    # In number order, as they were finalized.
+    assert [p.invoice.number for _, p in messages] == [f"INV-{n:06}" for n in range(1, 7)]
     stored = {i.id: i for i in await invoices_of(billing, tenant.id)}
     for msg_id, payload in messages:
         assert payload.invoice == convert.proto_invoice(stored[msg_id])
