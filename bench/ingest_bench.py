@@ -37,6 +37,8 @@ from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
 CUSTOMERS = 100
+# A probe event not counted by then fails the run (the pipeline lost it).
+PROBE_TIMEOUT = 120
 REGIONS = ("eu", "us", "apac")
 
 
@@ -98,30 +100,37 @@ async def _total(stub: Any, auth: Any, meter_id: str, start: datetime, end: date
 
 
 async def _probe_freshness(
-    ingest: Any, meter: Any, auth: Any, meter_id: str, stop: asyncio.Event
+    ingest: Any, meter: Any, auth: Any, meter_id: str, stop: asyncio.Event, phase: str
 ) -> list[float]:
-    """Every 100 ms, one event for a customer of its own; time until it counts."""
+    """Every 100 ms, one new event for a customer of its own (ids unique to
+    the phase); time until it counts."""
     samples: list[float] = []
     n = 0
     while not stop.is_set():
         n += 1
+        probe = f"probe-{phase}-{n}"
         now = datetime.now(UTC)
-        event = ingest_pb2.Event(
-            event_id=f"probe-{n}", customer_id=f"probe-{n}", event_name="api.call"
-        )
+        event = ingest_pb2.Event(event_id=probe, customer_id=probe, event_name="api.call")
         event.timestamp.FromDatetime(now)
         event.metadata["tokens"].int_value = 1
         event.metadata["region"].string_value = "eu"
-        await ingest.IngestEvents(ingest_pb2.IngestEventsRequest(events=[event]), metadata=auth)
+        answer = await ingest.IngestEvents(
+            ingest_pb2.IngestEventsRequest(events=[event]), metadata=auth
+        )
         acked = time.perf_counter()
-        request = meter_pb2.QueryUsageRequest(meter_id=meter_id, customer_id=f"probe-{n}")
+        # A repeat would be counted already (or never): no freshness to measure.
+        if answer.accepted_count != 1:
+            raise RuntimeError(f"probe {probe} was not accepted as new: {answer}")
+        request = meter_pb2.QueryUsageRequest(meter_id=meter_id, customer_id=probe)
         request.start_time.FromDatetime(now - timedelta(minutes=1))
         request.end_time.FromDatetime(now + timedelta(minutes=1))
         while True:
-            answer = await meter.QueryUsage(request, metadata=auth)
-            if answer.rows and answer.rows[0].value == "1":
+            usage = await meter.QueryUsage(request, metadata=auth)
+            if usage.rows and usage.rows[0].value == "1":
                 samples.append((time.perf_counter() - acked) * 1000)
                 break
+            if time.perf_counter() - acked > PROBE_TIMEOUT:
+                raise RuntimeError(f"probe {probe} not counted {PROBE_TIMEOUT} s after its ack")
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.1)
     return samples
@@ -254,7 +263,7 @@ async def run(
     stop_probe = asyncio.Event()
     ingest_stub = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
     probe = asyncio.create_task(
-        _probe_freshness(ingest_stub, meter, auth, meters["calls"], stop_probe)
+        _probe_freshness(ingest_stub, meter, auth, meters["calls"], stop_probe, "burst")
     )
     cpu_before = cpu()
     started = time.perf_counter()
@@ -283,7 +292,7 @@ async def run(
     # ingest and meter adds to it).
     stop_probe = asyncio.Event()
     probe = asyncio.create_task(
-        _probe_freshness(ingest_stub, meter, auth, meters["calls"], stop_probe)
+        _probe_freshness(ingest_stub, meter, auth, meters["calls"], stop_probe, "paced")
     )
     await _paced(send, auth, paced_rate, paced_seconds, batch)
     stop_probe.set()
