@@ -199,7 +199,8 @@ class MeterStore:
             # Almost always every row is new: COPY them, the cheapest write
             # PostgreSQL has. The primary key still refuses a repeat (a
             # redelivered message, a backfill overlapping the consumer); then
-            # the whole transaction is undone and the rows go in one by one.
+            # the whole transaction is undone and the rows go in again through
+            # INSERT ... ON CONFLICT DO NOTHING, which skips the repeats.
             try:
                 async with conn.transaction():
                     await conn.copy_records_to_table(
