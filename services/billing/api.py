@@ -12,7 +12,7 @@ from services.billing.invoicing import Invoicing
 from services.billing.store import BillingStore
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_time_cursor, next_page, page_size
+from services.common.paging import fetch_page
 from usagebilling.billing.v1 import (
     customer_pb2,
     customer_pb2_grpc,
@@ -95,12 +95,9 @@ class CustomerServicer(customer_pb2_grpc.CustomerServiceServicer):
     async def ListCustomers(
         self, request: customer_pb2.ListCustomersRequest, context: Any
     ) -> customer_pb2.ListCustomersResponse:
-        limit = page_size(request.page_size)
-        rows, token = next_page(
-            await self._store.list_customers(
-                current_tenant(), decode_time_cursor(request.page_token, uuid_key=True), limit + 1
-            ),
-            limit,
+        rows, token = await fetch_page(
+            request,
+            lambda after, limit: self._store.list_customers(current_tenant(), after, limit),
             lambda r: (r.created_at, r.id),
         )
         return customer_pb2.ListCustomersResponse(
@@ -127,12 +124,9 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
     async def ListProducts(
         self, request: product_pb2.ListProductsRequest, context: Any
     ) -> product_pb2.ListProductsResponse:
-        limit = page_size(request.page_size)
-        rows, token = next_page(
-            await self._store.list_products(
-                current_tenant(), decode_time_cursor(request.page_token, uuid_key=True), limit + 1
-            ),
-            limit,
+        rows, token = await fetch_page(
+            request,
+            lambda after, limit: self._store.list_products(current_tenant(), after, limit),
             lambda r: (r.created_at, r.id),
         )
         return product_pb2.ListProductsResponse(
@@ -231,16 +225,15 @@ class InvoiceServicer(invoice_pb2_grpc.InvoiceServiceServicer):
     async def ListInvoices(
         self, request: invoice_pb2.ListInvoicesRequest, context: Any
     ) -> invoice_pb2.ListInvoicesResponse:
-        limit = page_size(request.page_size)
-        rows, token = next_page(
-            await self._store.list_invoices(
+        rows, token = await fetch_page(
+            request,
+            lambda after, limit: self._store.list_invoices(
                 current_tenant(),
                 customer_id=request.customer_id,
                 subscription_id=request.subscription_id,
-                after=decode_time_cursor(request.page_token, uuid_key=True),
-                limit=limit + 1,
+                after=after,
+                limit=limit,
             ),
-            limit,
             lambda r: (r.period_start, r.id),
         )
         return invoice_pb2.ListInvoicesResponse(

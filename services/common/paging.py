@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -66,3 +66,18 @@ def next_page(
     page = rows[:limit]
     when, key = cursor(page[-1])
     return page, encode_token([when.isoformat(), key])
+
+
+async def fetch_page(
+    request: Any,
+    fetch: Callable[[tuple[datetime, str] | None, int], Awaitable[list[T]]],
+    cursor: Callable[[T], tuple[datetime, str]],
+    *,
+    uuid_key: bool = True,
+) -> tuple[list[T], str]:
+    """One page of a List RPC: checks the request's page_size and page_token,
+    asks `fetch(after, limit)` for one row more than a page, and returns the
+    page and the next page's token (rows ordered by `cursor`)."""
+    limit = page_size(request.page_size)
+    after = decode_time_cursor(request.page_token, uuid_key=uuid_key)
+    return next_page(await fetch(after, limit + 1), limit, cursor)

@@ -8,7 +8,7 @@ from typing import Any
 
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_time_cursor, next_page, page_size
+from services.common.paging import fetch_page
 from services.ingest import convert
 from services.ingest.service import Ingestor, IngestResult
 from services.ingest.store import IngestStore
@@ -62,19 +62,21 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def ListEvents(
         self, request: ingest_pb2.ListEventsRequest, context: Any
     ) -> ingest_pb2.ListEventsResponse:
-        limit = page_size(request.page_size)
-        events, token = next_page(
-            await self._store.list_events(
+        start = _optional_time(request, "start_time")
+        end = _optional_time(request, "end_time")
+        events, token = await fetch_page(
+            request,
+            lambda after, limit: self._store.list_events(
                 current_tenant(),
                 customer_id=request.customer_id,
                 event_name=request.event_name,
-                start=_optional_time(request, "start_time"),
-                end=_optional_time(request, "end_time"),
-                after=decode_time_cursor(request.page_token),
-                limit=limit + 1,
+                start=start,
+                end=end,
+                after=after,
+                limit=limit,
             ),
-            limit,
             lambda e: (e.event_time, e.event_id),
+            uuid_key=False,
         )
         return ingest_pb2.ListEventsResponse(
             events=[convert.proto_event(e) for e in events], next_page_token=token

@@ -6,7 +6,7 @@ from typing import Any
 
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_time_cursor, next_page, page_size
+from services.common.paging import fetch_page
 from services.meter import convert
 from services.meter.service import MeterService
 from services.meter.store import MeterStore
@@ -30,11 +30,9 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
     async def ListMeters(
         self, request: meter_pb2.ListMetersRequest, context: Any
     ) -> meter_pb2.ListMetersResponse:
-        limit = page_size(request.page_size)
-        after = decode_time_cursor(request.page_token, uuid_key=True)
-        meters, token = next_page(
-            await self._store.list_meters(current_tenant(), after, limit + 1),
-            limit,
+        meters, token = await fetch_page(
+            request,
+            lambda after, limit: self._store.list_meters(current_tenant(), after, limit),
             lambda m: (m.created_at, m.id),
         )
         return meter_pb2.ListMetersResponse(
