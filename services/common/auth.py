@@ -21,7 +21,10 @@ KEY_PREFIX = "ubk_"
 # Set by a service calling another on a tenant's behalf, with the admin token.
 TENANT_HEADER = "x-usagebilling-tenant"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-ADMIN_METHOD_PREFIXES = ("/usagebilling.billing.v1.TenantService/",)
+ADMIN_METHOD_PREFIXES = (
+    "/usagebilling.billing.v1.TenantService/",
+    "/usagebilling.common.v1.QuarantineService/",
+)
 
 
 @dataclass(frozen=True)

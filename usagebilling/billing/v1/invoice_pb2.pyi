@@ -233,22 +233,72 @@ class RunBillingCycleResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INVOICE_IDS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    MORE_PENDING_FIELD_NUMBER: _builtins.int
+    more_pending: _builtins.bool
+    """True when some subscription has more ended periods than one run catches
+    up (USAGEBILLING_BILLING_CATCHUP_PERIODS): the next run continues.
+    """
     @_builtins.property
     def invoice_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The invoices this run built or finalized."""
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___BillingFailure]:
+        """The periods this run could not invoice, each with why; every other period
+        and subscription was still billed. A failed period is tried again on
+        every run until it succeeds.
+        """
 
     def __init__(
         self,
         *,
         invoice_ids: _abc.Iterable[_builtins.str] | None = ...,
+        failures: _abc.Iterable[Global___BillingFailure] | None = ...,
+        more_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_ids", b"invoice_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "invoice_ids", b"invoice_ids", "more_pending", b"more_pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunBillingCycleResponse: _TypeAlias = RunBillingCycleResponse  # noqa: Y015
+
+@_typing.final
+class BillingFailure(_message.Message):
+    """A subscription's period that could not be invoiced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    reason: _builtins.str
+    """Why, in words a person can act on (for example an amount beyond the
+    int64 range of minor units, naming the line).
+    """
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start", "reason", b"reason", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillingFailure: _TypeAlias = BillingFailure  # noqa: Y015
 
 @_typing.final
 class GetInvoiceRequest(_message.Message):
