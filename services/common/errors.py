@@ -23,7 +23,12 @@ class FailedPrecondition(DomainError):
 
 
 class ResourceExhausted(DomainError):
-    pass
+    """A quota or rate is reached. `retry_after` (seconds), when waiting helps,
+    goes to the client as the trailing metadata `retry-after`."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unauthenticated(DomainError):
