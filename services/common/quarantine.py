@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.grpc_server import Registration
 from services.common.ids import parse_uuid
 from services.common.paging import fetch_page
 from usagebilling.common.v1 import quarantine_pb2, quarantine_pb2_grpc
@@ -128,3 +129,13 @@ class QuarantineServicer(quarantine_pb2_grpc.QuarantineServiceServicer):
     ) -> quarantine_pb2.DiscardQuarantinedResponse:
         count = await self._backend.discard(parse_ids(request.ids))
         return quarantine_pb2.DiscardQuarantinedResponse(discarded_count=count)
+
+
+def registration(backend: QuarantineBackend) -> Registration:
+    """The servicer over `backend`, ready for a service's Wiring.registrations."""
+    return Registration.of(
+        quarantine_pb2,
+        "QuarantineService",
+        quarantine_pb2_grpc.add_QuarantineServiceServicer_to_server,
+        QuarantineServicer(backend),
+    )
