@@ -11,6 +11,7 @@ from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
+from services.ingest.domain.rate_limit import RateLimiter
 from services.ingest.relay import Publisher, Relay, RelayQuarantine
 from services.ingest.service import Ingestor
 from services.ingest.store import IngestStore
@@ -29,7 +30,10 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
             max_attempts=settings.relay_max_attempts,
             max_backoff=settings.relay_max_backoff,
         )
-        ingestor = Ingestor(store, relay.wake, settings.backdate_window)
+        limiter = (
+            RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+        )
+        ingestor = Ingestor(store, relay.wake, settings.backdate_window, limiter)
         billing = internal_channel(settings.billing_addr)
         return app.Wiring(
             registrations=[

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from math import copysign
 from typing import Any
 
 import asyncpg
@@ -24,6 +25,52 @@ RETURNING event_id
 
 _COLUMNS = "event_id, customer_id, event_name, event_time, metadata"
 
+# Metadata values keep their protobuf kind through jsonb. jsonb holds numbers as
+# `numeric`, which keeps a fraction's written digits ("100.0" comes back as
+# 100.0, a double) but has no negative zero, and orjson writes every double of
+# magnitude 1e16 or more in exponent form ("1e+16"), which `numeric` reads as an
+# integer. Those doubles, and -0.0, are stored as a one-element array holding
+# their shortest repr (["1e+16"]): a metadata value is never an array, so the
+# marker is unambiguous, and every other value is stored as plain JSON.
+_EXPONENT_FORM = 1e16
+_INT64 = range(-(2**63), 2**63)
+
+
+def _needs_marker(value: float) -> bool:
+    return not -_EXPONENT_FORM < value < _EXPONENT_FORM or (
+        value == 0.0 and copysign(1.0, value) < 0.0
+    )
+
+
+def encode_metadata(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The metadata as stored in jsonb: itself (the usual case, no copy), or a
+    copy with the doubles that need it written as ["<repr>"]."""
+    for value in metadata.values():
+        if type(value) is float and _needs_marker(value):
+            return {
+                k: [repr(v)] if type(v) is float and _needs_marker(v) else v
+                for k, v in metadata.items()
+            }
+    return metadata
+
+
+def _decoded(value: Any) -> Any:
+    if type(value) is list:
+        return float(value[0])
+    if type(value) is int and value not in _INT64:
+        # A row stored before the marker existed: a double such as 1e19 that
+        # jsonb had turned into an integer. A double is what it was.
+        return float(value)
+    return value
+
+
+def decode_metadata(stored: dict[str, Any]) -> dict[str, Any]:
+    """The metadata as ingest accepted it: str, int (int64), float or bool."""
+    for value in stored.values():
+        if type(value) is list or (type(value) is int and value not in _INT64):
+            return {k: _decoded(v) for k, v in stored.items()}
+    return stored
+
 
 @dataclass(frozen=True)
 class EventRow:
@@ -34,7 +81,7 @@ class EventRow:
     customer_id: str
     event_name: str
     event_time: datetime
-    metadata: dict[str, Any]
+    metadata: Mapping[str, Any]  # str, int (int64), float or bool values
 
 
 def _stored(row: asyncpg.Record) -> EventRow:
@@ -43,7 +90,7 @@ def _stored(row: asyncpg.Record) -> EventRow:
         customer_id=row["customer_id"],
         event_name=row["event_name"],
         event_time=row["event_time"],
-        metadata=row["metadata"],
+        metadata=decode_metadata(row["metadata"]),
     )
 
 
@@ -67,7 +114,7 @@ class IngestStore:
                 [e.customer_id for e in events],
                 [e.event_name for e in events],
                 [e.event_time for e in events],
-                [e.metadata for e in events],
+                [encode_metadata(e.metadata) for e in events],
             )
             new_ids = {r["event_id"] for r in rows}
             if new_ids:
