@@ -213,8 +213,12 @@ class InvoiceServicer(invoice_pb2_grpc.InvoiceServiceServicer):
     ) -> invoice_pb2.RunBillingCycleResponse:
         now = _now()
         as_of = convert.to_datetime(request.as_of, "as_of") if request.HasField("as_of") else now
-        ids = await self._invoicing.run_cycle(current_tenant(), as_of, now)
-        return invoice_pb2.RunBillingCycleResponse(invoice_ids=ids)
+        report = await self._invoicing.cycle(current_tenant(), as_of, now)
+        return invoice_pb2.RunBillingCycleResponse(
+            invoice_ids=report.invoice_ids,
+            failures=[convert.proto_failure(f) for f in report.failures],
+            more_pending=report.more_pending,
+        )
 
     async def GetInvoice(
         self, request: invoice_pb2.GetInvoiceRequest, context: Any
