@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
+from services.common.ids import parse_uuid
 from services.meter.domain.matching import FoldedEvent
 
 # The compact key of meter $2 of tenant $1 (meter_events holds keys, not ids).
@@ -126,13 +126,11 @@ class MeterStore:
         return _meter(tenant_id, row)
 
     async def get_meter(self, tenant_id: str, meter_id: str) -> MeterRecord:
-        row = None
-        if _is_uuid(meter_id):
-            row = await self.pool.fetchrow(
-                f"SELECT {_METER_COLUMNS} FROM meter.meters WHERE tenant_id = $1 AND id = $2",
-                tenant_id,
-                meter_id,
-            )
+        row = await self.pool.fetchrow(
+            f"SELECT {_METER_COLUMNS} FROM meter.meters WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            parse_uuid(meter_id, "meter_id"),
+        )
         if row is None:
             raise NotFound(f"meter_id: no meter {meter_id!r}")
         return _meter(tenant_id, row)
@@ -281,14 +279,6 @@ class MeterStore:
             )
             for r in rows
         ]
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
