@@ -1,15 +1,17 @@
 """Finding the events at fault when a fold fails, so that one event that cannot
 be stored never holds up the events around it.
 
-A fold that raises is classified (`classify`): a data error is about the
+A fold that raises is classified (`classify`). A data error is about the
 events themselves (PostgreSQL refuses a value, a trigger raises, a number
-cannot be encoded), so the batch is split, messages first and then one
-message's events, until every event that still fails is alone; the rest is
-committed. A transient error (connection lost, serialization failure, too
-many connections) says nothing about the events: the message is retried
-later, unless it has been delivered too often, when its events are set aside
-too. Folding is idempotent per (meter, event), so parts committed before a
-retry count once."""
+cannot be encoded): the batch is split, messages first and then one message's
+events, until every event that still fails is alone; the rest is committed. A
+transient error (serialization failure, deadlock) may also be tied to some
+rows, so the messages are split the same way, and a message that fails on its
+own is retried later, until it was delivered too often: then its events are
+split too and those that still fail are set aside. When the database is
+unavailable (connection lost, too many connections, shutting down) nothing is
+split: every message is retried. Folding is idempotent per (meter, event), so
+parts committed before a retry count once."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from usagebilling.ingest.v1 import ingest_pb2
 
 class Failure(enum.Enum):
     DATA = "data"  # about the events: the same events fail again
-    TRANSIENT = "transient"  # about the moment: the same events may pass later
+    TRANSIENT = "transient"  # about the moment, perhaps the rows: may pass later
+    UNAVAILABLE = "unavailable"  # about the database: nothing can be folded now
     OTHER = "other"  # unknown: retried like a transient error, then isolated
 
 
@@ -43,16 +46,16 @@ _DATA_CLASSES = frozenset(
         "39",  # external routine invocation exception
     }
 )
-_TRANSIENT_CLASSES = frozenset(
+_TRANSIENT_CLASSES = frozenset({"40"})  # transaction rollback: serialization, deadlock
+_TRANSIENT_STATES = frozenset({"55P03", "57014"})  # lock not available, query cancelled
+_UNAVAILABLE_CLASSES = frozenset(
     {
         "08",  # connection exception
-        "40",  # transaction rollback: serialization failure, deadlock
-        "53",  # insufficient resources: too many connections, disk full
-        "57",  # operator intervention: query cancelled, server shutting down
+        "53",  # insufficient resources: too many connections, disk full, out of memory
+        "57",  # operator intervention: the server shutting down or starting
         "58",  # system error: I/O
     }
 )
-_TRANSIENT_STATES = frozenset({"55P03"})  # lock not available
 
 REASON_LIMIT = 1000
 
@@ -62,12 +65,14 @@ def classify(exc: BaseException) -> Failure:
         state = str(getattr(exc, "sqlstate", "") or "")
         if state in _TRANSIENT_STATES or state[:2] in _TRANSIENT_CLASSES:
             return Failure.TRANSIENT
+        if state[:2] in _UNAVAILABLE_CLASSES:
+            return Failure.UNAVAILABLE
         if state[:2] in _DATA_CLASSES:
             return Failure.DATA
         return Failure.OTHER
     # Connection-level trouble: the driver's, the socket's, a timeout.
     if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError):
-        return Failure.TRANSIENT
+        return Failure.UNAVAILABLE
     # The driver refusing to encode a value, or a conversion of ours failing.
     if isinstance(exc, ValueError | ArithmeticError):
         return Failure.DATA
@@ -85,7 +90,8 @@ def describe(exc: BaseException) -> str:
 @dataclass
 class Outcome:
     """What became of one batch (one message): the events set aside, each with
-    the reason it could not be folded, or the error to retry it for."""
+    the reason it could not be folded, or the error to retry it for (then
+    `failed` is to be ignored: the whole batch goes again)."""
 
     failed: list[tuple[ingest_pb2.Event, str]] = field(default_factory=list)
     retry: BaseException | None = None
@@ -125,7 +131,8 @@ class Isolator:
     `retry_on[i]` names the failures for which batch i is better retried later
     than isolated now (the consumer: transient and unknown errors until the
     message was delivered too often; the backfill: transient errors; a replay
-    of the quarantine: none)."""
+    of the quarantine: none). An unavailable database retries every batch,
+    whatever `retry_on` says: nothing can be set aside either."""
 
     def __init__(self, store: MeterStore, matchers: Mapping[str, Matcher]) -> None:
         self._store = store
@@ -166,37 +173,29 @@ class Isolator:
             return exc
         return None
 
-    def _retry(self, items: list[_Item], error: BaseException) -> list[_Item]:
-        """Marks for a retry the items that retry this kind of failure; returns
-        the others, which must be isolated now."""
-        kind = classify(error)
-        left = []
-        for item in items:
-            if kind in item.retry_on:
-                item.outcome.retry = error
-            else:
-                left.append(item)
-        return left
-
     async def _fold_items(self, items: list[_Item], error: BaseException | None) -> None:
+        """Folds the items' events together; on a failure, each half on its own,
+        down to one item (then its events)."""
         if not items:
             return
         if error is None:
             error = await self._try([r for item in items for rows in item.rows for r in rows])
             if error is None:
                 return
-        left = self._retry(items, error)
-        if len(left) < len(items):
-            error = None  # perhaps it was theirs: the rest is tried on its own
-        items = left
-        if len(items) == 1:
+        if classify(error) is Failure.UNAVAILABLE:
+            for item in items:
+                item.outcome.retry = error
+        elif len(items) == 1:
             await self._fold_events(items[0], list(range(len(items[0].events))), error)
-        elif items:
+        else:
             half = len(items) // 2
             await self._fold_items(items[:half], None)
             await self._fold_items(items[half:], None)
 
     async def _fold_events(self, item: _Item, part: list[int], error: BaseException | None) -> None:
+        """Folds these events of one item; on a failure either the item is to
+        be retried, or each half is folded on its own, down to single events,
+        which are set aside."""
         if item.outcome.retry is not None:
             return  # the whole message goes again
         if error is None:
@@ -204,14 +203,11 @@ class Isolator:
             if error is None:
                 return
         kind = classify(error)
-        if kind in item.retry_on:
+        if kind is Failure.UNAVAILABLE or kind in item.retry_on:
             item.outcome.retry = error
-            return
-        # Alone, or a failure that splitting cannot locate: set aside.
-        if len(part) == 1 or kind is Failure.TRANSIENT:
-            reason = describe(error)
-            item.outcome.failed.extend((item.events[i], reason) for i in part)
-            return
-        half = len(part) // 2
-        await self._fold_events(item, part[:half], None)
-        await self._fold_events(item, part[half:], None)
+        elif len(part) == 1:
+            item.outcome.failed.append((item.events[part[0]], describe(error)))
+        else:
+            half = len(part) // 2
+            await self._fold_events(item, part[:half], None)
+            await self._fold_events(item, part[half:], None)

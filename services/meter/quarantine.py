@@ -19,6 +19,7 @@ from datetime import datetime
 from google.protobuf.message import DecodeError
 
 from services.common import metrics
+from services.common.errors import Unavailable
 from services.common.logs import get_logger
 from services.common.quarantine import QuarantinedRecord
 from services.meter.isolation import describe
@@ -158,6 +159,9 @@ class FoldQuarantine:
             outcomes, _ = await self._service.fold_isolating(
                 [batch for _, batch in decoded], [()] * len(decoded)
             )
+            for outcome in outcomes:
+                if outcome.retry is not None:  # what did fold counts once when retried
+                    raise Unavailable("the database is unavailable; retry later") from outcome.retry
             for (record, batch), outcome in zip(decoded, outcomes, strict=True):
                 if not outcome.failed:
                     replayed.append(record.id)
