@@ -41,12 +41,13 @@ def _text(value: str) -> str:
 
 def events_fingerprint(tenant_id: str, event_ids: Sequence[str]) -> bytes:
     """The same events of one tenant set aside again (a redelivered message, a
-    backfill started over) find their row again."""
-    digest = hashlib.sha256(b"events\x00")
-    digest.update(tenant_id.encode("utf-8", "surrogatepass"))
-    for event_id in sorted(event_ids):
-        digest.update(b"\x00")
-        digest.update(event_id.encode("utf-8", "surrogatepass"))
+    backfill started over) find their row again. Each part goes in with its
+    length, so that no two lists of ids hash alike."""
+    digest = hashlib.sha256(b"events")
+    for part in (tenant_id, *sorted(event_ids)):
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
     return digest.digest()
 
 
