@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-unit lint proto-lint proto proto-check bench lock clean k8s-check
+.PHONY: setup run test test-unit lint proto-lint proto proto-check bench fuzz lock clean k8s-check
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ k8s-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# Every RPC of the three services, 20,000 generated, mutated and raw requests on
+# a private stack (tools/fuzz.py); fails on INTERNAL, UNKNOWN, a call over 5 s or
+# a traceback in a log. FUZZ_ARGS="--seed 2 --requests 50000" for another run.
+fuzz: $(STAMP)
+	$(PY) -m tools.fuzz $(FUZZ_ARGS)
 
 lock:
 	rm -rf /tmp/ub-lock && $(PYTHON) -m venv /tmp/ub-lock
