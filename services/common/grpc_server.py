@@ -1,11 +1,5 @@
-"""The gRPC server every service runs: health, reflection, the interceptors,
-graceful shutdown.
-
-A call meets, in order: the metrics interceptor (counts it); the auth
-interceptor, which authenticates from the metadata before any of the request is
-read; the request deserializer, which refuses undecodable bytes and strings
-with NUL; the error interceptor, which turns those refusals and every domain
-error into a status code, once; then the servicer, with the tenant bound."""
+"""The gRPC server every service runs: health, reflection, the auth interceptor,
+the interceptor that maps domain errors to status codes, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -18,15 +12,12 @@ from typing import Any
 import asyncpg
 import grpc
 import structlog
-from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import context as call_context
 from services.common import errors, metrics
-from services.common.auth import Authenticator, Principal
+from services.common.auth import Authenticator
 from services.common.logs import get_logger
 
 log = get_logger(__name__)
@@ -65,48 +56,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 
-# Request fields whose servicer judges each element itself: a bad event is
-# rejected alone, in the response, rather than failing the whole call.
-SELF_CHECKED_FIELDS: dict[str, frozenset[str]] = {
-    "usagebilling.ingest.v1.IngestEventsRequest": frozenset({"events"}),
-}
-
 Behavior = Callable[..., Any]
 Ctx = grpc.aio.ServicerContext[Any, Any]
-Wrap = Callable[[Behavior], Behavior]
-Deserializer = Callable[[bytes], Any]
-
-
-def _rebuild(
-    handler: Any, unary: Wrap, streaming: Wrap, deserializer: Deserializer | None = None
-) -> Any:
-    """`handler` with its behavior wrapped (`unary` when it answers once,
-    `streaming` when it streams answers) and, when given, another deserializer."""
-    request_deserializer = deserializer or handler.request_deserializer
-    serializer = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary),
-            request_deserializer=request_deserializer,
-            response_serializer=serializer,
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary),
-            request_deserializer=request_deserializer,
-            response_serializer=serializer,
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream),
-            request_deserializer=request_deserializer,
-            response_serializer=serializer,
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        streaming(handler.stream_stream),
-        request_deserializer=request_deserializer,
-        response_serializer=serializer,
-    )
 
 
 class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -117,10 +68,6 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     async def enter(self, method: str, context: Ctx) -> None:
         return None
 
-    def admit(self, request: Any) -> Any:
-        """The request (or request iterator) the servicer gets."""
-        return request
-
     async def fail(self, method: str, exc: Exception, context: Ctx) -> None:
         raise exc
 
@@ -129,17 +76,35 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None:
             return None
         method: str = details.method
-        return _rebuild(
-            handler,
-            lambda behavior: self._unary(method, behavior),
-            lambda behavior: self._streaming(method, behavior),
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
         )
 
     def _unary(self, method: str, behavior: Behavior) -> Behavior:
         async def wrapped(request: Any, context: Ctx) -> Any:
             try:
                 await self.enter(method, context)
-                return await behavior(self.admit(request), context)
+                return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -151,7 +116,7 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
             try:
                 await self.enter(method, context)
-                async for response in behavior(self.admit(request), context):
+                async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -193,139 +158,12 @@ def _observe(method: str, context: Ctx, started: float) -> None:
     metrics.GRPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
-@dataclass(frozen=True)
-class Refused:
-    """What a checked deserializer returns for a request it refuses. It cannot
-    raise: grpc answers a deserializer's exception with UNKNOWN (INTERNAL and a
-    traceback mid-stream); the error interceptor raises InvalidArgument(reason)
-    in the call's task instead."""
-
-    reason: str
-
-
-def request_name(method: str) -> str:
-    """The full name of the request message of `method` ("/pkg.Service/Method")."""
-    try:
-        found = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
-    except KeyError:
-        return "request message"
-    return str(found.input_type.full_name)
-
-
-def nul_path(message: Message, skip: frozenset[str] = frozenset(), prefix: str = "") -> str | None:
-    """The path of the first string in `message` (recursively: repeated
-    fields, map keys and values included) that contains NUL, such as
-    "event_names[2]" or 'labels["a"]'; None when there is none. PostgreSQL
-    text cannot hold NUL, so such a string would fail deep inside a service.
-    Only the fields that are set are visited, so this costs little."""
-    for field, value in message.ListFields():
-        if field.name in skip:
-            continue
-        path = prefix + field.name
-        if field.type == FieldDescriptor.TYPE_STRING:
-            items = enumerate(value) if field.is_repeated else ((None, value),)
-            for index, text in items:
-                if "\x00" in text:
-                    return path if index is None else f"{path}[{index}]"
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            found = _nul_in_messages(field, value, path)
-            if found is not None:
-                return found
-    return None
-
-
-def _nul_in_messages(field: FieldDescriptor, value: Any, path: str) -> str | None:
-    entry = field.message_type
-    if entry is not None and entry.GetOptions().map_entry:
-        value_field = entry.fields_by_name["value"]
-        for key in value:
-            where = f"{path}[{key!r}]"
-            if isinstance(key, str) and "\x00" in key:
-                return where
-            item = value[key]
-            if value_field.type == FieldDescriptor.TYPE_STRING and "\x00" in item:
-                return where
-            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
-                found = nul_path(item, prefix=where + ".")
-                if found is not None:
-                    return found
-        return None
-    if field.is_repeated:
-        for index, item in enumerate(value):
-            found = nul_path(item, prefix=f"{path}[{index}].")
-            if found is not None:
-                return found
-        return None
-    return nul_path(value, prefix=path + ".")
-
-
-def checked_deserializer(method: str, deserializer: Deserializer) -> Deserializer:
-    """`deserializer`, refusing (see Refused) bytes that are not a valid
-    request message and strings that contain NUL."""
-    name = request_name(method)
-    skip = SELF_CHECKED_FIELDS.get(name, frozenset())
-
-    def parse(data: bytes) -> Any:
-        try:
-            request = deserializer(data)
-        except Exception:  # DecodeError, or whatever else bytes make a parser raise
-            return Refused(f"request: not a valid {name}")
-        if isinstance(request, Message):
-            path = nul_path(request, skip)
-            if path is not None:
-                return Refused(f"{path}: must not contain a NUL character")
-        return request
-
-    return parse
-
-
-def _admit(request: Any) -> Any:
-    if isinstance(request, Refused):
-        raise errors.InvalidArgument(request.reason)
-    if hasattr(request, "__aiter__"):
-        return _admit_each(request)
-    return request
-
-
-async def _admit_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """A stream's requests; the first refused one fails the call when it arrives."""
-    async for request in requests:
-        if isinstance(request, Refused):
-            raise errors.InvalidArgument(request.reason)
-        yield request
-
-
 class ErrorInterceptor(_BehaviorInterceptor):
-    """Refuses malformed requests, and translates domain errors to status
-    codes, once, by type."""
-
-    def __init__(self) -> None:
-        self._deserializers: dict[tuple[str, Deserializer], Deserializer] = {}
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method: str = details.method
-        raw = handler.request_deserializer
-        checked = None
-        if raw is not None:
-            checked = self._deserializers.get((method, raw))
-            if checked is None:
-                checked = self._deserializers[(method, raw)] = checked_deserializer(method, raw)
-        return _rebuild(
-            handler,
-            lambda behavior: self._unary(method, behavior),
-            lambda behavior: self._streaming(method, behavior),
-            checked,
-        )
+    """Translates domain errors to status codes, once, by type."""
 
     async def enter(self, method: str, context: Ctx) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16], method=method)
-
-    def admit(self, request: Any) -> Any:
-        return _admit(request)
 
     async def fail(self, method: str, exc: Exception, context: Ctx) -> None:
         code, message = status_for(exc)
@@ -336,64 +174,21 @@ class ErrorInterceptor(_BehaviorInterceptor):
         await context.abort(code, message)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Authenticates each call from its metadata alone, before any of its
-    request is read. A refused call gets a handler that never reads the body,
-    so a caller without a valid key cannot make a service hold (or parse) what
-    it sends. An accepted call runs with its principal bound."""
-
+class AuthInterceptor(_BehaviorInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None or self._auth.is_open(details.method):
-            return handler
-        try:
-            principal = await self._auth.authenticate(
-                details.method, details.invocation_metadata or ()
-            )
-        except Exception as exc:  # raised again in the call, where errors are mapped
-            return _refusal(exc)
-        return _rebuild(
-            handler,
-            lambda behavior: _as_principal(principal, behavior),
-            lambda behavior: _as_principal_streaming(principal, behavior),
-        )
+        if self._auth.is_open(details.method):
+            return await continuation(details)
+        return await super().intercept_service(continuation, details)
 
-
-def _refusal(exc: Exception) -> Any:
-    """A handler that fails at once with `exc`. It takes a request stream that
-    it never reads: gRPC reads a message only when asked, so the body stays
-    with the client (beyond a flow-control window), never in this process."""
-
-    async def refuse(requests: Any, context: Ctx) -> Any:
-        raise exc
-
-    return grpc.stream_unary_rpc_method_handler(refuse)
-
-
-def _bind(principal: Principal | None) -> None:
-    tenant = principal.tenant_id if principal else None
-    call_context.set_tenant(tenant, principal.api_key_id if principal else "")
-    structlog.contextvars.bind_contextvars(tenant_id=tenant)
-
-
-def _as_principal(principal: Principal | None, behavior: Behavior) -> Behavior:
-    async def wrapped(request: Any, context: Ctx) -> Any:
-        _bind(principal)
-        return await behavior(request, context)
-
-    return wrapped
-
-
-def _as_principal_streaming(principal: Principal | None, behavior: Behavior) -> Behavior:
-    async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
-        _bind(principal)
-        async for response in behavior(request, context):
-            yield response
-
-    return wrapped
+    async def enter(self, method: str, context: Ctx) -> None:
+        metadata: Any = context.invocation_metadata() or ()
+        principal = await self._auth.authenticate(method, metadata)
+        tenant = principal.tenant_id if principal else None
+        call_context.set_tenant(tenant)
+        structlog.contextvars.bind_contextvars(tenant_id=tenant)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,6 @@ class MeterSettings:
     backdate_window: timedelta
     consumer_name: str
     fetch_batch: int
-    # A message whose fold keeps failing is quarantined after this many deliveries.
-    max_deliveries: int
 
 
 def read(reader: EnvReader) -> MeterSettings:
@@ -30,9 +28,6 @@ def read(reader: EnvReader) -> MeterSettings:
         backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
         consumer_name=reader.text("USAGEBILLING_METER_CONSUMER", "meter"),
         fetch_batch=reader.integer("USAGEBILLING_METER_FETCH_BATCH", 16, minimum=1, maximum=1000),
-        max_deliveries=reader.integer(
-            "USAGEBILLING_METER_MAX_DELIVERIES", 10, minimum=1, maximum=1000
-        ),
     )
 
 

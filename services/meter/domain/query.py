@@ -15,7 +15,7 @@ from decimal import Decimal
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.meter.domain.aggregation import Aggregation, average
 from services.meter.domain.values import check_text, format_decimal
-from services.meter.domain.windows import WindowSize, window_count, windows
+from services.meter.domain.windows import WindowSize, window_count_bound, windows
 
 MAX_WINDOWS = 100_000
 
@@ -70,20 +70,15 @@ def plan_query(
     for key, value in sorted(group_filter.items()):
         _dimension(key, "group_filter", dimensions)
         check_text(value, f"group_filter[{key!r}]", limit=10_000)
-    # Counted before any window is built (validates the zone and the range limits
-    # too); built, up to one past the limit, only when the count may be within it.
-    count = window_count(start, end, window_size, time_zone)
-    if count.fewest > MAX_WINDOWS:
-        held = f"{count.fewest:,}" if count.fewest == count.most else f"at least {count.fewest:,}"
+    if window_count_bound(start, end, window_size) > 2 * MAX_WINDOWS:
         raise ResourceExhausted(
-            f"window_size: the range holds {held} {window_size.value} windows;"
-            f" at most {MAX_WINDOWS:,} per query"
+            f"window_size: the range holds too many windows; at most {MAX_WINDOWS} per query"
         )
-    spans = windows(start, end, window_size, time_zone, limit=MAX_WINDOWS)
+    # Validates the zone and the range limits too.
+    spans = windows(start, end, window_size, time_zone)
     if len(spans) > MAX_WINDOWS:
         raise ResourceExhausted(
-            f"window_size: the range holds more than {MAX_WINDOWS:,} {window_size.value}"
-            f" windows; at most {MAX_WINDOWS:,} per query"
+            f"window_size: the range holds {len(spans)} windows; at most {MAX_WINDOWS} per query"
         )
     return UsageQuery(
         customer_id=customer_id,

@@ -213,7 +213,9 @@ class RunBillingCycleRequest(_message.Message):
     AS_OF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp:
-        """Default: now. May not lie in the future."""
+        """Default: now. Not in the future (5 s of clock skew allowed) and not
+        before 1970-01-01T00:00:00Z; otherwise INVALID_ARGUMENT naming as_of.
+        """
 
     def __init__(
         self,
@@ -278,7 +280,10 @@ class BillingFailure(_message.Message):
     subscription_id: _builtins.str
     reason: _builtins.str
     """Why, in words a person can act on (for example an amount beyond the
-    int64 range of minor units, naming the line).
+    int64 range of minor units, naming the line by its usage_prices index
+    and meter). It says that the period's invoice is held: its fixed fee and
+    other lines are not issued without the failing line. Logged and counted
+    (usagebilling_billing_failures_total) once per period, not per run.
     """
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp: ...

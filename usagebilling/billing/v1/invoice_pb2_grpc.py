@@ -81,6 +81,11 @@ class InvoiceServiceServicer:
     def RunBillingCycle(self, request, context):
         """Builds every invoice whose period ended at or before as_of and finalizes
         those whose grace period has passed too; running it twice changes nothing.
+        One run does bounded work (USAGEBILLING_BILLING_CATCHUP_PERIODS per
+        subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
+        while more_pending is true. A period that cannot be priced is held (no
+        invoice, not even its fixed fee: an invoice without the line would
+        underbill) and listed in failures; the call still answers OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

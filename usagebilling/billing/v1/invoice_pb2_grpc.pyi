@@ -38,6 +38,11 @@ class InvoiceServiceStub:
     RunBillingCycle: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.RunBillingCycleRequest, _invoice_pb2.RunBillingCycleResponse]
     """Builds every invoice whose period ended at or before as_of and finalizes
     those whose grace period has passed too; running it twice changes nothing.
+    One run does bounded work (USAGEBILLING_BILLING_CATCHUP_PERIODS per
+    subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
+    while more_pending is true. A period that cannot be priced is held (no
+    invoice, not even its fixed fee: an invoice without the line would
+    underbill) and listed in failures; the call still answers OK.
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.ListInvoicesRequest, _invoice_pb2.ListInvoicesResponse]
@@ -58,6 +63,11 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     RunBillingCycle: _aio.UnaryUnaryMultiCallable[_invoice_pb2.RunBillingCycleRequest, _invoice_pb2.RunBillingCycleResponse]  # type: ignore[assignment]
     """Builds every invoice whose period ended at or before as_of and finalizes
     those whose grace period has passed too; running it twice changes nothing.
+    One run does bounded work (USAGEBILLING_BILLING_CATCHUP_PERIODS per
+    subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
+    while more_pending is true. A period that cannot be priced is held (no
+    invoice, not even its fixed fee: an invoice without the line would
+    underbill) and listed in failures; the call still answers OK.
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
     ListInvoices: _aio.UnaryUnaryMultiCallable[_invoice_pb2.ListInvoicesRequest, _invoice_pb2.ListInvoicesResponse]  # type: ignore[assignment]
@@ -87,6 +97,11 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_invoice_pb2.RunBillingCycleResponse, _abc.Awaitable[_invoice_pb2.RunBillingCycleResponse]]:
         """Builds every invoice whose period ended at or before as_of and finalizes
         those whose grace period has passed too; running it twice changes nothing.
+        One run does bounded work (USAGEBILLING_BILLING_CATCHUP_PERIODS per
+        subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
+        while more_pending is true. A period that cannot be priced is held (no
+        invoice, not even its fixed fee: an invoice without the line would
+        underbill) and listed in failures; the call still answers OK.
         """
 
     @_abc_1.abstractmethod

@@ -188,7 +188,12 @@ class CreateProductRequest(_message.Message):
     billing_interval: Global___BillingInterval.ValueType
     fixed_price_minor: _builtins.int
     @_builtins.property
-    def usage_prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePrice]: ...
+    def usage_prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePrice]:
+        """At most 50 prices, one per meter, each with at most 100 tiers; more is
+        INVALID_ARGUMENT naming usage_prices (or usage_prices[i].tiers), checked
+        before anything else is done with the request.
+        """
+
     def __init__(
         self,
         *,

@@ -97,7 +97,10 @@ class CreateSubscriptionRequest(_message.Message):
     product_id: _builtins.str
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Default: now."""
+        """Default: now. Within 1827 days (about five years) of now, either way;
+        otherwise INVALID_ARGUMENT naming start_time. Every period since the
+        start is billed, a bounded number per billing run.
+        """
 
     def __init__(
         self,
