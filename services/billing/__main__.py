@@ -39,7 +39,14 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
         meters = MeterClient(meter_channel, settings.common.admin_token)
         accounts = Accounts(store)
         catalog = Catalog(store, meters)
-        invoicing = Invoicing(store, meters, settings.invoice_grace, runtime.js)
+        invoicing = Invoicing(
+            store,
+            meters,
+            settings.invoice_grace,
+            runtime.js,
+            catchup_periods=settings.catchup_periods,
+            run_budget=settings.run_budget,
+        )
         scheduler = Scheduler(store, invoicing, settings.scheduler_interval)
         return app.Wiring(
             registrations=[

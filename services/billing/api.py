@@ -10,7 +10,7 @@ from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog
 from services.billing.invoicing import Invoicing
 from services.billing.store import BillingStore
-from services.common.context import current_tenant
+from services.common.context import current_api_key_id, current_tenant
 from services.common.errors import InvalidArgument
 from services.common.paging import fetch_page
 from usagebilling.billing.v1 import (
@@ -70,7 +70,9 @@ class AuthServicer(tenant_pb2_grpc.AuthServiceServicer):
         self, request: tenant_pb2.WhoAmIRequest, context: Any
     ) -> tenant_pb2.WhoAmIResponse:
         # The auth interceptor resolved the caller's key already.
-        return tenant_pb2.WhoAmIResponse(tenant_id=current_tenant())
+        return tenant_pb2.WhoAmIResponse(
+            tenant_id=current_tenant(), api_key_id=current_api_key_id()
+        )
 
 
 class CustomerServicer(customer_pb2_grpc.CustomerServiceServicer):
@@ -213,8 +215,12 @@ class InvoiceServicer(invoice_pb2_grpc.InvoiceServiceServicer):
     ) -> invoice_pb2.RunBillingCycleResponse:
         now = _now()
         as_of = convert.to_datetime(request.as_of, "as_of") if request.HasField("as_of") else now
-        ids = await self._invoicing.run_cycle(current_tenant(), as_of, now)
-        return invoice_pb2.RunBillingCycleResponse(invoice_ids=ids)
+        report = await self._invoicing.cycle(current_tenant(), as_of, now)
+        return invoice_pb2.RunBillingCycleResponse(
+            invoice_ids=report.invoice_ids,
+            failures=[convert.proto_failure(f) for f in report.failures],
+            more_pending=report.more_pending,
+        )
 
     async def GetInvoice(
         self, request: invoice_pb2.GetInvoiceRequest, context: Any

@@ -14,7 +14,10 @@ from services.billing.store import BillingStore, ProductRecord, SubscriptionReco
 from services.common.errors import InvalidArgument
 from usagebilling.billing.v1 import product_pb2
 
+# Limits checked before any other work on a request (every usage price costs
+# a meter lookup now and a usage query per period later); in the proto comments.
 MAX_USAGE_PRICES = 50
+MAX_TIERS = 100
 
 
 class Catalog:
@@ -32,7 +35,15 @@ class Catalog:
         if request.fixed_price_minor < 0:
             raise InvalidArgument("fixed_price_minor: must not be negative")
         if len(request.usage_prices) > MAX_USAGE_PRICES:
-            raise InvalidArgument(f"usage_prices: at most {MAX_USAGE_PRICES}")
+            raise InvalidArgument(
+                f"usage_prices: at most {MAX_USAGE_PRICES} per product, got "
+                f"{len(request.usage_prices)}"
+            )
+        for i, message in enumerate(request.usage_prices):
+            if len(message.tiers) > MAX_TIERS:
+                raise InvalidArgument(
+                    f"usage_prices[{i}].tiers: at most {MAX_TIERS}, got {len(message.tiers)}"
+                )
         prices = [convert.usage_price(p, i) for i, p in enumerate(request.usage_prices)]
         seen: set[str] = set()
         for i, price in enumerate(prices):

@@ -17,7 +17,7 @@ from services.billing.domain.pricing import (
     UsagePrice,
     parse_decimal,
 )
-from services.billing.store import CustomerRecord, InvoiceRecord, ProductRecord
+from services.billing.store import CustomerRecord, InvoiceRecord, PeriodFailure, ProductRecord
 from services.common.errors import InvalidArgument
 from usagebilling.billing.v1 import customer_pb2, invoice_pb2, product_pb2
 
@@ -253,4 +253,13 @@ def preview_invoice(
         lines=[_proto_line(line) for line in data["lines"]],
         subtotal_minor=draft.subtotal_minor,
         total_minor=draft.total_minor,
+    )
+
+
+def proto_failure(failure: PeriodFailure) -> invoice_pb2.BillingFailure:
+    return invoice_pb2.BillingFailure(
+        subscription_id=failure.subscription_id,
+        period_start=to_timestamp(failure.period_start),
+        period_end=to_timestamp(failure.period_end),
+        reason=failure.reason,
     )

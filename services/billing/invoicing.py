@@ -1,11 +1,20 @@
 """Invoices: the billing cycle (build each ended period's invoice once, finalize
 it after the grace period), previews, current usage, cancellation with a final
-invoice, voiding with an optional correction, publishing."""
+invoice, voiding with an optional correction, publishing.
+
+One run of the cycle is bounded: per subscription it builds at most
+`catchup_periods` new periods (oldest first), retries at most as many failed
+ones and finalizes at most as many drafts; it works in batches and, given a
+`run_budget`, stops at the first batch boundary past it. What is left is
+reported (`more_pending`) and the next run continues. A period that cannot be
+priced is held (no invoice), recorded once in billing.period_failures, reported
+in the run's answer, and retried on every run."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import itertools
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -13,18 +22,25 @@ from decimal import Decimal
 from typing import Any, Final
 
 from services.billing import convert
-from services.billing.domain.invoice import InvoiceDraft, build_invoice
+from services.billing.domain.invoice import InvoiceDraft, Unpriceable, build_invoice
 from services.billing.domain.periods import (
     Interval,
     cancellation_end,
+    check_as_of,
     period_containing,
     period_share,
     periods_ended,
 )
 from services.billing.domain.pricing import UsagePrice
 from services.billing.meter_client import Meters
-from services.billing.store import BillingStore, InvoiceRecord, ProductRecord, SubscriptionRecord
-from services.billing.usage import CustomerUsageKey, UsageKey, UsageReader
+from services.billing.store import (
+    BillingStore,
+    InvoiceRecord,
+    PeriodFailure,
+    ProductRecord,
+    SubscriptionRecord,
+)
+from services.billing.usage import BULK_MIN_CUSTOMERS, CustomerUsageKey, UsageKey, UsageReader
 from services.common import metrics
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jetstream import BILLING_SUBJECT_PREFIX
@@ -43,8 +59,14 @@ _MESSAGES: Final = {
 }
 # How far ahead of the server's clock a client's as_of may be (clock skew).
 AS_OF_SKEW: Final = timedelta(seconds=5)
-# Invoices inserted or finalized per transaction.
+# Invoices inserted or finalized per transaction, and periods priced per batch.
 BATCH: Final = 1000
+# Meter calls (estimated) that one batch of a run may need; between batches a
+# run checks its time budget.
+BATCH_CALLS: Final = 400
+# Ended periods one run builds per subscription at most, unless configured
+# (USAGEBILLING_BILLING_CATCHUP_PERIODS): a month of a daily product.
+CATCHUP_PERIODS: Final = 31
 # invoice messages read and published at once, and how long JetStream has to
 # acknowledge them.
 PUBLISH_BATCH: Final = 1000
@@ -84,6 +106,15 @@ class BillablePeriod:
         return self.subscription.id, self.start
 
 
+@dataclass(frozen=True)
+class CycleReport:
+    """What one run of the billing cycle did for one tenant."""
+
+    invoice_ids: list[str]  # built or finalized by this run
+    failures: list[PeriodFailure]  # periods this run tried and could not invoice
+    more_pending: bool  # work left for the next run (catch-up bound or time budget)
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -97,21 +128,28 @@ class Invoicing:
         js: Any = None,
         *,
         usage: UsageReader | None = None,
+        catchup_periods: int = CATCHUP_PERIODS,
+        run_budget: timedelta | None = None,
     ) -> None:
+        if catchup_periods < 1:
+            raise ValueError("catchup_periods must be at least 1")
         self._store = store
         self._grace = grace
         self._js = js
         self._usage = usage or UsageReader(meters)
+        self._catchup = catchup_periods
+        self._budget = run_budget
 
     # Pricing periods.
 
     async def _price(
         self, tenant_id: str, periods: Sequence[BillablePeriod], *, strict: bool = False
-    ) -> dict[tuple[str, datetime], InvoiceDraft]:
+    ) -> tuple[dict[tuple[str, datetime], InvoiceDraft], dict[tuple[str, datetime], PeriodFailure]]:
         """Reads the usage of every period (few meter calls for many periods) and
-        prices each. A period that cannot be priced (an amount beyond int64)
-        is logged and left out, so that it does not hold up the others, unless
-        `strict`, when its error is raised."""
+        prices each: (drafts, failures) by period key. A period that cannot be
+        priced (an amount beyond int64, or any other error its data causes) is
+        a failure, so that it does not hold up the others, unless `strict`,
+        when its error is raised (Unpriceable is a FailedPrecondition)."""
         wanted: dict[UsageKey, set[str]] = defaultdict(set)
         for period in periods:
             for price in period.product.usage_prices:
@@ -120,60 +158,109 @@ class Invoicing:
         usage = await self._usage.read(tenant_id, wanted)
         prices: dict[str, list[tuple[UsagePrice, str]]] = {}
         drafts: dict[tuple[str, datetime], InvoiceDraft] = {}
+        failures: dict[tuple[str, datetime], PeriodFailure] = {}
         for period in periods:
             product = period.product
-            if product.id not in prices:
-                prices[product.id] = [
-                    (convert.price_from_json(p), p["meter_name"]) for p in product.usage_prices
-                ]
             try:
+                if product.id not in prices:
+                    prices[product.id] = [
+                        (convert.price_from_json(p), p["meter_name"]) for p in product.usage_prices
+                    ]
                 drafts[period.key] = _build(period, prices[product.id], usage)
-            except InvalidArgument as exc:
+            except Unpriceable as exc:
                 if strict:
                     raise
-                log.error(
-                    "invoice_not_priced",
-                    subscription_id=period.subscription.id,
-                    period_start=period.start.isoformat(),
-                    error=str(exc),
-                )
-        return drafts
+                failures[period.key] = _held(period, str(exc), exc.cause)
+            except Exception as exc:
+                # Whatever else pricing one period raises stays with that
+                # period: shown, counted and retried like the rest, never
+                # stopping the tenant's other periods.
+                if strict:
+                    raise
+                failures[period.key] = _held(period, f"pricing error: {exc!r}", "pricing_error")
+        return drafts, failures
 
     # The billing cycle.
 
     async def run_cycle(
         self, tenant_id: str, as_of: datetime, now: datetime, *, subscription_id: str = ""
     ) -> list[str]:
+        """`cycle`, answering only the ids of the invoices built or finalized."""
+        report = await self.cycle(tenant_id, as_of, now, subscription_id=subscription_id)
+        return report.invoice_ids
+
+    async def cycle(
+        self, tenant_id: str, as_of: datetime, now: datetime, *, subscription_id: str = ""
+    ) -> CycleReport:
         """Builds the invoice of every period that ended at or before as_of, and
         finalizes the drafts whose grace period has passed by then (reading
         usage again, so that late events inside the grace count). Idempotent:
         one invoice per subscription and period, whoever runs it, however
-        often, concurrently too; a finalized invoice never changes. Returns the
-        ids of the invoices this run built or finalized."""
-        if as_of > now + AS_OF_SKEW:
-            raise InvalidArgument("as_of: must not be in the future")
+        often, concurrently too; a finalized invoice never changes.
+
+        Bounded (see the module's docstring): `more_pending` says that the next
+        run has more to do. A period that cannot be priced gets no invoice (its
+        fixed fee and other lines are held with it: an invoice without the
+        line would underbill) and is listed in `failures`; the other periods
+        are billed. InvalidArgument (naming as_of) when as_of is before 1970 or
+        in the future."""
+        check_as_of(as_of, now, AS_OF_SKEW)
         as_of = min(as_of, now)  # a period that ends within the skew has not ended
+        loop = asyncio.get_running_loop()
+        deadline = None if self._budget is None else loop.time() + self._budget.total_seconds()
+        limit = self._catchup
+        more = False
         state = await self._store.billing_state(tenant_id, subscription_id)
         products = {p.id: p for p in await self._store.products_of(tenant_id)}
         subscriptions = {s.id: s for s, _ in state}
 
-        new: list[BillablePeriod] = []
+        # To build: the oldest `limit` new periods of each subscription, and
+        # up to `limit` of its failed periods again. Asking for one more tells
+        # whether any is left.
+        build: list[BillablePeriod] = []
         for subscription, billed_until in state:
             product = products[subscription.product_id]
-            new.extend(
-                BillablePeriod(subscription, product, start, end)
-                for start, end in periods_ended(
-                    subscription.start_time,
-                    Interval[product.billing_interval],
-                    as_of,
-                    until=subscription.end_time,
-                    since=billed_until,
-                )
+            ended = periods_ended(
+                subscription.start_time,
+                Interval[product.billing_interval],
+                as_of,
+                until=subscription.end_time,
+                since=billed_until,
+                limit=limit + 1,
             )
+            more = more or len(ended) > limit
+            build.extend(BillablePeriod(subscription, product, s, e) for s, e in ended[:limit])
+        failed = await self._store.open_failures(
+            tenant_id, subscription_id, per_subscription=limit + 1
+        )
+        seen: Counter[str] = Counter()
+        retried: set[tuple[str, datetime]] = set()
+        for record in failed:
+            f = record.failure
+            seen[f.subscription_id] += 1
+            if seen[f.subscription_id] > limit:
+                more = True
+            elif f.period_end <= as_of:  # an as_of earlier than the last run's
+                subscription = subscriptions[f.subscription_id]
+                period = BillablePeriod(
+                    subscription, products[subscription.product_id], f.period_start, f.period_end
+                )
+                build.append(period)
+                retried.add(period.key)
+
+        # To finalize: the periods above whose grace has passed, and up to
+        # `limit` drafts of each subscription.
         ended_by = as_of - self._grace
-        due = {p.key: p for p in new if p.end <= ended_by}
+        due = {p.key: p for p in build if p.end <= ended_by}
         ids: dict[tuple[str, datetime], str] = {}
-        for draft in await self._store.due_drafts(tenant_id, ended_by, subscription_id):
+        seen.clear()
+        for draft in await self._store.due_drafts(
+            tenant_id, ended_by, subscription_id, per_subscription=limit + 1
+        ):
+            seen[draft.subscription_id] += 1
+            if seen[draft.subscription_id] > limit:
+                more = True
+                continue
             subscription = subscriptions[draft.subscription_id]
             period = BillablePeriod(
                 subscription,
@@ -183,38 +270,99 @@ class Invoicing:
             )
             due.setdefault(period.key, period)
             ids[period.key] = draft.id
+            retried.add(period.key)  # a draft may have failed to finalize before
 
         # Both need usage: read it once. A period built and finalized in this
         # run is priced on usage read after its grace period passed.
-        new_keys = {p.key for p in new}
-        drafts = await self._price(
-            tenant_id, [*new, *(p for p in due.values() if p.key not in new_keys)]
-        )
+        to_build = {p.key for p in build}
+        work = {p.key: p for p in build} | due
+        ordered = sorted(work.values(), key=lambda p: (p.end, p.start, p.subscription.id))
+        touched: list[str] = []
+        failures: list[PeriodFailure] = []
+        batches = _batches(ordered, calls=BATCH_CALLS, size=BATCH)
+        for number, batch in enumerate(batches):
+            built, held = await self._bill_batch(tenant_id, batch, to_build, due, ids, retried, now)
+            touched += built
+            failures += held
+            if deadline is not None and loop.time() >= deadline and number + 1 < len(batches):
+                more = True  # the budget is spent: the next run goes on from here
+                break
+        if touched or failures or more:
+            log.info(
+                "billing_cycle",
+                invoices=len(set(touched)),
+                failures=len(failures),
+                more_pending=more,
+                as_of=as_of.isoformat(),
+            )
+        await self.publish_pending(tenant_id)
+        return CycleReport(list(dict.fromkeys(touched)), failures, more)
+
+    async def _bill_batch(
+        self,
+        tenant_id: str,
+        batch: Sequence[BillablePeriod],
+        to_build: set[tuple[str, datetime]],
+        due: dict[tuple[str, datetime], BillablePeriod],
+        ids: dict[tuple[str, datetime], str],
+        retried: set[tuple[str, datetime]],
+        now: datetime,
+    ) -> tuple[list[str], list[PeriodFailure]]:
+        """Prices one batch (in period order), inserts the drafts it builds,
+        finalizes the due ones, records the failures and forgets those that
+        succeeded now. Returns (invoice ids touched, failures)."""
+        drafts, held = await self._price(tenant_id, batch)
         contents = {key: convert.draft_json(draft) for key, draft in drafts.items()}
         touched: list[str] = []
-        for chunk in _chunks([p for p in new if p.key in contents], BATCH):
-            inserted = await self._store.insert_drafts(
-                tenant_id, [(p.subscription, contents[p.key]) for p in chunk]
-            )
-            ids.update(inserted)
-            touched += inserted.values()
-            metrics.INVOICES.labels(action="built").inc(len(inserted))
-        finalizing = sorted(
-            (p for p in due.values() if p.key in contents), key=lambda p: (p.end, p.start)
+        inserted = await self._store.insert_drafts(
+            tenant_id,
+            [
+                (p.subscription, contents[p.key])
+                for p in batch
+                if p.key in to_build and p.key in contents
+            ],
         )
+        ids.update(inserted)
+        touched += inserted.values()
+        metrics.INVOICES.labels(action="built").inc(len(inserted))
+        finalizing = [p for p in batch if p.key in due and p.key in contents]
         if missing := [p.key for p in finalizing if p.key not in ids]:
             # Built by a concurrent run just now: finalize them all the same.
             ids.update(await self._store.draft_ids(tenant_id, missing))
-        for chunk in _chunks([p for p in finalizing if p.key in ids], BATCH):
-            finalized = await self._store.finalize_drafts(
-                tenant_id, [(ids[p.key], contents[p.key]) for p in chunk], now
+        finalized = await self._store.finalize_drafts(
+            tenant_id, [(ids[p.key], contents[p.key]) for p in finalizing if p.key in ids], now
+        )
+        touched += [invoice_id for invoice_id, _ in finalized]
+        metrics.INVOICES.labels(action="finalized").inc(len(finalized))
+        await self._record(tenant_id, list(held.values()), now)
+        cleared = await self._store.clear_failures(
+            tenant_id, [key for key in contents if key in retried]
+        )
+        for record in cleared:
+            f = record.failure
+            log.info(
+                "billing_period_failure_cleared",
+                subscription_id=f.subscription_id,
+                period_start=f.period_start.isoformat(),
+                attempts=record.attempts,
             )
-            touched += [invoice_id for invoice_id, _ in finalized]
-            metrics.INVOICES.labels(action="finalized").inc(len(finalized))
-        if touched:
-            log.info("billing_cycle", invoices=len(set(touched)), as_of=as_of.isoformat())
-        await self.publish_pending(tenant_id)
-        return list(dict.fromkeys(touched))
+        return touched, list(held.values())
+
+    async def _record(self, tenant_id: str, held: list[PeriodFailure], now: datetime) -> None:
+        """Records failed periods; logs and counts each once (when it is new,
+        or fails for a new reason), not on every run that retries it."""
+        news = await self._store.record_failures(tenant_id, held, now)
+        for f in held:
+            if (f.subscription_id, f.period_start) in news:
+                metrics.BILLING_FAILURES.labels(reason=f.cause).inc()
+                log.warning(
+                    "billing_period_failed",
+                    subscription_id=f.subscription_id,
+                    period_start=f.period_start.isoformat(),
+                    period_end=f.period_end.isoformat(),
+                    cause=f.cause,
+                    reason=f.reason,
+                )
 
     async def publish_pending(self, tenant_id: str | None = None) -> int:
         """Publishes invoice.finalized for finalized invoices (of one tenant, or
@@ -300,7 +448,7 @@ class Invoicing:
             raise InvalidArgument("subscription_id: required")
         subscription = await self._store.get_subscription(tenant_id, subscription_id)
         period = await self._current(tenant_id, subscription, now)
-        drafts = await self._price(tenant_id, [period], strict=True)
+        drafts, _ = await self._price(tenant_id, [period], strict=True)
         return subscription, drafts[period.key]
 
     async def customer_usage(
@@ -317,7 +465,8 @@ class Invoicing:
         if not active:
             raise NotFound(f"customer_id: customer {customer_id!r} has no active subscription")
         period = await self._current(tenant_id, active[-1], now)
-        draft = (await self._price(tenant_id, [period], strict=True))[period.key]
+        drafts, _ = await self._price(tenant_id, [period], strict=True)
+        draft = drafts[period.key]
         usages = [
             MeterUsage(
                 meter_id=line.meter_id,
@@ -378,7 +527,7 @@ class Invoicing:
             subscription = await self._store.get_subscription(tenant_id, invoice.subscription_id)
             product = await self._store.get_product(tenant_id, subscription.product_id)
             period = BillablePeriod(subscription, product, invoice.period_start, invoice.period_end)
-            drafts = await self._price(tenant_id, [period], strict=True)
+            drafts, _ = await self._price(tenant_id, [period], strict=True)
             replacement = convert.draft_json(drafts[period.key])
         if await self._store.void_invoice(tenant_id, invoice.id, replacement, now) == "FINALIZED":
             metrics.INVOICES.labels(action="voided").inc()
@@ -415,3 +564,48 @@ def _build(
             period.end,
         ),
     )
+
+
+def _held(period: BillablePeriod, why: str, cause: str) -> PeriodFailure:
+    return PeriodFailure(
+        period.subscription.id,
+        period.start,
+        period.end,
+        f"invoice held: {why}. The fixed fee and the other lines of this period are held "
+        f"with it (an invoice without the line would underbill); the period is tried "
+        f"again on every run",
+        cause,
+    )
+
+
+def _meter_calls(periods: Sequence[BillablePeriod]) -> int:
+    """About how many meter calls reading the usage of these periods (which
+    share one start and end) takes: one per meter when enough customers share
+    the period (see UsageReader), else one per price and customer."""
+    if len(periods) >= BULK_MIN_CUSTOMERS:
+        meters = {price["meter_id"] for p in periods for price in p.product.usage_prices}
+        return max(1, len(meters))
+    return max(1, sum(len(p.product.usage_prices) for p in periods))
+
+
+def _batches(
+    periods: Sequence[BillablePeriod], *, calls: int, size: int
+) -> list[list[BillablePeriod]]:
+    """Cuts `periods` (in period order) into batches of at most `size` periods
+    that need about `calls` meter calls at most (a batch has at least one
+    group), keeping the periods that share a start and end together where they
+    fit, since one meter call can read them all."""
+    batches: list[list[BillablePeriod]] = []
+    batch: list[BillablePeriod] = []
+    cost = 0
+    for _, group in itertools.groupby(periods, key=lambda p: (p.end, p.start)):
+        for piece in _chunks(list(group), size):
+            piece_cost = _meter_calls(piece)
+            if batch and (cost + piece_cost > calls or len(batch) + len(piece) > size):
+                batches.append(batch)
+                batch, cost = [], 0
+            batch.extend(piece)
+            cost += piece_cost
+    if batch:
+        batches.append(batch)
+    return batches

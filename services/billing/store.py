@@ -14,13 +14,13 @@ from typing import Any
 import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
+from services.common.ids import parse_uuid
 
 
 def _uuid_or_missing(value: str, what: str, field: str = "id") -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise NotFound(f"{field}: no {what} {value!r}") from None
+    """The id of a `what` in canonical form; a malformed one is INVALID_ARGUMENT
+    naming `field` (a well-formed id nobody has is NotFound, by the caller)."""
+    return parse_uuid(value, field)
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,36 @@ class InvoiceRecord:
     revision: int = 0
     replaces_id: str = ""  # the voided invoice this one corrects
     replaced_by_id: str = ""  # on a voided invoice: its correction
+
+
+@dataclass(frozen=True)
+class PeriodFailure:
+    """Why one period of one subscription could not be invoiced."""
+
+    subscription_id: str
+    period_start: datetime
+    period_end: datetime
+    reason: str  # for people: names the line and the cause
+    cause: str  # for metrics: a short, stable word such as amount_out_of_range
+
+
+@dataclass(frozen=True)
+class PeriodFailureRecord:
+    failure: PeriodFailure
+    first_failed_at: datetime
+    last_failed_at: datetime
+    attempts: int
+
+
+def _failure(r: asyncpg.Record) -> PeriodFailureRecord:
+    return PeriodFailureRecord(
+        PeriodFailure(
+            str(r["subscription_id"]), r["period_start"], r["period_end"], r["reason"], r["cause"]
+        ),
+        r["first_failed_at"],
+        r["last_failed_at"],
+        r["attempts"],
+    )
 
 
 def _customer(r: asyncpg.Record) -> CustomerRecord:
@@ -365,10 +395,14 @@ class BillingStore:
         self, tenant_id: str, subscription_id: str = ""
     ) -> list[tuple[SubscriptionRecord, datetime | None]]:
         """Every subscription of the tenant (or the one given) with the end of
-        the last period it has an invoice for, in any status (None: none yet)."""
+        the last period the cycle has dealt with: invoiced (in any status) or
+        recorded as failed (None: neither yet). Failed periods are retried from
+        `open_failures`, so that later periods are not held up behind them."""
         rows = await self.pool.fetch(
-            "SELECT s.*, c.external_id, (SELECT max(i.period_end) FROM billing.invoices i"
-            "  WHERE i.subscription_id = s.id) AS billed_until"
+            "SELECT s.*, c.external_id, greatest("
+            "  (SELECT max(i.period_end) FROM billing.invoices i WHERE i.subscription_id = s.id),"
+            "  (SELECT max(f.period_end) FROM billing.period_failures f"
+            "   WHERE f.subscription_id = s.id)) AS billed_until"
             " FROM billing.subscriptions s JOIN billing.customers c ON c.id = s.customer_id"
             " WHERE s.tenant_id = $1 AND ($2::uuid IS NULL OR s.id = $2)"
             " ORDER BY s.start_time, s.id",
@@ -423,19 +457,108 @@ class BillingStore:
         return {key: invoice_id for key, invoice_id in found.items() if key in wanted}
 
     async def due_drafts(
-        self, tenant_id: str, ended_by: datetime, subscription_id: str = ""
+        self,
+        tenant_id: str,
+        ended_by: datetime,
+        subscription_id: str = "",
+        *,
+        per_subscription: int | None = None,
     ) -> list[InvoiceRecord]:
         """The tenant's drafts (of one subscription, when given) whose period
-        ended at or before `ended_by`."""
+        ended at or before `ended_by`; at most `per_subscription` (the oldest)
+        of each subscription."""
         rows = await self.pool.fetch(
-            "SELECT * FROM billing.invoices WHERE tenant_id = $1 AND status = 'DRAFT'"
-            " AND period_end <= $2 AND ($3::uuid IS NULL OR subscription_id = $3)"
-            " ORDER BY period_end, id",
+            "SELECT * FROM (SELECT *, row_number() OVER"
+            "  (PARTITION BY subscription_id ORDER BY period_end, period_start) AS nth"
+            "  FROM billing.invoices WHERE tenant_id = $1 AND status = 'DRAFT'"
+            "  AND period_end <= $2 AND ($3::uuid IS NULL OR subscription_id = $3)) d"
+            " WHERE $4::int IS NULL OR nth <= $4 ORDER BY period_end, id",
             tenant_id,
             ended_by,
             _uuid_or_missing(subscription_id, "subscription") if subscription_id else None,
+            per_subscription,
         )
         return [_invoice(r) for r in rows]
+
+    # Periods that could not be invoiced (see migration 0004).
+
+    async def open_failures(
+        self, tenant_id: str, subscription_id: str = "", *, per_subscription: int
+    ) -> list[PeriodFailureRecord]:
+        """The tenant's failed periods (of one subscription, when given) that
+        still have no invoice, at most `per_subscription` (the oldest) of each
+        subscription. A failed draft is not here: it is due like any draft."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM (SELECT f.*, row_number() OVER"
+            "  (PARTITION BY f.subscription_id ORDER BY f.period_start) AS nth"
+            "  FROM billing.period_failures f"
+            "  WHERE f.tenant_id = $1 AND ($2::uuid IS NULL OR f.subscription_id = $2)"
+            "  AND NOT EXISTS (SELECT 1 FROM billing.invoices i"
+            "   WHERE i.subscription_id = f.subscription_id AND i.period_start = f.period_start)"
+            " ) x WHERE nth <= $3 ORDER BY subscription_id, period_start",
+            tenant_id,
+            _uuid_or_missing(subscription_id, "subscription") if subscription_id else None,
+            per_subscription,
+        )
+        return [_failure(r) for r in rows]
+
+    async def record_failures(
+        self, tenant_id: str, failures: Sequence[PeriodFailure], now: datetime
+    ) -> set[tuple[str, datetime]]:
+        """Records each failed period (or counts one more attempt of it);
+        returns the (subscription id, period start) of those that are new or
+        fail for a new reason now, the ones worth telling someone about. Of
+        two runs recording the same new failure at once, one says it is new."""
+        if not failures:
+            return set()
+        rows = await self.pool.fetch(
+            "WITH new AS (SELECT * FROM unnest($2::uuid[], $3::timestamptz[],"
+            "  $4::timestamptz[], $5::text[], $6::text[])"
+            "  AS n(subscription_id, period_start, period_end, reason, cause)),"
+            " old AS (SELECT f.subscription_id, f.period_start, f.reason"
+            "  FROM billing.period_failures f JOIN new USING (subscription_id, period_start))"
+            " INSERT INTO billing.period_failures AS p (tenant_id, subscription_id, period_start,"
+            " period_end, reason, cause, first_failed_at, last_failed_at)"
+            " SELECT $1, n.subscription_id, n.period_start, n.period_end, n.reason, n.cause, $7, $7"
+            " FROM new n"
+            " ON CONFLICT (subscription_id, period_start) DO UPDATE SET"
+            " period_end = EXCLUDED.period_end, reason = EXCLUDED.reason,"
+            " cause = EXCLUDED.cause, last_failed_at = EXCLUDED.last_failed_at,"
+            " attempts = p.attempts + 1"
+            " RETURNING p.subscription_id, p.period_start, p.reason, (p.xmax = 0) AS inserted,"
+            " (SELECT o.reason FROM old o WHERE o.subscription_id = p.subscription_id"
+            "  AND o.period_start = p.period_start) AS old_reason",
+            tenant_id,
+            [f.subscription_id for f in failures],
+            [f.period_start for f in failures],
+            [f.period_end for f in failures],
+            [f.reason for f in failures],
+            [f.cause for f in failures],
+            now,
+        )
+        return {
+            (str(r["subscription_id"]), r["period_start"])
+            for r in rows
+            if r["inserted"] or (r["old_reason"] is not None and r["old_reason"] != r["reason"])
+        }
+
+    async def clear_failures(
+        self, tenant_id: str, periods: Sequence[tuple[str, datetime]]
+    ) -> list[PeriodFailureRecord]:
+        """Forgets the failures of these (subscription id, period start), now
+        invoiced; returns the ones there were."""
+        if not periods:
+            return []
+        rows = await self.pool.fetch(
+            "DELETE FROM billing.period_failures f USING unnest($2::uuid[], $3::timestamptz[])"
+            " AS k(subscription_id, period_start) WHERE f.tenant_id = $1"
+            " AND f.subscription_id = k.subscription_id AND f.period_start = k.period_start"
+            " RETURNING f.*",
+            tenant_id,
+            [subscription_id for subscription_id, _ in periods],
+            [start for _, start in periods],
+        )
+        return [_failure(r) for r in rows]
 
     async def finalize_drafts(
         self, tenant_id: str, drafts: Sequence[tuple[str, dict[str, Any]]], now: datetime
@@ -592,13 +715,20 @@ class BillingStore:
         )
 
     @asynccontextmanager
-    async def cycle_lock(self) -> AsyncIterator[bool]:
-        """A session advisory lock so that one replica's scheduler runs the cycle
-        at a time; yields whether this one got it."""
+    async def tenant_cycle_lock(self, tenant_id: str) -> AsyncIterator[bool]:
+        """A session advisory lock on one tenant's billing cycle, so that one
+        replica's scheduler runs it at a time while other replicas work on
+        other tenants; yields whether this one got it. Keyed (namespace,
+        tenant): two tenants whose hashes collide only take turns."""
         async with self.pool.acquire() as conn:
-            got = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext('billing:cycle'))")
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext('billing:cycle'), hashtext($1))", tenant_id
+            )
             try:
                 yield bool(got)
             finally:
                 if got:
-                    await conn.execute("SELECT pg_advisory_unlock(hashtext('billing:cycle'))")
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtext('billing:cycle'), hashtext($1))",
+                        tenant_id,
+                    )

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from services.common import db, jetstream, logs, metrics
+from services.common import db, jetstream, logs, metrics, paging
 from services.common.auth import Authenticator, KeyResolver
 from services.common.config import CommonSettings, ConfigError
 from services.common.grpc_server import GrpcServer, Registration
@@ -94,6 +94,7 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     js = nc.jetstream()
     await jetstream.ensure_streams(js, replicas=settings.stream_replicas)
 
+    paging.configure(settings.admin_token, settings.service)
     wiring = await wire(Runtime(settings=settings, pool=pool, nc=nc, js=js))
     server = GrpcServer(
         settings.host,

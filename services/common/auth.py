@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.ids import parse_uuid
 
 KEY_PREFIX = "ubk_"
 # Set by a service calling another on a tenant's behalf, with the admin token.
@@ -121,7 +122,9 @@ class Authenticator:
                 raise PermissionDenied(
                     f"the admin token acts on a tenant only with the {TENANT_HEADER} metadata"
                 )
-            return Principal(tenant_id=tenant)
+            # Tenant ids reach NATS subjects and SQL: only a tenant id's
+            # canonical form may pass (a space once made an unpublishable subject).
+            return Principal(tenant_id=parse_uuid(tenant, TENANT_HEADER))
         principal = await self._resolver.resolve(token)
         if principal is None:
             raise Unauthenticated("unknown or revoked API key")

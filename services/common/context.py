@@ -1,4 +1,4 @@
-"""The tenant of the call being served, set by the auth interceptor."""
+"""The caller of the call being served, set by the auth interceptor."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from contextvars import ContextVar
 from services.common.errors import Unauthenticated
 
 _tenant: ContextVar[str | None] = ContextVar("tenant_id", default=None)
+_api_key_id: ContextVar[str] = ContextVar("api_key_id", default="")
 
 
-def set_tenant(tenant_id: str | None) -> None:
+def set_tenant(tenant_id: str | None, api_key_id: str = "") -> None:
+    """`api_key_id` is empty when the admin token acts for the tenant."""
     _tenant.set(tenant_id)
+    _api_key_id.set(api_key_id)
 
 
 def current_tenant() -> str:
@@ -18,3 +21,8 @@ def current_tenant() -> str:
     if tenant is None:
         raise Unauthenticated("this RPC needs an API key")
     return tenant
+
+
+def current_api_key_id() -> str:
+    """The id of the API key the call came with ("" for the admin token)."""
+    return _api_key_id.get()

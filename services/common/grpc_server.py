@@ -1,8 +1,16 @@
-"""The gRPC server every service runs: health, reflection, the auth interceptor,
-the interceptor that maps domain errors to status codes, graceful shutdown."""
+"""The gRPC server every service runs: health, reflection, the interceptors,
+graceful shutdown.
+
+A call meets, in order: the metrics interceptor (counts it); the auth
+interceptor, which authenticates from the metadata before any of the request is
+read; the request deserializer, which refuses undecodable bytes and strings
+with NUL; the error interceptor, which turns those refusals and every domain
+error into a status code, once; then the servicer, with the tenant bound."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,12 +20,15 @@ from typing import Any
 import asyncpg
 import grpc
 import structlog
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import context as call_context
 from services.common import errors, metrics
-from services.common.auth import Authenticator
+from services.common.auth import Authenticator, Principal
 from services.common.logs import get_logger
 
 log = get_logger(__name__)
@@ -53,11 +64,61 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# The largest request a service accepts; larger ones get RESOURCE_EXHAUSTED
+# from gRPC itself (README, "Limits"). A request parses into about 1.2 times
+# its size, so what a replica holds is bounded by this and by the budget below.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# At most this many bytes of large requests (BUDGETED_METHODS) are read or
+# served at once; more calls wait, their bodies still with their clients.
+IN_FLIGHT_REQUEST_BYTES = 32 * 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+
+# The unary methods whose requests may be large (a batch of events): their
+# calls take room in the server's RequestBudget before their request is read.
+BUDGETED_METHODS = frozenset({"/usagebilling.ingest.v1.IngestService/IngestEvents"})
+
+# Request fields whose servicer judges each element itself: a bad event is
+# rejected alone, in the response, rather than failing the whole call.
+SELF_CHECKED_FIELDS: dict[str, frozenset[str]] = {
+    "usagebilling.ingest.v1.IngestEventsRequest": frozenset({"events"}),
+}
 
 Behavior = Callable[..., Any]
 Ctx = grpc.aio.ServicerContext[Any, Any]
+Wrap = Callable[[Behavior], Behavior]
+Deserializer = Callable[[bytes], Any]
+
+
+def _rebuild(
+    handler: Any, unary: Wrap, streaming: Wrap, deserializer: Deserializer | None = None
+) -> Any:
+    """`handler` with its behavior wrapped (`unary` when it answers once,
+    `streaming` when it streams answers) and, when given, another deserializer."""
+    request_deserializer = deserializer or handler.request_deserializer
+    serializer = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=request_deserializer,
+            response_serializer=serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary),
+            request_deserializer=request_deserializer,
+            response_serializer=serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream),
+            request_deserializer=request_deserializer,
+            response_serializer=serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(handler.stream_stream),
+        request_deserializer=request_deserializer,
+        response_serializer=serializer,
+    )
 
 
 class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -68,6 +129,10 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     async def enter(self, method: str, context: Ctx) -> None:
         return None
 
+    def admit(self, request: Any) -> Any:
+        """The request (or request iterator) the servicer gets."""
+        return request
+
     async def fail(self, method: str, exc: Exception, context: Ctx) -> None:
         raise exc
 
@@ -76,35 +141,17 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None:
             return None
         method: str = details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return _rebuild(
+            handler,
+            lambda behavior: self._unary(method, behavior),
+            lambda behavior: self._streaming(method, behavior),
         )
 
     def _unary(self, method: str, behavior: Behavior) -> Behavior:
         async def wrapped(request: Any, context: Ctx) -> Any:
             try:
                 await self.enter(method, context)
-                return await behavior(request, context)
+                return await behavior(self.admit(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -116,7 +163,7 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
             try:
                 await self.enter(method, context)
-                async for response in behavior(request, context):
+                async for response in behavior(self.admit(request), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -158,12 +205,139 @@ def _observe(method: str, context: Ctx, started: float) -> None:
     metrics.GRPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class Refused:
+    """What a checked deserializer returns for a request it refuses. It cannot
+    raise: grpc answers a deserializer's exception with UNKNOWN (INTERNAL and a
+    traceback mid-stream); the error interceptor raises InvalidArgument(reason)
+    in the call's task instead."""
+
+    reason: str
+
+
+def request_name(method: str) -> str:
+    """The full name of the request message of `method` ("/pkg.Service/Method")."""
+    try:
+        found = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
+    except KeyError:
+        return "request message"
+    return str(found.input_type.full_name)
+
+
+def nul_path(message: Message, skip: frozenset[str] = frozenset(), prefix: str = "") -> str | None:
+    """The path of the first string in `message` (recursively: repeated
+    fields, map keys and values included) that contains NUL, such as
+    "event_names[2]" or 'labels["a"]'; None when there is none. PostgreSQL
+    text cannot hold NUL, so such a string would fail deep inside a service.
+    Only the fields that are set are visited, so this costs little."""
+    for field, value in message.ListFields():
+        if field.name in skip:
+            continue
+        path = prefix + field.name
+        if field.type == FieldDescriptor.TYPE_STRING:
+            items = enumerate(value) if field.is_repeated else ((None, value),)
+            for index, text in items:
+                if "\x00" in text:
+                    return path if index is None else f"{path}[{index}]"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            found = _nul_in_messages(field, value, path)
+            if found is not None:
+                return found
+    return None
+
+
+def _nul_in_messages(field: FieldDescriptor, value: Any, path: str) -> str | None:
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        value_field = entry.fields_by_name["value"]
+        for key in value:
+            where = f"{path}[{key!r}]"
+            if isinstance(key, str) and "\x00" in key:
+                return where
+            item = value[key]
+            if value_field.type == FieldDescriptor.TYPE_STRING and "\x00" in item:
+                return where
+            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                found = nul_path(item, prefix=where + ".")
+                if found is not None:
+                    return found
+        return None
+    if field.is_repeated:
+        for index, item in enumerate(value):
+            found = nul_path(item, prefix=f"{path}[{index}].")
+            if found is not None:
+                return found
+        return None
+    return nul_path(value, prefix=path + ".")
+
+
+def checked_deserializer(method: str, deserializer: Deserializer) -> Deserializer:
+    """`deserializer`, refusing (see Refused) bytes that are not a valid
+    request message and strings that contain NUL."""
+    name = request_name(method)
+    skip = SELF_CHECKED_FIELDS.get(name, frozenset())
+
+    def parse(data: bytes) -> Any:
+        try:
+            request = deserializer(data)
+        except Exception:  # DecodeError, or whatever else bytes make a parser raise
+            return Refused(f"request: not a valid {name}")
+        if isinstance(request, Message):
+            path = nul_path(request, skip)
+            if path is not None:
+                return Refused(f"{path}: must not contain a NUL character")
+        return request
+
+    return parse
+
+
+def _admit(request: Any) -> Any:
+    if isinstance(request, Refused):
+        raise errors.InvalidArgument(request.reason)
+    if hasattr(request, "__aiter__"):
+        return _admit_each(request)
+    return request
+
+
+async def _admit_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A stream's requests; the first refused one fails the call when it arrives."""
+    async for request in requests:
+        if isinstance(request, Refused):
+            raise errors.InvalidArgument(request.reason)
+        yield request
+
+
 class ErrorInterceptor(_BehaviorInterceptor):
-    """Translates domain errors to status codes, once, by type."""
+    """Refuses malformed requests, and translates domain errors to status
+    codes, once, by type."""
+
+    def __init__(self) -> None:
+        self._deserializers: dict[tuple[str, Deserializer], Deserializer] = {}
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        raw = handler.request_deserializer
+        checked = None
+        if raw is not None:
+            checked = self._deserializers.get((method, raw))
+            if checked is None:
+                checked = self._deserializers[(method, raw)] = checked_deserializer(method, raw)
+        return _rebuild(
+            handler,
+            lambda behavior: self._unary(method, behavior),
+            lambda behavior: self._streaming(method, behavior),
+            checked,
+        )
 
     async def enter(self, method: str, context: Ctx) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16], method=method)
+
+    def admit(self, request: Any) -> Any:
+        return _admit(request)
 
     async def fail(self, method: str, exc: Exception, context: Ctx) -> None:
         code, message = status_for(exc)
@@ -174,21 +348,143 @@ class ErrorInterceptor(_BehaviorInterceptor):
         await context.abort(code, message)
 
 
-class AuthInterceptor(_BehaviorInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates each call from its metadata alone, before any of its
+    request is read. A refused call gets a handler that never reads the body,
+    so a caller without a valid key cannot make a service hold (or parse) what
+    it sends. An accepted call runs with its principal bound."""
+
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        if self._auth.is_open(details.method):
-            return await continuation(details)
-        return await super().intercept_service(continuation, details)
+        handler = await continuation(details)
+        if handler is None or self._auth.is_open(details.method):
+            return handler
+        try:
+            principal = await self._auth.authenticate(
+                details.method, details.invocation_metadata or ()
+            )
+        except Exception as exc:  # raised again in the call, where errors are mapped
+            return _refusal(exc)
+        return _rebuild(
+            handler,
+            lambda behavior: _as_principal(principal, behavior),
+            lambda behavior: _as_principal_streaming(principal, behavior),
+        )
 
-    async def enter(self, method: str, context: Ctx) -> None:
-        metadata: Any = context.invocation_metadata() or ()
-        principal = await self._auth.authenticate(method, metadata)
-        tenant = principal.tenant_id if principal else None
-        call_context.set_tenant(tenant)
-        structlog.contextvars.bind_contextvars(tenant_id=tenant)
+
+def _refusal(exc: Exception) -> Any:
+    """A handler that fails at once with `exc`. It takes a request stream that
+    it never reads: gRPC reads a message only when asked, so the body stays
+    with the client (beyond a flow-control window), never in this process."""
+
+    async def refuse(requests: Any, context: Ctx) -> Any:
+        raise exc
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _bind(principal: Principal | None) -> None:
+    tenant = principal.tenant_id if principal else None
+    call_context.set_tenant(tenant, principal.api_key_id if principal else "")
+    structlog.contextvars.bind_contextvars(tenant_id=tenant)
+
+
+def _as_principal(principal: Principal | None, behavior: Behavior) -> Behavior:
+    async def wrapped(request: Any, context: Ctx) -> Any:
+        _bind(principal)
+        return await behavior(request, context)
+
+    return wrapped
+
+
+def _as_principal_streaming(principal: Principal | None, behavior: Behavior) -> Behavior:
+    async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
+        _bind(principal)
+        async for response in behavior(request, context):
+            yield response
+
+    return wrapped
+
+
+class RequestBudget:
+    """Bounds the bytes of requests a server holds at once. A call reserves the
+    largest request before its request is read (its size is not known yet),
+    gives back what its request turned out not to need once parsed, and the
+    rest when it ends; calls that find no room wait, in order of arrival."""
+
+    def __init__(self, capacity: int, largest: int) -> None:
+        self.capacity = capacity
+        self.largest = largest
+        self._free = capacity
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    async def reserve(self) -> None:
+        if not self._waiters and self._free >= self.largest:
+            self._free -= self.largest
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # reserved for us by release()
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(self.largest)  # granted as we were cancelled
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self, size: int) -> None:
+        self._free += size
+        while self._waiters and self._free >= self.largest:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._free -= self.largest
+                waiter.set_result(None)
+
+
+class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Innermost: serves each BUDGETED_METHODS call through a handler that
+    takes its one request off a stream, so that the request is read only once
+    the call has room in the budget (after authentication: a refused call
+    never waits here)."""
+
+    def __init__(self, budget: RequestBudget) -> None:
+        self._budget = budget
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method not in BUDGETED_METHODS or not handler.unary_unary:
+            return handler
+        return grpc.stream_unary_rpc_method_handler(
+            self._budgeted(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _budgeted(self, behavior: Behavior) -> Behavior:
+        budget = self._budget
+
+        async def wrapped(requests: AsyncIterator[Any], context: Ctx) -> Any:
+            await budget.reserve()
+            held = budget.largest
+            try:
+                request = await anext(aiter(requests), None)
+                if request is None:
+                    raise errors.InvalidArgument("request: missing")
+                size = request.ByteSize() if isinstance(request, Message) else 0
+                budget.release(held - size)
+                held = size
+                return await behavior(request, context)
+            finally:
+                budget.release(held)
+
+        return wrapped
 
 
 @dataclass(frozen=True)
@@ -211,12 +507,16 @@ class GrpcServer:
     def __init__(
         self, host: str, port: int, registrations: list[Registration], auth: Authenticator
     ) -> None:
+        self.budget = RequestBudget(IN_FLIGHT_REQUEST_BYTES, MAX_MESSAGE_BYTES)
         self.server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), ErrorInterceptor(), AuthInterceptor(auth)],
+            interceptors=[
+                MetricsInterceptor(),
+                ErrorInterceptor(),
+                AuthInterceptor(auth),
+                BudgetInterceptor(self.budget),
+            ],
             options=[
                 ("grpc.so_reuseport", 0),
-                # A full batch (1000 events, 50 keys of 500 characters) is about
-                # 25 MB; larger messages get RESOURCE_EXHAUSTED from gRPC itself.
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # Clients reconnect (and resolve again) this often, so that the
                 # callers' round_robin finds replicas added since

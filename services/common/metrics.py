@@ -35,6 +35,21 @@ EVENTS_FOLDED = Counter(
 INVOICES = Counter(
     "usagebilling_invoices_total", "Invoices built and finalized by billing", ["action"]
 )
+BILLING_FAILURES = Counter(
+    "usagebilling_billing_failures_total",
+    "Billing periods whose invoice is held because they cannot be priced, counted once per"
+    " period (when first recorded, or when the reason changes), by reason",
+    ["reason"],
+)
+# Dead letters: stage "relay" (ingest) or "fold" (meter).
+QUARANTINED = Counter(
+    "usagebilling_quarantined_total",
+    "Messages a stage set aside after bounded retries, by stage",
+    ["stage"],
+)
+QUARANTINE_DEPTH = Gauge(
+    "usagebilling_quarantine_depth", "Messages currently in quarantine, by stage", ["stage"]
+)
 
 
 def serve(port: int) -> None:

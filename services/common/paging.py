@@ -1,20 +1,54 @@
-"""Opaque page tokens (AIP-158) and page sizes shared by every List RPC."""
+"""Page tokens (AIP-158) and page sizes shared by every List RPC.
+
+A token is `<cursor>.<mac>`: the cursor (the time and key of the last row
+served, as JSON) and an HMAC-SHA256 of it under a key every replica of the
+service shares (derived from the admin token, see `configure`). A token this
+API did not make is refused before its content is read, and the content of
+one it did make is still checked, so no token reaches SQL or date arithmetic
+with a value they cannot take."""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
+import hmac
 import json
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from services.common.errors import InvalidArgument
+from services.common.ids import is_uuid
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Tokens we make are about 100 characters, some 1,400 with the longest event
+# id ingest takes (255 characters of up to 4 UTF-8 bytes); longer is not ours.
+MAX_TOKEN_CHARS = 2048
+MAX_KEY_CHARS = 512
+_MAC_BYTES = 16
+# One day inside Python's datetime range (PostgreSQL's is wider): a cursor time
+# can be compared, shifted and formatted without overflowing.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+
+_NOT_OURS = "page_token: not a token returned by this API"
+# Until `configure` is called (tests that build servicers in-process), tokens
+# are valid only within this process.
+_signing_key = secrets.token_bytes(32)
 
 T = TypeVar("T")
+
+
+def configure(secret: str, service: str) -> None:
+    """Sets the key tokens are signed with, from a secret every replica of
+    `service` has (the admin token). Each service gets its own key."""
+    global _signing_key
+    _signing_key = hmac.new(
+        secret.encode(), b"usagebilling page token v1 " + service.encode(), hashlib.sha256
+    ).digest()
 
 
 def page_size(requested: int) -> int:
@@ -23,21 +57,75 @@ def page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(body: bytes) -> bytes:
+    return hmac.new(_signing_key, body, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
 def encode_token(cursor: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(cursor).encode()).decode()
+    body = json.dumps(cursor, separators=(",", ":"), ensure_ascii=False).encode()
+    return f"{_b64(body)}.{_b64(_mac(body))}"
 
 
 def decode_token(token: str, size: int) -> list[Any] | None:
-    """The cursor of a token made by encode_token with `size` items; None when empty."""
+    """The cursor of a token made by encode_token with `size` items; None when
+    empty; INVALID_ARGUMENT for anything else."""
     if not token:
         return None
+    if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
+        raise InvalidArgument(_NOT_OURS)
+    body_text, mac_text = token.split(".")
     try:
-        cursor = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except ValueError as exc:
-        raise InvalidArgument("page_token: not a token returned by this API") from exc
+        body, mac = _unb64(body_text), _unb64(mac_text)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(_NOT_OURS) from None
+    if not hmac.compare_digest(mac, _mac(body)):
+        raise InvalidArgument(_NOT_OURS)
+    try:
+        cursor = json.loads(body)
+    except ValueError:
+        raise InvalidArgument(_NOT_OURS) from None
     if not isinstance(cursor, list) or len(cursor) != size:
-        raise InvalidArgument("page_token: not a token returned by this API")
+        raise InvalidArgument(_NOT_OURS)
     return cursor
+
+
+def _cursor_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidArgument(_NOT_OURS)
+    try:
+        when = datetime.fromisoformat(value)
+        if when.tzinfo is None:
+            raise InvalidArgument(_NOT_OURS)
+        when = when.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(_NOT_OURS) from None
+    if not EARLIEST <= when <= LATEST:
+        raise InvalidArgument("page_token: its time is out of range")
+    return when
+
+
+def _cursor_key(value: Any, uuid_key: bool) -> str:
+    if not isinstance(value, str) or len(value) > MAX_KEY_CHARS:
+        raise InvalidArgument(_NOT_OURS)
+    if uuid_key:
+        if not is_uuid(value):
+            raise InvalidArgument(_NOT_OURS)
+        return value.lower()
+    try:
+        value.encode()  # a lone surrogate cannot be sent to PostgreSQL
+    except UnicodeEncodeError:
+        raise InvalidArgument(_NOT_OURS) from None
+    if "\x00" in value:
+        raise InvalidArgument(_NOT_OURS)
+    return value
 
 
 def decode_time_cursor(token: str, *, uuid_key: bool = False) -> tuple[datetime, str] | None:
@@ -46,14 +134,7 @@ def decode_time_cursor(token: str, *, uuid_key: bool = False) -> tuple[datetime,
     cursor = decode_token(token, 2)
     if cursor is None:
         return None
-    try:
-        when = datetime.fromisoformat(str(cursor[0]))
-        key = str(uuid.UUID(str(cursor[1]))) if uuid_key else str(cursor[1])
-    except ValueError as exc:
-        raise InvalidArgument("page_token: not a token returned by this API") from exc
-    if when.tzinfo is None:
-        raise InvalidArgument("page_token: not a token returned by this API")
-    return when, key
+    return _cursor_time(cursor[0]), _cursor_key(cursor[1], uuid_key)
 
 
 def next_page(
@@ -65,7 +146,7 @@ def next_page(
         return rows, ""
     page = rows[:limit]
     when, key = cursor(page[-1])
-    return page, encode_token([when.isoformat(), key])
+    return page, encode_token([when.astimezone(UTC).isoformat(), key])
 
 
 async def fetch_page(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from services.common import app
+from services.common import app, quarantine
 from services.common.auth_client import billing_key_resolver
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
-from services.ingest.relay import Relay
+from services.ingest.domain.rate_limit import RateLimiter
+from services.ingest.relay import Publisher, Relay, RelayQuarantine
 from services.ingest.service import Ingestor
 from services.ingest.store import IngestStore
 from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -22,8 +23,17 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
         store = IngestStore(runtime.pool)
-        relay = Relay(store, runtime.js)
-        ingestor = Ingestor(store, relay.wake, settings.backdate_window)
+        publisher = Publisher(runtime.nc)
+        relay = Relay(
+            store,
+            publisher,
+            max_attempts=settings.relay_max_attempts,
+            max_backoff=settings.relay_max_backoff,
+        )
+        limiter = (
+            RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+        )
+        ingestor = Ingestor(store, relay.wake, settings.backdate_window, limiter)
         billing = internal_channel(settings.billing_addr)
         return app.Wiring(
             registrations=[
@@ -32,7 +42,8 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
                     "IngestService",
                     ingest_pb2_grpc.add_IngestServiceServicer_to_server,
                     IngestServicer(ingestor, store),
-                )
+                ),
+                quarantine.registration(RelayQuarantine(store, publisher)),
             ],
             resolver=billing_key_resolver(billing, settings.common.auth_cache_ttl),
             background=[relay.run, relay.watch_depth],

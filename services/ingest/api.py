@@ -49,6 +49,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def StreamIngest(
         self, request_iterator: AsyncIterator[ingest_pb2.IngestEventsRequest], context: Any
     ) -> AsyncIterator[ingest_pb2.IngestEventsResponse]:
+        # Each request is one call to the rate limit: one over it ends the
+        # stream with RESOURCE_EXHAUSTED (and `retry-after`); the answers sent
+        # before it say what was stored, the refused request stored nothing.
         tenant = current_tenant()
         async for request in request_iterator:
             result = await self._ingestor.ingest(tenant, request.events, datetime.now(UTC))

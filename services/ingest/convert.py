@@ -7,7 +7,8 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.ingest.domain.validation import IncomingEvent, InvalidTime, RawValue
+from services.common.values import RawValue
+from services.ingest.domain.validation import IncomingEvent, InvalidTime
 from services.ingest.store import EventRow
 from usagebilling.common.v1 import value_pb2
 from usagebilling.ingest.v1 import ingest_pb2

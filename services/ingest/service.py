@@ -3,14 +3,23 @@ row in one transaction, report what happened."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from services.common import metrics
+from services.common.errors import ResourceExhausted
 from services.common.logs import get_logger
 from services.ingest import convert
-from services.ingest.domain.validation import Rejection, effective_time, triage
+from services.ingest.domain.rate_limit import RateLimiter
+from services.ingest.domain.validation import (
+    Rejection,
+    check_batch_size,
+    effective_time,
+    triage,
+)
 from services.ingest.store import EventRow, IngestStore
 from usagebilling.ingest.v1 import ingest_pb2
 
@@ -26,15 +35,45 @@ class IngestResult:
 
 class Ingestor:
     def __init__(
-        self, store: IngestStore, on_commit: Callable[[], None], backdate_window: timedelta
+        self,
+        store: IngestStore,
+        on_commit: Callable[[], None],
+        backdate_window: timedelta,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._backdate_window = backdate_window
+        self._limiter = limiter
+        self._clock = clock
+
+    def _admit(self, tenant_id: str, count: int) -> None:
+        """Limits before work: a call over the tenant's rate is refused whole,
+        before anything is converted or stored. Every event of the call counts,
+        rejected and duplicate ones too (they cost the same work)."""
+        if self._limiter is None or count == 0:
+            return
+        wait = self._limiter.acquire(tenant_id, count, self._clock())
+        if wait > 0:
+            metrics.EVENTS.labels("rate_limited").inc(count)
+            # Rounded up to milliseconds: a client that waits this long passes.
+            retry_after = math.ceil(wait * 1000) / 1000
+            raise ResourceExhausted(
+                f"events: the tenant's ingest rate of {self._limiter.rate:g} events/s"
+                f" (burst {self._limiter.burst}) is reached; none of the {count} events"
+                f" was stored, retry after {retry_after:g} s",
+                retry_after=retry_after,
+            )
 
     async def ingest(
         self, tenant_id: str, events: Sequence[ingest_pb2.Event], now: datetime
     ) -> IngestResult:
+        """Raises InvalidArgument for a call over the batch limit and
+        ResourceExhausted (retry_after in seconds) over the tenant's rate; in
+        both cases nothing is stored."""
+        check_batch_size(len(events))
+        self._admit(tenant_id, len(events))
         incoming = [convert.incoming(e) for e in events]
         verdict = triage(incoming, now, self._backdate_window)
         valid = [incoming[i] for i in verdict.valid]
@@ -44,7 +83,7 @@ class Ingestor:
                 customer_id=e.customer_id,
                 event_name=e.event_name,
                 event_time=effective_time(e, now),
-                metadata=dict(e.metadata),
+                metadata=e.metadata,
             )
             for e in valid
         ]

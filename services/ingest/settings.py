@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from services.common.config import CommonSettings, EnvReader, read_common
+from services.ingest.domain.validation import MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,15 @@ class IngestSettings:
     common: CommonSettings
     billing_addr: str
     backdate_window: timedelta
+    # Events per second per tenant and replica; 0: no limit.
+    rate_limit: int
+    # The bucket's size: at least the largest call, so that every call can pass.
+    rate_burst: int
+    # Tries of an outbox batch that fails for a reason of its own before it is
+    # quarantined (NATS outages are retried without end).
+    relay_max_attempts: int
+    # The longest wait between two tries of a failing batch (doubling from 0.5 s).
+    relay_max_backoff: timedelta
 
 
 def read(reader: EnvReader) -> IngestSettings:
@@ -22,6 +32,16 @@ def read(reader: EnvReader) -> IngestSettings:
         common=read_common(reader, "ingest"),
         billing_addr=reader.text("USAGEBILLING_BILLING_ADDR", "127.0.0.1:50053"),
         backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
+        rate_limit=reader.integer("USAGEBILLING_INGEST_RATE_LIMIT", 50_000, maximum=10**9),
+        rate_burst=reader.integer(
+            "USAGEBILLING_INGEST_RATE_BURST", 100_000, minimum=MAX_BATCH, maximum=10**9
+        ),
+        relay_max_attempts=reader.integer(
+            "USAGEBILLING_RELAY_MAX_ATTEMPTS", 5, minimum=1, maximum=1000
+        ),
+        relay_max_backoff=reader.duration(
+            "USAGEBILLING_RELAY_MAX_BACKOFF", timedelta(seconds=10), maximum=timedelta(hours=1)
+        ),
     )
 
 

@@ -1,16 +1,18 @@
-"""ingest's SQL: the event log and the outbox (schema `ingest`)."""
+"""ingest's SQL: the event log, the outbox and its quarantine (schema `ingest`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from math import copysign
 from typing import Any
 
 import asyncpg
 
 from services.common.errors import NotFound
+from services.common.quarantine import QuarantinedRecord
 
 _INSERT_EVENTS = """
 INSERT INTO ingest.events (tenant_id, event_id, customer_id, event_name, event_time, metadata)
@@ -23,6 +25,52 @@ RETURNING event_id
 
 _COLUMNS = "event_id, customer_id, event_name, event_time, metadata"
 
+# Metadata values keep their protobuf kind through jsonb. jsonb holds numbers as
+# `numeric`, which keeps a fraction's written digits ("100.0" comes back as
+# 100.0, a double) but has no negative zero, and orjson writes every double of
+# magnitude 1e16 or more in exponent form ("1e+16"), which `numeric` reads as an
+# integer. Those doubles, and -0.0, are stored as a one-element array holding
+# their shortest repr (["1e+16"]): a metadata value is never an array, so the
+# marker is unambiguous, and every other value is stored as plain JSON.
+_EXPONENT_FORM = 1e16
+_INT64 = range(-(2**63), 2**63)
+
+
+def _needs_marker(value: float) -> bool:
+    return not -_EXPONENT_FORM < value < _EXPONENT_FORM or (
+        value == 0.0 and copysign(1.0, value) < 0.0
+    )
+
+
+def encode_metadata(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The metadata as stored in jsonb: itself (the usual case, no copy), or a
+    copy with the doubles that need it written as ["<repr>"]."""
+    for value in metadata.values():
+        if type(value) is float and _needs_marker(value):
+            return {
+                k: [repr(v)] if type(v) is float and _needs_marker(v) else v
+                for k, v in metadata.items()
+            }
+    return metadata
+
+
+def _decoded(value: Any) -> Any:
+    if type(value) is list:
+        return float(value[0])
+    if type(value) is int and value not in _INT64:
+        # A row stored before the marker existed: a double such as 1e19 that
+        # jsonb had turned into an integer. A double is what it was.
+        return float(value)
+    return value
+
+
+def decode_metadata(stored: dict[str, Any]) -> dict[str, Any]:
+    """The metadata as ingest accepted it: str, int (int64), float or bool."""
+    for value in stored.values():
+        if type(value) is list or (type(value) is int and value not in _INT64):
+            return {k: _decoded(v) for k, v in stored.items()}
+    return stored
+
 
 @dataclass(frozen=True)
 class EventRow:
@@ -33,7 +81,7 @@ class EventRow:
     customer_id: str
     event_name: str
     event_time: datetime
-    metadata: dict[str, Any]
+    metadata: Mapping[str, Any]  # str, int (int64), float or bool values
 
 
 def _stored(row: asyncpg.Record) -> EventRow:
@@ -42,7 +90,7 @@ def _stored(row: asyncpg.Record) -> EventRow:
         customer_id=row["customer_id"],
         event_name=row["event_name"],
         event_time=row["event_time"],
-        metadata=row["metadata"],
+        metadata=decode_metadata(row["metadata"]),
     )
 
 
@@ -66,7 +114,7 @@ class IngestStore:
                 [e.customer_id for e in events],
                 [e.event_name for e in events],
                 [e.event_time for e in events],
-                [e.metadata for e in events],
+                [encode_metadata(e.metadata) for e in events],
             )
             new_ids = {r["event_id"] for r in rows}
             if new_ids:
@@ -156,31 +204,111 @@ class IngestStore:
                 return
             after = (rows[-1]["event_time"], rows[-1]["event_id"])
 
-    # The outbox, read by the relay.
+    # The outbox, read by the relay, and its dead letters (ingest.quarantine).
 
     async def outbox_depth(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM ingest.outbox"))
 
     @asynccontextmanager
-    async def claim_outbox(self, limit: int) -> AsyncIterator[list[OutboxRow]]:
-        """Locks up to `limit` outbox rows (other relays skip them) for the body
-        of the `async with`; deletes them when the body finishes normally, leaves
-        them for the next try when it raises."""
+    async def claim_outbox(self, limit: int) -> AsyncIterator[OutboxClaim]:
+        """Locks up to `limit` due outbox rows, oldest first (other relays skip
+        them; rows waiting for a retry are not due), for the body of the
+        `async with`, which reports each row's outcome on the claim. When the
+        body finishes normally the outcomes are written in the same transaction;
+        when it raises, nothing changes. Rows without an outcome stay as they were."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT id, msg_id, tenant_id, payload FROM ingest.outbox"
+                "SELECT id, msg_id, tenant_id, payload, attempts FROM ingest.outbox"
+                " WHERE next_attempt_at <= now()"
                 " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 limit,
             )
-            claimed = [
-                OutboxRow(r["id"], str(r["msg_id"]), r["tenant_id"], r["payload"]) for r in rows
-            ]
-            yield claimed
-            if claimed:
+            claim = OutboxClaim(
+                [
+                    OutboxRow(
+                        r["id"], str(r["msg_id"]), r["tenant_id"], r["payload"], r["attempts"]
+                    )
+                    for r in rows
+                ]
+            )
+            yield claim
+            if claim.sent_ids:
                 await conn.execute(
-                    "DELETE FROM ingest.outbox WHERE id = ANY($1::bigint[])",
-                    [r.id for r in claimed],
+                    "DELETE FROM ingest.outbox WHERE id = ANY($1::bigint[])", claim.sent_ids
                 )
+            if claim.retries:
+                await conn.execute(
+                    "UPDATE ingest.outbox o SET attempts = o.attempts + 1, last_error = r.error,"
+                    " next_attempt_at = now() + make_interval(secs => r.delay)"
+                    " FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS r(id, error, delay)"
+                    " WHERE o.id = r.id",
+                    [r[0] for r in claim.retries],
+                    [r[1] for r in claim.retries],
+                    [r[2] for r in claim.retries],
+                )
+            for outbox_id, reason, event_ids in claim.quarantined:
+                await conn.execute(
+                    "WITH moved AS (DELETE FROM ingest.outbox WHERE id = $1"
+                    " RETURNING msg_id, tenant_id, payload, attempts, created_at)"
+                    " INSERT INTO ingest.quarantine"
+                    " (id, tenant_id, payload, event_ids, reason, attempts, accepted_at)"
+                    " SELECT msg_id, tenant_id, payload, $2::text[], $3, attempts + 1, created_at"
+                    " FROM moved",
+                    outbox_id,
+                    list(event_ids),
+                    reason,
+                )
+
+    async def quarantine_depth(self) -> int:
+        return int(await self.pool.fetchval("SELECT count(*) FROM ingest.quarantine"))
+
+    async def list_quarantined(
+        self, tenant_id: str | None, after: tuple[datetime, str] | None, limit: int
+    ) -> list[QuarantinedRecord]:
+        """Newest first; `after` is the (quarantined_at, id) of the last row seen."""
+        rows = await self.pool.fetch(
+            f"SELECT {_QUARANTINE_COLUMNS} FROM ingest.quarantine"
+            " WHERE ($1::text IS NULL OR tenant_id = $1)"
+            " AND ($2::timestamptz IS NULL OR (quarantined_at, id) < ($2, $3::uuid))"
+            " ORDER BY quarantined_at DESC, id DESC LIMIT $4",
+            tenant_id,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit,
+        )
+        return [_quarantined(r) for r in rows]
+
+    async def quarantined_payloads(
+        self, ids: Sequence[str]
+    ) -> list[tuple[QuarantinedRecord, bytes]]:
+        """The named quarantined batches with their payloads, in the order of `ids`."""
+        rows = await self.pool.fetch(
+            f"SELECT {_QUARANTINE_COLUMNS}, payload FROM ingest.quarantine"
+            " WHERE id = ANY($1::uuid[])",
+            list(ids),
+        )
+        by_id = {str(r["id"]): (_quarantined(r), bytes(r["payload"])) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    async def release_quarantined(self, ids: Sequence[str]) -> int:
+        """Deletes the named rows (published by a replay, or discarded); returns how many."""
+        result = await self.pool.execute(
+            "DELETE FROM ingest.quarantine WHERE id = ANY($1::uuid[])", list(ids)
+        )
+        return int(result.split()[-1])
+
+    async def quarantine_failed_again(
+        self, record_id: str, reason: str
+    ) -> QuarantinedRecord | None:
+        """Records a failed replay; the updated row, or None when it is gone."""
+        row = await self.pool.fetchrow(
+            "UPDATE ingest.quarantine SET reason = $2, attempts = attempts + 1,"
+            " last_attempt_at = now() WHERE id = $1::uuid"
+            f" RETURNING {_QUARANTINE_COLUMNS}",
+            record_id,
+            reason,
+        )
+        return _quarantined(row) if row is not None else None
 
 
 @dataclass(frozen=True)
@@ -189,3 +317,47 @@ class OutboxRow:
     msg_id: str
     tenant_id: str
     payload: bytes
+    # Failed attempts so far.
+    attempts: int = 0
+
+
+@dataclass
+class OutboxClaim:
+    """The rows of one claim and what became of each (see claim_outbox)."""
+
+    rows: list[OutboxRow]
+    sent_ids: list[int] = field(default_factory=list)
+    # (id, error, seconds until the next attempt)
+    retries: list[tuple[int, str, float]] = field(default_factory=list)
+    # (id, reason, the event ids it holds)
+    quarantined: list[tuple[int, str, Sequence[str]]] = field(default_factory=list)
+
+    def sent(self, row: OutboxRow) -> None:
+        self.sent_ids.append(row.id)
+
+    def retry(self, row: OutboxRow, error: str, delay: float) -> None:
+        self.retries.append((row.id, error, delay))
+
+    def quarantine(self, row: OutboxRow, reason: str, event_ids: Sequence[str]) -> None:
+        self.quarantined.append((row.id, reason, event_ids))
+
+
+RELAY_STAGE = "relay"
+_QUARANTINE_COLUMNS = (
+    "id, tenant_id, reason, event_ids, attempts, quarantined_at, last_attempt_at,"
+    " octet_length(payload) AS size_bytes"
+)
+
+
+def _quarantined(row: asyncpg.Record) -> QuarantinedRecord:
+    return QuarantinedRecord(
+        id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        stage=RELAY_STAGE,
+        reason=row["reason"],
+        event_ids=tuple(row["event_ids"]),
+        attempts=row["attempts"],
+        quarantine_time=row["quarantined_at"],
+        last_attempt_time=row["last_attempt_at"],
+        size_bytes=row["size_bytes"],
+    )

@@ -1,6 +1,8 @@
 """Backfill: a new meter counts the events ingest already holds for its event
 name within the backdating window, replayed over gRPC. Folding is idempotent
-per (meter, event), so events the consumer folds meanwhile count once."""
+per (meter, event), so events the consumer folds meanwhile count once. An event
+that cannot be folded (services.meter.isolation) goes to the quarantine and the
+backfill goes on: only a replay that keeps failing marks the meter FAILED."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import grpc
 from services.common.auth import on_behalf_of
 from services.common.logs import get_logger
 from services.meter import convert
+from services.meter.quarantine import FoldQuarantine
 from services.meter.service import MeterService
-from services.meter.store import MeterRecord, MeterStore
+from services.meter.store import MeterRecord, MeterStore, QuarantineStore
 from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = get_logger(__name__)
@@ -35,9 +38,11 @@ class Backfiller:
         window: timedelta,
         *,
         retry_delay: float = RETRY_DELAY,
+        quarantine: FoldQuarantine | None = None,
     ) -> None:
         self._store = store
         self._service = service
+        self._quarantine = quarantine or FoldQuarantine(QuarantineStore(store.pool), service)
         self._ingest = ingest_pb2_grpc.IngestServiceStub(ingest)
         self._admin_token = admin_token
         self._window = window
@@ -61,7 +66,7 @@ class Backfiller:
         )
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                folded = await self._replay(record, request)
+                folded, set_aside = await self._replay(record, request, attempt)
             except asyncio.CancelledError:
                 raise  # stays RUNNING: resumed at the next start
             except Exception as exc:
@@ -73,21 +78,34 @@ class Backfiller:
                 await asyncio.sleep(self._retry_delay * 2 ** (attempt - 1))
                 continue
             await self._store.set_backfill_state(record.tenant_id, record.id, "DONE")
-            log.info("backfill_done", meter_id=record.id, folded=folded)
+            log.info("backfill_done", meter_id=record.id, folded=folded, set_aside=set_aside)
             return
 
-    async def _replay(self, record: MeterRecord, request: ingest_pb2.ReplayEventsRequest) -> int:
-        folded = 0
+    async def _replay(
+        self, record: MeterRecord, request: ingest_pb2.ReplayEventsRequest, attempt: int
+    ) -> tuple[int, int]:
+        """The new rows, and how many events were set aside."""
+        folded = set_aside = 0
         chunk: list[Any] = []
         stream = self._ingest.ReplayEvents(
             request, metadata=on_behalf_of(self._admin_token, record.tenant_id)
         )
+
+        async def fold() -> None:
+            nonlocal folded, set_aside
+            new, failed = await self._service.fold_for_meter(record, chunk)
+            if failed:
+                await self._quarantine.set_aside(record.tenant_id, failed, attempt)
+            folded += new
+            set_aside += len(failed)
+
         async for event in stream:
             chunk.append(event)
             if len(chunk) >= CHUNK:
-                folded += await self._service.fold_for_meter(record, chunk)
+                await fold()
                 chunk = []
-        return folded + await self._service.fold_for_meter(record, chunk)
+        await fold()
+        return folded, set_aside
 
     async def resume(self) -> None:
         """Restarts backfills that a stopped process left running (idempotent)."""

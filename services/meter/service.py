@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from services.common.errors import InvalidArgument
 from services.common.logs import get_logger
 from services.meter import convert
-from services.meter.domain.aggregation import Aggregation, MeterSpec, validate_meter
+from services.meter.domain.aggregation import (
+    Aggregation,
+    MeterQuotas,
+    MeterSpec,
+    check_meter_quotas,
+    validate_meter,
+)
+from services.meter.domain.filters import check_filter_size
 from services.meter.domain.matching import FoldedEvent, Matcher
 from services.meter.domain.query import empty_row_group, plan_query, usage_value
+from services.meter.isolation import Failure, Isolator, Outcome, fold_rows
 from services.meter.store import MeterRecord, MeterStore
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
 
 log = get_logger(__name__)
+
+# A backfill retries its whole replay on a transient error (folding is
+# idempotent); any other failure is the events' own and they are set aside.
+BACKFILL_RETRIES = frozenset({Failure.TRANSIENT})
 
 
 @dataclass(frozen=True)
@@ -29,37 +41,20 @@ class UsageRow:
     value: str
 
 
-def _fold(
-    meters: Sequence[tuple[int, MeterSpec]], events: Iterable[ingest_pb2.Event]
-) -> list[FoldedEvent]:
-    # The consumer's hot path: only the metadata keys some meter reads are
-    # converted, and only for events that some meter counts.
-    matcher = Matcher(meters)
-    rows: list[FoldedEvent] = []
-    for event in events:
-        keys = matcher.keys_for(event.event_name)
-        if keys is None:
-            continue
-        raw = event.metadata
-        rows += matcher.fold(
-            event_id=event.event_id,
-            customer_id=event.customer_id,
-            event_name=event.event_name,
-            event_time=convert.to_datetime(event.timestamp),
-            metadata={k: convert.meta_value(raw[k]) for k in keys if k in raw},
-        )
-    return rows
-
-
 class MeterService:
-    def __init__(self, store: MeterStore) -> None:
+    def __init__(self, store: MeterStore, quotas: MeterQuotas | None = None) -> None:
         self._store = store
+        self._quotas = quotas or MeterQuotas()
         # Set by the wiring: starts the backfill of a new meter.
         self.on_created: Callable[[MeterRecord], None] = lambda record: None
 
     async def create_meter(
         self, tenant_id: str, request: meter_pb2.CreateMeterRequest
     ) -> MeterRecord:
+        # Measured on the request, before a condition is converted: a filter of any
+        # size is refused in time bounded by the limits.
+        if request.HasField("filter"):
+            check_filter_size(request.filter)
         domain_filter = (
             convert.domain_filter(request.filter) if request.HasField("filter") else None
         )
@@ -69,7 +64,7 @@ class MeterService:
             convert.aggregation(request.aggregation),
             request.property,
             domain_filter,
-            list(request.group_by),
+            request.group_by,  # its length is checked before it is read
             measurement_unit=request.measurement_unit,
             description=request.description,
         )
@@ -83,27 +78,67 @@ class MeterService:
             group_by=list(request.group_by),
             measurement_unit=request.measurement_unit,
             description=request.description,
+            check_quotas=lambda active, same_event: check_meter_quotas(
+                self._quotas, active, same_event, request.event_name
+            ),
         )
         log.info("meter_created", meter_id=record.id, name=record.name)
         self.on_created(record)
         return record
 
+    async def _matchers(self, tenants: Iterable[str]) -> dict[str, Matcher]:
+        """The active meters of each tenant that has any."""
+        by_tenant: dict[str, list[tuple[int, MeterSpec]]] = defaultdict(list)
+        for record in await self._store.active_meters(sorted(set(tenants))):
+            by_tenant[record.tenant_id].append((record.key, convert.spec(record)))
+        return {tenant: Matcher(meters) for tenant, meters in by_tenant.items()}
+
     async def fold_batches(self, batches: Sequence[ingest_pb2.EventBatch]) -> int:
         """Folds the events of fetched messages into every matching meter, in one
-        transaction. Meters are loaded after the fetch, so a meter created before
-        an event was consumed either sees it here or in its backfill."""
-        tenants = sorted({b.tenant_id for b in batches})
-        by_tenant: dict[str, list[tuple[int, MeterSpec]]] = defaultdict(list)
-        for record in await self._store.active_meters(tenants):
-            by_tenant[record.tenant_id].append((record.key, convert.spec(record)))
+        transaction; returns the new (meter, event) rows. Meters are loaded after
+        the fetch, so a meter created before an event was consumed either sees it
+        here or in its backfill. Raises what the fold raised: then
+        `fold_isolating` finds the events at fault."""
+        matchers = await self._matchers(b.tenant_id for b in batches)
         rows: list[FoldedEvent] = []
         for batch in batches:
-            if by_tenant.get(batch.tenant_id):
-                rows += _fold(by_tenant[batch.tenant_id], batch.events)
+            matcher = matchers.get(batch.tenant_id)
+            if matcher is not None:
+                rows += fold_rows(matcher, batch.events)
         return await self._store.fold(rows)
 
-    async def fold_for_meter(self, record: MeterRecord, events: Sequence[ingest_pb2.Event]) -> int:
-        return await self._store.fold(_fold([(record.key, convert.spec(record))], events))
+    async def fold_isolating(
+        self,
+        batches: Sequence[ingest_pb2.EventBatch],
+        retry_on: Sequence[Collection[Failure]],
+        error: BaseException | None = None,
+    ) -> tuple[list[Outcome], int]:
+        """Folds part by part (services.meter.isolation): every event that can
+        be folded is, in commits of its own; returns one Outcome per batch (the
+        events that failed with their reason, or the error to retry the batch
+        for) and the new rows. `error` is the failure of `fold_batches` on the
+        same batches, if any. Raises only when the meters cannot be loaded."""
+        isolator = Isolator(self._store, await self._matchers(b.tenant_id for b in batches))
+        outcomes = await isolator.fold(batches, retry_on, error)
+        return outcomes, isolator.folded
+
+    async def fold_for_meter(
+        self, record: MeterRecord, events: Sequence[ingest_pb2.Event]
+    ) -> tuple[int, list[tuple[ingest_pb2.Event, str]]]:
+        """A backfill's chunk: folds `events` into one meter. Returns the new
+        rows and the events that could not be folded, each with its reason (the
+        others are committed). Raises a transient error (the caller retries)."""
+        matcher = Matcher([(record.key, convert.spec(record))])
+        try:
+            return await self._store.fold(fold_rows(matcher, events)), []
+        except Exception as exc:
+            error: BaseException = exc
+        isolator = Isolator(self._store, {record.tenant_id: matcher})
+        batch = ingest_pb2.EventBatch(tenant_id=record.tenant_id, events=events)
+        [outcome] = await isolator.fold([batch], [BACKFILL_RETRIES], error)
+        if outcome.retry is not None:
+            raise outcome.retry
+        return isolator.folded, outcome.failed
 
     async def get_meter(self, tenant_id: str, meter_id: str) -> tuple[MeterRecord, dict[str, int]]:
         """The meter and how many matching events it skipped, by reason."""
@@ -125,8 +160,9 @@ class MeterService:
             end=convert.optional_time(request, "end_time"),
             window_size=convert.window_size(request.window_size or meter_pb2.WINDOW_SIZE_NONE),
             time_zone=request.time_zone,
-            group_by=list(request.group_by),
-            group_filter=dict(request.group_filter),
+            # Passed as they are: plan_query counts them before reading them.
+            group_by=request.group_by,
+            group_filter=request.group_filter,
         )
         groups = await self._store.usage(
             meter,

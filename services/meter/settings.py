@@ -18,6 +18,11 @@ class MeterSettings:
     backdate_window: timedelta
     consumer_name: str
     fetch_batch: int
+    # A message whose fold keeps failing is quarantined after this many deliveries.
+    max_deliveries: int
+    # Quotas on active meters, checked at CreateMeter.
+    max_meters_per_tenant: int
+    max_meters_per_event: int
 
 
 def read(reader: EnvReader) -> MeterSettings:
@@ -28,6 +33,15 @@ def read(reader: EnvReader) -> MeterSettings:
         backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
         consumer_name=reader.text("USAGEBILLING_METER_CONSUMER", "meter"),
         fetch_batch=reader.integer("USAGEBILLING_METER_FETCH_BATCH", 16, minimum=1, maximum=1000),
+        max_deliveries=reader.integer(
+            "USAGEBILLING_METER_MAX_DELIVERIES", 10, minimum=1, maximum=1000
+        ),
+        max_meters_per_tenant=reader.integer(
+            "USAGEBILLING_MAX_METERS_PER_TENANT", 100, minimum=1, maximum=100_000
+        ),
+        max_meters_per_event=reader.integer(
+            "USAGEBILLING_MAX_METERS_PER_EVENT", 20, minimum=1, maximum=1000
+        ),
     )
 
 

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -14,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
+from services.common.ids import parse_uuid
 from services.meter.domain.matching import FoldedEvent
 
 # The compact key of meter $2 of tenant $1 (meter_events holds keys, not ids).
@@ -104,35 +104,50 @@ class MeterStore:
         group_by: Sequence[str],
         measurement_unit: str,
         description: str,
+        check_quotas: Callable[[int, int], None] = lambda active, same_event: None,
     ) -> MeterRecord:
-        try:
-            row = await self.pool.fetchrow(
-                "INSERT INTO meter.meters (tenant_id, name, event_name, aggregation, property,"
-                " filter, group_by, measurement_unit, description)"
-                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_METER_COLUMNS}",
-                tenant_id,
-                name,
-                event_name,
-                aggregation,
-                property,
-                filter,
-                list(group_by),
-                measurement_unit,
-                description,
+        """Inserts the meter. `check_quotas(active, same_event)` sees how many active
+        meters the tenant has, in all and on `event_name`, and raises to refuse: it
+        runs in the insert's transaction under a per-tenant advisory lock, so two
+        concurrent creates cannot both take the last slot."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('meter.meters'), hashtext($1))", tenant_id
             )
-        except asyncpg.UniqueViolationError as exc:
-            raise AlreadyExists(f"name: a meter named {name!r} already exists") from exc
+            counts = await conn.fetchrow(
+                "SELECT count(*) AS active, count(*) FILTER (WHERE event_name = $2) AS same"
+                " FROM meter.meters WHERE tenant_id = $1 AND archived_at IS NULL",
+                tenant_id,
+                event_name,
+            )
+            assert counts is not None
+            check_quotas(counts["active"], counts["same"])
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO meter.meters (tenant_id, name, event_name, aggregation,"
+                    " property, filter, group_by, measurement_unit, description)"
+                    f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_METER_COLUMNS}",
+                    tenant_id,
+                    name,
+                    event_name,
+                    aggregation,
+                    property,
+                    filter,
+                    list(group_by),
+                    measurement_unit,
+                    description,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise AlreadyExists(f"name: a meter named {name!r} already exists") from exc
         assert row is not None
         return _meter(tenant_id, row)
 
     async def get_meter(self, tenant_id: str, meter_id: str) -> MeterRecord:
-        row = None
-        if _is_uuid(meter_id):
-            row = await self.pool.fetchrow(
-                f"SELECT {_METER_COLUMNS} FROM meter.meters WHERE tenant_id = $1 AND id = $2",
-                tenant_id,
-                meter_id,
-            )
+        row = await self.pool.fetchrow(
+            f"SELECT {_METER_COLUMNS} FROM meter.meters WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            parse_uuid(meter_id, "meter_id"),
+        )
         if row is None:
             raise NotFound(f"meter_id: no meter {meter_id!r}")
         return _meter(tenant_id, row)
@@ -283,9 +298,137 @@ class MeterStore:
         ]
 
 
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """Events the fold set aside (or the raw bytes of a message that could not
+    be decoded, when `decodable` is false). `size_bytes` is the payload's size."""
+
+    id: str
+    tenant_id: str
+    decodable: bool
+    reason: str
+    event_ids: tuple[str, ...]
+    attempts: int
+    quarantined_at: datetime
+    last_attempt_at: datetime
+    size_bytes: int
+
+
+_QUARANTINE_COLUMNS = (
+    "id, tenant_id, decodable, reason, event_ids, attempts, quarantined_at, last_attempt_at,"
+    " octet_length(payload) AS size_bytes"
+)
+
+
+def _quarantined(row: asyncpg.Record) -> QuarantineRecord:
+    return QuarantineRecord(
+        id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        decodable=row["decodable"],
+        reason=row["reason"],
+        event_ids=tuple(row["event_ids"]),
+        attempts=row["attempts"],
+        quarantined_at=row["quarantined_at"],
+        last_attempt_at=row["last_attempt_at"],
+        size_bytes=row["size_bytes"],
+    )
+
+
+class QuarantineStore:
+    """meter.quarantine: what the fold set aside (services.meter.quarantine)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def add(
+        self,
+        *,
+        tenant_id: str,
+        fingerprint: bytes,
+        payload: bytes,
+        decodable: bool,
+        reason: str,
+        event_ids: Sequence[str],
+        attempts: int,
+    ) -> bool:
+        """Sets the payload aside; True when it is new. The same fingerprint
+        again (a redelivered message) updates the row's reason and attempts."""
+        inserted = await self.pool.fetchval(
+            "INSERT INTO meter.quarantine (tenant_id, fingerprint, payload, decodable, reason,"
+            " event_ids, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (fingerprint) DO UPDATE SET reason = EXCLUDED.reason,"
+            " attempts = meter.quarantine.attempts + 1, last_attempt_at = now()"
+            " RETURNING xmax = 0",
+            tenant_id,
+            fingerprint,
+            payload,
+            decodable,
+            reason,
+            list(event_ids),
+            attempts,
+        )
+        return bool(inserted)
+
+    async def page(
+        self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[QuarantineRecord]:
+        """Newest first, strictly after `after` (the (quarantined_at, id) of the
+        last row of the previous page); every tenant's when `tenant_id` is ""."""
+        rows = await self.pool.fetch(
+            f"SELECT {_QUARANTINE_COLUMNS} FROM meter.quarantine"
+            " WHERE ($1 = '' OR tenant_id = $1)"
+            " AND ($2::timestamptz IS NULL OR (quarantined_at, id) < ($2, $3::uuid))"
+            " ORDER BY quarantined_at DESC, id DESC LIMIT $4",
+            tenant_id,
+            after[0] if after else None,
+            after[1] if after else "00000000-0000-0000-0000-000000000000",
+            limit,
+        )
+        return [_quarantined(r) for r in rows]
+
+    async def payloads(self, ids: Sequence[str]) -> list[tuple[QuarantineRecord, bytes]]:
+        """The named rows that exist, oldest first, with their payloads."""
+        rows = await self.pool.fetch(
+            f"SELECT {_QUARANTINE_COLUMNS}, payload FROM meter.quarantine"
+            " WHERE id = ANY($1::uuid[]) ORDER BY quarantined_at, id",
+            list(ids),
+        )
+        return [(_quarantined(r), bytes(r["payload"])) for r in rows]
+
+    async def failed_again(
+        self,
+        quarantine_id: str,
+        *,
+        fingerprint: bytes,
+        payload: bytes,
+        reason: str,
+        event_ids: Sequence[str],
+    ) -> QuarantineRecord | None:
+        """After a replay that failed (for some of its events): the row keeps
+        those events and the new reason, one attempt more. None when the row is
+        gone meanwhile, or another row already holds exactly these events (that
+        one stays)."""
+        try:
+            row = await self.pool.fetchrow(
+                "UPDATE meter.quarantine SET fingerprint = $2, payload = $3, reason = $4,"
+                " event_ids = $5, attempts = attempts + 1, last_attempt_at = now()"
+                f" WHERE id = $1 RETURNING {_QUARANTINE_COLUMNS}",
+                quarantine_id,
+                fingerprint,
+                payload,
+                reason,
+                list(event_ids),
+            )
+        except asyncpg.UniqueViolationError:
+            await self.remove([quarantine_id])
+            return None
+        return _quarantined(row) if row is not None else None
+
+    async def remove(self, ids: Sequence[str]) -> int:
+        result: str = await self.pool.execute(
+            "DELETE FROM meter.quarantine WHERE id = ANY($1::uuid[])", list(ids)
+        )
+        return int(result.split()[-1])
+
+    async def depth(self) -> int:
+        return int(await self.pool.fetchval("SELECT count(*) FROM meter.quarantine"))

@@ -22,10 +22,27 @@ from services.billing.domain.pricing import (
     package_count,
     price_usage,
 )
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition
 
 # amount_minor is an int64 on the wire and a bigint in the store.
 INT64_MAX: Final = 2**63 - 1
+
+
+class Unpriceable(FailedPrecondition):
+    """A period whose invoice cannot be built from the data it has (its usage,
+    under its product's prices), not from anything wrong in a request.
+    `cause` is a short, stable word for metrics; the message names the line
+    (the usage_prices index and meter) and the cause."""
+
+    def __init__(self, message: str, *, cause: str, meter_id: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.meter_id = meter_id
+
+
+def _magnitude(minor: int) -> str:
+    # Scientific notation: the amount can have thousands of digits.
+    return f"{Decimal(minor):.3e}"
 
 
 @dataclass(frozen=True)
@@ -137,9 +154,21 @@ def build_invoice(
     lines: list[InvoiceLine] = []
     if fixed_price_minor > 0:
         lines.append(_fixed_line(currency, fixed_price_minor, product_name, share))
-    for price, meter_name, consumed in usage:
+    for index, (price, meter_name, consumed) in enumerate(usage):
         charge = price_usage(consumed, price)
         name = meter_name or price.meter_id
+        amount_minor = to_minor(charge.amount, currency)
+        if abs(amount_minor) > INT64_MAX:
+            # The usage (not a request) is out of range: the caller decides
+            # whether to refuse a preview or to hold the period's invoice.
+            raise Unpriceable(
+                f"usage_prices[{index}] (meter {name!r}, {price.meter_id}): "
+                f"{_fmt(charge.billable)} billable units come to "
+                f"{_magnitude(amount_minor)} minor units of {currency}, beyond the int64 "
+                f"range of amount_minor",
+                cause="amount_out_of_range",
+                meter_id=price.meter_id,
+            )
         lines.append(
             InvoiceLine(
                 description=_usage_description(name, price, charge),
@@ -149,15 +178,15 @@ def build_invoice(
                 free_quantity=charge.free,
                 billable_quantity=charge.billable,
                 unit_price=charge.unit_price,
-                amount_minor=to_minor(charge.amount, currency),
+                amount_minor=amount_minor,
                 tiers=charge.tiers,
             )
         )
     total = sum(line.amount_minor for line in lines)
-    if abs(total) > INT64_MAX or any(abs(line.amount_minor) > INT64_MAX for line in lines):
-        # Only absurd prices get here: a client's mistake, so not an internal error.
-        raise InvalidArgument(
-            f"usage_prices: the invoice for the period starting {period_start.isoformat()} "
-            f"exceeds the int64 range of amount_minor"
+    if abs(total) > INT64_MAX:
+        raise Unpriceable(
+            f"total_minor: the lines of the period starting {period_start.isoformat()} add "
+            f"up to {_magnitude(total)} minor units of {currency}, beyond the int64 range",
+            cause="amount_out_of_range",
         )
     return InvoiceDraft(currency, period_start, period_end, tuple(lines), total, total)

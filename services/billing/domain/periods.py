@@ -28,6 +28,10 @@ class Interval(enum.Enum):
 # since the start is billed, so a start decades ago (a typo) would make the next
 # cycle build thousands of invoices.
 MAX_START_OFFSET: Final = timedelta(days=1827)
+# The earliest instant a client may ask the billing cycle about. Nothing is
+# billed before it, and it keeps `as_of - grace` and the period arithmetic far
+# from datetime's year 1 (an OverflowError there would be an INTERNAL).
+EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 _FIXED = {Interval.DAY: timedelta(days=1), Interval.WEEK: timedelta(weeks=1)}
 _MONTHS = {Interval.MONTH: 1, Interval.YEAR: 12}
@@ -84,13 +88,18 @@ def periods_ended(
     until: datetime | None = None,
     *,
     since: datetime | None = None,
+    limit: int | None = None,
 ) -> list[tuple[datetime, datetime]]:
-    """Every period (start, end) whose end <= as_of, oldest first.
+    """Every period (start, end) whose end <= as_of, oldest first; at most
+    `limit` of them (the oldest), built in O(limit) however far back the
+    anchor lies.
 
     `until` (a cancellation's end) cuts the period that contains it at `until`
     and drops every later one. `since` skips the periods that start before it,
     so that a caller that billed up to `since` lists only what is new.
     """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
     anchor, as_of = _utc(anchor, "anchor"), _utc(as_of, "as_of")
     first = 0  # the first period that starts at or after `since`
     if since is not None and _utc(since, "since") > anchor:
@@ -107,11 +116,13 @@ def periods_ended(
         if start < until <= as_of and n_until >= first:
             cut = (start, until)
         last = min(last, n_until)
+    if limit is not None:
+        last = min(last, first + limit)
     periods = [
         (period_start(anchor, interval, n), period_start(anchor, interval, n + 1))
         for n in range(first, last)
     ]
-    if cut is not None:
+    if cut is not None and (limit is None or len(periods) < limit):
         periods.append(cut)
     return periods
 
@@ -160,6 +171,17 @@ def cancellation_end(
 
 
 def check_start(start: datetime, now: datetime, field: str = "start_time") -> None:
-    """A subscription's start must lie within MAX_START_OFFSET of now."""
+    """A subscription's start must lie within MAX_START_OFFSET of now (which
+    also refuses year 1 and year 9999: no period arithmetic near the ends of
+    datetime's range)."""
     if not now - MAX_START_OFFSET <= start <= now + MAX_START_OFFSET:
         raise InvalidArgument(f"{field}: must be within {MAX_START_OFFSET.days} days of now")
+
+
+def check_as_of(as_of: datetime, now: datetime, skew: timedelta, field: str = "as_of") -> None:
+    """The instant a billing cycle bills up to: not before EARLIEST, and not
+    further ahead of `now` than the clock `skew` allowed."""
+    if as_of < EARLIEST:
+        raise InvalidArgument(f"{field}: must not be before {EARLIEST.isoformat()}")
+    if as_of > now + skew:
+        raise InvalidArgument(f"{field}: must not be in the future")

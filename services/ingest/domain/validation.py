@@ -3,22 +3,19 @@ event never blocks the valid ones beside it."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from services.common.errors import InvalidArgument
+from services.common.values import RawValue, value_problem
 
 MAX_BATCH = 1000
 MAX_EVENT_ID = 255
 MAX_NAME = 255
 MAX_METADATA_KEYS = 50
 MAX_KEY_LENGTH = 100
-MAX_STRING_VALUE = 500
 MAX_FUTURE = timedelta(minutes=5)
-
-RawValue = str | int | float | bool
 
 
 @dataclass(frozen=True)
@@ -77,16 +74,11 @@ def _metadata_problem(metadata: Mapping[str, RawValue]) -> str | None:
         problem = _text_problem("a metadata key", key, MAX_KEY_LENGTH)
         if problem:
             return f"{problem} (key {key[:40]!r})"
-        if isinstance(value, str):
-            if len(value) > MAX_STRING_VALUE:
-                return (
-                    f"metadata[{key!r}] is {len(value)} characters long;"
-                    f" at most {MAX_STRING_VALUE} are allowed"
-                )
-            if "\x00" in value:
-                return f"metadata[{key!r}] contains a NUL character"
-        elif isinstance(value, float) and not math.isfinite(value):
-            return f"metadata[{key!r}] is {value}; numbers must be finite"
+        # The one rule every stage shares (services.common.values): what passes
+        # here, meter can fold and the event log can store and give back.
+        problem = value_problem(value)
+        if problem:
+            return f"metadata[{key!r}] {problem}"
     return None
 
 

@@ -26,7 +26,7 @@ from decimal import (
 )
 from typing import TypeAlias
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.meter.domain.filters import Filter, matches, validate_filter
 from services.meter.domain.values import MetaValue, canonical, check_text, to_number
 from services.meter.domain.values import format_decimal as format_decimal
@@ -64,6 +64,32 @@ class Aggregation(enum.Enum):
 
 
 @dataclass(frozen=True)
+class MeterQuotas:
+    """How many active (not archived) meters a tenant may have, in all and per
+    event name: every meter of an event's name is one more row per event folded.
+    The settings USAGEBILLING_MAX_METERS_PER_TENANT and _PER_EVENT."""
+
+    per_tenant: int = 100
+    per_event: int = 20
+
+
+def check_meter_quotas(quotas: MeterQuotas, active: int, same_event: int, event_name: str) -> None:
+    """ResourceExhausted, naming the quota and its setting, when one more active meter
+    (`active` in all, `same_event` on `event_name`) would pass a quota."""
+    if active >= quotas.per_tenant:
+        raise ResourceExhausted(
+            f"meters: the tenant has {active} active meters, its quota"
+            f" (USAGEBILLING_MAX_METERS_PER_TENANT = {quotas.per_tenant});"
+            " archive one to create another"
+        )
+    if same_event >= quotas.per_event:
+        raise ResourceExhausted(
+            f"event_name: {same_event} active meters already count {event_name!r}, the quota"
+            f" per event name (USAGEBILLING_MAX_METERS_PER_EVENT = {quotas.per_event})"
+        )
+
+
+@dataclass(frozen=True)
 class MeterSpec:
     event_name: str
     aggregation: Aggregation
@@ -85,7 +111,10 @@ def validate_meter(
 ) -> MeterSpec:
     """Raise InvalidArgument naming the field; return the spec when all is well.
 
-    A `property` given to a COUNT meter is allowed and ignored.
+    A `property` given to a COUNT meter is allowed and ignored. Limits: names, event
+    name and property at most MAX_NAME_LENGTH characters, description at most
+    MAX_DESCRIPTION_LENGTH, at most MAX_GROUP_BY group-by keys, the filter's size
+    limits (filters.check_filter_size).
     """
     for field, text in (("name", name), ("event_name", event_name)):
         if not text:

@@ -15,15 +15,23 @@ Matching rules (also in API.md):
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Protocol
 
 from services.common.errors import InvalidArgument
 from services.meter.domain.values import MetaValue, check_text, to_number
 
 MAX_FILTER_DEPTH = 3
+# A filter is evaluated for every event of its meter's name as the consumer folds
+# it, on meter's one event loop: its size bounds that per-event cost. Counted over
+# the whole tree, nested filters included.
+MAX_FILTER_CONDITIONS = 100
+MAX_NESTED_FILTERS = 20
+MAX_LIST_VALUES = 100  # per OPERATOR_IN / OPERATOR_NOT_IN condition
 # Ingest accepts metadata keys of at most 100 characters and strings of at most 500:
 # a longer key or string in a condition could never match, so it is a mistake.
 MAX_KEY_LENGTH = 100
@@ -59,6 +67,17 @@ class Condition:
     value: MetaValue | None = None
     values: tuple[MetaValue, ...] = ()
 
+    @functools.cached_property
+    def _number(self) -> Decimal | None:
+        # `value` as a number (or None), parsed once rather than per event.
+        return None if self.value is None else to_number(self.value)
+
+    @functools.cached_property
+    def _lookup(self) -> _ListLookup:
+        # Built on first use, kept with the condition: EQUALS and IN are then a
+        # few set look-ups per event instead of one comparison per listed value.
+        return _ListLookup.of(self.values or (() if self.value is None else (self.value,)))
+
 
 @dataclass(frozen=True)
 class Filter:
@@ -83,8 +102,74 @@ _PRESENCE = frozenset({Operator.EXISTS, Operator.NOT_EXISTS})
 # --- validation -------------------------------------------------------------------
 
 
+class ConditionShape(Protocol):
+    """What `check_filter_size` reads of a condition: the domain's or the protobuf's."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def values(self) -> Sized: ...
+
+
+class FilterShape(Protocol):
+    """What `check_filter_size` reads of a filter: the domain's or the protobuf's."""
+
+    @property
+    def conditions(self) -> Sequence[ConditionShape]: ...
+
+    @property
+    def filters(self) -> Sequence[FilterShape]: ...
+
+
+def check_filter_size(f: FilterShape, field: str = "filter") -> None:
+    """InvalidArgument naming the field when the filter is over a size limit: more
+    than MAX_FILTER_CONDITIONS conditions or MAX_NESTED_FILTERS nested filters in
+    the whole tree, more than MAX_FILTER_DEPTH levels, more than MAX_LIST_VALUES
+    values in one condition, a key over MAX_KEY_LENGTH characters.
+
+    Takes the protobuf message as well as the domain filter, so that a request is
+    measured before it is converted; it looks at no more than the limits allow (list
+    lengths are O(1)), so a filter of any size is refused in bounded time."""
+    _check_size(f, field, 1, [0, 0])
+
+
+def _check_size(f: FilterShape, field: str, level: int, seen: list[int]) -> None:
+    conditions, filters = f.conditions, f.filters
+    seen[0] += len(conditions)
+    if seen[0] > MAX_FILTER_CONDITIONS:
+        raise InvalidArgument(
+            f"{field}.conditions: at most {MAX_FILTER_CONDITIONS} conditions in a filter,"
+            " nested filters included"
+        )
+    for i, c in enumerate(conditions):
+        if len(c.values) > MAX_LIST_VALUES:
+            raise InvalidArgument(
+                f"{field}.conditions[{i}].values: at most {MAX_LIST_VALUES} values"
+            )
+        if len(c.key) > MAX_KEY_LENGTH:
+            raise InvalidArgument(
+                f"{field}.conditions[{i}].key: at most {MAX_KEY_LENGTH} characters"
+            )
+    if not filters:
+        return
+    if level >= MAX_FILTER_DEPTH:
+        raise InvalidArgument(
+            f"{field}.filters[0]: filters nest at most {MAX_FILTER_DEPTH} levels deep"
+        )
+    seen[1] += len(filters)
+    if seen[1] > MAX_NESTED_FILTERS:
+        raise InvalidArgument(
+            f"{field}.filters: at most {MAX_NESTED_FILTERS} nested filters in a filter"
+        )
+    for i, child in enumerate(filters):
+        _check_size(child, f"{field}.filters[{i}]", level + 1, seen)
+
+
 def validate_filter(f: Filter, field: str = "filter") -> None:
-    """Raise InvalidArgument, naming the field, when the filter cannot be evaluated."""
+    """Raise InvalidArgument, naming the field, when the filter is over a size limit
+    (see `check_filter_size`) or cannot be evaluated."""
+    check_filter_size(f, field)
     _validate_filter(f, field, level=1)
 
 
@@ -145,12 +230,23 @@ def _validate_value(v: object, field: str) -> None:
 
 # --- matching ---------------------------------------------------------------------
 
+# Every condition on a key parses the event's string value again, once per meter
+# and per condition; remembering recent parses makes that a look-up. Strings only:
+# equal strings are the same text, whereas equal Decimals (0 and 0E-20000) can
+# differ in whether they are storable.
+_string_number = functools.lru_cache(maxsize=4096)(to_number)
+
+
+def _number(value: MetaValue) -> Decimal | None:
+    return _string_number(value) if isinstance(value, str) else to_number(value)
+
 
 def _same(actual: MetaValue, expected: MetaValue) -> bool:
-    """Equality as EQUALS and IN define it (see the module docstring)."""
+    """Equality as EQUALS and IN define it (see the module docstring); what
+    `_ListLookup` decides by look-up, and the tests' oracle for it."""
     if type(actual) is type(expected) and actual == expected:
         return True  # the common case, decided without parsing numbers
-    a, e = to_number(actual), to_number(expected)
+    a, e = _number(actual), _number(expected)
     if a is not None and e is not None:
         return a == e
     if isinstance(actual, bool) or isinstance(expected, bool):
@@ -158,11 +254,12 @@ def _same(actual: MetaValue, expected: MetaValue) -> bool:
     return isinstance(actual, str) and isinstance(expected, str) and actual == expected
 
 
-def _ordered(
-    actual: MetaValue, expected: MetaValue, accept: Callable[[Decimal, Decimal], bool]
-) -> bool:
-    a, e = to_number(actual), to_number(expected)
-    return a is not None and e is not None and accept(a, e)
+def _ordered(actual: MetaValue, c: Condition, accept: Callable[[Decimal, Decimal], bool]) -> bool:
+    e = c._number
+    if e is None:
+        return False
+    a = _number(actual)
+    return a is not None and accept(a, e)
 
 
 def _contains(actual: MetaValue, expected: MetaValue) -> bool:
@@ -180,27 +277,27 @@ def _expected(c: Condition) -> MetaValue:
 
 
 def _equals(actual: MetaValue, c: Condition) -> bool:
-    return _same(actual, _expected(c))
+    return c._lookup.holds(actual)  # _same(actual, c.value), decided by look-up
 
 
 def _not_equals(actual: MetaValue, c: Condition) -> bool:
-    return not _same(actual, _expected(c))
+    return not c._lookup.holds(actual)
 
 
 def _greater_than(actual: MetaValue, c: Condition) -> bool:
-    return _ordered(actual, _expected(c), lambda a, e: a > e)
+    return _ordered(actual, c, lambda a, e: a > e)
 
 
 def _greater_than_or_equals(actual: MetaValue, c: Condition) -> bool:
-    return _ordered(actual, _expected(c), lambda a, e: a >= e)
+    return _ordered(actual, c, lambda a, e: a >= e)
 
 
 def _less_than(actual: MetaValue, c: Condition) -> bool:
-    return _ordered(actual, _expected(c), lambda a, e: a < e)
+    return _ordered(actual, c, lambda a, e: a < e)
 
 
 def _less_than_or_equals(actual: MetaValue, c: Condition) -> bool:
-    return _ordered(actual, _expected(c), lambda a, e: a <= e)
+    return _ordered(actual, c, lambda a, e: a <= e)
 
 
 def _contains_op(actual: MetaValue, c: Condition) -> bool:
@@ -212,8 +309,42 @@ def _does_not_contain(actual: MetaValue, c: Condition) -> bool:
     return isinstance(actual, str) and not _contains(actual, _expected(c))
 
 
+@dataclass(frozen=True)
+class _ListLookup:
+    """An IN list as sets that decide `any(_same(actual, v) for v in values)` in O(1).
+
+    `_same` is: the same type and equal, else both numbers and numerically equal,
+    else false. Bools live apart (True == Decimal(1) in Python, never here)."""
+
+    bools: frozenset[bool]
+    strings: frozenset[str]
+    decimals: frozenset[Decimal]  # the listed Decimals as they are
+    numbers: frozenset[Decimal]  # to_number of every listed value that is a number
+
+    @staticmethod
+    def of(values: tuple[MetaValue, ...]) -> _ListLookup:
+        numbers = (_number(v) for v in values)
+        return _ListLookup(
+            bools=frozenset(v for v in values if isinstance(v, bool)),
+            strings=frozenset(v for v in values if isinstance(v, str)),
+            decimals=frozenset(v for v in values if isinstance(v, Decimal) and v.is_finite()),
+            numbers=frozenset(n for n in numbers if n is not None),
+        )
+
+    def holds(self, actual: MetaValue) -> bool:
+        if isinstance(actual, bool):
+            return actual in self.bools
+        if isinstance(actual, str):
+            if actual in self.strings:
+                return True
+        elif actual.is_finite() and actual in self.decimals:
+            return True
+        number = _number(actual)
+        return number is not None and number in self.numbers
+
+
 def _in(actual: MetaValue, c: Condition) -> bool:
-    return any(_same(actual, v) for v in c.values)
+    return c._lookup.holds(actual)
 
 
 def _not_in(actual: MetaValue, c: Condition) -> bool:

@@ -17,6 +17,10 @@ from services.meter.domain.aggregation import MeterSpec, extract, group_key
 from services.meter.domain.filters import Filter, matches
 from services.meter.domain.values import MetaValue
 
+# PostgreSQL's text and jsonb cannot hold U+0000 (services.common.values): a
+# UNIQUE_COUNT value or a group-by value holding one is skipped with this reason.
+SKIP_CONTAINS_NUL = "contains_nul"
+
 
 class FoldedEvent(NamedTuple):
     """One (meter, event) row. `value` holds numbers, `text_value` the canonical
@@ -85,15 +89,22 @@ class Matcher:
             if not matches(spec.filter, metadata):
                 continue
             value, skip_reason = extract(spec, metadata)
+            number = value if isinstance(value, Decimal) else None
+            text = value if isinstance(value, str) else None
+            dims = group_key(spec, metadata) if spec.group_by else None
+            if (text is not None and "\x00" in text) or (
+                dims is not None and any("\x00" in v for v in dims.values())
+            ):
+                number, text, dims, skip_reason = None, None, None, SKIP_CONTAINS_NUL
             rows.append(
                 FoldedEvent(
                     meter_key,
                     customer_id,
                     event_time,
                     event_id,
-                    value if isinstance(value, Decimal) else None,
-                    value if isinstance(value, str) else None,
-                    group_key(spec, metadata) if spec.group_by else None,
+                    number,
+                    text,
+                    dims,
                     skip_reason,
                 )
             )

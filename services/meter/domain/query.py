@@ -13,9 +13,9 @@ from datetime import datetime
 from decimal import Decimal
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.meter.domain.aggregation import Aggregation, average
+from services.meter.domain.aggregation import MAX_GROUP_BY, Aggregation, average
 from services.meter.domain.values import check_text, format_decimal
-from services.meter.domain.windows import WindowSize, window_count_bound, windows
+from services.meter.domain.windows import WindowSize, window_count, windows
 
 MAX_WINDOWS = 100_000
 
@@ -52,8 +52,15 @@ def plan_query(
     group_filter: Mapping[str, str],
 ) -> UsageQuery:
     """The query, validated against the meter's group-by `dimensions`; InvalidArgument
-    names the field at fault, ResourceExhausted when the range holds more than
-    MAX_WINDOWS windows."""
+    names the field at fault (at most MAX_GROUP_BY group_by keys and group_filter
+    entries), ResourceExhausted when the range holds more than MAX_WINDOWS windows:
+    counted by `window_count` before any is built, so refusing costs microseconds."""
+    # Counted first: a request may carry any number of entries, and a meter has at
+    # most MAX_GROUP_BY dimensions to name.
+    if len(group_by) > MAX_GROUP_BY:
+        raise InvalidArgument(f"group_by: at most {MAX_GROUP_BY} keys")
+    if len(group_filter) > MAX_GROUP_BY:
+        raise InvalidArgument(f"group_filter: at most {MAX_GROUP_BY} entries")
     check_text(customer_id, "customer_id", limit=255)
     if start is None:
         raise InvalidArgument("start_time: required")
@@ -70,15 +77,20 @@ def plan_query(
     for key, value in sorted(group_filter.items()):
         _dimension(key, "group_filter", dimensions)
         check_text(value, f"group_filter[{key!r}]", limit=10_000)
-    if window_count_bound(start, end, window_size) > 2 * MAX_WINDOWS:
+    # Counted before any window is built (validates the zone and the range limits
+    # too); built, up to one past the limit, only when the count may be within it.
+    count = window_count(start, end, window_size, time_zone)
+    if count.fewest > MAX_WINDOWS:
+        held = f"{count.fewest:,}" if count.fewest == count.most else f"at least {count.fewest:,}"
         raise ResourceExhausted(
-            f"window_size: the range holds too many windows; at most {MAX_WINDOWS} per query"
+            f"window_size: the range holds {held} {window_size.value} windows;"
+            f" at most {MAX_WINDOWS:,} per query"
         )
-    # Validates the zone and the range limits too.
-    spans = windows(start, end, window_size, time_zone)
+    spans = windows(start, end, window_size, time_zone, limit=MAX_WINDOWS)
     if len(spans) > MAX_WINDOWS:
         raise ResourceExhausted(
-            f"window_size: the range holds {len(spans)} windows; at most {MAX_WINDOWS} per query"
+            f"window_size: the range holds more than {MAX_WINDOWS:,} {window_size.value}"
+            f" windows; at most {MAX_WINDOWS:,} per query"
         )
     return UsageQuery(
         customer_id=customer_id,

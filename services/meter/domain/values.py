@@ -7,59 +7,36 @@ string -> `str`, number_value (a double) -> `Decimal(repr(x))` (its shortest rep
 
 from __future__ import annotations
 
-import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TypeAlias
 
 from services.common.errors import InvalidArgument
+from services.common.values import is_storable_number, numeric_string
 
 MetaValue: TypeAlias = str | Decimal | bool
 
-# Numbers beyond these magnitudes are not numbers to the meter: every double and
-# int64 fits well inside, and the bound keeps each value storable in a Postgres
-# `numeric` and cheap to add exactly.
-MAX_ADJUSTED_EXPONENT = 1000
-MIN_ADJUSTED_EXPONENT = -1000
-
-# Plain decimal notation only, ASCII digits: no whitespace, no "_" separators, no
-# "NaN"/"Infinity", no non-ASCII digits (all of which `Decimal(str)` would accept).
-_NUMERIC_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-_NUMBER_START = frozenset("0123456789+-.")
-
 
 def to_number(value: MetaValue) -> Decimal | None:
-    """The value as a finite number, or None when it is not one.
+    """The value as a number the meter can store, or None when it is not one.
 
     Numeric strings ("12.5", "-3", "1e3") count as numbers, since many clients send
     numbers as strings. A bool is never a number. NaN, infinities and numbers outside
-    10**±1000 are not numbers.
+    the bounds of services.common.values (the one definition of a storable value,
+    which ingest applies too) are not numbers: "0e-20000", a zero whose scale
+    PostgreSQL's driver cannot encode, is one of them.
     """
     if isinstance(value, bool):  # checked first: bool is not a number here
         return None
     if isinstance(value, Decimal):
         number = value
     elif isinstance(value, str):
-        # Cheap rejection first (most strings are words): a number starts with
-        # a digit, a sign or a point. This runs for every event a filter checks.
-        if not value or value[0] not in _NUMBER_START:
+        parsed = numeric_string(value)
+        if parsed is None:
             return None
-        if _NUMERIC_STRING.fullmatch(value) is None:
-            return None
-        try:
-            number = Decimal(value)
-        except InvalidOperation:  # an exponent too large for Decimal itself
-            return None
+        number = parsed
     else:
         return None
-    if not number.is_finite():
-        return None
-    if not number.is_zero() and not (
-        MIN_ADJUSTED_EXPONENT <= number.adjusted() <= MAX_ADJUSTED_EXPONENT
-    ):
-        return None
-    return number
+    return number if is_storable_number(number) else None
 
 
 def format_decimal(number: Decimal) -> str:

@@ -18,7 +18,9 @@ stops at the years 1 and 9999.
 from __future__ import annotations
 
 import enum
+import itertools
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.common.errors import InvalidArgument
@@ -59,27 +61,102 @@ def validate_time_zone(name: str, field: str = "time_zone") -> ZoneInfo:
 
 
 def windows(
-    start: datetime, end: datetime, size: WindowSize, tz: str
+    start: datetime,
+    end: datetime,
+    size: WindowSize,
+    tz: str,
+    *,
+    limit: int | None = None,
 ) -> list[tuple[datetime, datetime]]:
     """The windows that cover [start, end) exactly, in order, the first and last clipped
     to the range. NONE gives the one window (start, end); an empty range gives no
     sized window. InvalidArgument, naming start_time or end_time, for a range that is
-    reversed or not within [MIN_TIME, MAX_TIME]."""
-    zone = validate_time_zone(tz)
-    start, end = _utc(start, "start"), _utc(end, "end")
-    check_time(start, "start_time")
-    check_time(end, "end_time")
-    if end < start:
-        raise InvalidArgument("end_time: must not be before start_time")
+    reversed or not within [MIN_TIME, MAX_TIME].
+
+    With a `limit`, building stops after limit + 1 windows: a longer answer than
+    `limit` means the range holds more (the rest is not built)."""
+    zone, start, end = _checked_range(start, end, tz)
     if size is WindowSize.NONE:
         return [(start, end)]
+    stop = limit + 1 if limit is not None else None
     out: list[tuple[datetime, datetime]] = []
+    grid = _GRID.get(size)
     cursor = start
-    while cursor < end:
-        _, window_end = _window_of(cursor, size, zone)
-        out.append((cursor, min(window_end, end)))
-        cursor = window_end
-    return out
+    while cursor < end and (stop is None or len(out) < stop):
+        offset = _offset(cursor, zone)
+        if size in _FIRST_OCCURRENCE and _offset(cursor - _CHANGES_APART, zone) != offset:
+            # A change of offset in the last two days may have shown a round value
+            # already (a day or month starts at its first occurrence): exact path.
+            cursor = _exact_window(cursor, end, size, zone, out)
+            continue
+        if grid is None:
+            # MONTH: windows are not of one length; each is checked on its own.
+            after = _month_run(cursor, end, offset, zone, out, stop)
+            cursor = after if after > cursor else _exact_window(cursor, end, size, zone, out)
+            continue
+        first = _next_round(cursor, offset, size)
+        # MINUTE, HOUR, DAY: while the offset stays the same, the round readings are
+        # a grid of fixed step in UTC; emit it up to the next change in one go.
+        reach = end if stop is None else min(end, first + grid * (stop - len(out)))
+        until = _constant_until(cursor, reach, offset, zone)
+        if first >= until:
+            cursor = _exact_window(cursor, end, size, zone, out)  # the change is near
+            continue
+        count = -((first - until) // grid)  # boundaries first + k * grid < until
+        if stop is not None:
+            count = min(count, stop - len(out))
+        bounds = [cursor, *(first + k * grid for k in range(count))]
+        out += itertools.pairwise(bounds)
+        cursor = bounds[-1]
+        if until >= end and (stop is None or len(out) < stop):
+            out.append((cursor, end))
+            cursor = end
+    return out if stop is None else out[:stop]
+
+
+class WindowCount(NamedTuple):
+    """Bounds on how many windows a range holds: fewest <= len(windows(...)) <= most."""
+
+    fewest: int
+    most: int
+
+
+def window_count(start: datetime, end: datetime, size: WindowSize, tz: str) -> WindowCount:
+    """How many windows `windows(start, end, size, tz)` gives, by arithmetic on the
+    range, without building any: the count C of round local readings between the
+    readings at start and end, widened by what changes of the zone's offset can add
+    or take away. MINUTE and HOUR: C +- 2 per change, the changes found by sampling
+    the offset every two days (at most about 2,200 look-ups), so exact where the
+    offset does not change. DAY: C - 4 .. C + 2. MONTH: C - 2 .. C + 1.
+    Raises like `windows`."""
+    zone, start, end = _checked_range(start, end, tz)
+    if size is WindowSize.NONE:
+        return WindowCount(1, 1)
+    if start == end:
+        return WindowCount(0, 0)
+    if size is WindowSize.MONTH:
+        # Month starts the local clock reaches in (reading(start), reading(end)).
+        here, there = _reading(start, zone), _reading(end, zone)
+        months = (there.year - here.year) * 12 + there.month - here.month
+        if _floor(there, size) == there:
+            months -= 1
+        return WindowCount(max(1, months - 1), months + 2)
+    grid = _GRID[size]
+    if size is WindowSize.DAY:
+        # Days the local clock starts in (reading(start), reading(end)).
+        day = _step(_floor(_reading(start, zone), size), size, 1)
+        base = 1 + max(0, -((day - _reading(end, zone)) // grid))
+        return WindowCount(max(1, base - 4), base + 2)
+    # MINUTE, HOUR: the grid of the start's offset, then each change of offset adds
+    # or removes at most 2 boundaries (the grid after it is shifted, plus the instant
+    # of the change itself).
+    first = _next_round(start, _offset(start, zone), size)
+    base = 1 + max(0, -((first - end) // grid))
+    if end - start <= _SAMPLED_SPAN:
+        changes = _changes(start, end, zone)
+    else:
+        changes = (end - start) // _CHANGES_APART + 1
+    return WindowCount(max(1, base - 2 * changes), base + 2 * changes)
 
 
 def check_time(ts: datetime, field: str) -> None:
@@ -101,26 +178,6 @@ def window_of(ts: datetime, size: WindowSize, tz: str) -> tuple[datetime, dateti
     return _window_of(ts, size, validate_time_zone(tz))
 
 
-# The shortest a whole window of each size can be, for bounding how many a range holds
-# before building them: an hour window may last 30 minutes (Lord Howe's half-hour DST
-# shift), a day 22 hours (Antarctica/Troll shifts by 2 hours).
-_SHORTEST = {
-    WindowSize.MINUTE: timedelta(minutes=1),
-    WindowSize.HOUR: timedelta(minutes=30),
-    WindowSize.DAY: timedelta(hours=22),
-}
-
-
-def window_count_bound(start: datetime, end: datetime, size: WindowSize) -> int:
-    """An upper bound on how many windows `windows(start, end, size, any zone)` gives,
-    known without building them."""
-    if size is WindowSize.NONE:
-        return 1
-    if size is WindowSize.MONTH:
-        return (end.year - start.year) * 12 + end.month - start.month + 2
-    return (end - start) // _SHORTEST[size] + 2
-
-
 def clip(
     window: tuple[datetime, datetime], start: datetime, end: datetime
 ) -> tuple[datetime, datetime]:
@@ -129,6 +186,120 @@ def clip(
 
 
 # --- internals ------------------------------------------------------------------------
+
+# Offsets change at most once in any two days: in tzdb 2024 the closest two changes
+# of a zone's UTC offset are 95 hours apart (Africa/Freetown, 1939). So an offset
+# found equal at two instants at most this far apart held all along between them.
+# The exact path (_window_of) needs no such assumption; the fast paths rely on it,
+# and the property tests check them against it across every zone.
+_CHANGES_APART = timedelta(days=2)
+# MINUTE/HOUR counts sample the offset when the range is at most this long (about
+# 2,200 look-ups); a longer range of hours holds far more than any query may ask.
+_SAMPLED_SPAN = timedelta(days=4400)
+# Sizes whose round readings form a fixed-step grid while the offset holds.
+_GRID = {
+    WindowSize.MINUTE: timedelta(minutes=1),
+    WindowSize.HOUR: timedelta(hours=1),
+    WindowSize.DAY: timedelta(days=1),
+}
+# Sizes whose windows start at the first occurrence of a repeated round reading.
+_FIRST_OCCURRENCE = frozenset({WindowSize.DAY, WindowSize.MONTH})
+
+
+def _checked_range(start: datetime, end: datetime, tz: str) -> tuple[ZoneInfo, datetime, datetime]:
+    zone = validate_time_zone(tz)
+    start, end = _utc(start, "start"), _utc(end, "end")
+    check_time(start, "start_time")
+    check_time(end, "end_time")
+    if end < start:
+        raise InvalidArgument("end_time: must not be before start_time")
+    return zone, start, end
+
+
+def _offset(instant: datetime, zone: ZoneInfo) -> timedelta:
+    offset = instant.astimezone(zone).utcoffset()
+    assert offset is not None  # a ZoneInfo always knows its offset
+    return offset
+
+
+def _next_round(cursor: datetime, offset: timedelta, size: WindowSize) -> datetime:
+    """The first instant after `cursor` at which the clock reads a round value, if
+    the offset stays `offset` until then."""
+    reading = (cursor + offset).replace(tzinfo=None)
+    return cursor + (_step(_floor(reading, size), size, 1) - reading)
+
+
+def _constant_until(cursor: datetime, end: datetime, offset: timedelta, zone: ZoneInfo) -> datetime:
+    """The first instant in (cursor, end] whose offset differs from `offset`, or end."""
+    probe = cursor
+    while probe < end:
+        ahead = min(probe + _CHANGES_APART, end)
+        if _offset(ahead, zone) != offset:
+            return _change_in(probe, ahead, zone)
+        probe = ahead
+    return end
+
+
+def _change_in(lo: datetime, hi: datetime, zone: ZoneInfo) -> datetime:
+    """The instant of the one change of offset in (lo, hi] (offsets differ at the
+    ends), to the microsecond."""
+    offset = _offset(lo, zone)
+    while hi - lo > _ONE_MICROSECOND:
+        mid = lo + (hi - lo) // 2
+        if _offset(mid, zone) == offset:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _changes(start: datetime, end: datetime, zone: ZoneInfo) -> int:
+    """How many times the offset changes in (start, end]: exact, given _CHANGES_APART."""
+    count, probe, offset = 0, start, _offset(start, zone)
+    while probe < end:
+        probe = min(probe + _CHANGES_APART, end)
+        later = _offset(probe, zone)
+        count += later != offset
+        offset = later
+    return count
+
+
+def _month_run(
+    cursor: datetime,
+    end: datetime,
+    offset: timedelta,
+    zone: ZoneInfo,
+    out: list[tuple[datetime, datetime]],
+    stop: int | None,
+) -> datetime:
+    """Appends month windows from `cursor` (whose offset is `offset`, unchanged in
+    the two days before) while the next month start reads under that offset and
+    no change falls in the two days before it either, so no change can move the
+    boundary; returns where it stopped."""
+    while cursor < end and (stop is None or len(out) < stop):
+        reading = (cursor + offset).replace(tzinfo=None)
+        years, month0 = divmod(reading.month, 12)
+        following = cursor + (datetime(reading.year + years, month0 + 1, 1) - reading)
+        if _offset(following, zone) != offset:
+            break
+        if _offset(following - _CHANGES_APART, zone) != offset:
+            break
+        out.append((cursor, min(following, end)))
+        cursor = following
+    return cursor
+
+
+def _exact_window(
+    cursor: datetime,
+    end: datetime,
+    size: WindowSize,
+    zone: ZoneInfo,
+    out: list[tuple[datetime, datetime]],
+) -> datetime:
+    """Appends the window from `cursor` found the exact (slow) way; returns its end."""
+    _, window_end = _window_of(cursor, size, zone)
+    out.append((cursor, min(window_end, end)))
+    return window_end
 
 
 def _utc(ts: datetime, name: str) -> datetime:

@@ -343,10 +343,16 @@ async def test_a_name_is_unique_per_tenant(meters: Meters) -> None:
 async def test_get_and_archive_unknown_meters(meters: Meters) -> None:
     tenant, other = meters.new_tenant(), meters.new_tenant()
     theirs = await meters.create(other)
-    for meter_id in ("nope", "00000000-0000-0000-0000-000000000000", theirs.id):
+    for meter_id in ("00000000-0000-0000-0000-000000000000", theirs.id):
         with pytest.raises(NotFound, match=r"^meter_id: "):
             await meters.get(tenant, meter_id)
         with pytest.raises(NotFound):
+            await meters.archive(tenant, meter_id)
+    # A malformed id names no meter at all: the request is wrong, not the meter missing.
+    for meter_id in ("nope", f"{{{theirs.id}}}", f"urn:uuid:{theirs.id}"):
+        with pytest.raises(InvalidArgument, match=r"^meter_id: "):
+            await meters.get(tenant, meter_id)
+        with pytest.raises(InvalidArgument, match=r"^meter_id: "):
             await meters.archive(tenant, meter_id)
     with pytest.raises(InvalidArgument, match=r"^id: required"):
         await meters.get(tenant, "")

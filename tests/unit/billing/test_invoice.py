@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.billing.domain.invoice import build_invoice
+from services.billing.domain.invoice import INT64_MAX, Unpriceable, build_invoice
 from services.billing.domain.money import to_minor
 from services.billing.domain.pricing import PriceModel, Tier, UsagePrice, price_usage
 from services.common.errors import InvalidArgument
@@ -152,10 +152,30 @@ def test_bad_arguments() -> None:
         build_invoice("USD", 0, "Pro", [], END, START)
 
 
-def test_an_amount_beyond_int64_is_refused() -> None:
-    price = UsagePrice("m", PriceModel.PER_UNIT, unit_price=D("1e20"))
-    with pytest.raises(InvalidArgument, match="int64"):
-        build_invoice("USD", 0, "Pro", [(price, "calls", D(1))], START, END)
+def test_an_amount_beyond_int64_is_refused_naming_the_line() -> None:
+    ok = UsagePrice("m-ok", PriceModel.PER_UNIT, unit_price=D(1))
+    tokens = UsagePrice("m-tokens", PriceModel.PER_UNIT, unit_price=D("0.01"))
+    with pytest.raises(Unpriceable) as caught:
+        build_invoice(
+            "USD", 500, "Pro", [(ok, "calls", D(1)), (tokens, "tokens", D("9e30"))], START, END
+        )
+    # The data is at fault, not the request: FAILED_PRECONDITION, not INVALID_ARGUMENT.
+    assert not isinstance(caught.value, InvalidArgument)
+    assert (caught.value.cause, caught.value.meter_id) == ("amount_out_of_range", "m-tokens")
+    assert str(caught.value) == (
+        "usage_prices[1] (meter 'tokens', m-tokens): 9000000000000000000000000000000 billable "
+        "units come to 9.000e+30 minor units of USD, beyond the int64 range of amount_minor"
+    )
+
+
+def test_lines_within_int64_whose_total_is_not_are_refused() -> None:
+    half = D(INT64_MAX // 2 + 1).scaleb(-2)  # USD: one such line fits, two do not
+    prices = [(UsagePrice(m, PriceModel.PER_UNIT, unit_price=D(1)), m, half) for m in "ab"]
+    with pytest.raises(Unpriceable, match=r"^total_minor: .* beyond the int64 range"):
+        build_invoice("USD", 0, "Pro", prices, START, END)
+    # The largest amount that fits is fine.
+    draft = build_invoice("USD", 0, "Pro", [(*prices[0][:2], D(INT64_MAX).scaleb(-2))], START, END)
+    assert draft.total_minor == INT64_MAX
 
 
 amounts = st.decimals(min_value=0, max_value=10**7, places=4, allow_nan=False)

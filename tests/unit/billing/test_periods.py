@@ -10,6 +10,7 @@ from services.billing.domain.periods import (
     MAX_START_OFFSET,
     Interval,
     cancellation_end,
+    check_as_of,
     check_start,
     period_containing,
     period_share,
@@ -367,7 +368,71 @@ def test_a_start_within_five_years_is_accepted(start: datetime) -> None:
     check_start(start, utc(2024, 6, 1))
 
 
-@pytest.mark.parametrize("start", [utc(1990, 1, 1), utc(2019, 5, 31), utc(2030, 1, 1)])
+@pytest.mark.parametrize(
+    "start",
+    [
+        utc(1990, 1, 1),
+        utc(2019, 5, 31),
+        utc(2030, 1, 1),
+        datetime(1, 1, 1, tzinfo=UTC),  # the ends of datetime's range
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ],
+)
 def test_a_start_further_away_is_refused_naming_the_field(start: datetime) -> None:
     with pytest.raises(InvalidArgument, match=r"^start_time: must be within 1827 days of now$"):
         check_start(start, utc(2024, 6, 1))
+
+
+# --- the catch-up bound and as_of ------------------------------------------------
+
+
+@given(
+    anchor=st.datetimes(min_value=datetime(2019, 1, 1), max_value=datetime(2024, 1, 1)).map(
+        lambda d: d.replace(tzinfo=UTC)
+    ),
+    interval=st.sampled_from(list(Interval)),
+    limit=st.integers(min_value=0, max_value=40),
+    cancel_after=st.one_of(st.none(), st.integers(min_value=0, max_value=2000)),
+)
+def test_limit_keeps_the_oldest_periods(
+    anchor: datetime, interval: Interval, limit: int, cancel_after: int | None
+) -> None:
+    as_of = utc(2024, 6, 1)
+    until = None if cancel_after is None else anchor + timedelta(days=cancel_after, hours=5)
+    every = periods_ended(anchor, interval, as_of, until)
+    assert periods_ended(anchor, interval, as_of, until, limit=limit) == every[:limit]
+
+
+def test_a_limited_catch_up_takes_o_limit_time() -> None:
+    # Five years of days, 31 at a time, from wherever the last run stopped.
+    anchor = utc(2019, 6, 1, 3)
+    since = None
+    seen = []
+    while batch := periods_ended(anchor, Interval.DAY, utc(2024, 6, 1), since=since, limit=31):
+        assert len(batch) <= 31
+        seen += batch
+        since = batch[-1][1]
+    assert seen == periods_ended(anchor, Interval.DAY, utc(2024, 6, 1))
+    assert len(seen) == 1826
+    with pytest.raises(ValueError):
+        periods_ended(anchor, Interval.DAY, utc(2024, 6, 1), limit=-1)
+
+
+@pytest.mark.parametrize(
+    ("as_of", "message"),
+    [
+        (datetime(1, 1, 1, tzinfo=UTC), "as_of: must not be before 1970-01-01T00:00:00+00:00"),
+        (utc(1969, 12, 31, 23, 59, 59), "as_of: must not be before 1970-01-01T00:00:00+00:00"),
+        (utc(2024, 6, 1, 0, 0, 6), "as_of: must not be in the future"),
+        (datetime(9999, 12, 31, tzinfo=UTC), "as_of: must not be in the future"),
+    ],
+)
+def test_as_of_outside_its_range_is_refused_naming_it(as_of: datetime, message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_as_of(as_of, utc(2024, 6, 1), timedelta(seconds=5))
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("as_of", [utc(1970, 1, 1), utc(2024, 6, 1, 0, 0, 5), utc(2000, 1, 1)])
+def test_as_of_inside_its_range_is_accepted(as_of: datetime) -> None:
+    check_as_of(as_of, utc(2024, 6, 1), timedelta(seconds=5))

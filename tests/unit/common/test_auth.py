@@ -9,7 +9,7 @@ from services.common.auth import (
     hash_secret,
     new_secret,
 )
-from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 ADMIN = "admin-token"
 
@@ -50,13 +50,28 @@ async def test_admin_rpcs_need_the_admin_token() -> None:
         await auth.authenticate(method, bearer("ubk_good"))
 
 
+TENANT = "0b7e2c9a-5d3f-4e61-9a0c-2f4d6b8e1a37"
+
+
 async def test_admin_token_acts_for_a_tenant_only_when_named() -> None:
     auth = Authenticator(ADMIN, Keys())
     method = "/usagebilling.meter.v1.MeterService/QueryUsage"
-    named = [*bearer(ADMIN), ("x-usagebilling-tenant", "t9")]
-    assert await auth.authenticate(method, named) == Principal("t9")
+    named = [*bearer(ADMIN), ("x-usagebilling-tenant", TENANT)]
+    assert await auth.authenticate(method, named) == Principal(TENANT)
+    upper = [*bearer(ADMIN), ("x-usagebilling-tenant", TENANT.upper())]
+    assert await auth.authenticate(method, upper) == Principal(TENANT)
     with pytest.raises(PermissionDenied):
         await auth.authenticate(method, bearer(ADMIN))
+
+
+@pytest.mark.parametrize(
+    "tenant", ["t9", f"{TENANT} ", f"{{{TENANT}}}", f"urn:uuid:{TENANT}", TENANT.replace("-", "")]
+)
+async def test_the_tenant_header_must_be_a_canonical_tenant_id(tenant: str) -> None:
+    auth = Authenticator(ADMIN, Keys())
+    named = [*bearer(ADMIN), ("x-usagebilling-tenant", tenant)]
+    with pytest.raises(InvalidArgument, match=r"^x-usagebilling-tenant: "):
+        await auth.authenticate("/usagebilling.meter.v1.MeterService/QueryUsage", named)
 
 
 async def test_cache_answers_repeats_and_expires() -> None:

@@ -21,6 +21,13 @@ class Value(_message.Message):
     """A metadata value carried by a usage event.
     A number_value becomes a decimal through its shortest repr, so ten events of
     0.1 sum to exactly 1.
+    Ingest rejects the event (alone, naming the key) when a value cannot be stored
+    and read back by every stage: a string over 500 characters or with a NUL
+    character; a NaN or infinite number_value; a string that reads as a number
+    ("12.5", "1e3") outside 1e-1000..1e1000 (zero included, so "0e-20000" is
+    refused) or with over 1000 digits. An accepted value is returned by GetEvent,
+    ListEvents and ReplayEvents with the same kind and value (a number_value bit
+    for bit, 1e16 and -0.0 included).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -58,7 +58,11 @@ class Event(_message.Message):
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def metadata(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]: ...
+    def metadata(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]:
+        """At most 50 keys of at most 100 characters (no NUL); each value follows
+        the rules on usagebilling.common.v1.Value.
+        """
+
     def __init__(
         self,
         *,

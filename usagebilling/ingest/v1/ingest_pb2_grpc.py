@@ -68,6 +68,9 @@ class IngestServiceServicer:
 
     def IngestEvents(self, request, context):
         """Validates, deduplicates and durably stores a batch of up to 1000 events.
+        Over the tenant's rate limit (events per second, per ingest replica) the
+        call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
+        metadata `retry-after` (seconds). Every event sent counts toward the rate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

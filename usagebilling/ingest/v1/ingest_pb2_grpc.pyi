@@ -34,7 +34,11 @@ class IngestServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     IngestEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]
-    """Validates, deduplicates and durably stores a batch of up to 1000 events."""
+    """Validates, deduplicates and durably stores a batch of up to 1000 events.
+    Over the tenant's rate limit (events per second, per ingest replica) the
+    call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
+    metadata `retry-after` (seconds). Every event sent counts toward the rate.
+    """
     StreamIngest: _grpc.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]
     """The same as IngestEvents per batch: one response per request, in order.
     (API.md binds these message names, so that a batch is the same message on
@@ -54,7 +58,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     IngestEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]  # type: ignore[assignment]
-    """Validates, deduplicates and durably stores a batch of up to 1000 events."""
+    """Validates, deduplicates and durably stores a batch of up to 1000 events.
+    Over the tenant's rate limit (events per second, per ingest replica) the
+    call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
+    metadata `retry-after` (seconds). Every event sent counts toward the rate.
+    """
     StreamIngest: _aio.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]  # type: ignore[assignment]
     """The same as IngestEvents per batch: one response per request, in order.
     (API.md binds these message names, so that a batch is the same message on
@@ -77,7 +85,11 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.IngestEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.IngestEventsResponse, _abc.Awaitable[_ingest_pb2.IngestEventsResponse]]:
-        """Validates, deduplicates and durably stores a batch of up to 1000 events."""
+        """Validates, deduplicates and durably stores a batch of up to 1000 events.
+        Over the tenant's rate limit (events per second, per ingest replica) the
+        call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
+        metadata `retry-after` (seconds). Every event sent counts toward the rate.
+        """
 
     @_abc_1.abstractmethod
     def StreamIngest(
