@@ -265,7 +265,10 @@ class Meter(_message.Message):
     def skipped_events(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Matching events that did not count, by reason ("missing_property": the event
         lacks `property`; "not_a_number": its value is not a number where the
-        aggregation needs one). Filled by GetMeter only.
+        aggregation needs one, or a number outside what meters can store, e.g.
+        "0e-20000"; "contains_nul": the UNIQUE_COUNT value or a group-by value
+        holds a NUL character). Filled by GetMeter only. Events that could not be
+        stored at all are in the fold quarantine (QuarantineService on meter).
         """
 
     def __init__(
