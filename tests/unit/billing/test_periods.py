@@ -3,7 +3,7 @@ from fractions import Fraction
 from itertools import pairwise
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.billing.domain.periods import (
@@ -253,6 +253,7 @@ def test_day_periods_over_years() -> None:
     assert periods[-1] == (utc(2023, 12, 31), utc(2024, 1, 1))
 
 
+@settings(deadline=None)  # decades of days: slow on a loaded machine
 @given(times, times, st.sampled_from(Interval), st.none() | times)
 def test_ended_periods_are_contiguous_and_ended(
     anchor: datetime, as_of: datetime, interval: Interval, until: datetime | None
@@ -386,6 +387,7 @@ def test_a_start_further_away_is_refused_naming_the_field(start: datetime) -> No
 # --- the catch-up bound and as_of ------------------------------------------------
 
 
+@settings(deadline=None)
 @given(
     anchor=st.datetimes(min_value=datetime(2019, 1, 1), max_value=datetime(2024, 1, 1)).map(
         lambda d: d.replace(tzinfo=UTC)
