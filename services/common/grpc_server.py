@@ -67,10 +67,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 # The largest request a service accepts; larger ones get RESOURCE_EXHAUSTED
 # from gRPC itself (README, "Limits"). A request parses into about 1.2 times
 # its size, so what a replica holds is bounded by this and by the budget below.
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # At most this many bytes of large requests (BUDGETED_METHODS) are read or
 # served at once; more calls wait, their bodies still with their clients.
-IN_FLIGHT_REQUEST_BYTES = 32 * 1024 * 1024
+IN_FLIGHT_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 
 # The unary methods whose requests may be large (a batch of events): their
