@@ -327,10 +327,14 @@ class Outcome:
     credentials: str
     mutations: list[str]
     messages_read: int = 0
+    started: float = 0.0  # seconds since the first call
+    # Seconds of this call during which the fuzzer's own event loop was stalled
+    # (by a busy machine or a large request being built): not the server's time.
+    stalled: float = 0.0
 
     @property
     def slow(self) -> bool:
-        return self.seconds > SLOW_SECONDS
+        return self.seconds - self.stalled > SLOW_SECONDS
 
     @property
     def failed(self) -> bool:
@@ -354,6 +358,8 @@ class Sender:
             s: grpc.insecure_channel(suite.address(s), options=CHANNEL_OPTIONS) for s in SERVICES
         }
         self._deadline = deadline
+        self.origin = time.perf_counter()
+        self.stalls: list[tuple[float, float]] = []
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -387,6 +393,7 @@ class Sender:
             case.credentials,
             case.mutations,
             read,
+            started - self.origin,
         )
 
     async def _call(self, case: Case, payload: bytes) -> int:
@@ -432,6 +439,18 @@ async def run_cases(
     outcomes: list[Outcome] = []
     failing: dict[int, Case] = {}
     next_index = 0
+    stalls: list[tuple[float, float]] = []  # (from, to), seconds since sender.origin
+    running = True
+
+    async def watch_loop() -> None:
+        """Notes when this process's event loop could not run for a while."""
+        tick = 0.05
+        while running:
+            before = time.perf_counter()
+            await asyncio.sleep(tick)
+            lag = time.perf_counter() - before - tick
+            if lag > 0.25:
+                stalls.append((before - sender.origin, before - sender.origin + tick + lag))
 
     async def worker() -> None:
         nonlocal next_index
@@ -441,12 +460,24 @@ async def run_cases(
             case = cases(index)
             outcome = await sender.send(case)
             outcomes.append(outcome)
-            if outcome.failed:
+            if outcome.code in FAILING_CODES or outcome.seconds > SLOW_SECONDS:
                 failing[index] = case
             if len(outcomes) % 1000 == 0:
                 progress(len(outcomes))
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    watcher = asyncio.create_task(watch_loop())
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        running = False
+        await watcher
+    for index in list(failing):
+        outcome = next(o for o in outcomes if o.index == index)
+        end = outcome.started + outcome.seconds
+        outcome.stalled = sum(max(0.0, min(end, b) - max(outcome.started, a)) for a, b in stalls)
+        if not outcome.failed:
+            del failing[index]
+    sender.stalls = stalls
     outcomes.sort(key=lambda o: o.index)
     return outcomes, failing
 
@@ -654,6 +685,8 @@ class Result:
     log_notes: list[LogFinding] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     failing_cases: list[dict[str, Any]] = field(default_factory=list)
+    # When the fuzzer's own event loop stalled (from, to), seconds since the first call.
+    stalls: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -673,8 +706,8 @@ class Result:
         out.append("\ncounts per status:")
         for code, count in self.status_counts().most_common():
             out.append(f"  {code:<20} {count:>7}")
-        slow = sum(o.slow for o in self.outcomes)
-        out.append(f"  {'(over ' + format(SLOW_SECONDS, 'g') + ' s)':<20} {slow:>7}")
+        slow_count = sum(o.slow for o in self.outcomes)
+        out.append(f"  {'(over ' + format(SLOW_SECONDS, 'g') + ' s)':<20} {slow_count:>7}")
         durations = sorted(o.seconds for o in self.outcomes)
         if durations:
             p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))]
@@ -708,6 +741,21 @@ class Result:
                     f"    first seen: case #{first.index} (seed {self.seed}),"
                     f" mutations {first.mutations[:6]}"
                 )
+        slow = sorted((o for o in self.outcomes if o.slow), key=lambda o: o.started)
+        if slow:
+            out.append("\nslow calls in the order they started (the first of a cluster is")
+            out.append("often the cause, the others waited behind it on the same server):")
+            for o in slow[:20]:
+                out.append(
+                    f"  +{o.started:7.2f} s  {o.seconds:6.2f} s  {o.rpc} {o.code}"
+                    f" case #{o.index} {o.mutations[:4]} {o.details[:100]!r}"
+                )
+        if self.stalls:
+            longest = max(b - a for a, b in self.stalls)
+            out.append(
+                f"\nthe fuzzer's own event loop stalled {len(self.stalls)} times (longest"
+                f" {longest:.2f} s); that time is not counted against the calls it overlapped"
+            )
         if self.logs:
             out.append(f"\nLOG FINDINGS: {sum(f.count for f in self.logs)} lines")
             for finding in self.logs:
@@ -733,13 +781,9 @@ async def fuzz(
     concurrency: int,
     only: str = "",
     shrink_failures: bool = True,
-) -> tuple[
-    list[Rpc],
-    list[Outcome],
-    dict[int, Case],
-    dict[tuple[str, str, str], tuple[int, Case, Outcome, Outcome]],
-    float,
-]:
+) -> Result:
+    """Sets up the tenant, sends the cases, shrinks one case of each failure
+    class; the logs are read by the caller once the services have stopped."""
     rpcs = [r for r in discover() if only in r.label]
     pool, secrets = setup(suite)
     now = now_seconds()
@@ -769,35 +813,7 @@ async def fuzz(
             classes[key] = (counts[key], case, outcome, first)
     finally:
         await sender.close()
-    return rpcs, outcomes, failing, classes, seconds
-
-
-def run(
-    out: Path,
-    *,
-    seed: int,
-    requests: int,
-    concurrency: int,
-    only: str = "",
-    shrink_failures: bool = True,
-) -> Result:
-    """Starts everything under `out`, fuzzes, stops, reads the logs."""
-    out.mkdir(parents=True, exist_ok=True)
-    with services(out) as suite:
-        rpcs, outcomes, failing, classes, seconds = asyncio.run(
-            fuzz(
-                suite,
-                seed=seed,
-                requests=requests,
-                concurrency=concurrency,
-                only=only,
-                shrink_failures=shrink_failures,
-            )
-        )
-        dead = suite.dead()
-    # After the services stopped: a traceback at shutdown counts too.
-    logs, notes = scan_logs(out / "logs")
-    result = Result(seed, rpcs, outcomes, seconds, classes, logs, notes, dead)
+    result = Result(seed, rpcs, outcomes, seconds, classes, logs=[], stalls=sender.stalls)
     by_index = {o.index: o for o in outcomes}
     result.failing_cases = [
         {
@@ -812,12 +828,41 @@ def run(
             "status": by_index[index].code,
             "message": by_index[index].details,
             "seconds": round(by_index[index].seconds, 3),
+            "stalled": round(by_index[index].stalled, 3),
         }
         for index, case in sorted(failing.items())
     ]
+    return result
+
+
+def run(
+    out: Path,
+    *,
+    seed: int,
+    requests: int,
+    concurrency: int,
+    only: str = "",
+    shrink_failures: bool = True,
+) -> Result:
+    """Starts everything under `out`, fuzzes, stops, reads the logs."""
+    out.mkdir(parents=True, exist_ok=True)
+    with services(out) as suite:
+        result = asyncio.run(
+            fuzz(
+                suite,
+                seed=seed,
+                requests=requests,
+                concurrency=concurrency,
+                only=only,
+                shrink_failures=shrink_failures,
+            )
+        )
+        result.dead = suite.dead()
+    # After the services stopped: a traceback at shutdown counts too.
+    result.logs, result.log_notes = scan_logs(out / "logs")
     (out / "failures.json").write_text(json.dumps(result.failing_cases, indent=1))
     with (out / "outcomes.jsonl").open("w") as lines:
-        for o in outcomes:
+        for o in result.outcomes:
             lines.write(json.dumps(o.__dict__) + "\n")
     return result
 
