@@ -131,8 +131,13 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     # Every step is bounded: a dependency that is down must not hang the exit.
     for close in wiring.cleanup:
         await _bounded(close(), "cleanup")
-    if not await _bounded(nc.drain(), "nats_drain"):
-        await _bounded(nc.close(), "nats_close")
+    # Not nc.drain(): it waits for each subscription's unprocessed messages,
+    # which the stopped consumer will never take, and when cut short it leaves
+    # a cancelled future whose traceback asyncio prints. Every publish was
+    # awaited to its JetStream ack, and what was fetched but not acked is
+    # redelivered, so a flush and a close lose nothing.
+    await _bounded(nc.flush(), "nats_flush")
+    await _bounded(nc.close(), "nats_close")
     if not await _bounded(pool.close(), "pool_close"):
         pool.terminate()
     log.info("stopped", service=settings.service)
