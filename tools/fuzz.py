@@ -3,9 +3,10 @@ the descriptors, fields mutated to hostile values, and raw bytes.
 
     python -m tools.fuzz [--seed 1] [--requests 20000] [--concurrency 6] [--out .run/fuzz]
 
-Starts a private PostgreSQL and NATS (tools/devstack.py) and the three
-services (tools/suite.py, as `make run` does, the billing scheduler off so that
-only RPCs do work), sets up a tenant with real resources (meters, customers,
+Starts a private PostgreSQL and NATS (tools/devstack.py, under .run/test-<pid>/
+as `make test` does, removed afterwards) and the three services
+(tools/suite.py, as `make run` does, the billing scheduler off so that only
+RPCs do work), sets up a tenant with real resources (meters, customers,
 products, subscriptions, events, invoices, page tokens) so that mutated
 requests reach deep paths with valid ids, then sends the requests
 (tools/fuzz_gen.py) with the right credentials mostly, sometimes none or wrong
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -40,9 +42,10 @@ import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tools.devstack import REPO_ROOT, DevStack
+from tools.devstack import DEFAULT_BASE_DIR, REPO_ROOT, DevStack
 from tools.fuzz_gen import Case, Pool, Rpc, Secrets, discover, make_case, now_seconds
 from tools.suite import SERVICES, Suite, create_tenant
+from tools.with_stack import remove_abandoned_runs
 from usagebilling.billing.v1 import (
     customer_pb2,
     customer_pb2_grpc,
@@ -69,7 +72,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 SHRINK_CLASSES = 100
-SHRINK_ATTEMPTS = 60
+SHRINK_ATTEMPTS = 80
 
 
 def _log(message: str) -> None:
@@ -80,11 +83,10 @@ def _log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def services(out: Path) -> Iterator[Suite]:
-    """A private PostgreSQL and NATS under <out>/stack (removed afterwards) and
-    the three services, logging to <out>/logs/<service>.log."""
-    stack_dir = out / "stack"
-    shutil.rmtree(stack_dir, ignore_errors=True)
+def services(out: Path, stack_dir: Path | None = None) -> Iterator[Suite]:
+    """A private PostgreSQL and NATS under `stack_dir` (default <out>/stack;
+    removed afterwards) and the three services, logging to <out>/logs/<service>.log."""
+    stack_dir = stack_dir or out / "stack"
     shutil.rmtree(out / "logs", ignore_errors=True)
     stack = DevStack(stack_dir)
     database_url, nats_url = stack.start()
@@ -507,6 +509,12 @@ def _smaller(msg: Message) -> Iterator[Message]:
         trial.CopyFrom(msg)
         trial.ClearField(fd.name)
         yield trial
+        if fd.type == fd.TYPE_STRING and not fd.is_repeated and len(value) > 1:
+            for part in (value[: len(value) // 2], value[len(value) // 2 :]):
+                trial = type(msg)()
+                trial.CopyFrom(msg)
+                setattr(trial, fd.name, part)
+                yield trial
         if fd.is_repeated and len(value) > 1:
             is_map = fd.message_type is not None and fd.message_type.GetOptions().map_entry
             for keep in (0, len(value) - 1):
@@ -843,10 +851,11 @@ def run(
     concurrency: int,
     only: str = "",
     shrink_failures: bool = True,
+    stack_dir: Path | None = None,
 ) -> Result:
     """Starts everything under `out`, fuzzes, stops, reads the logs."""
     out.mkdir(parents=True, exist_ok=True)
-    with services(out) as suite:
+    with services(out, stack_dir) as suite:
         result = asyncio.run(
             fuzz(
                 suite,
@@ -878,6 +887,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="only RPCs whose label contains this")
     parser.add_argument("--no-shrink", action="store_true")
     args = parser.parse_args(argv)
+    # The stack where tools.with_stack keeps its own, so that the folder (and
+    # servers) of a killed run are cleaned up by the next run of either.
+    remove_abandoned_runs()
     result = run(
         args.out,
         seed=args.seed,
@@ -885,6 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency=args.concurrency,
         only=args.only,
         shrink_failures=not args.no_shrink,
+        stack_dir=DEFAULT_BASE_DIR / f"test-{os.getpid()}",
     )
     print(result.report())
     print(f"fuzz: logs in {args.out / 'logs'}, every failing case in {args.out / 'failures.json'}")

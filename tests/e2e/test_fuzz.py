@@ -16,7 +16,7 @@ from tools.fuzz_gen import Pool, Secrets, discover, make_case, now_seconds
 pytestmark = pytest.mark.e2e
 
 SEED = 10
-REQUESTS = 1200
+REQUESTS = 1500
 
 
 def test_fuzz_slice(tmp_path: Path) -> None:
