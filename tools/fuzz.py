@@ -67,6 +67,10 @@ DEADLINE_SECONDS = 60.0
 # A server stream (ReplayEvents) is read this far, then cancelled by us.
 STREAM_READ_LIMIT = 500
 FAILING_CODES = frozenset({"INTERNAL", "UNKNOWN", "CLIENT_ERROR"})
+# Shown in the report, without failing the run.
+WORTH_A_LOOK = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED", "DATA_LOSS", "OUT_OF_RANGE"}
+)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -749,6 +753,16 @@ class Result:
                     f"    first seen: case #{first.index} (seed {self.seed}),"
                     f" mutations {first.mutations[:6]}"
                 )
+        odd = Counter(
+            (o.rpc, o.code, _UUID.sub("<id>", o.details)[:120])
+            for o in self.outcomes
+            if o.code in WORTH_A_LOOK
+        )
+        if odd:
+            out.append("\nstatuses worth a look (not failures: a dependency, or a client")
+            out.append("mistake answered as if it were one?):")
+            for (label, code, message), count in odd.most_common(20):
+                out.append(f"  {label} {code} x{count}: {message!r}")
         slow = sorted((o for o in self.outcomes if o.slow), key=lambda o: o.started)
         if slow:
             out.append("\nslow calls in the order they started (the first of a cluster is")
