@@ -607,9 +607,15 @@ def valid_string(rng: random.Random, pool: Pool, name: str, context: str) -> str
         return rng.choice(["0", "0.01", "1", "2.5", "100", "1000"])
     if name == "string_value":
         return rng.choice(["eu", "us", "gpt-4", "x"])
+    # Now and then a name already taken, or that concurrent calls take at once:
+    # the race between "is it free?" and the insert must end in ALREADY_EXISTS.
     if name == "external_id":
+        if rng.random() < 0.3:
+            return rng.choice([*pool.customer_external_ids, "fz-dup-0", "fz-dup-1"])
         return f"fz-cust-{rng.randrange(10**6)}"
     if name == "name":
+        if rng.random() < 0.3:
+            return rng.choice(["fz-tokens", "fz-calls", "fz-monthly", "fz-dup-0", "fz-dup-1"])
         return f"fz-{rng.randrange(10**9)}"
     return rng.choice(["fuzz", "a", "description", "tokens"])
 
