@@ -27,7 +27,11 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
         store = MeterStore(runtime.pool)
         service = MeterService(
             store,
-            MeterQuotas(settings.max_meters_per_tenant, settings.max_meters_per_event),
+            MeterQuotas(
+                settings.max_meters_per_tenant,
+                settings.max_meters_per_event,
+                settings.max_filter_conditions_per_event,
+            ),
         )
         billing = internal_channel(settings.billing_addr)
         ingest = internal_channel(settings.ingest_addr)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import datetime
 from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
 from services.common.paging import fetch_page
 from services.meter import convert
 from services.meter.service import MeterService
-from services.meter.store import MeterStore
+from services.meter.store import YIELD_EVERY, MeterStore
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
 
@@ -50,15 +54,25 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
         self, request: meter_pb2.QueryUsageRequest, context: Any
     ) -> meter_pb2.QueryUsageResponse:
         rows = await self._service.query_usage(current_tenant(), request)
-        return meter_pb2.QueryUsageResponse(
-            rows=[
-                meter_pb2.UsageRow(
-                    window_start=convert.to_timestamp(r.window_start),
-                    window_end=convert.to_timestamp(r.window_end),
-                    customer_id=r.customer_id,
-                    group=r.group,
-                    value=r.value,
-                )
-                for r in rows
-            ]
-        )
+        response = meter_pb2.QueryUsageResponse()
+        # A window's bounds are converted once, however many customers and groups
+        # it has rows for.
+        stamps: dict[datetime, Timestamp] = {}
+
+        def stamp(when: datetime) -> Timestamp:
+            found = stamps.get(when)
+            if found is None:
+                found = stamps[when] = convert.to_timestamp(when)
+            return found
+
+        for i, r in enumerate(rows, 1):
+            response.rows.add(
+                window_start=stamp(r.window_start),
+                window_end=stamp(r.window_end),
+                customer_id=r.customer_id,
+                group=r.group,
+                value=r.value,
+            )
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # see store.YIELD_EVERY
+        return response

@@ -12,7 +12,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument
 from services.meter.domain.aggregation import Aggregation, MeterSpec
-from services.meter.domain.filters import Condition, Conjunction, Filter, Operator
+from services.meter.domain.filters import (
+    Condition,
+    Conjunction,
+    Filter,
+    Operator,
+    condition_count,
+)
 from services.meter.domain.values import MetaValue
 from services.meter.domain.windows import WindowSize
 from services.meter.store import MeterRecord
@@ -118,6 +124,13 @@ def spec(record: MeterRecord) -> MeterSpec:
         else None,
         group_by=record.group_by,
     )
+
+
+def condition_count_json(stored: dict[str, Any] | None) -> int:
+    """How many conditions a stored filter (the JSON form) holds."""
+    if not stored:
+        return 0
+    return condition_count(json_format.ParseDict(stored, meter_pb2.Filter()))
 
 
 def filter_json(message: meter_pb2.Filter) -> dict[str, Any]:

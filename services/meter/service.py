@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,11 +18,11 @@ from services.meter.domain.aggregation import (
     check_meter_quotas,
     validate_meter,
 )
-from services.meter.domain.filters import check_filter_size
+from services.meter.domain.filters import check_filter_size, condition_count
 from services.meter.domain.matching import FoldedEvent, Matcher
 from services.meter.domain.query import empty_row_group, plan_query, usage_value
 from services.meter.isolation import Failure, Isolator, Outcome, fold_rows
-from services.meter.store import MeterRecord, MeterStore
+from services.meter.store import YIELD_EVERY, MeterRecord, MeterStore
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
 
@@ -78,8 +79,13 @@ class MeterService:
             group_by=list(request.group_by),
             measurement_unit=request.measurement_unit,
             description=request.description,
-            check_quotas=lambda active, same_event: check_meter_quotas(
-                self._quotas, active, same_event, request.event_name
+            check_quotas=lambda active, filters: check_meter_quotas(
+                self._quotas,
+                active,
+                len(filters),
+                request.event_name,
+                conditions=sum(convert.condition_count_json(f) for f in filters),
+                new_conditions=condition_count(domain_filter),
             ),
         )
         log.info("meter_created", meter_id=record.id, name=record.name)
@@ -173,16 +179,19 @@ class MeterService:
             group_filter=dict(query.group_filter),
         )
         aggregation = Aggregation[meter.aggregation]
-        rows = [
-            UsageRow(
-                window_start=query.windows[g.window - 1][0],
-                window_end=query.windows[g.window - 1][1],
-                customer_id=g.customer_id,
-                group=dict(zip(query.group_by, g.dims, strict=True)),
-                value=usage_value(aggregation, g.value, g.count),
-            )
-            for g in groups
-        ]
+        rows: list[UsageRow] = []
+        for i in range(0, len(groups), YIELD_EVERY):
+            rows += [
+                UsageRow(
+                    window_start=query.windows[g.window - 1][0],
+                    window_end=query.windows[g.window - 1][1],
+                    customer_id=g.customer_id,
+                    group=dict(zip(query.group_by, g.dims, strict=True)),
+                    value=usage_value(aggregation, g.value, g.count),
+                )
+                for g in groups[i : i + YIELD_EVERY]
+            ]
+            await asyncio.sleep(0)  # see store.YIELD_EVERY
         empty_group = empty_row_group(query)
         if not rows and empty_group is not None:
             rows = [UsageRow(query.start, query.end, query.customer_id, empty_group, "0")]

@@ -23,6 +23,7 @@ class MeterSettings:
     # Quotas on active meters, checked at CreateMeter.
     max_meters_per_tenant: int
     max_meters_per_event: int
+    max_filter_conditions_per_event: int
 
 
 def read(reader: EnvReader) -> MeterSettings:
@@ -41,6 +42,9 @@ def read(reader: EnvReader) -> MeterSettings:
         ),
         max_meters_per_event=reader.integer(
             "USAGEBILLING_MAX_METERS_PER_EVENT", 20, minimum=1, maximum=1000
+        ),
+        max_filter_conditions_per_event=reader.integer(
+            "USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT", 200, minimum=100, maximum=100_000
         ),
     )
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,12 @@ SQL_AGGREGATES = {
 }
 
 
+# Rows mapped between two turns of the event loop when a usage answer is large
+# (100,000 rows take about a second of CPU to map and encode, in all): the
+# consumer's folds and other calls run in between.
+YIELD_EVERY = 500
+
+
 class MeterStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -104,24 +111,27 @@ class MeterStore:
         group_by: Sequence[str],
         measurement_unit: str,
         description: str,
-        check_quotas: Callable[[int, int], None] = lambda active, same_event: None,
+        check_quotas: Callable[[int, list[dict[str, Any] | None]], None] = lambda n, f: None,
     ) -> MeterRecord:
-        """Inserts the meter. `check_quotas(active, same_event)` sees how many active
-        meters the tenant has, in all and on `event_name`, and raises to refuse: it
-        runs in the insert's transaction under a per-tenant advisory lock, so two
-        concurrent creates cannot both take the last slot."""
+        """Inserts the meter. `check_quotas(active, filters)` sees how many active
+        meters the tenant has, and the filters of those on `event_name`, and raises
+        to refuse: it runs in the insert's transaction under a per-tenant advisory
+        lock, so two concurrent creates cannot both take the last slot."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext('meter.meters'), hashtext($1))", tenant_id
             )
-            counts = await conn.fetchrow(
-                "SELECT count(*) AS active, count(*) FILTER (WHERE event_name = $2) AS same"
-                " FROM meter.meters WHERE tenant_id = $1 AND archived_at IS NULL",
+            active = await conn.fetchval(
+                "SELECT count(*) FROM meter.meters WHERE tenant_id = $1 AND archived_at IS NULL",
+                tenant_id,
+            )
+            same_event = await conn.fetch(
+                "SELECT filter FROM meter.meters"
+                " WHERE tenant_id = $1 AND event_name = $2 AND archived_at IS NULL",
                 tenant_id,
                 event_name,
             )
-            assert counts is not None
-            check_quotas(counts["active"], counts["same"])
+            check_quotas(active, [r["filter"] for r in same_event])
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO meter.meters (tenant_id, name, event_name, aggregation,"
@@ -286,16 +296,20 @@ class MeterStore:
             f" GROUP BY {keys} ORDER BY {keys}",
             *args,
         )
-        return [
-            UsageGroup(
-                window=r[0],
-                customer_id=r[1],
-                dims=tuple(r[2 : 2 + len(dims)]),
-                value=r["value"],
-                count=r["n"],
-            )
-            for r in rows
-        ]
+        groups: list[UsageGroup] = []
+        for i in range(0, len(rows), YIELD_EVERY):
+            groups += [
+                UsageGroup(
+                    window=r[0],
+                    customer_id=r[1],
+                    dims=tuple(r[2 : 2 + len(dims)]),
+                    value=r["value"],
+                    count=r["n"],
+                )
+                for r in rows[i : i + YIELD_EVERY]
+            ]
+            await asyncio.sleep(0)  # a large answer must not hold the event loop
+        return groups
 
 
 @dataclass(frozen=True)

@@ -66,16 +66,29 @@ class Aggregation(enum.Enum):
 @dataclass(frozen=True)
 class MeterQuotas:
     """How many active (not archived) meters a tenant may have, in all and per
-    event name: every meter of an event's name is one more row per event folded.
-    The settings USAGEBILLING_MAX_METERS_PER_TENANT and _PER_EVENT."""
+    event name, and how many filter conditions the active meters of one event name
+    may hold together: each is work the consumer does for every event of that name
+    (one more row per meter, one more check per condition). The settings
+    USAGEBILLING_MAX_METERS_PER_TENANT, _PER_EVENT and
+    USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT."""
 
     per_tenant: int = 100
     per_event: int = 20
+    conditions_per_event: int = 200
 
 
-def check_meter_quotas(quotas: MeterQuotas, active: int, same_event: int, event_name: str) -> None:
+def check_meter_quotas(
+    quotas: MeterQuotas,
+    active: int,
+    same_event: int,
+    event_name: str,
+    *,
+    conditions: int = 0,
+    new_conditions: int = 0,
+) -> None:
     """ResourceExhausted, naming the quota and its setting, when one more active meter
-    (`active` in all, `same_event` on `event_name`) would pass a quota."""
+    (`active` in all, `same_event` on `event_name`, whose filters hold `conditions`)
+    with a filter of `new_conditions` would pass a quota."""
     if active >= quotas.per_tenant:
         raise ResourceExhausted(
             f"meters: the tenant has {active} active meters, its quota"
@@ -86,6 +99,13 @@ def check_meter_quotas(quotas: MeterQuotas, active: int, same_event: int, event_
         raise ResourceExhausted(
             f"event_name: {same_event} active meters already count {event_name!r}, the quota"
             f" per event name (USAGEBILLING_MAX_METERS_PER_EVENT = {quotas.per_event})"
+        )
+    if new_conditions and conditions + new_conditions > quotas.conditions_per_event:
+        raise ResourceExhausted(
+            f"filter: the active meters on {event_name!r} would check"
+            f" {conditions + new_conditions} filter conditions per event, over the quota"
+            " (USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT ="
+            f" {quotas.conditions_per_event})"
         )
 
 

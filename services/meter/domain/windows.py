@@ -97,7 +97,9 @@ def windows(
         first = _next_round(cursor, offset, size)
         # MINUTE, HOUR, DAY: while the offset stays the same, the round readings are
         # a grid of fixed step in UTC; emit it up to the next change in one go.
-        reach = end if stop is None else min(end, first + grid * (stop - len(out)))
+        reach = end  # with a limit, no further than the windows still wanted
+        if stop is not None and (end - first) // grid > stop - len(out):
+            reach = first + grid * (stop - len(out))
         until = _constant_until(cursor, reach, offset, zone)
         if first >= until:
             cursor = _exact_window(cursor, end, size, zone, out)  # the change is near

@@ -24,6 +24,7 @@ from services.meter.domain.filters import (
     _ListLookup,
     _same,
     check_filter_size,
+    condition_count,
     validate_filter,
 )
 from services.meter.domain.query import MAX_WINDOWS, plan_query
@@ -359,3 +360,27 @@ def test_meter_quotas_name_the_quota_and_the_setting() -> None:
         check_meter_quotas(quotas, 20, 20, "api.call")
     assert str(info.value).startswith("event_name: 20 active meters already count 'api.call'")
     assert "USAGEBILLING_MAX_METERS_PER_EVENT = 20" in str(info.value)
+    check_meter_quotas(quotas, 5, 5, "e", conditions=150, new_conditions=50)
+    with pytest.raises(ResourceExhausted) as info:
+        check_meter_quotas(quotas, 5, 5, "e", conditions=150, new_conditions=51)
+    assert str(info.value).startswith(
+        "filter: the active meters on 'e' would check 201 filter conditions per event"
+    )
+    assert "USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT = 200" in str(info.value)
+
+
+def test_condition_count_takes_nested_filters_and_protobuf() -> None:
+    f = Filter(conditions=_or(3).conditions, filters=(_or(4), Filter(filters=(_or(5),))))
+    assert condition_count(f) == 12
+    assert condition_count(None) == 0
+    assert condition_count(_proto_or(7)) == 7
+
+
+@pytest.mark.parametrize("size", [W.MINUTE, W.HOUR, W.DAY, W.MONTH])
+def test_planning_at_the_ends_of_time(size: WindowSize) -> None:
+    for start, end in (
+        (utc(2, 1, 1), utc(2, 1, 1, 0, 30)),
+        (utc(9998, 12, 31, 23, 30), utc(9999, 1, 1)),
+    ):
+        plan = _plan(start, end, size, "Pacific/Kiritimati")
+        assert plan.windows[0][0] == start and plan.windows[-1][1] == end
