@@ -155,11 +155,18 @@ class Condition(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    """Required; at most 100 characters (ingest's longest metadata key)."""
     operator: Global___Operator.ValueType
     @_builtins.property
-    def value(self) -> _value_pb2.Value: ...
+    def value(self) -> _value_pb2.Value:
+        """For every operator but IN, NOT_IN, EXISTS and NOT_EXISTS. A string value
+        at most 500 characters (ingest's longest string), a number finite.
+        """
+
     @_builtins.property
-    def values(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]: ...
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]:
+        """For OPERATOR_IN and OPERATOR_NOT_IN: 1 to 100 values, each as `value`."""
+
     def __init__(
         self,
         *,
@@ -178,7 +185,10 @@ Global___Condition: _TypeAlias = Condition  # noqa: Y015
 
 @_typing.final
 class Filter(_message.Message):
-    """Conditions and nested filters joined by one conjunction; at most 3 levels deep."""
+    """Conditions and nested filters joined by one conjunction; at most 3 levels deep.
+    In the whole tree, nested filters included: at most 100 conditions and at most
+    20 nested filters. Over a limit: INVALID_ARGUMENT naming the field.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -310,15 +320,24 @@ class CreateMeterRequest(_message.Message):
     MEASUREMENT_UNIT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Required, unique per tenant; at most 255 characters."""
     event_name: _builtins.str
+    """Required; at most 255 characters."""
     aggregation: Global___Aggregation.ValueType
     property: _builtins.str
+    """At most 255 characters."""
     measurement_unit: _builtins.str
+    """At most 255 characters."""
     description: _builtins.str
+    """At most 4096 characters."""
     @_builtins.property
-    def filter(self) -> Global___Filter: ...
+    def filter(self) -> Global___Filter:
+        """See Filter for its size limits."""
+
     @_builtins.property
-    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 10 keys, distinct, each 1 to 255 characters."""
+
     def __init__(
         self,
         *,
@@ -458,6 +477,7 @@ class QueryUsageRequest(_message.Message):
     customer_id: _builtins.str
     """Empty: one row per customer."""
     window_size: Global___WindowSize.ValueType
+    """At most 100,000 windows in the range (RESOURCE_EXHAUSTED otherwise)."""
     time_zone: _builtins.str
     """IANA time zone the windows align to; default UTC."""
     @_builtins.property
@@ -469,9 +489,15 @@ class QueryUsageRequest(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 10 keys, distinct, each one of the meter's group_by."""
+
     @_builtins.property
-    def group_filter(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def group_filter(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 10 entries, each key one of the meter's group_by; a value at most
+        10,000 characters.
+        """
+
     def __init__(
         self,
         *,

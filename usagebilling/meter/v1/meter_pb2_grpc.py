@@ -67,7 +67,14 @@ class MeterServiceServicer:
     """
 
     def CreateMeter(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Quotas, on active (not archived) meters, checked when the meter would be
+        created (RESOURCE_EXHAUSTED naming the quota and its setting): at most 100
+        per tenant (USAGEBILLING_MAX_METERS_PER_TENANT), at most 20 per event name
+        (USAGEBILLING_MAX_METERS_PER_EVENT), and at most 200 filter conditions in all
+        the filters of one event name's meters (USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT):
+        each is work done for every event of that name. Archiving a meter frees its
+        share. A request over a size limit below is INVALID_ARGUMENT naming the field.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -92,7 +99,11 @@ class MeterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def QueryUsage(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """At most 100,000 windows per query: RESOURCE_EXHAUSTED, with the count,
+        for a range that holds more (counted before any window is built). A large
+        answer is not refused: it holds a row per window, customer and group that
+        has usage.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,11 +34,24 @@ class MeterServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MeterServiceAsyncStub: ...
     CreateMeter: _grpc.UnaryUnaryMultiCallable[_meter_pb2.CreateMeterRequest, _meter_pb2.Meter]
+    """Quotas, on active (not archived) meters, checked when the meter would be
+    created (RESOURCE_EXHAUSTED naming the quota and its setting): at most 100
+    per tenant (USAGEBILLING_MAX_METERS_PER_TENANT), at most 20 per event name
+    (USAGEBILLING_MAX_METERS_PER_EVENT), and at most 200 filter conditions in all
+    the filters of one event name's meters (USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT):
+    each is work done for every event of that name. Archiving a meter frees its
+    share. A request over a size limit below is INVALID_ARGUMENT naming the field.
+    """
     GetMeter: _grpc.UnaryUnaryMultiCallable[_meter_pb2.GetMeterRequest, _meter_pb2.Meter]
     ListMeters: _grpc.UnaryUnaryMultiCallable[_meter_pb2.ListMetersRequest, _meter_pb2.ListMetersResponse]
     ArchiveMeter: _grpc.UnaryUnaryMultiCallable[_meter_pb2.ArchiveMeterRequest, _meter_pb2.Meter]
     """An archived meter stops counting new events; its history stays queryable."""
     QueryUsage: _grpc.UnaryUnaryMultiCallable[_meter_pb2.QueryUsageRequest, _meter_pb2.QueryUsageResponse]
+    """At most 100,000 windows per query: RESOURCE_EXHAUSTED, with the count,
+    for a range that holds more (counted before any window is built). A large
+    answer is not refused: it holds a row per window, customer and group that
+    has usage.
+    """
 
 @_typing.type_check_only
 class MeterServiceAsyncStub(MeterServiceStub):
@@ -46,11 +59,24 @@ class MeterServiceAsyncStub(MeterServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateMeter: _aio.UnaryUnaryMultiCallable[_meter_pb2.CreateMeterRequest, _meter_pb2.Meter]  # type: ignore[assignment]
+    """Quotas, on active (not archived) meters, checked when the meter would be
+    created (RESOURCE_EXHAUSTED naming the quota and its setting): at most 100
+    per tenant (USAGEBILLING_MAX_METERS_PER_TENANT), at most 20 per event name
+    (USAGEBILLING_MAX_METERS_PER_EVENT), and at most 200 filter conditions in all
+    the filters of one event name's meters (USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT):
+    each is work done for every event of that name. Archiving a meter frees its
+    share. A request over a size limit below is INVALID_ARGUMENT naming the field.
+    """
     GetMeter: _aio.UnaryUnaryMultiCallable[_meter_pb2.GetMeterRequest, _meter_pb2.Meter]  # type: ignore[assignment]
     ListMeters: _aio.UnaryUnaryMultiCallable[_meter_pb2.ListMetersRequest, _meter_pb2.ListMetersResponse]  # type: ignore[assignment]
     ArchiveMeter: _aio.UnaryUnaryMultiCallable[_meter_pb2.ArchiveMeterRequest, _meter_pb2.Meter]  # type: ignore[assignment]
     """An archived meter stops counting new events; its history stays queryable."""
     QueryUsage: _aio.UnaryUnaryMultiCallable[_meter_pb2.QueryUsageRequest, _meter_pb2.QueryUsageResponse]  # type: ignore[assignment]
+    """At most 100,000 windows per query: RESOURCE_EXHAUSTED, with the count,
+    for a range that holds more (counted before any window is built). A large
+    answer is not refused: it holds a row per window, customer and group that
+    has usage.
+    """
 
 class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
     """MeterService defines meters and answers usage queries."""
@@ -60,7 +86,15 @@ class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _meter_pb2.CreateMeterRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_meter_pb2.Meter, _abc.Awaitable[_meter_pb2.Meter]]: ...
+    ) -> _typing.Union[_meter_pb2.Meter, _abc.Awaitable[_meter_pb2.Meter]]:
+        """Quotas, on active (not archived) meters, checked when the meter would be
+        created (RESOURCE_EXHAUSTED naming the quota and its setting): at most 100
+        per tenant (USAGEBILLING_MAX_METERS_PER_TENANT), at most 20 per event name
+        (USAGEBILLING_MAX_METERS_PER_EVENT), and at most 200 filter conditions in all
+        the filters of one event name's meters (USAGEBILLING_MAX_FILTER_CONDITIONS_PER_EVENT):
+        each is work done for every event of that name. Archiving a meter frees its
+        share. A request over a size limit below is INVALID_ARGUMENT naming the field.
+        """
 
     @_abc_1.abstractmethod
     def GetMeter(
@@ -89,6 +123,11 @@ class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _meter_pb2.QueryUsageRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_meter_pb2.QueryUsageResponse, _abc.Awaitable[_meter_pb2.QueryUsageResponse]]: ...
+    ) -> _typing.Union[_meter_pb2.QueryUsageResponse, _abc.Awaitable[_meter_pb2.QueryUsageResponse]]:
+        """At most 100,000 windows per query: RESOURCE_EXHAUSTED, with the count,
+        for a range that holds more (counted before any window is built). A large
+        answer is not refused: it holds a row per window, customer and group that
+        has usage.
+        """
 
 def add_MeterServiceServicer_to_server(servicer: MeterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
