@@ -630,6 +630,7 @@ def scan_logs(log_dir: Path) -> tuple[list[LogFinding], list[LogFinding]]:
     notes: dict[tuple[str, str, str], LogFinding] = {}
 
     def add(service: str, what: str, method: str, sample: str) -> None:
+        what = _UUID.sub("<id>", what)
         key = (service, what, method)
         finding = findings.setdefault(key, LogFinding(service, what, method, 0, sample[-3000:]))
         finding.count += 1
