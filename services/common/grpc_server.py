@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -65,17 +66,30 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 # The largest request a service accepts; larger ones get RESOURCE_EXHAUSTED
-# from gRPC itself (README, "Limits"). A request parses into about 1.2 times
-# its size, so what a replica holds is bounded by this and by the budget below.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-# At most this many bytes of large requests (BUDGETED_METHODS) are read or
-# served at once; more calls wait, their bodies still with their clients.
-IN_FLIGHT_REQUEST_BYTES = 16 * 1024 * 1024
+# from gRPC itself (README, "Limits"). Half gRPC's default: serving a batch
+# holds about 25 times its wire size in Python objects (events, metadata, JSON,
+# the outbox payload), and a stream waiting for room holds its request's bytes,
+# so this and the budget below set what a replica needs. Measured: 30
+# concurrent maximum-size calls peak at about 130 MB, 30 concurrent streams of
+# maximum-size requests at about 370 MB, within a 512 Mi pod
+# (tests/integration/test_auth_before_body.py).
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+# At most this many bytes of large requests (BUDGETED_METHODS) are served at
+# once; more calls wait, unary ones with their bodies still at their clients.
+IN_FLIGHT_REQUEST_BYTES = 4 * 1024 * 1024
+# A budgeted call at least this large is followed by a full garbage collection.
+COLLECT_AFTER_BYTES = 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 
-# The unary methods whose requests may be large (a batch of events): their
-# calls take room in the server's RequestBudget before their request is read.
-BUDGETED_METHODS = frozenset({"/usagebilling.ingest.v1.IngestService/IngestEvents"})
+# The methods whose requests may be large (a batch of events): a unary call
+# takes room in the server's RequestBudget before its request is read, a
+# stream's request once read and until the next is asked for.
+BUDGETED_METHODS = frozenset(
+    {
+        "/usagebilling.ingest.v1.IngestService/IngestEvents",
+        "/usagebilling.ingest.v1.IngestService/StreamIngest",
+    }
+)
 
 # Request fields whose servicer judges each element itself: a bad event is
 # rejected alone, in the response, rather than failing the whole call.
@@ -448,6 +462,10 @@ class RequestBudget:
                 waiter.set_result(None)
 
 
+def _as_bytes(data: bytes) -> bytes:
+    return data
+
+
 class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Innermost: serves each BUDGETED_METHODS call through a handler that
     takes its one request off a stream, so that the request is read only once
@@ -459,7 +477,21 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method not in BUDGETED_METHODS or not handler.unary_unary:
+        if handler is None or details.method not in BUDGETED_METHODS:
+            return handler
+        if handler.stream_stream:
+            # The stream's requests arrive as bytes and are parsed once they
+            # have room: a stream waiting for room holds its bytes, not the
+            # several times larger parsed message.
+            return grpc.stream_stream_rpc_method_handler(
+                self._budgeted_stream(
+                    handler.stream_stream,
+                    checked_deserializer(details.method, handler.request_deserializer),
+                ),
+                request_deserializer=_as_bytes,
+                response_serializer=handler.response_serializer,
+            )
+        if not handler.unary_unary:
             return handler
         return grpc.stream_unary_rpc_method_handler(
             self._budgeted(handler.unary_unary),
@@ -467,12 +499,48 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             response_serializer=handler.response_serializer,
         )
 
+    def _budgeted_stream(self, behavior: Behavior, parse: Deserializer) -> Behavior:
+        """A stream's requests take room one at a time, once read (reserving
+        before the read would let idle streams hold the budget): each request
+        holds its size from when the servicer takes it until it asks for the
+        next, so the work of serving it stays within the budget."""
+        budget = self._budget
+
+        async def wrapped(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+            held = 0
+
+            async def metered() -> AsyncIterator[Any]:
+                nonlocal held
+                async for data in requests:
+                    budget.release(held)
+                    if held >= COLLECT_AFTER_BYTES:
+                        gc.collect()  # see _budgeted
+                    held = 0
+                    await budget.reserve()
+                    held = budget.largest
+                    budget.release(held - len(data))
+                    held = len(data)
+                    request = parse(data)
+                    if isinstance(request, Refused):
+                        raise errors.InvalidArgument(request.reason)
+                    yield request
+
+            try:
+                async for response in behavior(metered(), context):
+                    yield response
+            finally:
+                budget.release(held)
+                gc.collect()  # see _budgeted
+
+        return wrapped
+
     def _budgeted(self, behavior: Behavior) -> Behavior:
         budget = self._budget
 
         async def wrapped(requests: AsyncIterator[Any], context: Ctx) -> Any:
             await budget.reserve()
             held = budget.largest
+            request: Any = None
             try:
                 request = await anext(aiter(requests), None)
                 if request is None:
@@ -483,6 +551,15 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return await behavior(request, context)
             finally:
                 budget.release(held)
+                if held >= COLLECT_AFTER_BYTES:
+                    # Something in a call's path (gRPC's call objects or the
+                    # task) keeps the request in a reference cycle, and with
+                    # the tuned thresholds (app._tune_garbage_collector) such
+                    # garbage waits for a full collection: 30 calls of 4 MiB
+                    # one after another grew ingest by 10 MB each (375 MB).
+                    # A full collection costs a few ms, small beside such a call.
+                    request = None
+                    gc.collect()
 
         return wrapped
 
@@ -517,6 +594,7 @@ class GrpcServer:
             ],
             options=[
                 ("grpc.so_reuseport", 0),
+                ("grpc.http2.bdp_probe", 0),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # Clients reconnect (and resolve again) this often, so that the
                 # callers' round_robin finds replicas added since

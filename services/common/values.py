@@ -61,7 +61,7 @@ def numeric_string(value: str) -> Decimal | None:
 def value_problem(value: RawValue) -> str | None:
     """Why a metadata value cannot be stored and read back by every stage, in
     words that finish "metadata[key] ..."; None when it can."""
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):  # bool too
         return None  # int_value is int64 by its wire type
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -71,6 +71,8 @@ def value_problem(value: RawValue) -> str | None:
         return f"is {len(value)} characters long; at most {MAX_STRING_VALUE} are allowed"
     if "\x00" in value:
         return "contains a NUL character"
+    if value.isdigit() and value.isascii():  # the common case: within bounds
+        return None
     number = numeric_string(value)
     if number is not None and not is_storable_number(number):
         return (

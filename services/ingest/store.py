@@ -210,18 +210,39 @@ class IngestStore:
         return int(await self.pool.fetchval("SELECT count(*) FROM ingest.outbox"))
 
     @asynccontextmanager
-    async def claim_outbox(self, limit: int) -> AsyncIterator[OutboxClaim]:
-        """Locks up to `limit` due outbox rows, oldest first (other relays skip
-        them; rows waiting for a retry are not due), for the body of the
-        `async with`, which reports each row's outcome on the claim. When the
-        body finishes normally the outcomes are written in the same transaction;
-        when it raises, nothing changes. Rows without an outcome stay as they were."""
+    async def claim_outbox(
+        self, limit: int, max_bytes: int = 8 * 1024 * 1024
+    ) -> AsyncIterator[OutboxClaim]:
+        """Locks up to `limit` due outbox rows, oldest first, whose payloads
+        together stay within `max_bytes` (the first row is always taken), for the
+        body of the `async with`, which reports each row's outcome on the claim.
+        Other relays skip locked rows; rows waiting for a retry are not due. When
+        the body finishes normally the outcomes are written in the same
+        transaction; when it raises, nothing changes. Rows without an outcome
+        stay as they were.
+
+        The byte bound keeps the relay's memory flat however large the calls
+        were: 64 rows of 4 MiB would otherwise be held and parsed at once."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # Sizes first (octet_length reads the TOAST header, not the value),
+            # then lock and load only the rows within the budget.
+            sizes = await conn.fetch(
+                "SELECT id, octet_length(payload) AS size FROM ingest.outbox"
+                " WHERE next_attempt_at <= now() ORDER BY id LIMIT $1",
+                limit,
+            )
+            chosen: list[int] = []
+            total = 0
+            for r in sizes:
+                if chosen and total + r["size"] > max_bytes:
+                    break
+                chosen.append(r["id"])
+                total += r["size"]
             rows = await conn.fetch(
                 "SELECT id, msg_id, tenant_id, payload, attempts FROM ingest.outbox"
-                " WHERE next_attempt_at <= now()"
-                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                limit,
+                " WHERE id = ANY($1::bigint[]) AND next_attempt_at <= now()"
+                " ORDER BY id FOR UPDATE SKIP LOCKED",
+                chosen,
             )
             claim = OutboxClaim(
                 [

@@ -116,7 +116,7 @@ async def test_more_than_1000_events_fail_whole_and_store_nothing(client: Client
 
 
 async def test_an_oversized_message_is_resource_exhausted(client: Client) -> None:
-    # Past the 32 MB a call may carry (a valid full batch is about 25 MB).
+    # Past the 2 MiB a call may carry (this batch is about 36 MB).
     huge = [_bare(f"huge-{i}") for i in range(1000)]
     for message in huge:
         for k in range(50):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -122,3 +123,97 @@ async def test_a_message_over_the_limit_is_resource_exhausted_for_a_valid_key(
             )
         )
         assert answer.accepted_count == 1000
+
+
+# README "Limits": ingest's peak RSS under 30 concurrent maximum-size calls with
+# a valid key, every event new (so the relay publishes them all, in parts).
+AUTHENTICATED_PEAK_BOUND_MB = 256
+# The same for 30 concurrent streams, each holding a waiting request's bytes.
+STREAMS_PEAK_BOUND_MB = 450
+
+
+def _distinct(data: bytes, n: int) -> bytes:
+    request = ingest_pb2.IngestEventsRequest.FromString(data)
+    for event in request.events:
+        event.event_id = f"call{n}-{event.event_id}"
+    return request.SerializeToString()
+
+
+async def test_authenticated_maximum_size_calls_stay_within_the_pod_memory_limit(
+    ingest: Suite,
+) -> None:
+    _, secret = create_tenant(ingest, "memory")
+    base = largest_request()
+    requests = [_distinct(base, n) for n in range(CALLS)]
+    del base
+    pid = ingest.processes["ingest"].pid
+    idle = _megabytes(pid, "VmHWM")
+    channels = [grpc.aio.insecure_channel(ingest.address("ingest")) for _ in range(3)]
+    metadata = (("authorization", f"Bearer {secret}"),)
+
+    async def call(n: int) -> int:
+        send = channels[n % len(channels)].unary_unary(METHOD, None, None)
+        answer = await send(requests[n], metadata=metadata, timeout=180)
+        return ingest_pb2.IngestEventsResponse.FromString(answer).accepted_count
+
+    started = time.monotonic()
+    accepted = await asyncio.gather(*(call(n) for n in range(CALLS)))
+    seconds = time.monotonic() - started
+    after_calls = _megabytes(pid, "VmHWM")
+    # The relay publishes what was accepted; watch its memory until the outbox
+    # is empty (the peak of the whole episode counts).
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "outbox_depth 0.0" not in _outbox_metric(ingest):
+        await asyncio.sleep(0.5)
+    peak = _megabytes(pid, "VmHWM")
+    for channel in channels:
+        await channel.close()
+    print(
+        f"\n{CALLS} concurrent calls of {len(requests[0]) / 2**20:.2f} MiB with a valid key:"
+        f" {sum(accepted)} events accepted in {seconds:.1f} s; ingest peak RSS {peak:.0f} MB"
+        f" (after the calls {after_calls:.0f} MB, idle {idle:.0f} MB,"
+        f" bound {AUTHENTICATED_PEAK_BOUND_MB} MB)"
+    )
+    assert accepted == [1000] * CALLS
+    assert peak < AUTHENTICATED_PEAK_BOUND_MB
+
+
+def _outbox_metric(suite: Suite) -> str:
+    port = suite.metrics_ports["ingest"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text: str = response.read().decode()
+    return "\n".join(line for line in text.splitlines() if line.startswith("usagebilling_outbox"))
+
+
+async def test_authenticated_maximum_size_streams_stay_within_the_pod_memory_limit(
+    ingest: Suite,
+) -> None:
+    """StreamIngest's requests share the same budget as IngestEvents calls."""
+    _, secret = create_tenant(ingest, "stream-memory")
+    base = largest_request()
+    requests = [[_distinct(base, 100 + 2 * n + k) for k in range(2)] for n in range(CALLS)]
+    del base
+    pid = ingest.processes["ingest"].pid
+    channels = [grpc.aio.insecure_channel(ingest.address("ingest")) for _ in range(3)]
+    metadata = (("authorization", f"Bearer {secret}"),)
+    stream_method = "/usagebilling.ingest.v1.IngestService/StreamIngest"
+
+    async def stream(n: int) -> list[int]:
+        call = channels[n % len(channels)].stream_stream(stream_method, None, None)(
+            iter(requests[n]), metadata=metadata, timeout=180
+        )
+        return [
+            ingest_pb2.IngestEventsResponse.FromString(answer).accepted_count
+            async for answer in call
+        ]
+
+    accepted = await asyncio.gather(*(stream(n) for n in range(CALLS)))
+    peak = _megabytes(pid, "VmHWM")
+    for channel in channels:
+        await channel.close()
+    print(
+        f"\n{CALLS} concurrent streams of 2 x {len(requests[0][0]) / 2**20:.2f} MiB:"
+        f" ingest peak RSS {peak:.0f} MB (bound {STREAMS_PEAK_BOUND_MB} MB)"
+    )
+    assert accepted == [[1000, 1000]] * CALLS
+    assert peak < STREAMS_PEAK_BOUND_MB

@@ -82,6 +82,11 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 
 @_typing.final
 class IngestEventsRequest(_message.Message):
+    """At most 1000 events, and at most 2 MiB serialized (larger: RESOURCE_EXHAUSTED,
+    nothing stored). The call is authenticated before its body is read; a replica
+    serves at most 4 MiB of these requests at once, later calls wait.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
