@@ -8,7 +8,6 @@ accepted."""
 from __future__ import annotations
 
 import math
-import struct
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from services.common.values import numeric_string, value_problem
 from services.meter.convert import meta_value
 from services.meter.domain.values import canonical
 from tests.client import Client, eventually
+from tests.values import proto_value, same_value
 from tools.suite import SERVICES, Suite, create_tenant
-from usagebilling.common.v1 import value_pb2
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
 
@@ -79,26 +78,6 @@ values = st.one_of(
 batches = st.lists(
     st.dictionaries(st.sampled_from(["n", "u", "k"]), values, max_size=3), max_size=6
 )
-
-
-def proto(value: Any) -> value_pb2.Value:
-    if isinstance(value, bool):
-        return value_pb2.Value(bool_value=value)
-    if isinstance(value, int):
-        return value_pb2.Value(int_value=value)
-    if isinstance(value, float):
-        return value_pb2.Value(number_value=value)
-    return value_pb2.Value(string_value=value)
-
-
-def same(a: value_pb2.Value, b: value_pb2.Value) -> bool:
-    """Same kind and value; doubles bit for bit (so -0.0 is not 0.0)."""
-    kind = a.WhichOneof("kind")
-    if kind is None or kind != b.WhichOneof("kind"):
-        return kind == b.WhichOneof("kind")
-    if kind == "number_value":
-        return struct.pack("<d", a.number_value) == struct.pack("<d", b.number_value)
-    return bool(getattr(a, kind) == getattr(b, kind))
 
 
 def as_number(value: Any) -> Decimal | None:
@@ -176,7 +155,7 @@ async def ingest_and_check(
         )
         message.timestamp.FromDatetime(now - timedelta(milliseconds=i))
         for key, value in metadata.items():
-            message.metadata[key].CopyFrom(proto(value))
+            message.metadata[key].CopyFrom(proto_value(value))
         sent.append(message)
     answer = await client.call(
         client.ingest.IngestEvents, ingest_pb2.IngestEventsRequest(events=sent)
@@ -211,7 +190,12 @@ async def ingest_and_check(
             want = accepted[e.event_id].metadata
             assert set(e.metadata) == set(want), source
             for key in want:
-                assert same(e.metadata[key], want[key]), (source, key, e.metadata[key], want[key])
+                assert same_value(e.metadata[key], want[key]), (
+                    source,
+                    key,
+                    e.metadata[key],
+                    want[key],
+                )
     return accepted
 
 

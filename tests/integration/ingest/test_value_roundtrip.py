@@ -6,7 +6,6 @@ tenant's rate stores nothing."""
 from __future__ import annotations
 
 import math
-import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,7 @@ from services.ingest.__main__ import MIGRATIONS
 from services.ingest.domain.rate_limit import RateLimiter
 from services.ingest.service import Ingestor
 from services.ingest.store import IngestStore
+from tests.values import proto_value, same_value
 from usagebilling.common.v1 import value_pb2
 from usagebilling.ingest.v1 import ingest_pb2
 
@@ -68,26 +68,6 @@ values = st.one_of(
 )
 
 
-def _proto(value: Any) -> value_pb2.Value:
-    if isinstance(value, bool):
-        return value_pb2.Value(bool_value=value)
-    if isinstance(value, int):
-        return value_pb2.Value(int_value=value)
-    if isinstance(value, float):
-        return value_pb2.Value(number_value=value)
-    return value_pb2.Value(string_value=value)
-
-
-def _same(a: value_pb2.Value, b: value_pb2.Value) -> bool:
-    """Same kind, same value; doubles compared bit for bit (-0.0 is not 0.0)."""
-    kind = a.WhichOneof("kind")
-    if kind is None or kind != b.WhichOneof("kind"):
-        return kind == b.WhichOneof("kind")
-    if kind == "number_value":
-        return struct.pack("<d", a.number_value) == struct.pack("<d", b.number_value)
-    return bool(getattr(a, kind) == getattr(b, kind))
-
-
 @pytest.fixture(scope="module")
 async def store(stack_urls: tuple[str, str]) -> AsyncIterator[IngestStore]:
     pool = await db.create_pool(stack_urls[0], min_size=1, max_size=4)
@@ -109,7 +89,7 @@ def _events(batch: list[dict[str, Any]]) -> list[ingest_pb2.Event]:
         message = ingest_pb2.Event(event_id=f"e{i}", customer_id="c1", event_name="vals")
         message.timestamp.FromDatetime(now - timedelta(seconds=i))
         for key, value in metadata.items():
-            message.metadata[key].CopyFrom(_proto(value))
+            message.metadata[key].CopyFrom(proto_value(value))
         events.append(message)
     return events
 
@@ -150,7 +130,11 @@ async def test_what_is_accepted_comes_back_with_its_kind_and_value(
             want = accepted[row.event_id].metadata
             assert set(back.metadata) == set(want)
             for key in want:
-                assert _same(back.metadata[key], want[key]), (key, back.metadata[key], want[key])
+                assert same_value(back.metadata[key], want[key]), (
+                    key,
+                    back.metadata[key],
+                    want[key],
+                )
 
 
 async def test_rows_written_before_kinds_were_kept_still_read(store: IngestStore) -> None:
