@@ -359,7 +359,11 @@ class ErrorInterceptor(_BehaviorInterceptor):
             log.exception("rpc_failed")
         elif code is grpc.StatusCode.UNAVAILABLE:
             log.warning("rpc_unavailable", error=repr(exc))
-        await context.abort(code, message)
+        trailers: tuple[tuple[str, str], ...] = ()
+        if isinstance(exc, errors.ResourceExhausted) and exc.retry_after is not None:
+            # Seconds, as in HTTP's Retry-After, but with the fraction kept.
+            trailers = (("retry-after", f"{exc.retry_after:g}"),)
+        await context.abort(code, message, trailers)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
