@@ -35,7 +35,9 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
         store = BillingStore(runtime.pool)
-        meter_channel = internal_channel(settings.meter_addr, CHANNEL_OPTIONS)
+        meter_channel = internal_channel(
+            settings.meter_addr, CHANNEL_OPTIONS, tls=settings.common.tls
+        )
         meters = MeterClient(meter_channel, settings.common.admin_token)
         accounts = Accounts(store)
         catalog = Catalog(store, meters)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from services.common import db, jetstream, logs, metrics, paging
+from services.common import db, jetstream, logs, metrics, paging, tls
 from services.common.auth import Authenticator, KeyResolver
 from services.common.config import CommonSettings, ConfigError
 from services.common.grpc_server import GrpcServer, Registration
@@ -90,7 +90,11 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         await db.migrate(pool, settings.service, migrations)
     else:
         await _wait_for_migrations(pool, settings, migrations)
-    nc = await jetstream.connect(settings.nats_url, name=settings.service)
+    nc = await jetstream.connect(
+        settings.nats_url,
+        name=settings.service,
+        tls=tls.nats_context(settings.tls, settings.nats_url),
+    )
     js = nc.jetstream()
     await jetstream.ensure_streams(js, replicas=settings.stream_replicas)
 
@@ -101,6 +105,7 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         settings.port,
         wiring.registrations,
         Authenticator(settings.admin_token, wiring.resolver),
+        tls=settings.tls,
     )
     await server.start()
     metrics.serve(settings.metrics_port)

@@ -8,6 +8,10 @@ ready pod and spreads the calls. Servers end connections after
 `MAX_CONNECTION_AGE` (see grpc_server), which makes clients resolve again and
 find pods added since. With a single address (127.0.0.1:50052, a ClusterIP)
 it behaves as a plain channel.
+
+With USAGEBILLING_TLS_CA set the channels use TLS (services/common/tls.py):
+the authority checked against the peer's certificate is the target's host
+name (`meter-peers` for `dns:///meter-peers:50052`), whichever pod answers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from services.common.tls import TlsSettings, channel_credentials
+
 BALANCED: Sequence[tuple[str, Any]] = (
     ("grpc.lb_policy_name", "round_robin"),
     # Dead connections are noticed between calls, not at the next call's deadline.
@@ -25,5 +31,15 @@ BALANCED: Sequence[tuple[str, Any]] = (
 )
 
 
-def internal_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=[*BALANCED, *options])
+def internal_channel(
+    target: str,
+    options: Sequence[tuple[str, Any]] = (),
+    *,
+    tls: TlsSettings | None = None,
+) -> grpc.aio.Channel:
+    """A channel to another service: plaintext, or TLS (and a client
+    certificate) as `tls` says."""
+    credentials = channel_credentials(tls) if tls is not None else None
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=[*BALANCED, *options])
+    return grpc.aio.secure_channel(target, credentials, options=[*BALANCED, *options])

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from services.common import tls as tls_settings
+
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -120,6 +122,8 @@ class CommonSettings:
     auto_migrate: bool
     auth_cache_ttl: timedelta
     metrics_port: int
+    # gRPC and NATS TLS (services/common/tls.py); all off when unset.
+    tls: tls_settings.TlsSettings
 
 
 def read_common(reader: EnvReader, service: str) -> CommonSettings:
@@ -152,4 +156,5 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
         metrics_port=reader.integer(
             "USAGEBILLING_METRICS_PORT", DEFAULT_METRICS_PORTS[service], maximum=65535
         ),
+        tls=tls_settings.read(reader),
     )

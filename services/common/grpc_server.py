@@ -31,6 +31,7 @@ from services.common import context as call_context
 from services.common import errors, metrics
 from services.common.auth import Authenticator, Principal
 from services.common.logs import get_logger
+from services.common.tls import TlsSettings, server_credentials
 
 log = get_logger(__name__)
 
@@ -586,7 +587,12 @@ class Registration:
 
 class GrpcServer:
     def __init__(
-        self, host: str, port: int, registrations: list[Registration], auth: Authenticator
+        self,
+        host: str,
+        port: int,
+        registrations: list[Registration],
+        auth: Authenticator,
+        tls: TlsSettings | None = None,
     ) -> None:
         self.budget = RequestBudget(IN_FLIGHT_REQUEST_BYTES, MAX_MESSAGE_BYTES)
         self.server = grpc.aio.server(
@@ -615,7 +621,12 @@ class GrpcServer:
             [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.address = f"{host}:{port}"
-        self.port = self.server.add_insecure_port(self.address)
+        # TLS (and mTLS) when configured: then the port takes no plaintext.
+        credentials = server_credentials(tls) if tls is not None else None
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.address)
+        else:
+            self.port = self.server.add_secure_port(self.address, credentials)
 
     async def start(self) -> None:
         await self.server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +11,7 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from services.common.logs import get_logger
+from services.common.tls import NatsClient
 
 log = get_logger(__name__)
 
@@ -19,7 +21,10 @@ BILLING_STREAM = "BILLING"
 BILLING_SUBJECT_PREFIX = "usagebilling.billing.v1"
 
 
-async def connect(url: str, name: str) -> Any:
+async def connect(url: str, name: str, *, tls: ssl.SSLContext | None = None) -> Any:
+    """Connects, retrying without end. With `tls` (services/common/tls.py
+    nats_context) the connection is TLS; a tls:// URL requires it."""
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=str(exc))
 
@@ -29,15 +34,18 @@ async def connect(url: str, name: str) -> Any:
     async def on_reconnect() -> None:
         log.info("nats_reconnected")
 
-    return await nats.connect(
+    client = NatsClient()
+    await client.connect(
         url,
         name=name,
+        tls=tls,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; annotated int upstream
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    return client
 
 
 async def ensure_stream(

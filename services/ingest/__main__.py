@@ -34,7 +34,7 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
             RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
         )
         ingestor = Ingestor(store, relay.wake, settings.backdate_window, limiter)
-        billing = internal_channel(settings.billing_addr)
+        billing = internal_channel(settings.billing_addr, tls=settings.common.tls)
         return app.Wiring(
             registrations=[
                 Registration.of(

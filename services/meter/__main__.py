@@ -33,8 +33,8 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                 settings.max_filter_conditions_per_event,
             ),
         )
-        billing = internal_channel(settings.billing_addr)
-        ingest = internal_channel(settings.ingest_addr)
+        billing = internal_channel(settings.billing_addr, tls=settings.common.tls)
+        ingest = internal_channel(settings.ingest_addr, tls=settings.common.tls)
         fold_quarantine = FoldQuarantine(QuarantineStore(runtime.pool), service)
         backfiller = Backfiller(
             store,
