@@ -8,15 +8,14 @@
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY requirements.lock .
-# requirements.lock pins the runtime and the dev/test tools (pytest, mypy,
-# kubectl, Helm, ...): install only the runtime lines, with --no-deps because
-# the lock already pins every one of their dependencies (pip check proves the
-# set complete). Binary wheels only: no compiler needed, even here.
-RUN grep -iE '^(asyncpg|grpcio|grpcio-health-checking|grpcio-reflection|nats-py|prometheus[-_]client|protobuf|structlog|typing[-_]extensions|tzdata)==' \
-        requirements.lock > runtime.txt \
- && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-deps --only-binary=:all: -r runtime.txt \
+COPY requirements/runtime.lock requirements/runtime.lock
+# requirements/runtime.lock pins exactly what the services import and every
+# dependency of those (`make lock`): --no-deps installs that set and nothing
+# else, pip check proves it complete. Binary wheels only: no compiler needed.
+# CI runs this stage's commands, from this file, on this lock and starts every
+# service from the result (tools/image_check.py, `make image-check`).
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-deps --only-binary=:all: -r requirements/runtime.lock \
  && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --yes pip setuptools
 COPY services/ /app/services/

@@ -3,19 +3,31 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# Three pinned locks (requirements/*.in -> *.lock, `make lock`): runtime (what the
+# image installs), dev (runtime + tests, lint, codegen), k8s (make k8s-check).
 STAMP := $(VENV)/.installed
+K8S_STAMP := $(VENV)/.installed-k8s
+LOCK_VENV := /tmp/ub-lock
 
-.PHONY: setup run test test-unit lint proto-lint proto proto-check bench fuzz lock clean k8s-check
+.PHONY: setup run test test-unit lint proto-lint proto proto-check bench fuzz lock clean k8s-check image-check
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock
+# Runtime + dev. Both locks on one command line: pip refuses them if they disagree.
+$(STAMP): requirements/runtime.lock requirements/dev.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check \
+	    -r requirements/runtime.lock -r requirements/dev.lock
 	# Put the checkout on the venv's path, so scripts anywhere import services/ and usagebilling/.
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/usage-billing.pth"
 	touch $(STAMP)
+
+# Kubernetes tooling, into the same venv: only for what checks or tests
+# tools/k8s_check.py (k8s-check, lint's mypy, test's tests/deploy).
+$(K8S_STAMP): $(STAMP) requirements/k8s.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/k8s.lock
+	touch $(K8S_STAMP)
 
 proto: $(STAMP)
 	tools/gen_protos.sh
@@ -30,7 +42,7 @@ proto-check: $(STAMP)
 run: $(STAMP)
 	$(PY) -m tools.run_suite
 
-test: $(STAMP) proto-check
+test: $(STAMP) $(K8S_STAMP) proto-check
 	$(PY) -m tools.with_stack $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
@@ -40,14 +52,14 @@ test-unit: $(STAMP)
 proto-lint:
 	npx --yes @bufbuild/buf@1.75.0 lint
 
-lint: $(STAMP) proto-lint
+lint: $(STAMP) $(K8S_STAMP) proto-lint
 	$(VENV)/bin/ruff check services tools tests bench
 	$(VENV)/bin/ruff format --check services tools tests bench
 	$(VENV)/bin/mypy services tools bench
 
 # Renders deploy/k8s (kustomize overlays, Helm chart) offline and checks every
 # object against the Kubernetes 1.31 schemas and the services' settings.
-k8s-check: $(STAMP)
+k8s-check: $(K8S_STAMP)
 	$(PY) -m tools.k8s_check
 
 bench: $(STAMP)
@@ -59,11 +71,29 @@ bench: $(STAMP)
 fuzz: $(STAMP)
 	$(PY) -m tools.fuzz $(FUZZ_ARGS)
 
+# The image built without Docker (tools/image_check.py): a fresh venv outside
+# the checkout from requirements/runtime.lock with the Dockerfile's pip flags,
+# the app copied beside it; each service's migrate, then each service started
+# until its health check answers SERVING, on a private PostgreSQL and NATS.
+image-check: $(STAMP)
+	$(PY) -m tools.with_stack $(PY) -m tools.image_check $(IMAGE_CHECK_ARGS)
+
+# Each lock is the `pip freeze` of a fresh venv that installed only its .in
+# file, constrained by the lock before it (so a package in two locks has one
+# version). dev keeps setuptools (grpcio-tools needs it); runtime needs none.
+# $(call freeze,NAME,CONSTRAINING-LOCK,FREEZE-FLAGS)
+define freeze
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet -r requirements/$(1).in $(if $(2),-c requirements/$(2).lock)
+	{ echo '# Pinned by `make lock` from requirements/$(1).in (what CI tested); do not edit.'; \
+	  $(LOCK_VENV)/bin/pip freeze $(3); } > requirements/$(1).lock
+endef
+
 lock:
-	rm -rf /tmp/ub-lock && $(PYTHON) -m venv /tmp/ub-lock
-	/tmp/ub-lock/bin/pip install --quiet -r requirements.in
-	{ echo '# Pinned dependencies: what CI tested. Regenerate with `make lock` after changing requirements.in.'; \
-	  /tmp/ub-lock/bin/pip freeze; } > requirements.lock
+	$(call freeze,runtime,,)
+	$(call freeze,dev,runtime,--all --exclude pip)
+	$(call freeze,k8s,dev,)
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) .run
