@@ -40,6 +40,10 @@ class Suite:
     # for a runner whose main thread starts them (the kernel ties the signal
     # to the thread that forked): `make run`.
     die_with_parent: bool = False
+    # The interpreter and working directory of the services: the image check
+    # (tools/image_check.py) runs them from a venv and app copy outside the checkout.
+    python: str = sys.executable
+    cwd: Path = REPO_ROOT
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
 
@@ -76,8 +80,8 @@ class Suite:
             else [f"services.{service}"]
         )
         self.processes[service] = subprocess.Popen(
-            [sys.executable, "-m", *module],
-            cwd=REPO_ROOT,
+            [self.python, "-m", *module],
+            cwd=self.cwd,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
