@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from services.common import db, jetstream, logs, metrics, paging, tls
+from services.common import readiness as readiness_watch
 from services.common.auth import Authenticator, KeyResolver
 from services.common.config import CommonSettings, ConfigError
 from services.common.grpc_server import GrpcServer, Registration
@@ -107,10 +108,15 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         Authenticator(settings.admin_token, wiring.resolver),
         tls=settings.tls,
     )
-    await server.start()
+    # Not ready until the first round of checks passes (at once, as both were
+    # just reached); liveness is SERVING from the start.
+    readiness = await readiness_watch.create(
+        settings.service, settings.database_url, nc, settings.readiness, server.set_ready
+    )
+    await server.start(ready=False)
     metrics.serve(settings.metrics_port)
     _tune_garbage_collector()
-    tasks = [asyncio.create_task(run()) for run in wiring.background]
+    tasks = [asyncio.create_task(run()) for run in [readiness.run, *wiring.background]]
     working = [asyncio.create_task(worker.run()) for worker in wiring.workers]
 
     def failed(task: asyncio.Task[None]) -> None:
@@ -136,6 +142,7 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     # Every step is bounded: a dependency that is down must not hang the exit.
     for close in wiring.cleanup:
         await _bounded(close(), "cleanup")
+    await _bounded(readiness.close(), "readiness_close")
     # Not nc.drain(): it waits for each subscription's unprocessed messages,
     # which the stopped consumer will never take, and when cut short it leaves
     # a cancelled future whose traceback asyncio prints. Every publish was

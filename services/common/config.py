@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from services.common import readiness as readiness_settings
 from services.common import tls as tls_settings
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
@@ -122,6 +123,8 @@ class CommonSettings:
     auto_migrate: bool
     auth_cache_ttl: timedelta
     metrics_port: int
+    # Health checks of PostgreSQL and NATS (services/common/readiness.py).
+    readiness: readiness_settings.ReadinessSettings
     # gRPC and NATS TLS (services/common/tls.py); all off when unset.
     tls: tls_settings.TlsSettings
 
@@ -156,5 +159,6 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
         metrics_port=reader.integer(
             "USAGEBILLING_METRICS_PORT", DEFAULT_METRICS_PORTS[service], maximum=65535
         ),
+        readiness=readiness_settings.read(reader),
         tls=tls_settings.read(reader),
     )

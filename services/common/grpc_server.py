@@ -98,6 +98,13 @@ SELF_CHECKED_FIELDS: dict[str, frozenset[str]] = {
     "usagebilling.ingest.v1.IngestEventsRequest": frozenset({"events"}),
 }
 
+# Health service names (grpc.health.v1): READINESS is SERVING only while this
+# replica reaches PostgreSQL and NATS ("" and every registered service follow
+# it); LIVENESS while the process runs and its event loop answers (the health
+# service is served by that loop, so a stuck loop fails the probe by timeout).
+READINESS = "readiness"
+LIVENESS = "liveness"
+
 Behavior = Callable[..., Any]
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Wrap = Callable[[Behavior], Behavior]
@@ -628,10 +635,24 @@ class GrpcServer:
         else:
             self.port = self.server.add_secure_port(self.address, credentials)
 
-    async def start(self) -> None:
+    async def start(self, *, ready: bool = True) -> None:
+        """Starts serving. "liveness" is SERVING from now on (until graceful
+        shutdown); readiness starts as `ready` and follows set_ready."""
         await self.server.start()
-        for name in ["", *self._names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self.set_ready(ready)
+
+    async def set_ready(self, ready: bool) -> None:
+        """Sets "readiness", "" and every registered service to SERVING or
+        NOT_SERVING (services/common/readiness.py calls it). Ignored once
+        graceful shutdown has begun: then everything stays NOT_SERVING."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in [READINESS, "", *self._names]:
+            await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         """Stops taking calls, lets in-flight calls finish within `grace` seconds."""

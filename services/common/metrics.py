@@ -50,6 +50,12 @@ QUARANTINED = Counter(
 QUARANTINE_DEPTH = Gauge(
     "usagebilling_quarantine_depth", "Messages currently in quarantine, by stage", ["stage"]
 )
+# Set by services/common/readiness.py every USAGEBILLING_READINESS_INTERVAL.
+READY = Gauge(
+    "usagebilling_ready",
+    "1 when the last readiness check of a dependency (postgres, nats) answered, else 0",
+    ["dependency"],
+)
 
 
 def serve(port: int) -> None:
