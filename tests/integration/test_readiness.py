@@ -1,13 +1,16 @@
 """Health that tells the truth, with the three services as processes on a
 private PostgreSQL and NATS: "readiness" (and "", and each service's own name)
 is NOT_SERVING while PostgreSQL or NATS is stopped and SERVING again once it is
-back, while "liveness" stays SERVING throughout and the processes keep running.
+back, while "liveness" stays SERVING throughout and the processes keep running;
+liveness fails (by timeout) only when the process does not answer.
 The services run with the default settings (a check every 2 s, not ready after
 2 failed rounds), so the times printed are those a deployment would see."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import urllib.request
 from collections.abc import Callable
@@ -112,7 +115,25 @@ async def _outage(
         assert await asyncio.to_thread(_ready_sample, suite, service, dependency) == 1.0
 
 
-async def test_readiness_follows_postgres_and_nats_liveness_does_not(
+async def _stuck_process_fails_liveness(suite: Suite) -> None:
+    """What a kubelet sees of a stuck process: the probe times out. (SIGSTOP
+    stops the whole process; a stuck event loop alone has the same effect,
+    since the health service is served by that loop.)"""
+    process = suite.processes["meter"]
+    assert await _status(suite, "meter", "liveness") == "SERVING"
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        assert await _status(suite, "meter", "liveness") == "DEADLINE_EXCEEDED"
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    started = time.monotonic()
+    while (status := await _status(suite, "meter", "liveness")) != "SERVING":
+        assert time.monotonic() - started < FLIP_WITHIN, status
+        await asyncio.sleep(0.25)
+    assert await _status(suite, "meter", "readiness") == "SERVING"
+
+
+async def test_readiness_follows_postgres_and_nats_liveness_only_the_process(
     process_stack: DevStack, process_suite: Suite
 ) -> None:
     suite = process_suite
@@ -121,3 +142,4 @@ async def test_readiness_follows_postgres_and_nats_liveness_does_not(
 
     await _outage(suite, "postgres", process_stack.stop_postgres, process_stack.restart_postgres)
     await _outage(suite, "nats", process_stack.stop_nats, process_stack.restart_nats)
+    await _stuck_process_fails_liveness(suite)
