@@ -418,8 +418,11 @@ def check_isolation(image: Image) -> None:
 
 
 def _service_env(image: Image) -> dict[str, str]:
-    """The image's ENV over the host's (main has removed LEAKY_VARIABLES from ours)."""
-    return {k: v for k, v in image.env.items() if not k.startswith("USAGEBILLING_")}
+    """The image's environment, for tools.suite to lay over ours: the variables
+    that could lead back to the checkout are emptied (Python ignores an empty one)
+    unless the image sets them (PYTHONPATH)."""
+    cleared = dict.fromkeys(LEAKY_VARIABLES, "")
+    return cleared | {k: v for k, v in image.env.items() if not k.startswith("USAGEBILLING_")}
 
 
 def check_services(image: Image, database_url: str, nats_url: str, timeout: float) -> None:
@@ -521,10 +524,6 @@ def main(argv: list[str] | None = None) -> int:
     if not (database_url and nats_url):
         _log("needs DATABASE_URL and NATS_URL: run it as `make image-check` (tools.with_stack)")
         return 2
-    # tools.suite builds the services' environment from ours: nothing in it may
-    # lead back to the checkout or the dev venv.
-    for key in LEAKY_VARIABLES:
-        os.environ.pop(key, None)
     work = Path(tempfile.mkdtemp(prefix="ub-image-check-"))
     if _inside(str(work), REPO_ROOT):
         raise SystemExit("the build folder must be outside the checkout")
