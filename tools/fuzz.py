@@ -313,6 +313,7 @@ def setup(suite: Suite) -> tuple[Pool, Secrets]:
     secrets = Secrets(
         api_key=api_key,
         admin_token=suite.admin_token,
+        service_token=suite.service_token,
         tenant_id=tenant_id,
         other_api_key=other_key,
         revoked_key=revoked.secret,

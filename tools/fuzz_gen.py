@@ -1028,6 +1028,7 @@ def raw_payload(b: Builder, desc: Desc) -> tuple[bytes, str]:
 class Secrets:
     api_key: str
     admin_token: str
+    service_token: str
     tenant_id: str
     other_api_key: str
     revoked_key: str
@@ -1049,7 +1050,7 @@ def _credentials(
     if roll < 0.94:
         wrong = s.api_key if rpc.admin else s.admin_token
         return "wrong-kind", (("authorization", f"Bearer {wrong}"),)
-    if roll < 0.97:  # the admin token acting for a tenant named in a header
+    if roll < 0.97:  # the admin or service token acting for a tenant named in a header
         tenant = rng.choice(
             [
                 s.tenant_id,
@@ -1065,10 +1066,10 @@ def _credentials(
                 "..",
             ]
         )
-        return "admin-for-tenant", (
-            ("authorization", f"Bearer {s.admin_token}"),
-            ("x-usagebilling-tenant", tenant),
+        kind, token = rng.choice(
+            [("admin-for-tenant", s.admin_token), ("service-for-tenant", s.service_token)]
         )
+        return kind, (("authorization", f"Bearer {token}"), ("x-usagebilling-tenant", tenant))
     if roll < 0.98:
         return "other-tenant", (("authorization", f"Bearer {s.other_api_key}"),)
     header = rng.choice(

@@ -22,14 +22,21 @@ from tools.suite import DEFAULT_PORTS, SERVICES, Suite, create_tenant, key_works
 RUN_DIR = DEFAULT_BASE_DIR
 
 
-def _admin_token() -> str:
-    if token := os.environ.get("USAGEBILLING_ADMIN_TOKEN"):
+def _token(variable: str, file: str) -> str:
+    """From the environment, else from .run/<file> (made once, kept across runs)."""
+    if token := os.environ.get(variable):
         return token
-    path = RUN_DIR / "admin-token"
+    path = RUN_DIR / file
     if not path.exists():
         path.write_text(secrets.token_urlsafe(24))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _outside_nats_credentials() -> dict[str, tuple[str, str]]:
+    user = os.environ.get("USAGEBILLING_NATS_USER")
+    password = os.environ.get("USAGEBILLING_NATS_PASSWORD")
+    return {s: (user, password) for s in SERVICES} if user and password else {}
 
 
 def _dev_key(suite: Suite) -> tuple[str, str]:
@@ -102,9 +109,13 @@ def main() -> int:
         database_url,
         nats_url,
         RUN_DIR / "logs",
-        _admin_token(),
+        _token("USAGEBILLING_ADMIN_TOKEN", "admin-token"),
         ports,
         metrics_ports=dict(DEFAULT_METRICS_PORTS),
+        service_token=_token("USAGEBILLING_SERVICE_TOKEN", "service-token"),
+        # Without a dev stack: USAGEBILLING_NATS_USER/PASSWORD for every service
+        # when set (else the URL as is); with one, each service's own user.
+        nats_credentials=None if stack is not None else _outside_nats_credentials(),
         die_with_parent=True,
     )
     try:

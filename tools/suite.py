@@ -1,9 +1,16 @@
 """Starts the three services as processes (as Kubernetes or `make run` would:
 `python -m services.<name>` configured by the environment), waits until each
-answers its health check, and stops them all on request."""
+answers its health check, and stops them all on request.
+
+Credentials as a deployment gives them: every service gets the service token
+and only the SHA-256 of the admin token (the plaintext stays with the caller,
+for TenantService and QuarantineService); with a dev stack's NATS URL each
+service connects as its own NATS user (tools.devstack), otherwise as the URL
+says."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import signal
@@ -14,11 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tools.devstack import REPO_ROOT, free_port
+from tools.devstack import REPO_ROOT, free_port, service_nats_credentials
 from usagebilling.billing.v1 import tenant_pb2, tenant_pb2_grpc
 
 SERVICES = ("billing", "meter", "ingest")
@@ -35,6 +43,11 @@ class Suite:
     metrics_ports: dict[str, int] = field(
         default_factory=lambda: {s: free_port() for s in SERVICES}
     )
+    # The bearer with which the services call each other for a tenant.
+    service_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # service -> its NATS (user, password); by default the dev stack's users
+    # when nats_url is a dev stack's, else none (the URL as is).
+    nats_credentials: Mapping[str, tuple[str, str]] | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # The services get SIGTERM when the process that started them dies. Only
     # for a runner whose main thread starts them (the kernel ties the signal
@@ -47,6 +60,10 @@ class Suite:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.nats_credentials is None:
+            self.nats_credentials = service_nats_credentials(self.nats_url)
+
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
 
@@ -55,7 +72,8 @@ class Suite:
         env.update(
             DATABASE_URL=self.database_url,
             NATS_URL=self.nats_url,
-            USAGEBILLING_ADMIN_TOKEN=self.admin_token,
+            USAGEBILLING_ADMIN_TOKEN_SHA256=hashlib.sha256(self.admin_token.encode()).hexdigest(),
+            USAGEBILLING_SERVICE_TOKEN=self.service_token,
             USAGEBILLING_HOST="127.0.0.1",
             USAGEBILLING_LOG_FORMAT="json",
             USAGEBILLING_INGEST_ADDR=self.address("ingest"),
@@ -68,11 +86,22 @@ class Suite:
         env.update(self.extra_env)
         return env
 
+    def service_env(self, service: str) -> dict[str, str]:
+        """`env()` plus what is this service's own: its NATS user, if any."""
+        env = self.env()
+        if credentials := (self.nats_credentials or {}).get(service):
+            env["USAGEBILLING_NATS_USER"], env["USAGEBILLING_NATS_PASSWORD"] = credentials
+            # The URL's own credentials (the dev stack's all-permission user)
+            # are not the service's to hold.
+            parts = urlsplit(env["NATS_URL"])
+            env["NATS_URL"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return env
+
     def start_service(self, service: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self._logs.get(service) or open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115
         self._logs[service] = log
-        env = self.env()
+        env = self.service_env(service)
         env["USAGEBILLING_METRICS_PORT"] = str(self.metrics_ports[service])
         module = (
             ["tools.launch", f"services.{service}"]

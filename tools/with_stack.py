@@ -19,9 +19,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from types import FrameType
 
-from tools.devstack import DEFAULT_BASE_DIR, DevStack, DevStackError, pid_alive
+from tools.devstack import (
+    DEFAULT_BASE_DIR,
+    NATS_USERS_ENV,
+    DevStack,
+    DevStackError,
+    pid_alive,
+)
 
 # Signals that end the run: they are passed on to CMD, then the stack stops.
 FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -46,8 +53,11 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise _Interrupted(signum)
 
 
-def child_environment(database_url: str, nats_url: str) -> dict[str, str]:
-    """The environment for CMD: ours, pointed at the private stack."""
+def child_environment(
+    database_url: str, nats_url: str, nats_users: Path | None = None
+) -> dict[str, str]:
+    """The environment for CMD: ours, pointed at the private stack (and, with
+    `nats_users`, at the file of its NATS users, for the services' credentials)."""
     env = dict(os.environ)
     # A per-service database URL would bypass the private stack.
     for key in sorted(env):
@@ -56,6 +66,8 @@ def child_environment(database_url: str, nats_url: str) -> dict[str, str]:
             del env[key]
     env["DATABASE_URL"] = database_url
     env["NATS_URL"] = nats_url
+    if nats_users is not None:
+        env[NATS_USERS_ENV] = str(nats_users)
     return env
 
 
@@ -140,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_abandoned_runs()
         database_url, nats_url = stack.start()
         original_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
-        status = _run_child(command, child_environment(database_url, nats_url), original_mask)
+        environment = child_environment(database_url, nats_url, stack.nats_users_file)
+        status = _run_child(command, environment, original_mask)
     except _Interrupted as exc:
         _log(f"{exc}: stopping")
         status = 128 + exc.signum

@@ -38,7 +38,7 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
         meter_channel = internal_channel(
             settings.meter_addr, CHANNEL_OPTIONS, tls=settings.common.tls
         )
-        meters = MeterClient(meter_channel, settings.common.admin_token)
+        meters = MeterClient(meter_channel, settings.common.service_token)
         accounts = Accounts(store)
         catalog = Catalog(store, meters)
         invoicing = Invoicing(

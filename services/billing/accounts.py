@@ -31,6 +31,12 @@ class Accounts:
         key = await self._store.key_by_hash(hash_secret(secret))
         return Principal(tenant_id=key.tenant_id, api_key_id=key.id) if key else None
 
+    async def tenant_exists(self, tenant_id: str) -> bool:
+        """Billing's own answer (its table): a service token may act only for
+        a tenant found here. Not cached: tenants are created here, and ingest
+        and meter cache what they ask (services/common/auth_client.py)."""
+        return await self._store.tenant_exists(tenant_id)
+
     async def create_customer(
         self, tenant_id: str, external_id: str, name: str, email: str
     ) -> CustomerRecord:

@@ -69,7 +69,9 @@ class AuthServicer(tenant_pb2_grpc.AuthServiceServicer):
     async def WhoAmI(
         self, request: tenant_pb2.WhoAmIRequest, context: Any
     ) -> tenant_pb2.WhoAmIResponse:
-        # The auth interceptor resolved the caller's key already.
+        # The auth interceptor resolved the caller's key already. Called with
+        # the service token and a tenant header, it answers only for a tenant
+        # that exists (NOT_FOUND otherwise): how ingest and meter check one.
         return tenant_pb2.WhoAmIResponse(
             tenant_id=current_tenant(), api_key_id=current_api_key_id()
         )

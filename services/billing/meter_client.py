@@ -40,16 +40,16 @@ class Meters(Protocol):
 
 
 class MeterClient:
-    def __init__(self, channel: grpc.aio.Channel, admin_token: str) -> None:
+    def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._stub = meter_pb2_grpc.MeterServiceStub(channel)
-        self._admin_token = admin_token
+        self._service_token = service_token
 
     async def meter_name(self, tenant_id: str, meter_id: str, field: str) -> str:
         """The meter's name; InvalidArgument naming `field` when the tenant has no such meter."""
         try:
             meter = await self._stub.GetMeter(
                 meter_pb2.GetMeterRequest(id=meter_id),
-                metadata=on_behalf_of(self._admin_token, tenant_id),
+                metadata=on_behalf_of(self._service_token, tenant_id),
                 timeout=10,
             )
         except grpc.aio.AioRpcError as exc:
@@ -75,7 +75,7 @@ class MeterClient:
         request.end_time.FromDatetime(end)
         try:
             answer: meter_pb2.QueryUsageResponse = await self._stub.QueryUsage(
-                request, metadata=on_behalf_of(self._admin_token, tenant_id), timeout=60
+                request, metadata=on_behalf_of(self._service_token, tenant_id), timeout=60
             )
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc

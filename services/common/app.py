@@ -95,17 +95,21 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         settings.nats_url,
         name=settings.service,
         tls=tls.nats_context(settings.tls, settings.nats_url),
+        user=settings.nats_user,
+        password=settings.nats_password,
     )
     js = nc.jetstream()
-    await jetstream.ensure_streams(js, replicas=settings.stream_replicas)
+    await jetstream.ensure_streams(
+        js, replicas=settings.stream_replicas, names=jetstream.STREAMS_OF[settings.service]
+    )
 
-    paging.configure(settings.admin_token, settings.service)
+    paging.configure(settings.service_token, settings.service)
     wiring = await wire(Runtime(settings=settings, pool=pool, nc=nc, js=js))
     server = GrpcServer(
         settings.host,
         settings.port,
         wiring.registrations,
-        Authenticator(settings.admin_token, wiring.resolver),
+        Authenticator(settings.admin_token_sha256, settings.service_token, wiring.resolver),
         tls=settings.tls,
     )
     # Not ready until the first round of checks passes (at once, as both were

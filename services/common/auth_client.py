@@ -1,4 +1,4 @@
-"""Resolves API keys by asking billing (which owns them) over gRPC."""
+"""Resolves API keys and checks tenants by asking billing (which owns both) over gRPC."""
 
 from __future__ import annotations
 
@@ -6,19 +6,23 @@ from datetime import timedelta
 
 import grpc
 
-from services.common.auth import CachedKeyResolver, Principal
+from services.common.auth import CachedKeyResolver, Principal, on_behalf_of
 from services.common.errors import Unavailable
 from usagebilling.billing.v1 import tenant_pb2, tenant_pb2_grpc
 
 
-def billing_key_resolver(channel: grpc.aio.Channel, ttl: timedelta) -> CachedKeyResolver:
-    """How ingest and meter resolve keys: ask billing, remember the answer for `ttl`."""
-    return CachedKeyResolver(RemoteKeyResolver(channel), ttl=ttl.total_seconds())
+def billing_key_resolver(
+    channel: grpc.aio.Channel, service_token: str, ttl: timedelta
+) -> CachedKeyResolver:
+    """How ingest and meter resolve keys and tenants: ask billing, remember the
+    answer for `ttl`."""
+    return CachedKeyResolver(RemoteKeyResolver(channel, service_token), ttl=ttl.total_seconds())
 
 
 class RemoteKeyResolver:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._stub = tenant_pb2_grpc.AuthServiceStub(channel)
+        self._service_token = service_token
 
     async def resolve(self, secret: str) -> Principal | None:
         try:
@@ -32,3 +36,20 @@ class RemoteKeyResolver:
                 return None
             raise Unavailable(f"cannot check the API key with billing: {exc.code().name}") from exc
         return Principal(tenant_id=answer.tenant_id, api_key_id=answer.api_key_id)
+
+    async def tenant_exists(self, tenant_id: str) -> bool:
+        """Asks WhoAmI as the service acting for `tenant_id`: billing answers
+        only for a tenant in its table (NOT_FOUND otherwise)."""
+        try:
+            answer = await self._stub.WhoAmI(
+                tenant_pb2.WhoAmIRequest(),
+                metadata=on_behalf_of(self._service_token, tenant_id),
+                timeout=5,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            # UNAUTHENTICATED here means billing has another service token:
+            # a deployment error, not an unknown tenant; never cached.
+            raise Unavailable(f"cannot check the tenant with billing: {exc.code().name}") from exc
+        return answer.tenant_id == tenant_id

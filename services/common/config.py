@@ -8,6 +8,7 @@ manifests with what the code reads).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -113,7 +114,13 @@ class CommonSettings:
     service: str
     database_url: str
     nats_url: str
-    admin_token: str
+    # NATS user and password of this service (both or neither); empty: the URL as is.
+    nats_user: str
+    nats_password: str
+    # The admin token is only verified, never sent: a service holds its SHA-256.
+    admin_token_sha256: str
+    # The bearer with which one service calls another for a tenant.
+    service_token: str
     host: str
     port: int
     log_level: str
@@ -129,17 +136,65 @@ class CommonSettings:
     tls: tls_settings.TlsSettings
 
 
+# Both tokens are random secrets; a short one is a mistake (or a guessable word).
+MIN_TOKEN_CHARS = 16
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _admin_token_sha256(reader: EnvReader) -> str:
+    """The admin token's SHA-256 (hex), from USAGEBILLING_ADMIN_TOKEN_SHA256, or
+    computed from USAGEBILLING_ADMIN_TOKEN (the dev stack's way; a deployment
+    gives its pods only the digest, so no pod can administer tenants)."""
+    digest = reader.text("USAGEBILLING_ADMIN_TOKEN_SHA256").lower()
+    token = reader.text("USAGEBILLING_ADMIN_TOKEN")
+    if digest and token:
+        reader.errors.append(
+            "USAGEBILLING_ADMIN_TOKEN, USAGEBILLING_ADMIN_TOKEN_SHA256: set one, not both"
+        )
+    if token:
+        if len(token) < MIN_TOKEN_CHARS:
+            reader.errors.append(
+                f"USAGEBILLING_ADMIN_TOKEN: at least {MIN_TOKEN_CHARS} characters (a random secret)"
+            )
+        return hashlib.sha256(token.encode()).hexdigest()
+    if not digest:
+        reader.errors.append(
+            "USAGEBILLING_ADMIN_TOKEN_SHA256: required (or USAGEBILLING_ADMIN_TOKEN) but not set"
+        )
+    elif not _SHA256_HEX.match(digest):
+        reader.errors.append("USAGEBILLING_ADMIN_TOKEN_SHA256: not 64 hexadecimal digits")
+    return digest
+
+
 def read_common(reader: EnvReader, service: str) -> CommonSettings:
     upper = service.upper()
     # A service's schema may live in its own database: <SERVICE>_DATABASE_URL wins.
     database_url = reader.text(f"USAGEBILLING_{upper}_DATABASE_URL") or reader.text(
         "DATABASE_URL", required=True
     )
+    nats_user = reader.text("USAGEBILLING_NATS_USER")
+    nats_password = reader.text("USAGEBILLING_NATS_PASSWORD")
+    if bool(nats_user) != bool(nats_password):
+        reader.errors.append(
+            "USAGEBILLING_NATS_USER, USAGEBILLING_NATS_PASSWORD: set both or neither"
+        )
+    service_token = reader.text("USAGEBILLING_SERVICE_TOKEN", required=True)
+    if service_token and len(service_token) < MIN_TOKEN_CHARS:
+        reader.errors.append(
+            f"USAGEBILLING_SERVICE_TOKEN: at least {MIN_TOKEN_CHARS} characters (a random secret)"
+        )
+    admin_token_sha256 = _admin_token_sha256(reader)
+    if service_token and hashlib.sha256(service_token.encode()).hexdigest() == admin_token_sha256:
+        # Equal tokens would let the admin act for any tenant again.
+        reader.errors.append("USAGEBILLING_SERVICE_TOKEN: must differ from the admin token")
     return CommonSettings(
         service=service,
         database_url=database_url,
         nats_url=reader.text("NATS_URL", required=True),
-        admin_token=reader.text("USAGEBILLING_ADMIN_TOKEN", required=True),
+        nats_user=nats_user,
+        nats_password=nats_password,
+        admin_token_sha256=admin_token_sha256,
+        service_token=service_token,
         host=reader.text("USAGEBILLING_HOST", "0.0.0.0"),
         port=reader.integer(
             f"USAGEBILLING_{upper}_PORT", DEFAULT_PORTS[service], minimum=1, maximum=65535

@@ -6,7 +6,6 @@ import ssl
 from datetime import timedelta
 from typing import Any
 
-import nats
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
@@ -21,9 +20,22 @@ BILLING_STREAM = "BILLING"
 BILLING_SUBJECT_PREFIX = "usagebilling.billing.v1"
 
 
-async def connect(url: str, name: str, *, tls: ssl.SSLContext | None = None) -> Any:
+async def connect(
+    url: str,
+    name: str,
+    *,
+    tls: ssl.SSLContext | None = None,
+    user: str = "",
+    password: str = "",
+) -> Any:
     """Connects, retrying without end. With `tls` (services/common/tls.py
-    nats_context) the connection is TLS; a tls:// URL requires it."""
+    nats_context) the connection is TLS; a tls:// URL requires it. With `user`
+    and `password` (USAGEBILLING_NATS_USER/_PASSWORD) the client authenticates
+    as that NATS user, whatever credentials the URL holds.
+
+    Replies come to `_INBOX.<name>.>`, so that the server's permissions can
+    give each service its own inboxes (no service reads another's replies,
+    such as the events a pull consumer is sent)."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=str(exc))
@@ -39,6 +51,9 @@ async def connect(url: str, name: str, *, tls: ssl.SSLContext | None = None) -> 
         url,
         name=name,
         tls=tls,
+        user=user or None,
+        password=password or None,
+        inbox_prefix=inbox_prefix(name),
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; annotated int upstream
         error_cb=on_error,
@@ -46,6 +61,10 @@ async def connect(url: str, name: str, *, tls: ssl.SSLContext | None = None) -> 
         reconnected_cb=on_reconnect,
     )
     return client
+
+
+def inbox_prefix(name: str) -> str:
+    return f"_INBOX.{name}"
 
 
 async def ensure_stream(
@@ -68,18 +87,32 @@ async def ensure_stream(
     await js.update_stream(config)
 
 
-async def ensure_streams(js: Any, *, replicas: int) -> None:
-    await ensure_stream(
-        js,
-        EVENTS_STREAM,
-        [f"{EVENTS_SUBJECT_PREFIX}.>"],
-        replicas=replicas,
-        duplicate_window=timedelta(minutes=10),
-    )
-    await ensure_stream(
-        js,
-        BILLING_STREAM,
-        [f"{BILLING_SUBJECT_PREFIX}.>"],
-        replicas=replicas,
-        duplicate_window=timedelta(hours=1),
-    )
+# The streams each service creates (or updates) at start: the one it uses, so
+# that its NATS user needs no rights on the other. Meter ensures EVENTS too, so
+# that neither of ingest and meter has to start first.
+STREAMS_OF: dict[str, tuple[str, ...]] = {
+    "ingest": (EVENTS_STREAM,),
+    "meter": (EVENTS_STREAM,),
+    "billing": (BILLING_STREAM,),
+}
+
+
+async def ensure_streams(
+    js: Any, *, replicas: int, names: tuple[str, ...] = (EVENTS_STREAM, BILLING_STREAM)
+) -> None:
+    if EVENTS_STREAM in names:
+        await ensure_stream(
+            js,
+            EVENTS_STREAM,
+            [f"{EVENTS_SUBJECT_PREFIX}.>"],
+            replicas=replicas,
+            duplicate_window=timedelta(minutes=10),
+        )
+    if BILLING_STREAM in names:
+        await ensure_stream(
+            js,
+            BILLING_STREAM,
+            [f"{BILLING_SUBJECT_PREFIX}.>"],
+            replicas=replicas,
+            duplicate_window=timedelta(hours=1),
+        )

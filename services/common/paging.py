@@ -2,7 +2,7 @@
 
 A token is `<cursor>.<mac>`: the cursor (the time and key of the last row
 served, as JSON) and an HMAC-SHA256 of it under a key every replica of the
-service shares (derived from the admin token, see `configure`). A token this
+service shares (derived from the service token, see `configure`). A token this
 API did not make is refused before its content is read, and the content of
 one it did make is still checked, so no token reaches SQL or date arithmetic
 with a value they cannot take."""
@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 def configure(secret: str, service: str) -> None:
     """Sets the key tokens are signed with, from a secret every replica of
-    `service` has (the admin token). Each service gets its own key."""
+    `service` has (the service token). Each service gets its own key."""
     global _signing_key
     _signing_key = hmac.new(
         secret.encode(), b"usagebilling page token v1 " + service.encode(), hashlib.sha256

@@ -45,7 +45,9 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
                 ),
                 quarantine.registration(RelayQuarantine(store, publisher)),
             ],
-            resolver=billing_key_resolver(billing, settings.common.auth_cache_ttl),
+            resolver=billing_key_resolver(
+                billing, settings.common.service_token, settings.common.auth_cache_ttl
+            ),
             background=[relay.run, relay.watch_depth],
             cleanup=[lambda: billing.close(None)],
         )

@@ -40,7 +40,7 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
             store,
             service,
             ingest,
-            settings.common.admin_token,
+            settings.common.service_token,
             settings.backdate_window,
             quarantine=fold_quarantine,
         )
@@ -63,7 +63,9 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                 ),
                 quarantine.registration(fold_quarantine),
             ],
-            resolver=billing_key_resolver(billing, settings.common.auth_cache_ttl),
+            resolver=billing_key_resolver(
+                billing, settings.common.service_token, settings.common.auth_cache_ttl
+            ),
             background=[consumer.watch_lag, backfiller.resume, fold_quarantine.watch_depth],
             workers=[consumer],
             cleanup=[backfiller.stop, lambda: billing.close(None), lambda: ingest.close(None)],

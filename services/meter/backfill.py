@@ -34,7 +34,7 @@ class Backfiller:
         store: MeterStore,
         service: MeterService,
         ingest: grpc.aio.Channel,
-        admin_token: str,
+        service_token: str,
         window: timedelta,
         *,
         retry_delay: float = RETRY_DELAY,
@@ -44,7 +44,7 @@ class Backfiller:
         self._service = service
         self._quarantine = quarantine or FoldQuarantine(QuarantineStore(store.pool), service)
         self._ingest = ingest_pb2_grpc.IngestServiceStub(ingest)
-        self._admin_token = admin_token
+        self._service_token = service_token
         self._window = window
         self._retry_delay = retry_delay
         self._tasks: set[asyncio.Task[None]] = set()
@@ -88,7 +88,7 @@ class Backfiller:
         folded = set_aside = 0
         chunk: list[Any] = []
         stream = self._ingest.ReplayEvents(
-            request, metadata=on_behalf_of(self._admin_token, record.tenant_id)
+            request, metadata=on_behalf_of(self._service_token, record.tenant_id)
         )
 
         async def fold() -> None:

@@ -36,7 +36,7 @@ def test_fuzz_slice(tmp_path: Path) -> None:
 def test_cases_are_reproducible() -> None:
     rpcs = discover()
     pool = Pool(tenant_id="6f1c2d3e-0000-4000-8000-000000000001", event_names=["fz.tokens"])
-    secrets = Secrets("ubk_key", "admin", pool.tenant_id, "ubk_other", "ubk_revoked")
+    secrets = Secrets("ubk_key", "admin", "service", pool.tenant_id, "ubk_other", "ubk_revoked")
     now = now_seconds()
     first = [make_case(i, 7, rpcs, pool, secrets, now) for i in range(300)]
     again = [make_case(i, 7, rpcs, pool, secrets, now) for i in range(300)]

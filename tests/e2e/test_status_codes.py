@@ -280,7 +280,7 @@ async def test_the_tenant_header_must_be_a_tenant_id(
     suite: Suite, client: Client, tenant: str, quiet_logs: None
 ) -> None:
     metadata = (
-        ("authorization", f"Bearer {suite.admin_token}"),
+        ("authorization", f"Bearer {suite.service_token}"),
         ("x-usagebilling-tenant", tenant),
     )
     for call in (

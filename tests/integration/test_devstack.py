@@ -56,7 +56,8 @@ async def test_devstack_serves_postgres_and_jetstream_and_stops(tmp_path: Path) 
         assert pid_alive(postgres_pid) and pid_alive(nats_pid)
         assert database_url.startswith("postgresql://postgres@127.0.0.1:")
         assert database_url.endswith("/usagebilling")
-        assert nats_url.startswith("nats://127.0.0.1:")
+        # The all-permission user's URL (anonymous clients are refused).
+        assert nats_url.startswith("nats://tools:") and "@127.0.0.1:" in nats_url
         assert (base / "pg" / "data" / "PG_VERSION").is_file()
 
         connection = await asyncpg.connect(database_url)

@@ -17,7 +17,7 @@ from tests.integration.meter.harness import Meters, ev
 from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from usagebilling.meter.v1 import meter_pb2
 
-TOKEN = "admin-token"
+TOKEN = "service-token"
 WINDOW = timedelta(days=35)
 
 

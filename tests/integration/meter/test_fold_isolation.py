@@ -22,7 +22,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from services.common.auth import Authenticator, Principal
+from services.common.auth import Authenticator, Principal, hash_secret
 from services.common.grpc_server import GrpcServer
 from services.common.quarantine import registration
 from services.meter.backfill import Backfiller
@@ -38,6 +38,7 @@ from usagebilling.meter.v1 import meter_pb2
 pytestmark = pytest.mark.timeout(240)
 
 ADMIN = "fold-isolation-admin-token"
+SERVICE = "fold-isolation-service-token"
 TENANT_KEY = "ubk_fold-isolation-tenant-key"
 MAX_DELIVERIES = 3
 WHEN = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -49,6 +50,9 @@ class _Keys:
 
     async def resolve(self, secret: str) -> Principal | None:
         return Principal(str(uuid.uuid4())) if secret == TENANT_KEY else None
+
+    async def tenant_exists(self, tenant_id: str) -> bool:
+        return False
 
 
 @dataclass
@@ -104,7 +108,8 @@ async def rig(meters: Meters, stack_urls: tuple[str, str]) -> AsyncIterator[Rig]
         subject_prefix=prefix,
     )
     running = asyncio.create_task(consumer.run())
-    server = GrpcServer("127.0.0.1", 0, [registration(quarantine)], Authenticator(ADMIN, _Keys()))
+    auth = Authenticator(hash_secret(ADMIN), SERVICE, _Keys())
+    server = GrpcServer("127.0.0.1", 0, [registration(quarantine)], auth)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -342,7 +347,7 @@ async def test_a_backfill_over_unfoldable_events_counts_the_rest_and_does_not_fa
             rig.meters.store,
             rig.meters.service,
             channel,
-            ADMIN,
+            SERVICE,
             timedelta(days=35),
             retry_delay=0.01,
             quarantine=rig.quarantine,

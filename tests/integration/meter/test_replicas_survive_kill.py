@@ -57,7 +57,7 @@ class TwoMeters(Suite):
         """Starts it without waiting: call from the event loop's thread (the parent
         thread whose exit would stop it), then `wait_healthy(REPLICA)`."""
         self.ports.setdefault(REPLICA, free_port())
-        env = self.env()
+        env = self.service_env("meter")
         env["USAGEBILLING_METER_PORT"] = str(self.ports[REPLICA])
         log = self._logs.get(REPLICA) or open(self.log_dir / f"{REPLICA}.log", "ab")  # noqa: SIM115
         self._logs[REPLICA] = log

@@ -9,19 +9,32 @@ from services.common.auth import (
     hash_secret,
     new_secret,
 )
-from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 ADMIN = "admin-token"
+SERVICE = "service-token"
+TENANT = "0b7e2c9a-5d3f-4e61-9a0c-2f4d6b8e1a37"
+QUERY = "/usagebilling.meter.v1.MeterService/QueryUsage"
 
 
 class Keys:
     def __init__(self) -> None:
         self.known = {"ubk_good": Principal("t1", "k1")}
+        self.tenants = {TENANT}
         self.calls = 0
+        self.tenant_calls = 0
 
     async def resolve(self, secret: str) -> Principal | None:
         self.calls += 1
         return self.known.get(secret)
+
+    async def tenant_exists(self, tenant_id: str) -> bool:
+        self.tenant_calls += 1
+        return tenant_id in self.tenants
+
+
+def authenticator(keys: Keys | None = None) -> Authenticator:
+    return Authenticator(hash_secret(ADMIN), SERVICE, keys or Keys())
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
@@ -29,7 +42,7 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 
 async def test_keys_resolve_to_their_tenant() -> None:
-    auth = Authenticator(ADMIN, Keys())
+    auth = authenticator()
     principal = await auth.authenticate(
         "/usagebilling.meter.v1.MeterService/ListMeters", bearer("ubk_good")
     )
@@ -39,39 +52,65 @@ async def test_keys_resolve_to_their_tenant() -> None:
 @pytest.mark.parametrize("metadata", [[], bearer("ubk_unknown"), [("authorization", "ubk_good")]])
 async def test_missing_or_unknown_keys_are_unauthenticated(metadata: list[tuple[str, str]]) -> None:
     with pytest.raises(Unauthenticated):
-        await Authenticator(ADMIN, Keys()).authenticate("/x.v1.S/M", metadata)
+        await authenticator().authenticate("/x.v1.S/M", metadata)
 
 
 async def test_admin_rpcs_need_the_admin_token() -> None:
-    auth = Authenticator(ADMIN, Keys())
+    auth = authenticator()
     method = "/usagebilling.billing.v1.TenantService/CreateTenant"
     assert await auth.authenticate(method, bearer(ADMIN)) is None
     with pytest.raises(PermissionDenied):
         await auth.authenticate(method, bearer("ubk_good"))
 
 
-TENANT = "0b7e2c9a-5d3f-4e61-9a0c-2f4d6b8e1a37"
+async def test_the_service_token_acts_for_a_tenant_only_when_named() -> None:
+    auth = authenticator()
+    named = [*bearer(SERVICE), ("x-usagebilling-tenant", TENANT)]
+    assert await auth.authenticate(QUERY, named) == Principal(TENANT)
+    upper = [*bearer(SERVICE), ("x-usagebilling-tenant", TENANT.upper())]
+    assert await auth.authenticate(QUERY, upper) == Principal(TENANT)
+    with pytest.raises(PermissionDenied, match="x-usagebilling-tenant"):
+        await auth.authenticate(QUERY, bearer(SERVICE))
 
 
-async def test_admin_token_acts_for_a_tenant_only_when_named() -> None:
-    auth = Authenticator(ADMIN, Keys())
-    method = "/usagebilling.meter.v1.MeterService/QueryUsage"
-    named = [*bearer(ADMIN), ("x-usagebilling-tenant", TENANT)]
-    assert await auth.authenticate(method, named) == Principal(TENANT)
-    upper = [*bearer(ADMIN), ("x-usagebilling-tenant", TENANT.upper())]
-    assert await auth.authenticate(method, upper) == Principal(TENANT)
-    with pytest.raises(PermissionDenied):
-        await auth.authenticate(method, bearer(ADMIN))
+async def test_the_service_token_acts_only_for_a_tenant_that_exists() -> None:
+    keys = Keys()
+    auth = authenticator(keys)
+    unknown = "6a1f3c5e-0000-4000-8000-000000000001"
+    with pytest.raises(NotFound, match=f"^x-usagebilling-tenant: no tenant {unknown}$"):
+        await auth.authenticate(QUERY, [*bearer(SERVICE), ("x-usagebilling-tenant", unknown)])
+    assert keys.tenant_calls == 1
+
+
+async def test_the_admin_token_administers_and_nothing_else() -> None:
+    auth = authenticator()
+    for metadata in ([*bearer(ADMIN), ("x-usagebilling-tenant", TENANT)], bearer(ADMIN)):
+        with pytest.raises(PermissionDenied, match="administers tenants and the quarantine only"):
+            await auth.authenticate(QUERY, metadata)
+    quarantine = "/usagebilling.common.v1.QuarantineService/ListQuarantined"
+    assert await auth.authenticate(quarantine, bearer(ADMIN)) is None
+    with pytest.raises(PermissionDenied, match="needs the admin token"):
+        await auth.authenticate(quarantine, bearer(SERVICE))
+
+
+async def test_an_api_key_cannot_name_a_tenant() -> None:
+    keys = Keys()
+    auth = authenticator(keys)
+    for tenant in (TENANT, "t1"):
+        named = [*bearer("ubk_good"), ("x-usagebilling-tenant", tenant)]
+        with pytest.raises(PermissionDenied, match="only the service token may name a tenant"):
+            await auth.authenticate(QUERY, named)
+    assert keys.calls == 0  # refused before the key was looked up
 
 
 @pytest.mark.parametrize(
     "tenant", ["t9", f"{TENANT} ", f"{{{TENANT}}}", f"urn:uuid:{TENANT}", TENANT.replace("-", "")]
 )
 async def test_the_tenant_header_must_be_a_canonical_tenant_id(tenant: str) -> None:
-    auth = Authenticator(ADMIN, Keys())
-    named = [*bearer(ADMIN), ("x-usagebilling-tenant", tenant)]
+    auth = authenticator()
+    named = [*bearer(SERVICE), ("x-usagebilling-tenant", tenant)]
     with pytest.raises(InvalidArgument, match=r"^x-usagebilling-tenant: "):
-        await auth.authenticate("/usagebilling.meter.v1.MeterService/QueryUsage", named)
+        await auth.authenticate(QUERY, named)
 
 
 async def test_cache_answers_repeats_and_expires() -> None:
@@ -83,6 +122,19 @@ async def test_cache_answers_repeats_and_expires() -> None:
     del keys.known["ubk_good"]  # revoked
     await asyncio.sleep(0.06)
     assert await cache.resolve("ubk_good") is None
+
+
+async def test_cache_remembers_tenants_found_and_forgets_those_not_found() -> None:
+    keys = Keys()
+    cache = CachedKeyResolver(keys, ttl=60, negative_ttl=0.05)
+    other = "6a1f3c5e-0000-4000-8000-000000000002"
+    assert await cache.tenant_exists(TENANT) and await cache.tenant_exists(TENANT)
+    assert not await cache.tenant_exists(other) and not await cache.tenant_exists(other)
+    assert keys.tenant_calls == 2
+    keys.tenants.add(other)  # created meanwhile
+    await asyncio.sleep(0.06)
+    assert await cache.tenant_exists(other)
+    assert keys.tenant_calls == 3
 
 
 def test_secrets_are_high_entropy_and_hashed() -> None:

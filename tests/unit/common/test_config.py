@@ -16,7 +16,8 @@ def test_every_problem_is_reported_at_once() -> None:
     for name in (
         "DATABASE_URL: required",
         "NATS_URL: required",
-        "USAGEBILLING_ADMIN_TOKEN: required",
+        "USAGEBILLING_ADMIN_TOKEN_SHA256: required",
+        "USAGEBILLING_SERVICE_TOKEN: required",
         "USAGEBILLING_INGEST_PORT: 'http' is not an integer",
         "USAGEBILLING_BACKDATE_WINDOW: '35 days' is not a duration",
     ):
@@ -28,7 +29,8 @@ def test_typed_values_and_defaults() -> None:
         {
             "DATABASE_URL": "postgresql://db/x",
             "NATS_URL": "nats://n:4222",
-            "USAGEBILLING_ADMIN_TOKEN": "t",
+            "USAGEBILLING_ADMIN_TOKEN": "t" * 16,
+            "USAGEBILLING_SERVICE_TOKEN": "s" * 16,
             "USAGEBILLING_METER_DATABASE_URL": "postgresql://own/meter",
             "USAGEBILLING_BACKDATE_WINDOW": "7d",
             "USAGEBILLING_AUTO_MIGRATE": "false",

@@ -7,7 +7,12 @@ import pytest
 from services.common.config import ConfigError
 from services.ingest import settings
 
-BASE = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://x", "USAGEBILLING_ADMIN_TOKEN": "t"}
+BASE = {
+    "DATABASE_URL": "postgresql://x",
+    "NATS_URL": "nats://x",
+    "USAGEBILLING_ADMIN_TOKEN": "t" * 16,
+    "USAGEBILLING_SERVICE_TOKEN": "s" * 16,
+}
 
 
 def test_defaults_are_generous() -> None:
