@@ -41,14 +41,6 @@ INTERVAL = "USAGEBILLING_READINESS_INTERVAL"
 FAILURES = "USAGEBILLING_READINESS_FAILURES"
 REQUIRES_NATS = "USAGEBILLING_READINESS_REQUIRES_NATS"
 
-# The JetStream streams each service needs to do its work: ingest's relay
-# publishes to EVENTS, meter consumes it, billing publishes to BILLING.
-STREAMS: dict[str, tuple[str, ...]] = {
-    "ingest": (jetstream.EVENTS_STREAM,),
-    "meter": (jetstream.EVENTS_STREAM,),
-    "billing": (jetstream.BILLING_STREAM,),
-}
-
 
 @dataclass(frozen=True)
 class ReadinessSettings:
@@ -216,7 +208,9 @@ async def create(
     service: str, database_url: str, nc: Any, settings: ReadinessSettings, publish: Publish
 ) -> ReadinessWatcher:
     """The watcher of `service`: PostgreSQL through a one-connection pool of
-    its own, NATS through `nc` with the streams the service uses (STREAMS).
+    its own, NATS through `nc` with the streams the service uses
+    (jetstream.STREAMS_OF: ingest's relay publishes to EVENTS, meter consumes
+    it, billing publishes to BILLING).
     close() the watcher at shutdown."""
     timeout = settings.interval.total_seconds()
     # No minimum size: the pool would keep reconnecting (and logging each
@@ -226,7 +220,7 @@ async def create(
         Dependency("postgres", postgres_check(pool)),
         Dependency(
             "nats",
-            nats_check(nc, nc.jetstream(timeout=timeout), STREAMS.get(service, ())),
+            nats_check(nc, nc.jetstream(timeout=timeout), jetstream.STREAMS_OF.get(service, ())),
             gating=settings.requires_nats,
         ),
     ]
