@@ -25,6 +25,7 @@ Nothing here needs a cluster or the network.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
@@ -39,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import helm_python
+import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
 
@@ -57,7 +59,9 @@ DEFAULT_METRICS_PORT = 9090
 APP_UID = 10001
 # The chart's defaults require secrets to be chosen by whoever installs it.
 HELM_DEFAULT_VALUES: dict[str, Any] = {
-    "adminToken": {"value": "k8s-check"},
+    "adminToken": {"value": "k8s-check-admin-token"},
+    "serviceToken": {"value": "k8s-check-service-token"},
+    "nats": {"auth": {"passwords": {s: f"k8s-check-{s}" for s in ("ingest", "meter", "billing")}}},
     "postgres": {"password": "k8s-check"},
 }
 _WORKLOADS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
@@ -171,11 +175,42 @@ def lint_helm(values: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def helm_prod_values() -> dict[str, Any]:
-    values = yaml.load((CHART / "values-prod.yaml").read_text(), Loader=_StrictLoader)
+def helm_values_file(name: str) -> dict[str, Any]:
+    values = yaml.load((CHART / name).read_text(), Loader=_StrictLoader)
     if not isinstance(values, dict):
-        raise CheckError("values-prod.yaml: not a mapping")
+        raise CheckError(f"{name}: not a mapping")
     return values
+
+
+def helm_prod_values() -> dict[str, Any]:
+    return helm_values_file("values-prod.yaml")
+
+
+def merge_values(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Values as `helm -f base -f override` combines them (maps merge)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def check_values_schema(values: Mapping[str, Any]) -> list[str]:
+    """The chart's values.yaml overlaid with `values`, against
+    values.schema.json (as Helm does before rendering; done here as well so
+    that a schema Helm would skip cannot pass unseen)."""
+    schema_path = CHART / "values.schema.json"
+    if not schema_path.exists():
+        return ["values.schema.json: missing"]
+    schema = json.loads(schema_path.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    merged = merge_values(helm_values_file("values.yaml"), values)
+    return [
+        f"values schema: {'.'.join(str(p) for p in error.path) or '(top)'}: {error.message}"
+        for error in jsonschema.Draft7Validator(schema).iter_errors(merged)
+    ]
 
 
 @dataclass
@@ -190,12 +225,14 @@ def render_all() -> list[Rendering]:
         Rendering(f"kustomize overlays/{name}", render_kustomize(K8S / "overlays" / name))
         for name in OVERLAYS
     ]
+    prod = helm_prod_values()
     for name, values in (
         ("helm values.yaml", HELM_DEFAULT_VALUES),
-        ("helm values-prod.yaml", helm_prod_values()),
+        ("helm values-prod.yaml", prod),
+        ("helm +values-tls.yaml", merge_values(prod, helm_values_file("values-tls.yaml"))),
     ):
         rendering = Rendering(name, render_helm(values))
-        rendering.problems += lint_helm(values)
+        rendering.problems += lint_helm(values) + check_values_schema(values)
         renderings.append(rendering)
     return renderings
 
@@ -271,10 +308,21 @@ class AppContainer:
         return describe_container(self.owner, self.container)
 
     @property
+    def run_time_names(self) -> set[str]:
+        """Variables whose value is known only at run time: from a Secret, or
+        the path of a file on a Secret volume (certificates, keys)."""
+        return {
+            n
+            for n, v in self.env.items()
+            if v is None or (n in _TLS_FILE_VARIABLES and on_secret_volume(self, v))
+        }
+
+    @property
     def run_time_env(self) -> dict[str, str]:
         """The environment with a stand-in (which counts as set) for values
         known only at run time."""
-        return {n: ("<set at run time>" if v is None else v) for n, v in self.env.items()}
+        unknown = self.run_time_names
+        return {n: ("<set at run time>" if n in unknown else str(v)) for n, v in self.env.items()}
 
     @property
     def common(self) -> CommonSettings:
@@ -399,7 +447,7 @@ def check_environment(app: AppContainer) -> list[str]:
         problems.append(f"{app.where}: sets {name}, which {app.service} does not read")
     # The service's own settings code judges the values it is given; values
     # known only at run time get a stand-in that counts as "set".
-    unknown_values = {n for n, v in app.env.items() if v is None}
+    unknown_values = app.run_time_names
     reader, _ = read_settings(app.service, app.run_time_env)
     for error in reader.errors:
         name, _, message = error.partition(": ")
@@ -450,10 +498,7 @@ def check_server(app: AppContainer) -> list[str]:
     metrics_port = getattr(common, "metrics_port", DEFAULT_METRICS_PORT)
     if app.owner["kind"] != "Deployment":
         problems.append(f"servers run from a Deployment, not a {app.owner['kind']}")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        port = app.container.get(probe, {}).get("grpc", {}).get("port")
-        if port != grpc_port:
-            problems.append(f"{probe} is not a gRPC probe on port {grpc_port} (found {port})")
+    problems += check_probes(app, grpc_port)
     ports = {p.get("name"): p["containerPort"] for p in app.container.get("ports", [])}
     if ports.get("grpc") != grpc_port:
         problems.append(f"no container port named grpc = {grpc_port}")
@@ -476,6 +521,44 @@ def check_server(app: AppContainer) -> list[str]:
     if grace < needed:
         problems.append(f"terminationGracePeriodSeconds {grace} < {needed:g} needed to stop")
     return [f"{app.where}: {p}" for p in problems]
+
+
+# Which health service each probe asks: readiness follows PostgreSQL and NATS,
+# liveness only the process (so the startup probe, which only waits for the
+# process to serve, asks liveness too).
+PROBE_SERVICES = {
+    "startupProbe": "liveness",
+    "readinessProbe": "readiness",
+    "livenessProbe": "liveness",
+}
+
+
+def check_probes(app: AppContainer, grpc_port: int) -> list[str]:
+    """Native gRPC probes on the gRPC port asking the right health service;
+    with TLS (kubelet's gRPC probes are plaintext only) exec probes whose last
+    argument is that service. Readiness and liveness must differ."""
+    problems = []
+    tls = bool(app.env.get("USAGEBILLING_TLS_CERT", "") or "USAGEBILLING_TLS_CERT" in app.env)
+    for probe, service in PROBE_SERVICES.items():
+        spec = app.container.get(probe, {})
+        if tls:
+            command = [str(c) for c in spec.get("exec", {}).get("command", [])]
+            if "grpc" in spec:
+                problems.append(f"{probe}: a plaintext gRPC probe cannot reach a TLS server")
+            elif command[-1:] != [service]:
+                problems.append(f"{probe} is not an exec health check of {service!r} (TLS is on)")
+            continue
+        port = spec.get("grpc", {}).get("port")
+        if port != grpc_port:
+            problems.append(f"{probe} is not a gRPC probe on port {grpc_port} (found {port})")
+        elif spec["grpc"].get("service") != service:
+            problems.append(
+                f"{probe} asks health service {spec['grpc'].get('service')!r}, not {service!r}"
+            )
+    readiness, liveness = app.container.get("readinessProbe"), app.container.get("livenessProbe")
+    if readiness is not None and readiness == liveness:
+        problems.append("readinessProbe and livenessProbe are the same")
+    return problems
 
 
 def service_port(index: Index, host: str, port: int) -> Obj | None:
@@ -539,6 +622,345 @@ def nats_nodes(index: Index, service: Obj) -> int | None:
     return None
 
 
+# --- secrets -----------------------------------------------------------------------
+
+# Names of variables (and ConfigMap keys) that hold a secret: they must come
+# from a Secret, never a ConfigMap or a literal. Certificate and key *paths*
+# (USAGEBILLING_TLS_KEY ...) are exempt when the file is on a Secret volume.
+_SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|(^|_)KEY$|PRIVATE", re.IGNORECASE)
+_TLS_FILE_VARIABLES = frozenset(
+    {
+        "USAGEBILLING_TLS_CERT",
+        "USAGEBILLING_TLS_KEY",
+        "USAGEBILLING_TLS_CLIENT_CA",
+        "USAGEBILLING_TLS_CA",
+        "USAGEBILLING_NATS_TLS_CA",
+        "USAGEBILLING_NATS_TLS_CERT",
+        "USAGEBILLING_NATS_TLS_KEY",
+    }
+)
+
+
+def secret_mount_dirs(pod: Obj, container: Obj) -> list[str]:
+    """Mount paths of the container's volumes that come from Secrets."""
+    secret_volumes = {
+        v["name"]
+        for v in pod.get("spec", {}).get("volumes", [])
+        if "secret" in v
+        or any("secret" in s for s in (v.get("projected") or {}).get("sources", []))
+    }
+    return [
+        m["mountPath"].rstrip("/") + "/"
+        for m in container.get("volumeMounts", [])
+        if m["name"] in secret_volumes
+    ]
+
+
+def on_secret_volume(app: AppContainer, path: str) -> bool:
+    return any(path.startswith(d) for d in secret_mount_dirs(app.pod, app.container))
+
+
+def check_secrets_in_env(app: AppContainer) -> list[str]:
+    """A secret given as a literal or from a ConfigMap (`app.env` has None for
+    values from Secrets), and TLS files that are not on a Secret volume."""
+    problems = []
+    for name, value in sorted(app.env.items()):
+        if value is None:
+            continue
+        if name in _TLS_FILE_VARIABLES:
+            if not on_secret_volume(app, value):
+                problems.append(f"{name}={value} is not on a volume from a Secret")
+        elif _SECRET_NAME.search(name):
+            problems.append(
+                f"{name} is given in the clear (a literal or a ConfigMap), not a Secret"
+            )
+        elif "://" in value and urlsplit(value).password:
+            problems.append(f"{name} holds a password in the clear, not from a Secret")
+    return [f"{app.where}: {p}" for p in problems]
+
+
+def check_configmaps(index: Index) -> list[str]:
+    problems = []
+    for cm in index.of_kind("ConfigMap"):
+        for key, value in (cm.get("data") or {}).items():
+            if _SECRET_NAME.search(key):
+                problems.append(f"{describe(cm)}: key {key} looks secret: put it in a Secret")
+            elif "://" in str(value) and urlsplit(str(value).strip()).password:
+                problems.append(f"{describe(cm)}: {key} holds a URL with a password")
+    return problems
+
+
+# --- NetworkPolicies ------------------------------------------------------------------
+
+
+def selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """Whether a LabelSelector matches `labels` (an empty selector matches all)."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if op == "In" and not (present and labels[key] in values):
+            return False
+        if op == "NotIn" and present and labels[key] in values:
+            return False
+        if op == "Exists" and not present:
+            return False
+        if op == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def pod_labels(obj: Obj) -> dict[str, str]:
+    template = pod_template(obj) or {}
+    labels: dict[str, str] = template.get("metadata", {}).get("labels", {})
+    return labels
+
+
+def _runs(obj: Obj, program: str) -> bool:
+    pod = (pod_template(obj) or {}).get("spec", {})
+    for container in pod.get("containers", []):
+        image = str(container.get("image", "")).rsplit("/", 1)[-1]
+        command = [str(c) for c in container.get("command", [])]
+        if image.startswith(program + ":") or image == program or command[:1] == [program]:
+            return True
+    return False
+
+
+def is_nats(obj: Obj) -> bool:
+    return _runs(obj, "nats") or _runs(obj, "nats-server")
+
+
+def is_postgres(obj: Obj) -> bool:
+    return _runs(obj, "postgres")
+
+
+def ingress_policies(index: Index, labels: Mapping[str, str]) -> list[Obj]:
+    return [
+        p
+        for p in index.of_kind("NetworkPolicy")
+        if "Ingress" in (p["spec"].get("policyTypes") or ["Ingress"])
+        and selects(p["spec"].get("podSelector"), labels)
+    ]
+
+
+def allowed(policies: list[Obj], source: Mapping[str, str], port: int) -> bool:
+    """Whether a pod with labels `source` (same namespace) may reach `port`."""
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = [p.get("port") for p in rule.get("ports") or []]
+            if ports and port not in ports:
+                continue
+            for peer in rule.get("from") or []:
+                if "namespaceSelector" not in peer and selects(peer.get("podSelector"), source):
+                    return True
+    return False
+
+
+def check_network_policies(index: Index, apps: list[AppContainer]) -> list[str]:
+    """NATS and PostgreSQL pods are selected by a NetworkPolicy whose every
+    ingress rule names its sources, and that lets the services in."""
+    problems = []
+    for obj, what, port, clients in [
+        *(
+            (o, "NATS", 4222, [a for a in apps if not a.migrate])
+            for o in index.objects
+            if is_nats(o)
+        ),
+        *((o, "PostgreSQL", 5432, apps) for o in index.objects if is_postgres(o)),
+    ]:
+        labels = pod_labels(obj)
+        policies = ingress_policies(index, labels)
+        if not policies:
+            problems.append(f"{describe(obj)}: no NetworkPolicy selects the {what} pods")
+            continue
+        for policy in policies:
+            for rule in policy["spec"].get("ingress") or []:
+                peers = rule.get("from") or []
+                open_peer = any(
+                    "ipBlock" in p
+                    or ("namespaceSelector" not in p and not (p.get("podSelector") or {}))
+                    for p in peers
+                )
+                if not peers or open_peer:
+                    problems.append(
+                        f"{describe(policy)}: an ingress rule to the {what} pods is open to"
+                        " every pod: name the services"
+                    )
+        for app in clients:
+            if not allowed(policies, pod_labels(app.owner), port):
+                problems.append(
+                    f"{describe(obj)}: the NetworkPolicies keep {app.where} from {what} (:{port})"
+                )
+    return problems
+
+
+# --- NATS authorization ------------------------------------------------------------------
+
+
+class NatsConfigError(CheckError):
+    pass
+
+
+_NATS_TOKEN = re.compile(
+    r"""\s+|\#[^\n]*|//[^\n]*|"(?:[^"\\]|\\.)*"|'[^']*'|[{}\[\],=]|[^\s{}\[\],=#"']+"""
+)
+
+
+def parse_nats_config(text: str, include: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """The subset of nats-server's configuration format the manifests use:
+    maps, arrays, quoted and bare values, `key: value`, `key = value`,
+    `key value`, `key { ... }`, comments and `include <file>` (read through
+    `include`). Values stay strings; `$VAR` stays as written."""
+    tokens = [
+        t for t in _NATS_TOKEN.findall(text) if not (t.isspace() or t.startswith(("#", "//")))
+    ]
+    position = 0
+
+    def peek() -> str | None:
+        return tokens[position] if position < len(tokens) else None
+
+    def take() -> str:
+        nonlocal position
+        if position >= len(tokens):
+            raise NatsConfigError("nats.conf: unexpected end")
+        position += 1
+        return str(tokens[position - 1])
+
+    def value() -> Any:
+        token = take()
+        if token == "{":
+            return mapping("}")
+        if token == "[":
+            items = []
+            while peek() != "]":
+                if peek() == ",":
+                    take()
+                    continue
+                items.append(value())
+            take()
+            return items
+        if token[0] in "\"'":
+            return token[1:-1]
+        return token
+
+    def mapping(end: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        while peek() != end:
+            key = take()
+            if key == ",":
+                continue
+            key = key.strip("\"'")
+            # A bare token may hold the separator: `listen:` or `listen:0.0.0.0:4222`.
+            if ":" in key:
+                key, _, rest = key.partition(":")
+                if rest:
+                    tokens.insert(position, rest)
+            if key == "include":
+                if include is None:
+                    raise NatsConfigError("nats.conf: include without a way to read it")
+                result.update(parse_nats_config(include(value()), include))
+                continue
+            if peek() in (":", "="):
+                take()
+            result[key] = value()
+        if end is not None:
+            take()
+        return result
+
+    return mapping(None)
+
+
+def nats_config(index: Index, sts: Obj) -> tuple[dict[str, Any], Obj] | None:
+    """The configuration a NATS StatefulSet runs with (from `--config` and the
+    ConfigMap mounted at that directory), and its container."""
+    pod = sts["spec"]["template"]["spec"]
+    for container in pod.get("containers", []):
+        argv = [str(a) for a in container.get("command", []) + container.get("args", [])]
+        path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")), None)
+        if path is None:
+            continue
+        directory, _, name = path.rpartition("/")
+        mount = next(
+            (
+                m
+                for m in container.get("volumeMounts", [])
+                if m["mountPath"].rstrip("/") == directory
+            ),
+            None,
+        )
+        volume = next(
+            (v for v in pod.get("volumes", []) if mount and v["name"] == mount["name"]), None
+        )
+        cm = index.get("ConfigMap", str(((volume or {}).get("configMap") or {}).get("name")))
+        if cm is None:
+            raise NatsConfigError(f"{describe(sts)}: no ConfigMap holds {path}")
+        files: dict[str, str] = cm.get("data") or {}
+        read = functools.partial(_included_file, describe(cm), files)
+        return parse_nats_config(read(name), read), container
+    return None
+
+
+def _included_file(where: str, files: Mapping[str, str], included: str) -> str:
+    key = included.removeprefix("./").rpartition("/")[2]
+    if key not in files:
+        raise NatsConfigError(f"{where}: nats.conf includes {included}, which it lacks")
+    return files[key]
+
+
+def check_nats_authorization(index: Index, apps: list[AppContainer]) -> list[str]:
+    """Every NATS server has users and no anonymous access; each service
+    connects as a user of its own, with permissions, whose password comes
+    from a Secret on both sides."""
+    problems = []
+    servers = [a for a in apps if not a.migrate]
+    for sts in (o for o in index.of_kind("StatefulSet") if is_nats(o)):
+        where = describe(sts)
+        try:
+            found = nats_config(index, sts)
+        except NatsConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if found is None:
+            problems.append(f"{where}: NATS runs without a configuration file, so without users")
+            continue
+        config, container = found
+        nats_env = resolve_env(index, sts, container)
+        auth = config.get("authorization")
+        users = {u.get("user"): u for u in (auth or {}).get("users", []) if isinstance(u, dict)}
+        if not users:
+            problems.append(f"{where}: NATS has no authorization users (anyone may connect)")
+            continue
+        if "no_auth_user" in config or "no_auth_user" in (auth or {}):
+            problems.append(f"{where}: no_auth_user lets clients connect without credentials")
+        for user, entry in users.items():
+            password = str(entry.get("password", ""))
+            if not password.startswith("$"):
+                problems.append(f"{where}: NATS user {user}'s password is written in the config")
+            elif password[1:] not in nats_env or nats_env[password[1:]] is not None:
+                problems.append(
+                    f"{where}: NATS user {user}'s password {password} does not come from a Secret"
+                )
+            permissions = entry.get("permissions") or {}
+            if not (permissions.get("publish") and permissions.get("subscribe")):
+                problems.append(
+                    f"{where}: NATS user {user} has no publish and subscribe permissions"
+                )
+        seen: dict[str, str] = {}
+        for app in servers:
+            user = app.env.get("USAGEBILLING_NATS_USER")
+            if not user or "USAGEBILLING_NATS_PASSWORD" not in app.env:
+                problems.append(f"{app.where}: connects to NATS without a user and password")
+            elif user not in users:
+                problems.append(f"{app.where}: NATS user {user} is not in {where}'s configuration")
+            elif seen.setdefault(user, app.service) != app.service:
+                problems.append(
+                    f"{app.where}: NATS user {user} is {seen[user]}'s too: one user per service"
+                )
+    return problems
+
+
 # --- all together ---------------------------------------------------------------
 
 
@@ -547,7 +969,11 @@ def check_objects(objects: list[Obj]) -> tuple[list[str], int]:
     index = Index(objects)
     problems = validate_schemas(objects)
     apps = app_containers(index, problems)
-    checks: list[Callable[[AppContainer], list[str]]] = [check_environment, check_hardening]
+    checks: list[Callable[[AppContainer], list[str]]] = [
+        check_environment,
+        check_hardening,
+        check_secrets_in_env,
+    ]
     for app in apps:
         for check in checks:
             problems += check(app)
@@ -556,6 +982,9 @@ def check_objects(objects: list[Obj]) -> tuple[list[str], int]:
             problems += check_addresses(index, app)
         elif app.owner["kind"] != "Job":
             problems.append(f"{app.where}: migrations run from a Job")
+    problems += check_configmaps(index)
+    problems += check_network_policies(index, apps)
+    problems += check_nats_authorization(index, apps)
     for service in SERVICES:
         for migrate, what in ((False, "server (Deployment)"), (True, "migration Job")):
             if not any(a.service == service and a.migrate == migrate for a in apps):

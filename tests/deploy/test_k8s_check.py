@@ -14,7 +14,8 @@ from tools.k8s_check import CheckError, Index, Obj, Rendering
 REQUIRED = {
     "DATABASE_URL": "postgresql://db/billing",
     "NATS_URL": "nats://nats:4222",
-    "USAGEBILLING_ADMIN_TOKEN": "token",
+    "USAGEBILLING_ADMIN_TOKEN_SHA256": "0" * 64,
+    "USAGEBILLING_SERVICE_TOKEN": "a-service-token-0123",
 }
 
 
@@ -66,9 +67,9 @@ def test_a_variable_the_service_does_not_read_fails() -> None:
 
 
 def test_a_missing_required_setting_fails_in_the_migration_job_too() -> None:
-    env = {k: v for k, v in REQUIRED.items() if k != "USAGEBILLING_ADMIN_TOKEN"}
+    env = {k: v for k, v in REQUIRED.items() if k != "USAGEBILLING_SERVICE_TOKEN"}
     problems = env_problems(workload("billing", env), workload("billing", env, migrate=True))
-    missing = "USAGEBILLING_ADMIN_TOKEN is required by billing but not set"
+    missing = "USAGEBILLING_SERVICE_TOKEN is required by billing but not set"
     assert problems == [
         f"Deployment/billing container app: {missing}",
         f"Job/billing-migrate container app: {missing}",
@@ -153,6 +154,7 @@ def test_every_real_rendering_passes(renderings: list[Rendering]) -> None:
         "kustomize overlays/prod",
         "helm values.yaml",
         "helm values-prod.yaml",
+        "helm +values-tls.yaml",
     ]
     for rendering in renderings:
         problems, apps = k8s_check.check_objects(rendering.objects)
@@ -173,11 +175,11 @@ def test_the_check_fails_on_a_broken_real_rendering(renderings: list[Rendering])
             {"name": "USAGEBILLING_TYPO", "value": "1"}
         )
         job = _app(objects, "Job", "meter-migrate")
-        job["env"] = [e for e in job["env"] if e["name"] != "USAGEBILLING_ADMIN_TOKEN"]
+        job["env"] = [e for e in job["env"] if e["name"] != "USAGEBILLING_SERVICE_TOKEN"]
         problems, _ = k8s_check.check_objects(objects)
         assert any("sets USAGEBILLING_TYPO, which ingest does not read" in p for p in problems)
         assert any(
-            p.startswith("Job/") and "USAGEBILLING_ADMIN_TOKEN is required by meter" in p
+            p.startswith("Job/") and "USAGEBILLING_SERVICE_TOKEN is required by meter" in p
             for p in problems
         ), rendering.name
 
@@ -234,3 +236,247 @@ def test_grpc_targets() -> None:
         True,
     )
     assert k8s_check.grpc_target("meter:50052") == ("meter:50052", False)
+
+
+# --- issue 11: NetworkPolicies, NATS authorization, probes, secrets, schema --------
+
+
+def _broken(rendering: Rendering, change: Any) -> list[str]:
+    objects = copy.deepcopy(rendering.objects)
+    change(objects)
+    problems, _ = k8s_check.check_objects(objects)
+    return problems
+
+
+def _named(objects: list[Obj], kind: str, name_part: str) -> Obj:
+    [obj] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_part)]
+    return obj
+
+
+def test_nats_and_postgres_must_be_behind_network_policies(renderings: list[Rendering]) -> None:
+    for rendering in (renderings[0], renderings[2]):  # both have an in-cluster PostgreSQL
+
+        def drop(objects: list[Obj]) -> None:
+            objects[:] = [
+                o
+                for o in objects
+                if not (
+                    o["kind"] == "NetworkPolicy"
+                    and o["metadata"]["name"].endswith(("nats", "postgres"))
+                )
+            ]
+
+        problems = _broken(rendering, drop)
+        assert any("no NetworkPolicy selects the NATS pods" in p for p in problems), rendering.name
+        assert any("no NetworkPolicy selects the PostgreSQL pods" in p for p in problems)
+
+        def open_up(objects: list[Obj]) -> None:
+            _named(objects, "NetworkPolicy", "nats")["spec"]["ingress"][0]["from"] = [
+                {"podSelector": {}}
+            ]
+
+        assert any("open to every pod" in p for p in _broken(rendering, open_up))
+
+        def lock_out_meter(objects: list[Obj]) -> None:
+            peer = _named(objects, "NetworkPolicy", "nats")["spec"]["ingress"][0]["from"][0]
+            peer["podSelector"]["matchExpressions"][0]["values"] = ["ingest", "billing"]
+
+        problems = _broken(rendering, lock_out_meter)
+        assert any("keep Deployment/" in p and "meter" in p and "NATS" in p for p in problems)
+
+
+def test_nats_must_have_users_with_permissions(renderings: list[Rendering]) -> None:
+    for rendering in renderings:
+        config = next(
+            o
+            for o in rendering.objects
+            if o["kind"] == "ConfigMap" and "nats" in o["metadata"]["name"]
+        )
+
+        def edit(
+            objects: list[Obj], old: str, new: str, name: str = config["metadata"]["name"]
+        ) -> None:
+            cm = _named(objects, "ConfigMap", name)
+            key = "nats-auth.conf" if "nats-auth.conf" in cm["data"] else "nats.conf"
+            assert old in cm["data"][key]
+            cm["data"][key] = cm["data"][key].replace(old, new)
+
+        no_auth = _broken(rendering, lambda o: edit(o, "authorization {", "not_authorization {"))
+        assert any("no authorization users" in p for p in no_auth), rendering.name
+        anonymous = _broken(
+            rendering, lambda o: edit(o, "authorization {", "no_auth_user: ingest\nauthorization {")
+        )
+        assert any("no_auth_user" in p for p in anonymous), rendering.name
+        literal = _broken(rendering, lambda o: edit(o, "$NATS_METER_PASSWORD", "hunter2"))
+        assert any("meter's password is written in the config" in p for p in literal)
+        no_subscribe = _broken(rendering, lambda o: edit(o, 'subscribe: {allow: ["_INBOX.>"]}', ""))
+        assert any("billing has no publish and subscribe permissions" in p for p in no_subscribe)
+
+        def anonymous_service(objects: list[Obj]) -> None:
+            container = _app(objects, "Deployment", "ingest")
+            container["env"] = [e for e in container["env"] if "NATS_" not in e["name"]]
+
+        problems = _broken(rendering, anonymous_service)
+        assert any("ingest" in p and "without a user and password" in p for p in problems)
+
+
+def test_the_nats_config_parser() -> None:
+    parsed = k8s_check.parse_nats_config(
+        """# comment
+        listen: 0.0.0.0:4222
+        jetstream { store_dir = /data }
+        include ./auth.conf
+        """,
+        lambda name: (
+            "authorization { users: [ {user: a, password: $P,"
+            ' permissions: {publish: {allow: ["x.>", "$JS.API.INFO"]}}} ] }'
+        ),
+    )
+    assert parsed["listen"] == "0.0.0.0:4222"
+    assert parsed["jetstream"] == {"store_dir": "/data"}
+    [user] = parsed["authorization"]["users"]
+    assert user["password"] == "$P"
+    assert user["permissions"]["publish"]["allow"] == ["x.>", "$JS.API.INFO"]
+
+
+def test_readiness_and_liveness_probes_must_differ(renderings: list[Rendering]) -> None:
+    for rendering in renderings[:4]:  # plaintext: native gRPC probes
+        container = _app(rendering.objects, "Deployment", "meter")
+        assert container["readinessProbe"]["grpc"]["service"] == "readiness"
+        assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+        assert container["startupProbe"]["grpc"]["service"] == "liveness"
+
+        def same(objects: list[Obj]) -> None:
+            c = _app(objects, "Deployment", "meter")
+            c["readinessProbe"] = copy.deepcopy(c["livenessProbe"])
+
+        problems = _broken(rendering, same)
+        assert any("readinessProbe and livenessProbe are the same" in p for p in problems)
+        assert any("readinessProbe asks health service 'liveness'" in p for p in problems)
+
+
+def test_tls_example_mounts_a_secret_and_probes_over_tls(renderings: list[Rendering]) -> None:
+    rendering = renderings[4]
+    assert rendering.name == "helm +values-tls.yaml"
+    container = _app(rendering.objects, "Deployment", "meter")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["USAGEBILLING_TLS_CERT"] == "/etc/usage-billing/tls/tls.crt"
+    assert env["USAGEBILLING_TLS_CLIENT_CA"] == "/etc/usage-billing/tls/ca.crt"
+    assert container["readinessProbe"]["exec"]["command"][-1] == "readiness"
+
+    def plaintext_probe(objects: list[Obj]) -> None:
+        _app(objects, "Deployment", "meter")["readinessProbe"] = {
+            "grpc": {"port": 50052, "service": "readiness"}
+        }
+
+    assert any(
+        "plaintext gRPC probe cannot reach" in p for p in _broken(rendering, plaintext_probe)
+    )
+
+    def not_from_secret(objects: list[Obj]) -> None:
+        pod = _named(objects, "Deployment", "meter")["spec"]["template"]["spec"]
+        for volume in pod["volumes"]:
+            if volume["name"] == "tls":
+                volume.pop("secret")
+                volume["emptyDir"] = {}
+
+    problems = _broken(rendering, not_from_secret)
+    assert any(
+        "USAGEBILLING_TLS_KEY=/etc/usage-billing/tls/tls.key is not on a volume" in p
+        for p in problems
+    )
+
+
+def test_no_secret_in_a_configmap_or_literal(renderings: list[Rendering]) -> None:
+    for rendering in renderings:
+
+        def leak(objects: list[Obj]) -> None:
+            common = next(
+                o for o in objects if o["kind"] == "ConfigMap" and "common" in o["metadata"]["name"]
+            )
+            common["data"]["USAGEBILLING_SERVICE_TOKEN"] = "in-a-configmap-0123456789"
+            env = _app(objects, "Deployment", "ingest")["env"]
+            env[:] = [
+                e for e in env if e["name"] not in ("USAGEBILLING_NATS_PASSWORD", "DATABASE_URL")
+            ]
+            env.append({"name": "USAGEBILLING_NATS_PASSWORD", "value": "literal-password"})
+            env.append({"name": "DATABASE_URL", "value": "postgresql://u:secret@db/x"})
+
+        problems = _broken(rendering, leak)
+        assert any("key USAGEBILLING_SERVICE_TOKEN looks secret" in p for p in problems)
+        assert any("USAGEBILLING_NATS_PASSWORD is given in the clear" in p for p in problems), (
+            rendering.name
+        )
+        assert any("DATABASE_URL holds a password in the clear" in p for p in problems)
+
+
+def test_the_values_schema_refuses_bad_values() -> None:
+    assert k8s_check.check_values_schema(k8s_check.HELM_DEFAULT_VALUES) == []
+    problems = k8s_check.check_values_schema(
+        {
+            "image": {"digest": "latest"},
+            "ingest": {"nodeSelecter": {}},
+            "config": {"shutdownGrace": "8 seconds"},
+            "serviceToken": {"value": "short"},
+        }
+    )
+    text = "\n".join(problems)
+    assert "image.digest" in text
+    assert "'nodeSelecter' was unexpected" in text
+    assert "config.shutdownGrace" in text
+    assert "serviceToken.value" in text
+    # Helm itself validates against the same schema when it renders.
+    with pytest.raises(CheckError, match="nodeSelecter"):
+        k8s_check.render_helm({**k8s_check.HELM_DEFAULT_VALUES, "ingest": {"nodeSelecter": {}}})
+
+
+def test_helm_values_reach_the_pods() -> None:
+    digest = "sha256:" + "a" * 64
+    values = k8s_check.merge_values(
+        k8s_check.HELM_DEFAULT_VALUES,
+        {
+            "image": {"digest": digest},
+            "global": {
+                "nodeSelector": {"pool": "general"},
+                "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                "podAnnotations": {"team": "billing"},
+                "extraEnv": [{"name": "USAGEBILLING_LOG_LEVEL", "value": "debug"}],
+            },
+            "meter": {"nodeSelector": {"pool": "meter"}, "podAnnotations": {"x": "y"}},
+        },
+    )
+    objects = k8s_check.render_helm(values)
+    problems, _ = k8s_check.check_objects(objects)
+    assert problems == []
+    meter = _named(objects, "Deployment", "meter")["spec"]["template"]
+    ingest = _named(objects, "Deployment", "ingest")["spec"]["template"]
+    assert meter["spec"]["nodeSelector"] == {"pool": "meter"}
+    assert ingest["spec"]["nodeSelector"] == {"pool": "general"}
+    assert ingest["spec"]["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    assert meter["metadata"]["annotations"]["team"] == "billing"
+    assert meter["metadata"]["annotations"]["x"] == "y"
+    assert meter["spec"]["containers"][0]["image"] == f"usage-billing@{digest}"
+    # A changed Secret changes the pods' checksum, so they restart.
+    changed = k8s_check.merge_values(values, {"serviceToken": {"value": "another-service-token"}})
+    again = _named(k8s_check.render_helm(changed), "Deployment", "meter")["spec"]["template"]
+    key = "checksum/secret"
+    assert again["metadata"]["annotations"][key] != meter["metadata"]["annotations"][key]
+
+
+def test_migration_jobs_are_hooks_with_a_deadline(renderings: list[Rendering]) -> None:
+    for rendering in renderings:
+        for job in (o for o in rendering.objects if o["kind"] == "Job"):
+            annotations = job["metadata"]["annotations"]
+            assert annotations["argocd.argoproj.io/hook"] == "Sync", rendering.name
+            assert annotations["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
+            assert job["spec"]["activeDeadlineSeconds"] > 0
+            assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    prod_job = next(o for o in renderings[3].objects if o["kind"] == "Job")
+    assert prod_job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert (
+        "before-hook-creation" in prod_job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    )
+    with pytest.raises(CheckError, match=r"migrations\.hook needs secrets\.existingSecret"):
+        k8s_check.render_helm(
+            k8s_check.merge_values(k8s_check.HELM_DEFAULT_VALUES, {"migrations": {"hook": True}})
+        )

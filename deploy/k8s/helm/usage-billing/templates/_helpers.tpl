@@ -54,8 +54,14 @@ app.kubernetes.io/component: {{ . }}
 {{- end }}
 {{- end -}}
 
+{{/* repository:tag, or repository@sha256:... when image.digest is given (the
+     digest wins: what was tested is what runs). */}}
 {{- define "ub.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
 {{- end -}}
 
 {{- define "ub.natsNodes" -}}
@@ -69,22 +75,78 @@ app.kubernetes.io/component: {{ . }}
 {{- $replicas -}}
 {{- end -}}
 
-{{/* Where DATABASE_URL and the admin token come from: [secret name, key]. */}}
-{{- define "ub.databaseSecret" -}}
-{{- if .Values.postgres.inCluster -}}
-{{- list (include "ub.fullname" .) "database-url" | toJson -}}
-{{- else -}}
-{{- list (required "postgres.external.existingSecret is required when postgres.inCluster is false" .Values.postgres.external.existingSecret) .Values.postgres.external.existingSecretKey | toJson -}}
-{{- end -}}
+{{/* The Secret every credential comes from: secrets.existingSecret, or the one
+     the chart creates from values (templates/secret.yaml). Keys: database-url,
+     admin-token-sha256, service-token, nats-<service>-password (and
+     postgres-password with the in-cluster PostgreSQL). */}}
+{{- define "ub.secretName" -}}
+{{- .Values.secrets.existingSecret | default (include "ub.fullname" .) -}}
 {{- end -}}
 
-{{- define "ub.adminSecret" -}}
-{{- if .Values.adminToken.existingSecret -}}
-{{- list .Values.adminToken.existingSecret .Values.adminToken.existingSecretKey | toJson -}}
-{{- else -}}
-{{- $_ := required "set adminToken.value or adminToken.existingSecret" .Values.adminToken.value -}}
-{{- list (include "ub.fullname" .) "admin-token" | toJson -}}
+{{/* A variable from a key of that Secret: (dict "root" $ "name" "VAR" "key" "k") */}}
+{{- define "ub.secretEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ub.secretName" .root }}
+      key: {{ .key }}
 {{- end -}}
+
+{{/* Settings every service reads, as a map (the common ConfigMap, and the
+     migration Jobs' env: a hook Job runs before any ConfigMap exists). */}}
+{{- define "ub.commonSettings" -}}
+NATS_URL: nats://{{ include "ub.fullname" . }}-nats:4222
+USAGEBILLING_STREAM_REPLICAS: {{ include "ub.streamReplicas" . | quote }}
+# The migration Jobs migrate; the servers wait for them instead of racing.
+USAGEBILLING_AUTO_MIGRATE: "false"
+USAGEBILLING_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
+USAGEBILLING_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+USAGEBILLING_SHUTDOWN_GRACE: {{ .Values.config.shutdownGrace | quote }}
+USAGEBILLING_AUTH_CACHE_TTL: {{ .Values.config.authCacheTTL | quote }}
+USAGEBILLING_METRICS_PORT: {{ .Values.metrics.port | quote }}
+{{- end -}}
+
+{{/* One service's own settings: (dict "root" $ "name" "ingest") */}}
+{{- define "ub.serviceSettings" -}}
+{{- $root := .root -}}
+{{- $fullname := include "ub.fullname" $root -}}
+{{- $services := include "ub.services" $root | fromYaml -}}
+{{- $svc := get $services .name -}}
+USAGEBILLING_{{ upper .name }}_PORT: {{ $svc.port | quote }}
+{{- range $callee := $svc.calls }}
+USAGEBILLING_{{ upper $callee }}_ADDR: {{ printf "dns:///%s-%s-peers:%v" $fullname $callee (get (get $services $callee) "port") | quote }}
+{{- end }}
+{{- if ne .name "billing" }}
+USAGEBILLING_BACKDATE_WINDOW: {{ $root.Values.config.backdateWindow | quote }}
+{{- else }}
+USAGEBILLING_INVOICE_GRACE: {{ $root.Values.config.invoiceGrace | quote }}
+USAGEBILLING_SCHEDULER_INTERVAL: {{ $root.Values.config.schedulerInterval | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* A pod's scheduling and annotations: the global values, then the
+     service's (maps merged, the service's keys winning; lists appended;
+     affinity and topologySpreadConstraints replaced when the service sets
+     them). (dict "root" $ "values" <the service's values or dict>) */}}
+{{- define "ub.scheduling" -}}
+{{- $g := .root.Values.global -}}
+{{- $s := .values -}}
+{{- with merge (dict) ($s.nodeSelector | default dict) ($g.nodeSelector | default dict) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with concat ($g.tolerations | default list) ($s.tolerations | default list) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $s.affinity | default $g.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $s.topologySpreadConstraints | default $g.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{- define "ub.podSecurityContext" -}}
@@ -111,14 +173,15 @@ The pod spec shared by a service's Deployment and its migration Job:
 */}}
 {{- define "ub.appPodSpec" -}}
 {{- $root := .root -}}
-{{- $db := include "ub.databaseSecret" $root | fromJsonArray -}}
-{{- $admin := include "ub.adminSecret" $root | fromJsonArray -}}
+{{- $values := get $root.Values .name -}}
+{{- $tls := and $root.Values.tls.enabled (not .migrate) -}}
 serviceAccountName: {{ include "ub.fullname" $root }}-{{ .name }}
 automountServiceAccountToken: false
 {{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- include "ub.scheduling" (dict "root" $root "values" $values) }}
 securityContext:
   {{- include "ub.podSecurityContext" $root | nindent 2 }}
 containers:
@@ -126,24 +189,41 @@ containers:
     image: {{ include "ub.image" $root }}
     imagePullPolicy: {{ $root.Values.image.pullPolicy }}
     command: {{ concat (list "python" "-m" (printf "services.%s" .name)) (.args | default list) | toJson }}
-    # Server and Job read the same settings: a service-specific database URL
-    # is then the one both migrate and use.
+    {{- if not .migrate }}
     envFrom:
       - configMapRef:
           name: {{ include "ub.fullname" $root }}-common
       - configMapRef:
           name: {{ include "ub.fullname" $root }}-{{ .name }}
+    {{- end }}
     env:
-      - name: DATABASE_URL
-        valueFrom:
-          secretKeyRef:
-            name: {{ index $db 0 }}
-            key: {{ index $db 1 }}
-      - name: USAGEBILLING_ADMIN_TOKEN
-        valueFrom:
-          secretKeyRef:
-            name: {{ index $admin 0 }}
-            key: {{ index $admin 1 }}
+      {{- if .migrate }}
+      {{- /* The same settings as the server, given inline: as a Helm hook the
+             Job runs before the ConfigMaps exist. */}}
+      {{- range $k, $v := merge (include "ub.serviceSettings" (dict "root" $root "name" .name) | fromYaml) (include "ub.commonSettings" $root | fromYaml) }}
+      - {name: {{ $k }}, value: {{ $v | quote }}}
+      {{- end }}
+      {{- end }}
+      {{- include "ub.secretEnv" (dict "root" $root "name" "DATABASE_URL" "key" "database-url") | nindent 6 }}
+      {{- /* Only the admin token's SHA-256: pods verify it, none can present it. */}}
+      {{- include "ub.secretEnv" (dict "root" $root "name" "USAGEBILLING_ADMIN_TOKEN_SHA256" "key" "admin-token-sha256") | nindent 6 }}
+      {{- include "ub.secretEnv" (dict "root" $root "name" "USAGEBILLING_SERVICE_TOKEN" "key" "service-token") | nindent 6 }}
+      {{- if not .migrate }}
+      {{- /* Its own NATS user (the Jobs do not connect to NATS). */}}
+      - {name: USAGEBILLING_NATS_USER, value: {{ .name }}}
+      {{- include "ub.secretEnv" (dict "root" $root "name" "USAGEBILLING_NATS_PASSWORD" "key" (printf "nats-%s-password" .name)) | nindent 6 }}
+      {{- end }}
+      {{- if $tls }}
+      - {name: USAGEBILLING_TLS_CERT, value: {{ $root.Values.tls.mountPath }}/tls.crt}
+      - {name: USAGEBILLING_TLS_KEY, value: {{ $root.Values.tls.mountPath }}/tls.key}
+      - {name: USAGEBILLING_TLS_CA, value: {{ $root.Values.tls.mountPath }}/ca.crt}
+      {{- if $root.Values.tls.clientAuth }}
+      - {name: USAGEBILLING_TLS_CLIENT_CA, value: {{ $root.Values.tls.mountPath }}/ca.crt}
+      {{- end }}
+      {{- end }}
+      {{- with concat ($root.Values.global.extraEnv | default list) ($values.extraEnv | default list) }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
     securityContext:
       {{- include "ub.containerSecurityContext" dict | nindent 6 }}
     {{- with .resources }}
@@ -156,11 +236,44 @@ containers:
     volumeMounts:
       - name: tmp
         mountPath: /tmp
+      {{- if $tls }}
+      - name: tls
+        mountPath: {{ $root.Values.tls.mountPath }}
+        readOnly: true
+      {{- end }}
 volumes:
   # The root filesystem is read-only.
   - name: tmp
     emptyDir:
       sizeLimit: 64Mi
+  {{- if $tls }}
+  - name: tls
+    secret:
+      secretName: {{ required "tls.existingSecret is required with tls.enabled (keys tls.crt, tls.key, ca.crt)" $root.Values.tls.existingSecret }}
+      defaultMode: 0440
+  {{- end }}
+{{- end -}}
+
+{{/* A health probe of one service: native gRPC in plaintext; with TLS an exec
+     probe (kubelet's gRPC probes speak plaintext only, and present no client
+     certificate under mTLS) that checks the same health service over TLS with
+     the pod's own certificate. (dict "root" $ "name" "ingest" "port" 50051
+     "service" "readiness") */}}
+{{- define "ub.probe" -}}
+{{- if .root.Values.tls.enabled -}}
+{{- $dir := .root.Values.tls.mountPath -}}
+{{- $peer := printf "%s-%s-peers" (include "ub.fullname" .root) .name -}}
+exec:
+  command:
+    - python
+    - -c
+    - {{ printf "import sys,grpc;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;r=lambda f:open('%s/'+f,'rb').read();c=grpc.ssl_channel_credentials(r('ca.crt'),r('tls.key'),r('tls.crt'));s=g.HealthStub(grpc.secure_channel('localhost:%v',c,options=[('grpc.ssl_target_name_override','%s')]));sys.exit(s.Check(h.HealthCheckRequest(service=sys.argv[1]),timeout=4).status!=1)" $dir .port $peer | quote }}
+    - {{ .service }}
+{{- else -}}
+grpc:
+  port: {{ .port }}
+  service: {{ .service }}
+{{- end -}}
 {{- end -}}
 
 {{- /* Egress every pod of the suite needs: DNS (port 53 anywhere: clusters
