@@ -11,7 +11,7 @@ _api_key_id: ContextVar[str] = ContextVar("api_key_id", default="")
 
 
 def set_tenant(tenant_id: str | None, api_key_id: str = "") -> None:
-    """`api_key_id` is empty when the admin token acts for the tenant."""
+    """`api_key_id` is empty when the service token acts for the tenant."""
     _tenant.set(tenant_id)
     _api_key_id.set(api_key_id)
 
@@ -24,5 +24,5 @@ def current_tenant() -> str:
 
 
 def current_api_key_id() -> str:
-    """The id of the API key the call came with ("" for the admin token)."""
+    """The id of the API key the call came with ("" for the service token)."""
     return _api_key_id.get()

@@ -59,6 +59,8 @@ class TwoMeters(Suite):
         self.ports.setdefault(REPLICA, free_port())
         env = self.service_env("meter")
         env["USAGEBILLING_METER_PORT"] = str(self.ports[REPLICA])
+        # Not the default 9092: another process on this machine may hold it.
+        env["USAGEBILLING_METRICS_PORT"] = str(free_port())
         log = self._logs.get(REPLICA) or open(self.log_dir / f"{REPLICA}.log", "ab")  # noqa: SIM115
         self._logs[REPLICA] = log
         self.processes[REPLICA] = subprocess.Popen(

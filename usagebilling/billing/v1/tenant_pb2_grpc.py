@@ -192,7 +192,10 @@ class TenantService:
 
 class AuthServiceStub:
     """AuthService tells a caller which tenant its API key belongs to; the other
-    services use it to resolve keys (and cache the answer briefly).
+    services use it to resolve keys (and cache the answer briefly). Called with
+    the service token (USAGEBILLING_SERVICE_TOKEN) and the x-usagebilling-tenant
+    metadata, it answers only for a tenant that exists (NOT_FOUND otherwise):
+    how ingest and meter check a tenant named by another service.
     """
 
     def __init__(self, channel):
@@ -210,7 +213,10 @@ class AuthServiceStub:
 
 class AuthServiceServicer:
     """AuthService tells a caller which tenant its API key belongs to; the other
-    services use it to resolve keys (and cache the answer briefly).
+    services use it to resolve keys (and cache the answer briefly). Called with
+    the service token (USAGEBILLING_SERVICE_TOKEN) and the x-usagebilling-tenant
+    metadata, it answers only for a tenant that exists (NOT_FOUND otherwise):
+    how ingest and meter check a tenant named by another service.
     """
 
     def WhoAmI(self, request, context):
@@ -237,7 +243,10 @@ def add_AuthServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AuthService:
     """AuthService tells a caller which tenant its API key belongs to; the other
-    services use it to resolve keys (and cache the answer briefly).
+    services use it to resolve keys (and cache the answer briefly). Called with
+    the service token (USAGEBILLING_SERVICE_TOKEN) and the x-usagebilling-tenant
+    metadata, it answers only for a tenant that exists (NOT_FOUND otherwise):
+    how ingest and meter check a tenant named by another service.
     """
 
     @staticmethod

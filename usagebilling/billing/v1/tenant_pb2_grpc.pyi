@@ -83,7 +83,10 @@ def add_TenantServiceServicer_to_server(servicer: TenantServiceServicer, server:
 
 class AuthServiceStub:
     """AuthService tells a caller which tenant its API key belongs to; the other
-    services use it to resolve keys (and cache the answer briefly).
+    services use it to resolve keys (and cache the answer briefly). Called with
+    the service token (USAGEBILLING_SERVICE_TOKEN) and the x-usagebilling-tenant
+    metadata, it answers only for a tenant that exists (NOT_FOUND otherwise):
+    how ingest and meter check a tenant named by another service.
     """
 
     @_typing.overload
@@ -95,7 +98,10 @@ class AuthServiceStub:
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
     """AuthService tells a caller which tenant its API key belongs to; the other
-    services use it to resolve keys (and cache the answer briefly).
+    services use it to resolve keys (and cache the answer briefly). Called with
+    the service token (USAGEBILLING_SERVICE_TOKEN) and the x-usagebilling-tenant
+    metadata, it answers only for a tenant that exists (NOT_FOUND otherwise):
+    how ingest and meter check a tenant named by another service.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -103,7 +109,10 @@ class AuthServiceAsyncStub(AuthServiceStub):
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService tells a caller which tenant its API key belongs to; the other
-    services use it to resolve keys (and cache the answer briefly).
+    services use it to resolve keys (and cache the answer briefly). Called with
+    the service token (USAGEBILLING_SERVICE_TOKEN) and the x-usagebilling-tenant
+    metadata, it answers only for a tenant that exists (NOT_FOUND otherwise):
+    how ingest and meter check a tenant named by another service.
     """
 
     @_abc_1.abstractmethod
