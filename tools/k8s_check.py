@@ -902,6 +902,20 @@ def nats_config(index: Index, sts: Obj) -> tuple[dict[str, Any], Obj] | None:
     return None
 
 
+def _expected_nats_permissions() -> dict[str, dict[str, list[str]]]:
+    # The dev stack's table of what each service's NATS user may do: the
+    # manifests must grant exactly the same.
+    try:
+        module = importlib.import_module("services.common.nats_permissions")
+    except ImportError:
+        return {}
+    permissions: dict[str, dict[str, list[str]]] = module.PERMISSIONS
+    return permissions
+
+
+EXPECTED_NATS_PERMISSIONS = _expected_nats_permissions()
+
+
 def _included_file(where: str, files: Mapping[str, str], included: str) -> str:
     key = included.removeprefix("./").rpartition("/")[2]
     if key not in files:
@@ -947,6 +961,17 @@ def check_nats_authorization(index: Index, apps: list[AppContainer]) -> list[str
                 problems.append(
                     f"{where}: NATS user {user} has no publish and subscribe permissions"
                 )
+            elif (expected := EXPECTED_NATS_PERMISSIONS.get(str(user))) is not None:
+                for verb, subjects in expected.items():
+                    given = permissions.get(verb) or {}
+                    allow = given.get("allow") if isinstance(given, dict) else given
+                    if set(allow or []) != set(subjects) or (
+                        isinstance(given, dict) and set(given) - {"allow"}
+                    ):
+                        problems.append(
+                            f"{where}: NATS user {user} may {verb} {sorted(allow or [])}, not"
+                            f" {sorted(subjects)} (services/common/nats_permissions.py)"
+                        )
         seen: dict[str, str] = {}
         for app in servers:
             user = app.env.get("USAGEBILLING_NATS_USER")

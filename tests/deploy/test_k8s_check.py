@@ -309,7 +309,9 @@ def test_nats_must_have_users_with_permissions(renderings: list[Rendering]) -> N
         assert any("no_auth_user" in p for p in anonymous), rendering.name
         literal = _broken(rendering, lambda o: edit(o, "$NATS_METER_PASSWORD", "hunter2"))
         assert any("meter's password is written in the config" in p for p in literal)
-        no_subscribe = _broken(rendering, lambda o: edit(o, 'subscribe: {allow: ["_INBOX.>"]}', ""))
+        no_subscribe = _broken(
+            rendering, lambda o: edit(o, 'subscribe: {allow: ["_INBOX.billing.>"]}', "")
+        )
         assert any("billing has no publish and subscribe permissions" in p for p in no_subscribe)
 
         def anonymous_service(objects: list[Obj]) -> None:
@@ -480,3 +482,18 @@ def test_migration_jobs_are_hooks_with_a_deadline(renderings: list[Rendering]) -
         k8s_check.render_helm(
             k8s_check.merge_values(k8s_check.HELM_DEFAULT_VALUES, {"migrations": {"hook": True}})
         )
+
+
+def test_nats_permissions_match_the_dev_stacks_table(renderings: list[Rendering]) -> None:
+    assert k8s_check.EXPECTED_NATS_PERMISSIONS, "services/common/nats_permissions.py"
+    for rendering in renderings:
+        objects = copy.deepcopy(rendering.objects)
+        for cm in (o for o in objects if o["kind"] == "ConfigMap"):
+            for key, text in (cm.get("data") or {}).items():
+                # ingest allowed to publish billing messages too
+                cm["data"][key] = text.replace(
+                    '"usagebilling.events.v1.>"',
+                    '"usagebilling.events.v1.>", "usagebilling.billing.v1.>"',
+                )
+        problems, _ = k8s_check.check_objects(objects)
+        assert any("NATS user ingest may publish" in p for p in problems), rendering.name
