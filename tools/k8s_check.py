@@ -19,6 +19,15 @@ engine, embedded by helm-python-sdk), then checks every object:
 - the addresses the services dial (`*_ADDR`, NATS_URL) name Services of the
   same rendering with that port, and the stream replica count fits the NATS
   StatefulSet behind NATS_URL.
+- readiness and liveness probes ask their own health services and differ
+  (exec probes over TLS, as kubelet's gRPC probes are plaintext only);
+- nothing secret in a ConfigMap or a literal; certificate paths on Secret
+  volumes;
+- NetworkPolicies select the NATS and PostgreSQL pods, name their sources
+  and let the services in;
+- NATS has users (no anonymous access, passwords from Secrets) with exactly
+  the permissions of services/common/nats_permissions.py, one per service;
+- the chart passes `helm lint --strict` and its values.schema.json.
 
 Nothing here needs a cluster or the network.
 """
