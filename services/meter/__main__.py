@@ -15,7 +15,7 @@ from services.meter.backfill import Backfiller
 from services.meter.consumer import EventConsumer
 from services.meter.domain.aggregation import MeterQuotas
 from services.meter.quarantine import FoldQuarantine
-from services.meter.service import MeterService
+from services.meter.service import AnswerBudget, MeterService
 from services.meter.store import MeterStore, QuarantineStore
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
@@ -59,7 +59,13 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                     meter_pb2,
                     "MeterService",
                     meter_pb2_grpc.add_MeterServiceServicer_to_server,
-                    MeterServicer(service, store),
+                    MeterServicer(
+                        service,
+                        store,
+                        tenant_limits=settings.tenant_answer_limits,
+                        service_limits=settings.service_answer_limits,
+                        budget=AnswerBudget(settings.answer_budget_bytes),
+                    ),
                 ),
                 quarantine.registration(fold_quarantine),
             ],

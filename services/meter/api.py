@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.context import current_tenant
+from services.common.context import current_api_key_id, current_tenant
 from services.common.errors import InvalidArgument
 from services.common.paging import fetch_page
 from services.meter import convert
-from services.meter.service import MeterService
-from services.meter.store import YIELD_EVERY, MeterStore
+from services.meter.domain.query import AnswerLimits
+from services.meter.service import AnswerBudget, MeterService
+from services.meter.settings import (
+    DEFAULT_ANSWER_BUDGET_BYTES,
+    DEFAULT_SERVICE_LIMITS,
+    DEFAULT_TENANT_LIMITS,
+)
+from services.meter.store import MeterStore
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
 
 class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
-    def __init__(self, service: MeterService, store: MeterStore) -> None:
+    def __init__(
+        self,
+        service: MeterService,
+        store: MeterStore,
+        *,
+        tenant_limits: AnswerLimits = DEFAULT_TENANT_LIMITS,
+        service_limits: AnswerLimits = DEFAULT_SERVICE_LIMITS,
+        budget: AnswerBudget | None = None,
+    ) -> None:
         self._service = service
         self._store = store
+        self._tenant_limits = tenant_limits
+        self._service_limits = service_limits
+        self._budget = budget or AnswerBudget(DEFAULT_ANSWER_BUDGET_BYTES)
 
     async def CreateMeter(
         self, request: meter_pb2.CreateMeterRequest, context: Any
@@ -53,7 +71,13 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
     async def QueryUsage(
         self, request: meter_pb2.QueryUsageRequest, context: Any
     ) -> meter_pb2.QueryUsageResponse:
-        rows = await self._service.query_usage(current_tenant(), request)
+        # The service token (a service acting for a tenant: billing reading every
+        # customer's usage) has its own, larger limits; an API key has the tenants'.
+        limits = self._service_limits if current_api_key_id() == "" else self._tenant_limits
+        hold = self._budget.hold()
+        if context is not None:  # None: called in-process (tests), nothing to send
+            # The answer's bytes stay reserved until the call has sent them.
+            context.add_done_callback(lambda _: hold.release())
         response = meter_pb2.QueryUsageResponse()
         # A window's bounds are converted once, however many customers and groups
         # it has rows for.
@@ -65,14 +89,24 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
                 found = stamps[when] = convert.to_timestamp(when)
             return found
 
-        for i, r in enumerate(rows, 1):
-            response.rows.add(
-                window_start=stamp(r.window_start),
-                window_end=stamp(r.window_end),
-                customer_id=r.customer_id,
-                group=r.group,
-                value=r.value,
-            )
-            if i % YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # see store.YIELD_EVERY
+        try:
+            slices = self._service.query_usage(current_tenant(), request, limits, hold)
+            async with contextlib.aclosing(slices):
+                async for rows in slices:
+                    for r in rows:
+                        response.rows.add(
+                            window_start=stamp(r.window_start),
+                            window_end=stamp(r.window_end),
+                            customer_id=r.customer_id,
+                            group=r.group,
+                            value=r.value,
+                        )
+                    del rows
+                    await asyncio.sleep(0)  # see store.YIELD_EVERY
+        except BaseException:
+            # The partial answer is dropped here, not sent.
+            hold.release()
+            raise
+        if context is None:
+            hold.release()
         return response

@@ -8,6 +8,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from services.common.config import CommonSettings, EnvReader, read_common
+from services.meter.domain.query import AnswerLimits
+
+MIB = 1024 * 1024
+# The most one QueryUsage answer holds for an API key (README "Limits"): a day of
+# minutes for 69 customers, or 100,000 small rows in about 5 MiB.
+DEFAULT_TENANT_LIMITS = AnswerLimits(max_rows=100_000, max_bytes=16 * MIB)
+# For the service token (billing's read of every customer's usage of a meter, one
+# row per customer): 500,000 customers of ids up to ~40 characters.
+DEFAULT_SERVICE_LIMITS = AnswerLimits(max_rows=500_000, max_bytes=48 * MIB)
+# Usage answers one replica holds at once: encoded bytes plus 160 bytes per row
+# (services.meter.service.AnswerBudget); the largest service answer fits alone.
+DEFAULT_ANSWER_BUDGET_BYTES = 128 * MIB
 
 
 @dataclass(frozen=True)
@@ -24,10 +36,51 @@ class MeterSettings:
     max_meters_per_tenant: int
     max_meters_per_event: int
     max_filter_conditions_per_event: int
+    # QueryUsage answer limits (README "Limits"), checked as the answer is built.
+    tenant_answer_limits: AnswerLimits
+    service_answer_limits: AnswerLimits
+    answer_budget_bytes: int
 
 
 def read(reader: EnvReader) -> MeterSettings:
+    tenant = AnswerLimits(
+        max_rows=reader.integer(
+            "USAGEBILLING_QUERY_MAX_ROWS",
+            DEFAULT_TENANT_LIMITS.max_rows,
+            minimum=1,
+            maximum=10_000_000,
+        ),
+        max_bytes=reader.integer(
+            "USAGEBILLING_QUERY_MAX_BYTES",
+            DEFAULT_TENANT_LIMITS.max_bytes,
+            minimum=64 * 1024,
+            maximum=1024 * MIB,
+        ),
+    )
+    service = AnswerLimits(
+        max_rows=reader.integer(
+            "USAGEBILLING_QUERY_SERVICE_MAX_ROWS",
+            DEFAULT_SERVICE_LIMITS.max_rows,
+            minimum=1,
+            maximum=10_000_000,
+        ),
+        max_bytes=reader.integer(
+            "USAGEBILLING_QUERY_SERVICE_MAX_BYTES",
+            DEFAULT_SERVICE_LIMITS.max_bytes,
+            minimum=64 * 1024,
+            maximum=1024 * MIB,
+        ),
+    )
+    budget = reader.integer(
+        "USAGEBILLING_QUERY_BYTES_IN_FLIGHT",
+        DEFAULT_ANSWER_BUDGET_BYTES,
+        minimum=1 * MIB,
+        maximum=16 * 1024 * MIB,
+    )
     return MeterSettings(
+        tenant_answer_limits=tenant,
+        service_answer_limits=service,
+        answer_budget_bytes=budget,
         common=read_common(reader, "meter"),
         billing_addr=reader.text("USAGEBILLING_BILLING_ADDR", "127.0.0.1:50053"),
         ingest_addr=reader.text("USAGEBILLING_INGEST_ADDR", "127.0.0.1:50051"),

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -89,9 +88,9 @@ SQL_AGGREGATES = {
 }
 
 
-# Rows mapped between two turns of the event loop when a usage answer is large
-# (100,000 rows take about a second of CPU to map and encode, in all): the
-# consumer's folds and other calls run in between.
+# Rows read (through a cursor) and mapped between two turns of the event loop
+# when a usage answer is large (100,000 rows take about a second of CPU to map
+# and encode, in all): the consumer's folds and other calls run in between.
 YIELD_EVERY = 500
 
 
@@ -268,9 +267,13 @@ class MeterStore:
         end: datetime,
         group_by: Sequence[str],
         group_filter: dict[str, str],
-    ) -> list[UsageGroup]:
+    ) -> AsyncGenerator[list[UsageGroup], None]:
         """Aggregates the meter's contributions in [bounds[0], end), bucketed by
-        the window starts in `bounds` (ascending)."""
+        the window starts in `bounds` (ascending), in order, YIELD_EVERY rows at a
+        time: read through a cursor, so that meter holds one slice of the
+        aggregated rows at once and its caller can stop (refuse an answer over its
+        limits) before PostgreSQL has sent them all. Close it (`aclosing`) when
+        stopping early: it holds a pooled connection until closed."""
         args: list[Any] = [meter.tenant_id, meter.id, list(bounds), bounds[0], end]
 
         def arg(value: Any) -> str:
@@ -290,26 +293,26 @@ class MeterStore:
         dims = [f"coalesce(dims->>{arg(key)}, '')" for key in group_by]
         selected = ", ".join(["width_bucket(event_time, $3::timestamptz[])", "customer_id", *dims])
         keys = ", ".join(str(i) for i in range(1, 3 + len(dims)))
-        rows = await self.pool.fetch(
+        query = (
             f"SELECT {selected}, {SQL_AGGREGATES[meter.aggregation]} AS value, count(*) AS n"
             f" FROM meter.meter_events WHERE {' AND '.join(conditions)}"
-            f" GROUP BY {keys} ORDER BY {keys}",
-            *args,
+            f" GROUP BY {keys} ORDER BY {keys}"
         )
-        groups: list[UsageGroup] = []
-        for i in range(0, len(rows), YIELD_EVERY):
-            groups += [
-                UsageGroup(
-                    window=r[0],
-                    customer_id=r[1],
-                    dims=tuple(r[2 : 2 + len(dims)]),
-                    value=r["value"],
-                    count=r["n"],
-                )
-                for r in rows[i : i + YIELD_EVERY]
-            ]
-            await asyncio.sleep(0)  # a large answer must not hold the event loop
-        return groups
+        # A cursor needs a transaction; a read-only one takes no locks to speak of.
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(query, *args)
+            while rows := await cursor.fetch(YIELD_EVERY):
+                yield [
+                    UsageGroup(
+                        window=r[0],
+                        customer_id=r[1],
+                        dims=tuple(r[2 : 2 + len(dims)]),
+                        value=r["value"],
+                        count=r["n"],
+                    )
+                    for r in rows
+                ]
+                del rows
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Usage queries: what a QueryUsage request may ask, and the windows it covers.
 
 `plan_query` checks a request against its meter and returns the windows to bucket by;
-`usage_value` and `empty_row_group` finish the rows the store aggregated. Pure, like
-the rest of the domain: the service passes the parsed request in.
+`usage_value` and `empty_row_group` finish the rows the store aggregated; `AnswerSize`
+counts an answer's rows and bytes as it is built and refuses the row that would take
+it past its `AnswerLimits`. Pure, like the rest of the domain: the service passes the
+parsed request in.
 """
 
 from __future__ import annotations
@@ -18,6 +20,68 @@ from services.meter.domain.values import check_text, format_decimal
 from services.meter.domain.windows import WindowSize, window_count, windows
 
 MAX_WINDOWS = 100_000
+
+# What a caller can do about an answer over its limits.
+NARROW = (
+    "narrow the query: a shorter range (start_time, end_time), a larger window_size,"
+    " fewer group_by keys, a group_filter, or one customer_id"
+)
+
+
+@dataclass(frozen=True)
+class AnswerLimits:
+    """The most one QueryUsage answer may hold: `max_rows` rows and `max_bytes`
+    bytes as encoded on the wire (estimated row by row by `row_bytes`)."""
+
+    max_rows: int
+    max_bytes: int
+
+
+def _text_bytes(text: str) -> int:
+    """A string field's encoded size: tag, length prefix (at most 3 bytes for the
+    sizes allowed here) and UTF-8 bytes."""
+    return 4 + (len(text) if text.isascii() else len(text.encode()))
+
+
+# Two Timestamps (tag, length, seconds, nanos: at most 20 bytes each) and the
+# row's own tag and length prefix.
+_ROW_FIXED_BYTES = 2 * 20 + 6
+
+
+def row_bytes(customer_id: str, group: Mapping[str, str], value: str) -> int:
+    """An upper estimate of one UsageRow's encoded size in a QueryUsageResponse,
+    in bytes: the group map's keys and values and the customer id dominate."""
+    size = _ROW_FIXED_BYTES + _text_bytes(customer_id) + _text_bytes(value)
+    for key, text in group.items():
+        size += 4 + _text_bytes(key) + _text_bytes(text)  # each entry is a message
+    return size
+
+
+class AnswerSize:
+    """The rows and bytes of an answer being built, checked against `limits` as
+    each row is added: the answer over them is refused before it is built whole."""
+
+    def __init__(self, limits: AnswerLimits) -> None:
+        self.limits = limits
+        self.rows = 0
+        self.bytes = 0
+
+    def add(self, size: int) -> None:
+        """Counts one row of `size` bytes; ResourceExhausted naming the figure, the
+        limit and what to narrow when the answer would pass a limit."""
+        self.rows += 1
+        self.bytes += size
+        if self.rows > self.limits.max_rows:
+            raise ResourceExhausted(
+                f"answer: more than {self.limits.max_rows:,} rows; at most"
+                f" {self.limits.max_rows:,} rows per QueryUsage answer; {NARROW}"
+            )
+        if self.bytes > self.limits.max_bytes:
+            raise ResourceExhausted(
+                f"answer: more than {self.limits.max_bytes:,} bytes after {self.rows:,} rows"
+                f" ({self.bytes:,} bytes); at most {self.limits.max_bytes:,} bytes per"
+                f" QueryUsage answer; {NARROW}"
+            )
 
 
 @dataclass(frozen=True)
