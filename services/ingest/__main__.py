@@ -12,6 +12,7 @@ from services.common.grpc_server import Registration
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
 from services.ingest.domain.rate_limit import RateLimiter
+from services.ingest.meter_weights import MeterWeights
 from services.ingest.relay import Publisher, Relay, RelayQuarantine
 from services.ingest.service import Ingestor
 from services.ingest.store import IngestStore
@@ -33,8 +34,25 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
         limiter = (
             RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
         )
-        ingestor = Ingestor(store, relay.wake, settings.backdate_window, limiter)
         billing = internal_channel(settings.billing_addr, tls=settings.common.tls)
+        meter = internal_channel(settings.meter_addr, tls=settings.common.tls)
+        # Only a limit needs the weights: with none, meter is never asked.
+        weights = (
+            MeterWeights(
+                meter,
+                settings.common.service_token,
+                refresh_every=max(0.1, settings.weights_refresh.total_seconds()),
+            )
+            if limiter
+            else None
+        )
+        ingestor = Ingestor(store, relay.wake, settings.backdate_window, limiter, weights=weights)
+
+        async def close_meter() -> None:
+            if weights is not None:
+                await weights.close()
+            await meter.close(None)
+
         return app.Wiring(
             registrations=[
                 Registration.of(
@@ -49,7 +67,7 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
                 billing, settings.common.service_token, settings.common.auth_cache_ttl
             ),
             background=[relay.run, relay.watch_depth],
-            cleanup=[lambda: billing.close(None)],
+            cleanup=[lambda: billing.close(None), close_meter],
         )
 
     return wire

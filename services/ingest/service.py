@@ -13,6 +13,7 @@ from services.common import metrics
 from services.common.errors import ResourceExhausted
 from services.common.logs import get_logger
 from services.ingest import convert
+from services.ingest.domain.fold_cost import call_cost
 from services.ingest.domain.rate_limit import RateLimiter
 from services.ingest.domain.validation import (
     Rejection,
@@ -20,6 +21,7 @@ from services.ingest.domain.validation import (
     effective_time,
     triage,
 )
+from services.ingest.meter_weights import WeightSource
 from services.ingest.store import EventRow, IngestStore
 from usagebilling.ingest.v1 import ingest_pb2
 
@@ -41,28 +43,35 @@ class Ingestor:
         backdate_window: timedelta,
         limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        weights: WeightSource | None = None,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._backdate_window = backdate_window
         self._limiter = limiter
         self._clock = clock
+        self._weights = weights
 
-    def _admit(self, tenant_id: str, count: int) -> None:
+    def _admit(self, tenant_id: str, events: Sequence[ingest_pb2.Event]) -> None:
         """Limits before work: a call over the tenant's rate is refused whole,
-        before anything is converted or stored. Every event of the call counts,
-        rejected and duplicate ones too (they cost the same work)."""
-        if self._limiter is None or count == 0:
+        before anything is converted or stored. The call costs what its events
+        cost meter to fold (services.ingest.domain.fold_cost: row units, at
+        least one per event); rejected and duplicate events count too."""
+        if self._limiter is None or not events:
             return
-        wait = self._limiter.acquire(tenant_id, count, self._clock())
+        weights = self._weights.weights(tenant_id) if self._weights is not None else {}
+        cost = call_cost((e.event_name for e in events), weights)
+        wait = self._limiter.acquire(tenant_id, cost, self._clock())
         if wait > 0:
-            metrics.EVENTS.labels("rate_limited").inc(count)
+            metrics.EVENTS.labels("rate_limited").inc(len(events))
             # Rounded up to milliseconds: a client that waits this long passes.
             retry_after = math.ceil(wait * 1000) / 1000
             raise ResourceExhausted(
-                f"events: the tenant's ingest rate of {self._limiter.rate:g} events/s"
-                f" (burst {self._limiter.burst}) is reached; none of the {count} events"
-                f" was stored, retry after {retry_after:g} s",
+                f"events: the tenant's ingest rate of {self._limiter.rate:g} row units/s"
+                f" (burst {self._limiter.burst}) is reached; none of the {len(events)} events"
+                f" ({cost} row units: events times the meters that count them) was stored,"
+                f" retry after {retry_after:g} s",
                 retry_after=retry_after,
             )
 
@@ -73,7 +82,7 @@ class Ingestor:
         ResourceExhausted (retry_after in seconds) over the tenant's rate; in
         both cases nothing is stored."""
         check_batch_size(len(events))
-        self._admit(tenant_id, len(events))
+        self._admit(tenant_id, events)
         incoming = [convert.incoming(e) for e in events]
         verdict = triage(incoming, now, self._backdate_window)
         valid = [incoming[i] for i in verdict.valid]

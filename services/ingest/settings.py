@@ -15,11 +15,17 @@ from services.ingest.domain.validation import MAX_BATCH
 class IngestSettings:
     common: CommonSettings
     billing_addr: str
+    # meter's address: ingest asks it for each tenant's fold weights.
+    meter_addr: str
     backdate_window: timedelta
-    # Events per second per tenant and replica; 0: no limit.
+    # Row units (services.ingest.domain.fold_cost) per second per tenant and
+    # replica; 0: no limit.
     rate_limit: int
-    # The bucket's size: at least the largest call, so that every call can pass.
+    # The bucket's size in row units: at least the largest call's event count
+    # (a call costing more passes on a full bucket and leaves a debt).
     rate_burst: int
+    # How long a tenant's fold weights are used before meter is asked again.
+    weights_refresh: timedelta
     # Tries of an outbox batch that fails for a reason of its own before it is
     # quarantined (NATS outages are retried without end).
     relay_max_attempts: int
@@ -31,10 +37,16 @@ def read(reader: EnvReader) -> IngestSettings:
     return IngestSettings(
         common=read_common(reader, "ingest"),
         billing_addr=reader.text("USAGEBILLING_BILLING_ADDR", "127.0.0.1:50053"),
+        meter_addr=reader.text("USAGEBILLING_METER_ADDR", "127.0.0.1:50052"),
         backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
         rate_limit=reader.integer("USAGEBILLING_INGEST_RATE_LIMIT", 50_000, maximum=10**9),
         rate_burst=reader.integer(
             "USAGEBILLING_INGEST_RATE_BURST", 100_000, minimum=MAX_BATCH, maximum=10**9
+        ),
+        weights_refresh=reader.duration(
+            "USAGEBILLING_INGEST_WEIGHTS_REFRESH",
+            timedelta(seconds=5),
+            maximum=timedelta(hours=1),
         ),
         relay_max_attempts=reader.integer(
             "USAGEBILLING_RELAY_MAX_ATTEMPTS", 5, minimum=1, maximum=1000

@@ -1,10 +1,16 @@
-"""Fair share: a token bucket per tenant, in events per second.
+"""Fair share: a token bucket per tenant, in row units per second.
+
+A unit is what meter pays to fold one plain (meter, event) row
+(services.ingest.domain.fold_cost): a call costs the sum over its events of
+their fold weights, at least one unit per event.
 
 Pure: the caller passes `now` (seconds on a monotonic clock). Each tenant's
 bucket holds at most `burst` tokens and refills at `rate` tokens per second; a
-call of n events takes n tokens or, when fewer are there, takes none and is told
-how long to wait. The burst is never below the largest call ingest accepts, so
-every valid call passes once its tenant has been quiet long enough.
+call costing n takes n tokens or, when fewer are there, takes none and is told
+how long to wait. A call costing more than the burst (a big batch on an event
+name many meters count) passes once the bucket is full and leaves it in debt:
+the tenant's next call waits until the debt is paid back, so over time no
+tenant gets more than `rate`, and no call is refused forever.
 """
 
 from __future__ import annotations
@@ -40,13 +46,15 @@ class RateLimiter:
     def acquire(self, key: str, count: int, now: float) -> float:
         """Takes `count` tokens from `key`'s bucket and returns 0.0; or, when
         the bucket holds fewer, takes none and returns the seconds after which
-        it will hold `count` (the retry hint). A count above the burst can
-        never pass: ValueError (the caller bounds calls below the burst)."""
-        if count > self.burst:
-            raise ValueError(f"a call of {count} exceeds the burst of {self.burst}")
+        it will hold `count` (the retry hint). A count above the burst needs a
+        full bucket and leaves it below zero (the hint then says when it is
+        full again)."""
+        if count < 0:
+            raise ValueError("count must not be negative")
         level = self._level(self._buckets.get(key), now)
-        if level < count:
-            return (count - level) / self.rate
+        need = min(count, self.burst)
+        if level < need:
+            return (need - level) / self.rate
         self._buckets[key] = Bucket(level - count, now)
         if len(self._buckets) > self._prune_at:
             self._prune(now)

@@ -49,13 +49,24 @@ def test_a_clock_that_steps_back_takes_no_tokens() -> None:
     assert limiter.acquire("a", 1, now=50.0) > 0
 
 
-def test_a_call_above_the_burst_is_a_caller_error() -> None:
-    # ingest's settings keep the burst at or above the largest call (1000), so
-    # no valid call is refused forever; the limiter says so loudly otherwise.
-    with pytest.raises(ValueError, match="exceeds the burst"):
-        RateLimiter(rate=10, burst=1000).acquire("a", 1001, now=0.0)
+def test_a_call_above_the_burst_passes_on_a_full_bucket_and_leaves_a_debt() -> None:
+    # A call can cost more row units than the burst (many meters on its event
+    # name): it is never refused forever, it waits for a full bucket.
+    limiter = RateLimiter(rate=10, burst=1000)
+    assert limiter.acquire("a", 10, now=0.0) == 0.0
+    # Not full: the hint is the time to fill it (10 tokens at 10/s).
+    assert limiter.acquire("a", 3000, now=0.0) == pytest.approx(1.0)
+    assert limiter.acquire("a", 3000, now=1.0) == 0.0
+    # 2000 tokens of debt: the next call of 1 waits for 2001 tokens' refill.
+    assert limiter.acquire("a", 1, now=1.0) == pytest.approx(200.1)
+    assert limiter.acquire("a", 1, now=201.0) > 0
+    assert limiter.acquire("a", 1, now=201.1) == 0.0
+    # Other tenants are untouched by a's debt.
+    assert limiter.acquire("b", 1000, now=1.0) == 0.0
     with pytest.raises(ValueError):
         RateLimiter(rate=0, burst=1000)
+    with pytest.raises(ValueError):
+        limiter.acquire("a", -1, now=300.0)
 
 
 def test_idle_tenants_are_forgotten() -> None:
