@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import time
 import uuid
@@ -78,6 +79,10 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 # At most this many bytes of large requests (BUDGETED_METHODS) are served at
 # once; more calls wait, unary ones with their bodies still at their clients.
 IN_FLIGHT_REQUEST_BYTES = 4 * 1024 * 1024
+# Open streams of the budgeted streaming methods (StreamIngest), in all and per
+# tenant (OpenStreams): each may hold a read request while it waits for room.
+MAX_STREAMS = 16
+MAX_STREAMS_PER_TENANT = 4
 # A budgeted call at least this large is followed by a full garbage collection.
 COLLECT_AFTER_BYTES = 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
@@ -474,6 +479,41 @@ class RequestBudget:
                 waiter.set_result(None)
 
 
+class OpenStreams:
+    """Counts the open streams of the budgeted streaming methods. gRPC reads a
+    stream's next request as soon as the stream asks for it, for every open
+    stream at once, and each holds its bytes until it has room in the budget:
+    the number of open streams is what bounds a replica's memory under many
+    streams (150 streams of 2 MiB requests took ingest to 650 MB). Past the
+    limits (in all, or for one tenant) a new stream is refused with
+    RESOURCE_EXHAUSTED and a retry hint before any of it is read."""
+
+    def __init__(self, limit: int, per_tenant: int) -> None:
+        self.limit = limit
+        self.per_tenant = per_tenant
+        self._total = 0
+        self._by_tenant: collections.Counter[str] = collections.Counter()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, tenant: str) -> AsyncIterator[None]:
+        if self._total >= self.limit or self._by_tenant[tenant] >= self.per_tenant:
+            raise errors.ResourceExhausted(
+                f"stream: too many open streams (at most {self.limit} per server and"
+                f" {self.per_tenant} per tenant); nothing of this one was read or stored,"
+                " open it again later or send the batches as IngestEvents calls",
+                retry_after=1.0,
+            )
+        self._total += 1
+        self._by_tenant[tenant] += 1
+        try:
+            yield
+        finally:
+            self._total -= 1
+            self._by_tenant[tenant] -= 1
+            if not self._by_tenant[tenant]:
+                del self._by_tenant[tenant]
+
+
 def _as_bytes(data: bytes) -> bytes:
     return data
 
@@ -486,6 +526,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, budget: RequestBudget) -> None:
         self._budget = budget
+        self._streams = OpenStreams(MAX_STREAMS, MAX_STREAMS_PER_TENANT)
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
@@ -520,6 +561,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         async def wrapped(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
             held = 0
+            tenant = call_context.current_tenant()
 
             async def metered() -> AsyncIterator[Any]:
                 nonlocal held
@@ -537,12 +579,13 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         raise errors.InvalidArgument(request.reason)
                     yield request
 
-            try:
-                async for response in behavior(metered(), context):
-                    yield response
-            finally:
-                budget.release(held)
-                gc.collect()  # see _budgeted
+            async with self._streams.hold(tenant):
+                try:
+                    async for response in behavior(metered(), context):
+                        yield response
+                finally:
+                    budget.release(held)
+                    gc.collect()  # see _budgeted
 
         return wrapped
 

@@ -79,7 +79,9 @@ class IngestServiceServicer:
     def StreamIngest(self, request_iterator, context):
         """The same as IngestEvents per batch: one response per request, in order.
         (API.md binds these message names, so that a batch is the same message on
-        both paths.)
+        both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
+        stream past that is refused before any request is read: RESOURCE_EXHAUSTED
+        with `retry-after`.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -42,7 +42,9 @@ class IngestServiceStub:
     StreamIngest: _grpc.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]
     """The same as IngestEvents per batch: one response per request, in order.
     (API.md binds these message names, so that a batch is the same message on
-    both paths.)
+    both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
+    stream past that is refused before any request is read: RESOURCE_EXHAUSTED
+    with `retry-after`.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
     GetEvent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetEventRequest, _ingest_pb2.Event]
@@ -66,7 +68,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     StreamIngest: _aio.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]  # type: ignore[assignment]
     """The same as IngestEvents per batch: one response per request, in order.
     (API.md binds these message names, so that a batch is the same message on
-    both paths.)
+    both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
+    stream past that is refused before any request is read: RESOURCE_EXHAUSTED
+    with `retry-after`.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
     GetEvent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetEventRequest, _ingest_pb2.Event]  # type: ignore[assignment]
@@ -99,7 +103,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.IngestEventsResponse], _abc.AsyncIterator[_ingest_pb2.IngestEventsResponse]]:
         """The same as IngestEvents per batch: one response per request, in order.
         (API.md binds these message names, so that a batch is the same message on
-        both paths.)
+        both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
+        stream past that is refused before any request is read: RESOURCE_EXHAUSTED
+        with `retry-after`.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
 
