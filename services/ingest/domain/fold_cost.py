@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 # Extra row units per group-by key and per filter condition of a meter.
 GROUP_BY_KEY_UNITS = 0.5
-CONDITION_UNITS = 0.05
+CONDITION_UNITS = 0.15
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from services.common.config import ConfigError
@@ -17,7 +19,24 @@ BASE = {
 
 def test_defaults_are_generous() -> None:
     loaded = settings.load(BASE)
-    assert (loaded.rate_limit, loaded.rate_burst) == (50_000, 100_000)
+    # Row units (events x the weights of the meters that fold them).
+    assert (loaded.rate_limit, loaded.rate_burst) == (20_000, 40_000)
+    assert loaded.weights_refresh == timedelta(seconds=5)
+    assert loaded.meter_addr == "127.0.0.1:50052"
+
+
+def test_meter_address_and_refresh_are_read() -> None:
+    loaded = settings.load(
+        {
+            **BASE,
+            "USAGEBILLING_METER_ADDR": "meter:50052",
+            "USAGEBILLING_INGEST_WEIGHTS_REFRESH": "30s",
+        }
+    )
+    assert loaded.meter_addr == "meter:50052"
+    assert loaded.weights_refresh == timedelta(seconds=30)
+    with pytest.raises(ConfigError, match="USAGEBILLING_INGEST_WEIGHTS_REFRESH"):
+        settings.load({**BASE, "USAGEBILLING_INGEST_WEIGHTS_REFRESH": "2h"})
 
 
 def test_zero_turns_the_limit_off() -> None:
