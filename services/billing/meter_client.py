@@ -9,7 +9,7 @@ from typing import Protocol
 import grpc
 
 from services.common.auth import on_behalf_of
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.common.logs import get_logger
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
@@ -78,6 +78,10 @@ class MeterClient:
                 request, metadata=on_behalf_of(self._service_token, tenant_id), timeout=60
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not customer_external_id:
+                # The answer for every customer is over meter's limits for the
+                # service token (or meter is busy with other large answers).
+                raise ResourceExhausted(f"meter service: {exc.details()}") from exc
             raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
         return answer
 
@@ -98,6 +102,8 @@ class MeterClient:
         self, tenant_id: str, meter_id: str, start: datetime, end: datetime
     ) -> dict[str, Decimal]:
         """The meter's value over [start, end) for every customer (external id)
-        with usage, in one call; a customer without usage is absent."""
+        with usage, in one call; a customer without usage is absent.
+        ResourceExhausted when meter refuses an answer that large (its service
+        limits, README "Limits"): ask per customer instead."""
         answer = await self._query(tenant_id, meter_id, "", start, end)
         return {row.customer_id: Decimal(row.value) for row in answer.rows}

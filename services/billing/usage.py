@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Final
 
 from services.billing.meter_client import Meters
+from services.common.errors import ResourceExhausted
 
 # (meter_id, period start, period end)
 UsageKey = tuple[str, datetime, datetime]
@@ -55,8 +56,16 @@ class UsageReader:
 
         async def for_all(key: UsageKey, customers: Collection[str]) -> None:
             meter_id, start, end = key
-            async with limit:
-                values = await self._meters.consumed_by_customer(tenant_id, meter_id, start, end)
+            try:
+                async with limit:
+                    values = await self._meters.consumed_by_customer(
+                        tenant_id, meter_id, start, end
+                    )
+            except ResourceExhausted:
+                # Over meter's answer limits (a tenant with very many customers):
+                # each customer billed is one small answer, however large the tenant.
+                await asyncio.gather(*(for_one(key, customer) for customer in customers))
+                return
             for customer in customers:
                 found[(meter_id, start, end, customer)] = values.get(customer, Decimal(0))
 

@@ -247,28 +247,46 @@ class AnswerBudget:
     encoded bytes plus ROW_MEMORY_BYTES per row, reserved slice by slice as the
     answer is built and released when its call ends (`AnswerHold`).
 
-    An answer's first slice waits up to `wait` seconds for room; a later slice that
-    finds none is refused at once (ResourceExhausted with a retry-after) and the
-    answer dropped, so that answers never wait on each other holding memory."""
+    A slice that finds no room waits up to `wait` seconds for answers to end, then
+    is refused (ResourceExhausted with a retry-after) and its answer dropped. When
+    every answer holding bytes is waiting for more, none could end: the newest of
+    them is refused at once, so the older ones go on."""
 
     def __init__(self, capacity: int, *, wait: float = 5.0, retry_after: float = 1.0) -> None:
         self.capacity = capacity
         self.held = 0
         self._wait = wait
         self._retry_after = retry_after
+        self._numbers = itertools.count()
+        self._holding: set[AnswerHold] = set()
+        self._waiting: set[AnswerHold] = set()
 
     def hold(self) -> AnswerHold:
-        return AnswerHold(self)
+        return AnswerHold(self, next(self._numbers))
+
+    def _deadlocked(self, hold: AnswerHold) -> bool:
+        """Whether `hold` is the newest of the holders, all of them waiting."""
+        return (
+            hold in self._holding
+            and self._holding <= self._waiting
+            and hold.number == max(h.number for h in self._holding)
+        )
 
     async def _grow(self, hold: AnswerHold, total: int) -> None:
         more = total - hold.bytes
         if more <= 0:
             return
-        if self.held + more > self.capacity and hold.bytes == 0 and total <= self.capacity:
+        if self.held + more > self.capacity and total <= self.capacity:
             # Polled: answers end within seconds, and this is the rare, crowded case.
             deadline = time.monotonic() + self._wait
-            while self.held + more > self.capacity and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            self._waiting.add(hold)
+            try:
+                while self.held + more > self.capacity and time.monotonic() < deadline:
+                    if self._deadlocked(hold):
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                self._waiting.discard(hold)
         if self.held + more > self.capacity:
             raise ResourceExhausted(
                 f"answers in flight: this replica holds {self.held:,} of its"
@@ -278,18 +296,21 @@ class AnswerBudget:
             )
         self.held += more
         hold.bytes = total
+        self._holding.add(hold)
 
     def _release(self, hold: AnswerHold) -> None:
         self.held -= hold.bytes
         hold.bytes = 0
+        self._holding.discard(hold)
 
 
 class AnswerHold:
     """One answer's share of the AnswerBudget; `release` when its call ends
-    (idempotent)."""
+    (idempotent). `number` orders answers by age."""
 
-    def __init__(self, budget: AnswerBudget) -> None:
+    def __init__(self, budget: AnswerBudget, number: int) -> None:
         self._budget = budget
+        self.number = number
         self.bytes = 0
 
     async def take(self, total: int) -> None:
