@@ -48,9 +48,17 @@ class MeterServiceStub:
     """An archived meter stops counting new events; its history stays queryable."""
     QueryUsage: _grpc.UnaryUnaryMultiCallable[_meter_pb2.QueryUsageRequest, _meter_pb2.QueryUsageResponse]
     """At most 100,000 windows per query: RESOURCE_EXHAUSTED, with the count,
-    for a range that holds more (counted before any window is built). A large
-    answer is not refused: it holds a row per window, customer and group that
-    has usage.
+    for a range that holds more (counted before any window is built).
+    The answer holds a row per window, customer and group that has usage, and
+    is counted as it is read: past 100,000 rows (USAGEBILLING_QUERY_MAX_ROWS) or
+    16 MiB as encoded (USAGEBILLING_QUERY_MAX_BYTES) it is RESOURCE_EXHAUSTED
+    naming the figure, the limit and what to narrow (start_time/end_time,
+    window_size, group_by, group_filter, customer_id), without a retry-after.
+    The service token (a service acting for a tenant) has larger limits: 500,000
+    rows and 48 MiB (USAGEBILLING_QUERY_SERVICE_MAX_ROWS, _SERVICE_MAX_BYTES).
+    A replica holds at most 128 MiB of answers at once
+    (USAGEBILLING_QUERY_BYTES_IN_FLIGHT); an answer that finds no room waits up
+    to 5 s, then is RESOURCE_EXHAUSTED with the trailing metadata retry-after.
     """
 
 @_typing.type_check_only
@@ -73,9 +81,17 @@ class MeterServiceAsyncStub(MeterServiceStub):
     """An archived meter stops counting new events; its history stays queryable."""
     QueryUsage: _aio.UnaryUnaryMultiCallable[_meter_pb2.QueryUsageRequest, _meter_pb2.QueryUsageResponse]  # type: ignore[assignment]
     """At most 100,000 windows per query: RESOURCE_EXHAUSTED, with the count,
-    for a range that holds more (counted before any window is built). A large
-    answer is not refused: it holds a row per window, customer and group that
-    has usage.
+    for a range that holds more (counted before any window is built).
+    The answer holds a row per window, customer and group that has usage, and
+    is counted as it is read: past 100,000 rows (USAGEBILLING_QUERY_MAX_ROWS) or
+    16 MiB as encoded (USAGEBILLING_QUERY_MAX_BYTES) it is RESOURCE_EXHAUSTED
+    naming the figure, the limit and what to narrow (start_time/end_time,
+    window_size, group_by, group_filter, customer_id), without a retry-after.
+    The service token (a service acting for a tenant) has larger limits: 500,000
+    rows and 48 MiB (USAGEBILLING_QUERY_SERVICE_MAX_ROWS, _SERVICE_MAX_BYTES).
+    A replica holds at most 128 MiB of answers at once
+    (USAGEBILLING_QUERY_BYTES_IN_FLIGHT); an answer that finds no room waits up
+    to 5 s, then is RESOURCE_EXHAUSTED with the trailing metadata retry-after.
     """
 
 class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,9 +141,17 @@ class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_meter_pb2.QueryUsageResponse, _abc.Awaitable[_meter_pb2.QueryUsageResponse]]:
         """At most 100,000 windows per query: RESOURCE_EXHAUSTED, with the count,
-        for a range that holds more (counted before any window is built). A large
-        answer is not refused: it holds a row per window, customer and group that
-        has usage.
+        for a range that holds more (counted before any window is built).
+        The answer holds a row per window, customer and group that has usage, and
+        is counted as it is read: past 100,000 rows (USAGEBILLING_QUERY_MAX_ROWS) or
+        16 MiB as encoded (USAGEBILLING_QUERY_MAX_BYTES) it is RESOURCE_EXHAUSTED
+        naming the figure, the limit and what to narrow (start_time/end_time,
+        window_size, group_by, group_filter, customer_id), without a retry-after.
+        The service token (a service acting for a tenant) has larger limits: 500,000
+        rows and 48 MiB (USAGEBILLING_QUERY_SERVICE_MAX_ROWS, _SERVICE_MAX_BYTES).
+        A replica holds at most 128 MiB of answers at once
+        (USAGEBILLING_QUERY_BYTES_IN_FLIGHT); an answer that finds no room waits up
+        to 5 s, then is RESOURCE_EXHAUSTED with the trailing metadata retry-after.
         """
 
 def add_MeterServiceServicer_to_server(servicer: MeterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
