@@ -18,7 +18,7 @@ code, not choices: hence not in values.yaml.
 {{- define "ub.services" -}}
 ingest:
   port: 50051
-  calls: [billing]
+  calls: [billing, meter]
   autoscaled: true
 meter:
   port: 50052
