@@ -68,9 +68,12 @@ class IngestServiceServicer:
 
     def IngestEvents(self, request, context):
         """Validates, deduplicates and durably stores a batch of up to 1000 events.
-        Over the tenant's rate limit (events per second, per ingest replica) the
+        Over the tenant's rate limit (row units per second, per ingest replica) the
         call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
-        metadata `retry-after` (seconds). Every event sent counts toward the rate.
+        metadata `retry-after` (seconds). Every event sent counts toward the rate,
+        at what it costs to meter: one unit per plain meter counting its event
+        name, more for group-by keys and filter conditions, at least one (README,
+        "fair share").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,9 +35,12 @@ class IngestServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     IngestEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]
     """Validates, deduplicates and durably stores a batch of up to 1000 events.
-    Over the tenant's rate limit (events per second, per ingest replica) the
+    Over the tenant's rate limit (row units per second, per ingest replica) the
     call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
-    metadata `retry-after` (seconds). Every event sent counts toward the rate.
+    metadata `retry-after` (seconds). Every event sent counts toward the rate,
+    at what it costs to meter: one unit per plain meter counting its event
+    name, more for group-by keys and filter conditions, at least one (README,
+    "fair share").
     """
     StreamIngest: _grpc.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]
     """The same as IngestEvents per batch: one response per request, in order.
@@ -61,9 +64,12 @@ class IngestServiceAsyncStub(IngestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     IngestEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]  # type: ignore[assignment]
     """Validates, deduplicates and durably stores a batch of up to 1000 events.
-    Over the tenant's rate limit (events per second, per ingest replica) the
+    Over the tenant's rate limit (row units per second, per ingest replica) the
     call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
-    metadata `retry-after` (seconds). Every event sent counts toward the rate.
+    metadata `retry-after` (seconds). Every event sent counts toward the rate,
+    at what it costs to meter: one unit per plain meter counting its event
+    name, more for group-by keys and filter conditions, at least one (README,
+    "fair share").
     """
     StreamIngest: _aio.StreamStreamMultiCallable[_ingest_pb2.IngestEventsRequest, _ingest_pb2.IngestEventsResponse]  # type: ignore[assignment]
     """The same as IngestEvents per batch: one response per request, in order.
@@ -90,9 +96,12 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.IngestEventsResponse, _abc.Awaitable[_ingest_pb2.IngestEventsResponse]]:
         """Validates, deduplicates and durably stores a batch of up to 1000 events.
-        Over the tenant's rate limit (events per second, per ingest replica) the
+        Over the tenant's rate limit (row units per second, per ingest replica) the
         call is refused whole, nothing stored: RESOURCE_EXHAUSTED with the trailing
-        metadata `retry-after` (seconds). Every event sent counts toward the rate.
+        metadata `retry-after` (seconds). Every event sent counts toward the rate,
+        at what it costs to meter: one unit per plain meter counting its event
+        name, more for group-by keys and filter conditions, at least one (README,
+        "fair share").
         """
 
     @_abc_1.abstractmethod
