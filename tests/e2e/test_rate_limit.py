@@ -25,7 +25,9 @@ from usagebilling.meter.v1 import meter_pb2
 
 pytestmark = pytest.mark.timeout(600)
 
-RATE = 400  # events per second per tenant
+# Row units per second per tenant; each tenant here has one plain meter on
+# its event name, so one unit is one event.
+RATE = 400
 BURST = 1000  # the smallest burst allowed: the largest call
 FLOODERS = 6
 FLOOD_BATCH = 200
