@@ -69,7 +69,7 @@ APP_UID = 10001
 # The chart's defaults require secrets to be chosen by whoever installs it.
 HELM_DEFAULT_VALUES: dict[str, Any] = {
     "adminToken": {"value": "k8s-check-admin-token"},
-    "serviceToken": {"value": "k8s-check-service-token"},
+    "serviceTokens": {s: f"k8s-check-{s}-service-token" for s in ("ingest", "meter", "billing")},
     "nats": {"auth": {"passwords": {s: f"k8s-check-{s}" for s in ("ingest", "meter", "billing")}}},
     "postgres": {"password": "k8s-check"},
 }

@@ -112,7 +112,12 @@ def main() -> int:
         _token("USAGEBILLING_ADMIN_TOKEN", "admin-token"),
         ports,
         metrics_ports=dict(DEFAULT_METRICS_PORTS),
-        service_token=_token("USAGEBILLING_SERVICE_TOKEN", "service-token"),
+        # One token per service (.run/<service>-token unless
+        # USAGEBILLING_<SERVICE>_TOKEN is set): each acts for tenants only on
+        # the methods services/common/service_identity.py gives it.
+        service_tokens={
+            s: _token(f"USAGEBILLING_{s.upper()}_TOKEN", f"{s}-token") for s in SERVICES
+        },
         # Without a dev stack: USAGEBILLING_NATS_USER/PASSWORD for every service
         # when set (else the URL as is); with one, each service's own user.
         nats_credentials=None if stack is not None else _outside_nats_credentials(),

@@ -2,11 +2,12 @@
 `python -m services.<name>` configured by the environment), waits until each
 answers its health check, and stops them all on request.
 
-Credentials as a deployment gives them: every service gets the service token
-and only the SHA-256 of the admin token (the plaintext stays with the caller,
-for TenantService and QuarantineService); with a dev stack's NATS URL each
-service connects as its own NATS user (tools.devstack), otherwise as the URL
-says."""
+Credentials as a deployment gives them: every service gets its own service
+token, the SHA-256 of the tokens of the services that call it
+(services/common/service_identity.py) and only the SHA-256 of the admin token
+(the plaintext stays with the caller, for TenantService and QuarantineService);
+with a dev stack's NATS URL each service connects as its own NATS user
+(tools.devstack), otherwise as the URL says."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.service_identity import callers_of, digest_setting
 from tools.devstack import REPO_ROOT, free_port, service_nats_credentials
 from usagebilling.billing.v1 import tenant_pb2, tenant_pb2_grpc
 
@@ -43,8 +45,11 @@ class Suite:
     metrics_ports: dict[str, int] = field(
         default_factory=lambda: {s: free_port() for s in SERVICES}
     )
-    # The bearer with which the services call each other for a tenant.
-    service_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # service -> its own token, the bearer it presents when it calls another
+    # service for a tenant (one each: least privilege between services).
+    service_tokens: dict[str, str] = field(
+        default_factory=lambda: {s: secrets.token_urlsafe(24) for s in SERVICES}
+    )
     # service -> its NATS (user, password); by default the dev stack's users
     # when nats_url is a dev stack's, else none (the URL as is).
     nats_credentials: Mapping[str, tuple[str, str]] | None = None
@@ -73,7 +78,6 @@ class Suite:
             DATABASE_URL=self.database_url,
             NATS_URL=self.nats_url,
             USAGEBILLING_ADMIN_TOKEN_SHA256=hashlib.sha256(self.admin_token.encode()).hexdigest(),
-            USAGEBILLING_SERVICE_TOKEN=self.service_token,
             USAGEBILLING_HOST="127.0.0.1",
             USAGEBILLING_LOG_FORMAT="json",
             USAGEBILLING_INGEST_ADDR=self.address("ingest"),
@@ -87,8 +91,14 @@ class Suite:
         return env
 
     def service_env(self, service: str) -> dict[str, str]:
-        """`env()` plus what is this service's own: its NATS user, if any."""
+        """`env()` plus what is this service's own: its token, the digests of
+        its callers' tokens, its NATS user (if any). extra_env still wins."""
         env = self.env()
+        env["USAGEBILLING_SERVICE_TOKEN"] = self.service_tokens[service]
+        for caller in callers_of(service):
+            token = self.service_tokens[caller]
+            env[digest_setting(caller)] = hashlib.sha256(token.encode()).hexdigest()
+        env.update(self.extra_env)
         if credentials := (self.nats_credentials or {}).get(service):
             env["USAGEBILLING_NATS_USER"], env["USAGEBILLING_NATS_PASSWORD"] = credentials
             # The URL's own credentials (the dev stack's all-permission user)

@@ -109,7 +109,7 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         settings.host,
         settings.port,
         wiring.registrations,
-        Authenticator(settings.admin_token_sha256, settings.service_token, wiring.resolver),
+        Authenticator(settings.admin_token_sha256, settings.caller_token_sha256, wiring.resolver),
         tls=settings.tls,
     )
     # Not ready until the first round of checks passes (at once, as both were

@@ -3,9 +3,11 @@
 Three kinds of bearer, each allowed one thing:
 
 - an API key acts for its own tenant (and never names another);
-- the service token (USAGEBILLING_SERVICE_TOKEN, held by the services alone)
-  acts for the tenant named in the `x-usagebilling-tenant` metadata, and only
-  for a tenant that exists (billing knows; the others ask it and cache);
+- a service's token (each service has its own USAGEBILLING_SERVICE_TOKEN;
+  the services it calls hold only its SHA-256) acts for the tenant named in
+  the `x-usagebilling-tenant` metadata, only for a tenant that exists (billing
+  knows; the others ask it and cache), and only on the methods that service
+  is listed for in services/common/service_identity.py;
 - the admin token administers tenants and the quarantine (TenantService,
   QuarantineService) and nothing else. Services hold only its SHA-256, so a
   pod can check the token but cannot use it.
@@ -20,15 +22,16 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from services.common.errors import NotFound, PermissionDenied, Unauthenticated
 from services.common.ids import parse_uuid
+from services.common.service_identity import may_call
 
 KEY_PREFIX = "ubk_"
-# Set by a service calling another on a tenant's behalf, with the service token.
+# Set by a service calling another on a tenant's behalf, with its service token.
 TENANT_HEADER = "x-usagebilling-tenant"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_METHOD_PREFIXES = (
@@ -40,8 +43,12 @@ ADMIN_METHOD_PREFIXES = (
 @dataclass(frozen=True)
 class Principal:
     tenant_id: str
-    # Empty when the service token acts for the tenant.
+    # Empty when a service acts for the tenant (meter tells service callers
+    # by it: their QueryUsage answers have larger limits).
     api_key_id: str = ""
+    # The service acting for the tenant ("ingest", "meter", "billing"); empty
+    # for an API key.
+    service: str = ""
 
 
 def new_secret() -> str:
@@ -128,12 +135,19 @@ def _has(metadata: Sequence[tuple[str, str | bytes]], name: str) -> bool:
 class Authenticator:
     """Decides who a call is from (see the module's docstring for the rules).
 
-    `admin_token_sha256` is the hex SHA-256 of the admin token; `service_token`
-    the shared service credential. Both are compared in constant time."""
+    `admin_token_sha256` is the hex SHA-256 of the admin token;
+    `caller_token_sha256` maps each service that may call this one for a
+    tenant to the hex SHA-256 of its token. Digests are compared in constant
+    time."""
 
-    def __init__(self, admin_token_sha256: str, service_token: str, resolver: KeyResolver) -> None:
+    def __init__(
+        self,
+        admin_token_sha256: str,
+        caller_token_sha256: Mapping[str, str],
+        resolver: KeyResolver,
+    ) -> None:
         self._admin_digest = bytes.fromhex(admin_token_sha256)
-        self._service_digest = hashlib.sha256(service_token.encode()).digest()
+        self._callers = {s: bytes.fromhex(d) for s, d in caller_token_sha256.items()}
         self._resolver = resolver
 
     def is_open(self, method: str) -> bool:
@@ -142,8 +156,15 @@ class Authenticator:
     def _is_admin(self, token: str) -> bool:
         return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_digest)
 
-    def _is_service(self, token: str) -> bool:
-        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._service_digest)
+    def _service_of(self, token: str) -> str | None:
+        """The calling service whose token this is, or None. Every digest is
+        compared (no early exit), so the time says nothing about which."""
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for service, known in self._callers.items():
+            if hmac.compare_digest(digest, known):
+                found = service
+        return found
 
     async def authenticate(
         self, method: str, metadata: Sequence[tuple[str, str | bytes]]
@@ -151,9 +172,10 @@ class Authenticator:
         """The tenant the call acts for; None for admin RPCs called by the admin.
 
         UNAUTHENTICATED without a bearer or with an unknown or revoked key;
-        PERMISSION_DENIED when the bearer may not call this RPC or name a tenant;
-        INVALID_ARGUMENT when the named tenant is not an id; NOT_FOUND (to the
-        service token only) when no tenant has that id."""
+        PERMISSION_DENIED when the bearer may not call this RPC or name a tenant
+        (a service token on a method its service is not listed for names the
+        service and the method); INVALID_ARGUMENT when the named tenant is not
+        an id; NOT_FOUND (to a service token only) when no tenant has that id."""
         token = bearer(metadata)
         if token is None:
             raise Unauthenticated("missing 'authorization: Bearer <api key>' metadata")
@@ -166,37 +188,48 @@ class Authenticator:
                 "the admin token administers tenants and the quarantine only "
                 "(TenantService, QuarantineService); call this RPC with an API key"
             )
-        if self._is_service(token):
-            return await self._for_tenant(metadata)
+        service = self._service_of(token)
+        if service is not None:
+            if not may_call(service, method):
+                raise PermissionDenied(
+                    f"the {service} service may not call {method} "
+                    "(services/common/service_identity.py lists what each service may call)"
+                )
+            return await self._for_tenant(metadata, service)
         if _has(metadata, TENANT_HEADER):
             # An API key acts for its own tenant; naming one is a confused or
-            # hostile caller, refused before the key is even looked up.
+            # hostile caller (or a service token this service does not
+            # know), refused before the key is even looked up.
+            known = ", ".join(self._callers) or "none"
             raise PermissionDenied(
-                f"{TENANT_HEADER}: only the service token may name a tenant; "
-                "an API key acts for its own tenant"
+                f"{TENANT_HEADER}: only a service token may name a tenant (this service "
+                f"takes those of: {known}); an API key acts for its own tenant"
             )
         principal = await self._resolver.resolve(token)
         if principal is None:
             raise Unauthenticated("unknown or revoked API key")
         return principal
 
-    async def _for_tenant(self, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
+    async def _for_tenant(
+        self, metadata: Sequence[tuple[str, str | bytes]], service: str
+    ) -> Principal:
         tenant = header(metadata, TENANT_HEADER)
         if not tenant:
             raise PermissionDenied(
-                f"the service token acts on a tenant only with the {TENANT_HEADER} metadata"
+                f"a service token acts on a tenant only with the {TENANT_HEADER} metadata"
             )
         # Tenant ids reach NATS subjects and SQL: only a tenant id's
         # canonical form may pass (a space once made an unpublishable subject).
         tenant_id = parse_uuid(tenant, TENANT_HEADER)
         if not await self._resolver.tenant_exists(tenant_id):
-            # NOT_FOUND, not PERMISSION_DENIED: only a holder of the service
+            # NOT_FOUND, not PERMISSION_DENIED: only a holder of a service
             # token gets this far, and the services tell a tenant that is gone
             # from a refused credential by the code (auth_client).
             raise NotFound(f"{TENANT_HEADER}: no tenant {tenant_id}")
-        return Principal(tenant_id=tenant_id)
+        return Principal(tenant_id=tenant_id, service=service)
 
 
 def on_behalf_of(service_token: str, tenant_id: str) -> tuple[tuple[str, str], ...]:
-    """Metadata for a service-to-service call made for one tenant."""
+    """Metadata for a service-to-service call made for one tenant, with the
+    calling service's own token."""
     return (("authorization", f"Bearer {service_token}"), (TENANT_HEADER, tenant_id))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from services.common import readiness as readiness_settings
+from services.common import service_identity
 from services.common import tls as tls_settings
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
@@ -119,8 +120,12 @@ class CommonSettings:
     nats_password: str
     # The admin token is only verified, never sent: a service holds its SHA-256.
     admin_token_sha256: str
-    # The bearer with which one service calls another for a tenant.
+    # This service's own token: the bearer it presents when it calls another
+    # service for a tenant.
     service_token: str
+    # The services that call this one for a tenant -> SHA-256 (hex) of their
+    # tokens (service_identity.callers_of; what each may call is there too).
+    caller_token_sha256: dict[str, str]
     host: str
     port: int
     log_level: str
@@ -136,7 +141,7 @@ class CommonSettings:
     tls: tls_settings.TlsSettings
 
 
-# Both tokens are random secrets; a short one is a mistake (or a guessable word).
+# The tokens are random secrets; a short one is a mistake (or a guessable word).
 MIN_TOKEN_CHARS = 16
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -166,6 +171,28 @@ def _admin_token_sha256(reader: EnvReader) -> str:
     return digest
 
 
+def _caller_token_sha256(
+    reader: EnvReader, service: str, own_sha256: str, admin_sha256: str
+) -> dict[str, str]:
+    """The digests of the tokens of the services that call `service` (each
+    required: without one, that caller's calls would all be refused)."""
+    digests = {}
+    for caller in service_identity.callers_of(service):
+        name = service_identity.digest_setting(caller)
+        digest = reader.text(name, required=True).lower()
+        if not digest:
+            continue
+        if not _SHA256_HEX.match(digest):
+            reader.errors.append(f"{name}: not 64 hexadecimal digits")
+        elif digest == own_sha256:
+            # Two services with one token could each act as the other.
+            reader.errors.append(f"{name}: equals this service's own token's: each has its own")
+        elif digest == admin_sha256:
+            reader.errors.append(f"{name}: equals the admin token's: a service token must differ")
+        digests[caller] = digest
+    return digests
+
+
 def read_common(reader: EnvReader, service: str) -> CommonSettings:
     upper = service.upper()
     # A service's schema may live in its own database: <SERVICE>_DATABASE_URL wins.
@@ -187,6 +214,8 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
     if service_token and hashlib.sha256(service_token.encode()).hexdigest() == admin_token_sha256:
         # Equal tokens would let the admin act for any tenant again.
         reader.errors.append("USAGEBILLING_SERVICE_TOKEN: must differ from the admin token")
+    own_sha256 = hashlib.sha256(service_token.encode()).hexdigest() if service_token else ""
+    caller_token_sha256 = _caller_token_sha256(reader, service, own_sha256, admin_token_sha256)
     return CommonSettings(
         service=service,
         database_url=database_url,
@@ -195,6 +224,7 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
         nats_password=nats_password,
         admin_token_sha256=admin_token_sha256,
         service_token=service_token,
+        caller_token_sha256=caller_token_sha256,
         host=reader.text("USAGEBILLING_HOST", "0.0.0.0"),
         port=reader.integer(
             f"USAGEBILLING_{upper}_PORT", DEFAULT_PORTS[service], minimum=1, maximum=65535

@@ -420,6 +420,9 @@ def _bind(principal: Principal | None) -> None:
     tenant = principal.tenant_id if principal else None
     call_context.set_tenant(tenant, principal.api_key_id if principal else "")
     structlog.contextvars.bind_contextvars(tenant_id=tenant)
+    if principal is not None and principal.service:
+        # Which service acted for the tenant (its own token told us).
+        structlog.contextvars.bind_contextvars(caller_service=principal.service)
 
 
 def _as_principal(principal: Principal | None, behavior: Behavior) -> Behavior:

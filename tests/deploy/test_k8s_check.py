@@ -4,19 +4,29 @@ sets a variable no service reads or misses a required one."""
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import pytest
 
+from services.common.service_identity import callers_of, digest_setting
 from tools import k8s_check
 from tools.k8s_check import CheckError, Index, Obj, Rendering
 
-REQUIRED = {
+COMMON = {
     "DATABASE_URL": "postgresql://db/billing",
     "NATS_URL": "nats://nats:4222",
     "USAGEBILLING_ADMIN_TOKEN_SHA256": "0" * 64,
     "USAGEBILLING_SERVICE_TOKEN": "a-service-token-0123",
 }
+
+
+def required(service: str) -> dict[str, str]:
+    """What `service` needs set: COMMON and its callers' token digests."""
+    digests = {
+        digest_setting(c): hashlib.sha256(c.encode()).hexdigest() for c in callers_of(service)
+    }
+    return {**COMMON, **digests}
 
 
 def workload(service: str, env: dict[str, str], *, migrate: bool = False, **container: Any) -> Obj:
@@ -52,13 +62,20 @@ def env_problems(*objects: Obj) -> list[str]:
 
 def test_a_complete_environment_passes() -> None:
     assert (
-        env_problems(workload("meter", REQUIRED), workload("meter", REQUIRED, migrate=True)) == []
+        env_problems(
+            workload("meter", required("meter")), workload("meter", required("meter"), migrate=True)
+        )
+        == []
     )
 
 
 def test_a_variable_the_service_does_not_read_fails() -> None:
     # USAGEBILLING_INVOICE_GRACE is billing's; a typo is unknown to everyone.
-    env = {**REQUIRED, "USAGEBILLING_INVOICE_GRACE": "1h", "USAGEBILLING_LOGLEVEL": "debug"}
+    env = {
+        **required("ingest"),
+        "USAGEBILLING_INVOICE_GRACE": "1h",
+        "USAGEBILLING_LOGLEVEL": "debug",
+    }
     where = "Deployment/ingest container app"
     assert env_problems(workload("ingest", env)) == [
         f"{where}: sets USAGEBILLING_INVOICE_GRACE, which ingest does not read",
@@ -67,7 +84,7 @@ def test_a_variable_the_service_does_not_read_fails() -> None:
 
 
 def test_a_missing_required_setting_fails_in_the_migration_job_too() -> None:
-    env = {k: v for k, v in REQUIRED.items() if k != "USAGEBILLING_SERVICE_TOKEN"}
+    env = {k: v for k, v in required("billing").items() if k != "USAGEBILLING_SERVICE_TOKEN"}
     problems = env_problems(workload("billing", env), workload("billing", env, migrate=True))
     missing = "USAGEBILLING_SERVICE_TOKEN is required by billing but not set"
     assert problems == [
@@ -77,14 +94,14 @@ def test_a_missing_required_setting_fails_in_the_migration_job_too() -> None:
 
 
 def test_an_empty_value_does_not_count_as_set() -> None:
-    problems = env_problems(workload("ingest", {**REQUIRED, "NATS_URL": ""}))
+    problems = env_problems(workload("ingest", {**required("ingest"), "NATS_URL": ""}))
     assert problems == [
         "Deployment/ingest container app: NATS_URL is required by ingest but not set"
     ]
 
 
 def test_a_service_database_url_stands_in_for_database_url() -> None:
-    env = {k: v for k, v in REQUIRED.items() if k != "DATABASE_URL"}
+    env = {k: v for k, v in required("meter").items() if k != "DATABASE_URL"}
     env["USAGEBILLING_METER_DATABASE_URL"] = "postgresql://own/meter"
     assert env_problems(workload("meter", env)) == []
 
@@ -94,7 +111,11 @@ def test_variables_from_a_configmap_are_checked() -> None:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": "settings"},
-        "data": {**REQUIRED, "USAGEBILLING_BACKDATE_WINDOW": "35 days", "NOT_A_SETTING": "x"},
+        "data": {
+            **required("ingest"),
+            "USAGEBILLING_BACKDATE_WINDOW": "35 days",
+            "NOT_A_SETTING": "x",
+        },
     }
     deployment = workload("ingest", {}, envFrom=[{"configMapRef": {"name": "settings"}}])
     assert env_problems(config, deployment) == [
@@ -105,7 +126,9 @@ def test_variables_from_a_configmap_are_checked() -> None:
 
 
 def test_a_missing_configmap_fails() -> None:
-    deployment = workload("ingest", REQUIRED, envFrom=[{"configMapRef": {"name": "gone"}}])
+    deployment = workload(
+        "ingest", required("ingest"), envFrom=[{"configMapRef": {"name": "gone"}}]
+    )
     assert env_problems(deployment) == [
         "Deployment/ingest container app: envFrom ConfigMap gone is missing"
     ]
@@ -113,7 +136,9 @@ def test_a_missing_configmap_fails() -> None:
 
 def test_secret_references_count_as_set_but_unseen_secret_keys_fail() -> None:
     from_secret = {"valueFrom": {"secretKeyRef": {"name": "external", "key": "url"}}}
-    deployment = workload("ingest", {k: v for k, v in REQUIRED.items() if k != "DATABASE_URL"})
+    deployment = workload(
+        "ingest", {k: v for k, v in required("ingest").items() if k != "DATABASE_URL"}
+    )
     deployment["spec"]["template"]["spec"]["containers"][0]["env"].append(
         {"name": "DATABASE_URL", **from_secret}
     )
@@ -126,7 +151,7 @@ def test_secret_references_count_as_set_but_unseen_secret_keys_fail() -> None:
 
 
 def test_a_container_setting_usagebilling_variables_must_run_a_service() -> None:
-    stray = workload("ingest", REQUIRED)
+    stray = workload("ingest", required("ingest"))
     stray["spec"]["template"]["spec"]["containers"][0]["command"] = ["python", "main.py"]
     assert env_problems(stray) == [
         "Deployment/ingest container app: sets USAGEBILLING_* but runs no service module"
@@ -419,14 +444,14 @@ def test_the_values_schema_refuses_bad_values() -> None:
             "image": {"digest": "latest"},
             "ingest": {"nodeSelecter": {}},
             "config": {"shutdownGrace": "8 seconds"},
-            "serviceToken": {"value": "short"},
+            "serviceTokens": {"meter": "short"},
         }
     )
     text = "\n".join(problems)
     assert "image.digest" in text
     assert "'nodeSelecter' was unexpected" in text
     assert "config.shutdownGrace" in text
-    assert "serviceToken.value" in text
+    assert "serviceTokens.meter" in text
     # Helm itself validates against the same schema when it renders.
     with pytest.raises(CheckError, match="nodeSelecter"):
         k8s_check.render_helm({**k8s_check.HELM_DEFAULT_VALUES, "ingest": {"nodeSelecter": {}}})
@@ -459,7 +484,9 @@ def test_helm_values_reach_the_pods() -> None:
     assert meter["metadata"]["annotations"]["x"] == "y"
     assert meter["spec"]["containers"][0]["image"] == f"usage-billing@{digest}"
     # A changed Secret changes the pods' checksum, so they restart.
-    changed = k8s_check.merge_values(values, {"serviceToken": {"value": "another-service-token"}})
+    changed = k8s_check.merge_values(
+        values, {"serviceTokens": {"billing": "another-billing-token"}}
+    )
     again = _named(k8s_check.render_helm(changed), "Deployment", "meter")["spec"]["template"]
     key = "checksum/secret"
     assert again["metadata"]["annotations"][key] != meter["metadata"]["annotations"][key]
@@ -497,3 +524,32 @@ def test_nats_permissions_match_the_dev_stacks_table(renderings: list[Rendering]
                 )
         problems, _ = k8s_check.check_objects(objects)
         assert any("NATS user ingest may publish" in p for p in problems), rendering.name
+
+
+def test_each_pod_gets_its_own_token_and_its_callers_digests(
+    renderings: list[Rendering],
+) -> None:
+    """No pod holds another service's token; each (server and migration Job)
+    gets exactly the digests of the services that call it
+    (services/common/service_identity.py), from the Secret."""
+    for rendering in renderings:
+        seen = set()
+        for obj in rendering.objects:
+            if obj["kind"] not in ("Deployment", "Job"):
+                continue
+            containers = obj["spec"]["template"]["spec"]["containers"]
+            found = k8s_check.service_of(containers[0])
+            if found is None:  # NATS, PostgreSQL
+                continue
+            service, migrate = found
+            seen.add((service, migrate))
+            keys = {
+                e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("key")
+                for e in containers[0]["env"]
+            }
+            assert keys["USAGEBILLING_SERVICE_TOKEN"] == f"{service}-token", rendering.name
+            digests = {k: v for k, v in keys.items() if k.endswith("_TOKEN_SHA256")}
+            expected = {digest_setting(c): f"{c}-token-sha256" for c in callers_of(service)}
+            expected["USAGEBILLING_ADMIN_TOKEN_SHA256"] = "admin-token-sha256"
+            assert digests == expected, (rendering.name, service)
+        assert len(seen) == 6, (rendering.name, seen)

@@ -279,13 +279,16 @@ async def test_undecodable_bytes_fail_a_stream_when_they_arrive(
 async def test_the_tenant_header_must_be_a_tenant_id(
     suite: Suite, client: Client, tenant: str, quiet_logs: None
 ) -> None:
-    metadata = (
-        ("authorization", f"Bearer {suite.service_token}"),
-        ("x-usagebilling-tenant", tenant),
-    )
+    def metadata(service: str) -> tuple[tuple[str, str], ...]:
+        """As `service` (its token) would call, on a method it may call."""
+        return (
+            ("authorization", f"Bearer {suite.service_tokens[service]}"),
+            ("x-usagebilling-tenant", tenant),
+        )
+
     for call in (
-        client.ingest.IngestEvents(ingest_pb2.IngestEventsRequest(), metadata=metadata),
-        client.meter.ListMeters(meter_pb2.ListMetersRequest(), metadata=metadata),
+        client.auth.WhoAmI(tenant_pb2.WhoAmIRequest(), metadata=metadata("meter")),
+        client.meter.ListMeters(meter_pb2.ListMetersRequest(), metadata=metadata("ingest")),
     ):
         code, details = await _error(call)
         assert code == INVALID and details.startswith("x-usagebilling-tenant: "), details

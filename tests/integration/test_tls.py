@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import socket
 import ssl
 import struct
@@ -108,9 +107,6 @@ def suite_with(
         log_dir,
         extra_env={"USAGEBILLING_SCHEDULER_ENABLED": "false", **env},
     )
-    if "USAGEBILLING_SERVICE_TOKEN" not in suite.env():
-        # Until the suite gives every service its service token itself.
-        suite.extra_env = {**suite.extra_env, "USAGEBILLING_SERVICE_TOKEN": secrets.token_hex(16)}
     return suite
 
 
@@ -242,10 +238,7 @@ def test_mtls_refuses_callers_without_a_certificate_and_services_dial_each_other
             {tls.CA: pki.path("ca.crt"), "USAGEBILLING_BILLING_ADDR": suite.address("billing")},
         )
         lacking.admin_token = suite.admin_token
-        lacking.extra_env = {
-            **lacking.extra_env,
-            "USAGEBILLING_SERVICE_TOKEN": suite.env()["USAGEBILLING_SERVICE_TOKEN"],
-        }
+        lacking.service_tokens = suite.service_tokens
         with running(lacking):
             start(lacking, "ingest", None)
             with pytest.raises(grpc.RpcError) as refused:

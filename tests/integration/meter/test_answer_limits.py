@@ -205,7 +205,7 @@ async def test_maximum_size_answers_stay_within_the_pod_limit(suite: Suite) -> N
         assert peak < PEAK_BOUND_MB
     # The service token: billing's read of every customer (one row each), and the
     # wide query refused at the service's larger byte limit.
-    as_service = on_behalf_of(suite.service_token, tenant_id)
+    as_service = on_behalf_of(suite.service_tokens["billing"], tenant_id)
     customers = 1 + EVENTS - BIG_CUSTOMER_EVENTS
     outcomes, _, peak, seconds = await concurrently(suite, query(meter_id, "", ()), as_service, 3)
     _report("3 concurrent bulk reads of every customer (service token)", outcomes, peak, seconds)

@@ -108,7 +108,8 @@ async def rig(meters: Meters, stack_urls: tuple[str, str]) -> AsyncIterator[Rig]
         subject_prefix=prefix,
     )
     running = asyncio.create_task(consumer.run())
-    auth = Authenticator(hash_secret(ADMIN), SERVICE, _Keys())
+    # The quarantine RPCs need the admin token; no service calls this rig.
+    auth = Authenticator(hash_secret(ADMIN), {}, _Keys())
     server = GrpcServer("127.0.0.1", 0, [registration(quarantine)], auth)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

@@ -12,7 +12,9 @@ from services.common.auth import (
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 ADMIN = "admin-token"
-SERVICE = "service-token"
+# billing's token (meter's callers: billing, for QueryUsage, and ingest).
+SERVICE = "billing-service-token"
+INGEST = "ingest-service-token"
 TENANT = "0b7e2c9a-5d3f-4e61-9a0c-2f4d6b8e1a37"
 QUERY = "/usagebilling.meter.v1.MeterService/QueryUsage"
 
@@ -34,7 +36,8 @@ class Keys:
 
 
 def authenticator(keys: Keys | None = None) -> Authenticator:
-    return Authenticator(hash_secret(ADMIN), SERVICE, keys or Keys())
+    callers = {"billing": hash_secret(SERVICE), "ingest": hash_secret(INGEST)}
+    return Authenticator(hash_secret(ADMIN), callers, keys or Keys())
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
@@ -66,9 +69,9 @@ async def test_admin_rpcs_need_the_admin_token() -> None:
 async def test_the_service_token_acts_for_a_tenant_only_when_named() -> None:
     auth = authenticator()
     named = [*bearer(SERVICE), ("x-usagebilling-tenant", TENANT)]
-    assert await auth.authenticate(QUERY, named) == Principal(TENANT)
+    assert await auth.authenticate(QUERY, named) == Principal(TENANT, service="billing")
     upper = [*bearer(SERVICE), ("x-usagebilling-tenant", TENANT.upper())]
-    assert await auth.authenticate(QUERY, upper) == Principal(TENANT)
+    assert await auth.authenticate(QUERY, upper) == Principal(TENANT, service="billing")
     with pytest.raises(PermissionDenied, match="x-usagebilling-tenant"):
         await auth.authenticate(QUERY, bearer(SERVICE))
 
@@ -98,7 +101,7 @@ async def test_an_api_key_cannot_name_a_tenant() -> None:
     auth = authenticator(keys)
     for tenant in (TENANT, "t1"):
         named = [*bearer("ubk_good"), ("x-usagebilling-tenant", tenant)]
-        with pytest.raises(PermissionDenied, match="only the service token may name a tenant"):
+        with pytest.raises(PermissionDenied, match="only a service token may name a tenant"):
             await auth.authenticate(QUERY, named)
     assert keys.calls == 0  # refused before the key was looked up
 
@@ -143,3 +146,37 @@ def test_secrets_are_high_entropy_and_hashed() -> None:
     secret = secrets.pop()
     assert len(secret) >= 40
     assert hash_secret(secret) != secret and len(hash_secret(secret)) == 64
+
+
+async def test_a_service_token_opens_only_the_methods_of_its_service() -> None:
+    keys = Keys()
+    auth = authenticator(keys)
+    list_meters = "/usagebilling.meter.v1.MeterService/ListMeters"
+    as_ingest = [*bearer(INGEST), ("x-usagebilling-tenant", TENANT)]
+    as_billing = [*bearer(SERVICE), ("x-usagebilling-tenant", TENANT)]
+    assert await auth.authenticate(list_meters, as_ingest) == Principal(TENANT, service="ingest")
+    # Each refusal names the calling service and the method, before any lookup.
+    refused = [
+        (QUERY, as_ingest, "ingest"),
+        (list_meters, as_billing, "billing"),
+        ("/usagebilling.billing.v1.InvoiceService/VoidInvoice", as_ingest, "ingest"),
+        ("/usagebilling.ingest.v1.IngestService/IngestEvents", as_billing, "billing"),
+    ]
+    for method, metadata, service in refused:
+        with pytest.raises(
+            PermissionDenied, match=f"^the {service} service may not call {method} "
+        ):
+            await auth.authenticate(method, metadata)
+    assert keys.tenant_calls == 1 and keys.calls == 0
+
+
+async def test_a_token_this_service_does_not_know_is_no_service_token() -> None:
+    keys = Keys()
+    auth = authenticator(keys)
+    # meter's own token, say: meter never calls itself, so it is not a caller's.
+    stranger = "meter-service-token"
+    with pytest.raises(PermissionDenied, match="only a service token may name a tenant"):
+        await auth.authenticate(QUERY, [*bearer(stranger), ("x-usagebilling-tenant", TENANT)])
+    with pytest.raises(Unauthenticated):
+        await auth.authenticate(QUERY, bearer(stranger))
+    assert keys.tenant_calls == 0

@@ -18,6 +18,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "NATS_URL: required",
         "USAGEBILLING_ADMIN_TOKEN_SHA256: required",
         "USAGEBILLING_SERVICE_TOKEN: required",
+        "USAGEBILLING_METER_TOKEN_SHA256: required",
         "USAGEBILLING_INGEST_PORT: 'http' is not an integer",
         "USAGEBILLING_BACKDATE_WINDOW: '35 days' is not a duration",
     ):
@@ -31,6 +32,8 @@ def test_typed_values_and_defaults() -> None:
             "NATS_URL": "nats://n:4222",
             "USAGEBILLING_ADMIN_TOKEN": "t" * 16,
             "USAGEBILLING_SERVICE_TOKEN": "s" * 16,
+            "USAGEBILLING_INGEST_TOKEN_SHA256": "a" * 64,
+            "USAGEBILLING_BILLING_TOKEN_SHA256": "b" * 64,
             "USAGEBILLING_METER_DATABASE_URL": "postgresql://own/meter",
             "USAGEBILLING_BACKDATE_WINDOW": "7d",
             "USAGEBILLING_AUTO_MIGRATE": "false",

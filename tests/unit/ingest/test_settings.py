@@ -14,6 +14,8 @@ BASE = {
     "NATS_URL": "nats://x",
     "USAGEBILLING_ADMIN_TOKEN": "t" * 16,
     "USAGEBILLING_SERVICE_TOKEN": "s" * 16,
+    # meter's token's digest: meter calls ingest's ReplayEvents.
+    "USAGEBILLING_METER_TOKEN_SHA256": "a" * 64,
 }
 
 

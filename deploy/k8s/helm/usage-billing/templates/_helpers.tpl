@@ -77,7 +77,8 @@ app.kubernetes.io/component: {{ . }}
 
 {{/* The Secret every credential comes from: secrets.existingSecret, or the one
      the chart creates from values (templates/secret.yaml). Keys: database-url,
-     admin-token-sha256, service-token, nats-<service>-password (and
+     admin-token-sha256, <service>-token, <service>-token-sha256,
+     nats-<service>-password (and
      postgres-password with the in-cluster PostgreSQL). */}}
 {{- define "ub.secretName" -}}
 {{- .Values.secrets.existingSecret | default (include "ub.fullname" .) -}}
@@ -207,7 +208,16 @@ containers:
       {{- include "ub.secretEnv" (dict "root" $root "name" "DATABASE_URL" "key" "database-url") | nindent 6 }}
       {{- /* Only the admin token's SHA-256: pods verify it, none can present it. */}}
       {{- include "ub.secretEnv" (dict "root" $root "name" "USAGEBILLING_ADMIN_TOKEN_SHA256" "key" "admin-token-sha256") | nindent 6 }}
-      {{- include "ub.secretEnv" (dict "root" $root "name" "USAGEBILLING_SERVICE_TOKEN" "key" "service-token") | nindent 6 }}
+      {{- /* Its own token, and the SHA-256 of the tokens of the services that
+             call it (those whose `calls` name it; what each may call is
+             services/common/service_identity.py). */}}
+      {{- include "ub.secretEnv" (dict "root" $root "name" "USAGEBILLING_SERVICE_TOKEN" "key" (printf "%s-token" .name)) | nindent 6 }}
+      {{- $callee := .name }}
+      {{- range $caller, $facts := include "ub.services" $root | fromYaml }}
+      {{- if has $callee $facts.calls }}
+      {{- include "ub.secretEnv" (dict "root" $root "name" (printf "USAGEBILLING_%s_TOKEN_SHA256" (upper $caller)) "key" (printf "%s-token-sha256" $caller)) | nindent 6 }}
+      {{- end }}
+      {{- end }}
       {{- if not .migrate }}
       {{- /* Its own NATS user (the Jobs do not connect to NATS). */}}
       - {name: USAGEBILLING_NATS_USER, value: {{ .name }}}
