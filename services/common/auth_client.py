@@ -30,6 +30,9 @@ class RemoteKeyResolver:
                 tenant_pb2.WhoAmIRequest(),
                 metadata=(("authorization", f"Bearer {secret}"),),
                 timeout=5,
+                # A peer that just restarted: wait for the reconnect (within
+                # the timeout) rather than fail while the channel backs off.
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -45,6 +48,9 @@ class RemoteKeyResolver:
                 tenant_pb2.WhoAmIRequest(),
                 metadata=on_behalf_of(self._service_token, tenant_id),
                 timeout=5,
+                # A peer that just restarted: wait for the reconnect (within
+                # the timeout) rather than fail while the channel backs off.
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:

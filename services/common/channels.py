@@ -28,6 +28,10 @@ BALANCED: Sequence[tuple[str, Any]] = (
     # Dead connections are noticed between calls, not at the next call's deadline.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # After a peer restarts, reconnect within seconds (gRPC's default backoff
+    # grows to two minutes, during which calls fail at once).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
 
