@@ -46,6 +46,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import random
 import re
 import secrets
 import shlex
@@ -226,12 +227,42 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, never one this
+    process handed out before, and outside the kernel's ephemeral range: a
+    port from that range (what binding port 0 gives) can be taken by any
+    outgoing connection between this call and the server's bind, which made
+    services die at start with "Address already in use"."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(20000, 30000) if not low <= p <= high]
+    if not candidates:  # an unusual ephemeral range: fall back to the kernel's choice
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+            return port
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise DevStackError("no free TCP port found in 20000-29999")
 
 
 def _tail(path: Path, offset: int = 0, limit: int = 4000) -> str:
