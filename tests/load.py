@@ -61,6 +61,16 @@ async def count(client: Client, meter_id: str) -> int:
     return int(answer.rows[0].value)
 
 
+async def total(client: Client, meter_id: str) -> int:
+    """The meter's count over every customer in the hour around now."""
+    now = datetime.now(UTC)
+    request = meter_pb2.QueryUsageRequest(meter_id=meter_id)
+    request.start_time.FromDatetime(now - timedelta(hours=1))
+    request.end_time.FromDatetime(now + timedelta(hours=1))
+    rows = (await client.call(client.meter.QueryUsage, request)).rows
+    return sum(int(r.value) for r in rows)
+
+
 async def stream_event_ids(nats_url: str, tenant_id: str) -> dict[str, set[str]]:
     """Every event id published for the tenant, with the Nats-Msg-Ids it came in."""
     seen: dict[str, set[str]] = defaultdict(set)

@@ -17,13 +17,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 import pytest
 
 from tests.client import Client, event, eventually
+from tests.load import total as usage_total
 from tools.devstack import DevStack
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.ingest.v1 import ingest_pb2
@@ -73,15 +74,6 @@ async def _create_meter(
     )
     request.group_by.extend(group_by or [])
     return str((await client.call(client.meter.CreateMeter, request)).id)
-
-
-async def _count(client: Client, meter_id: str) -> int:
-    now = datetime.now(UTC)
-    request = meter_pb2.QueryUsageRequest(meter_id=meter_id)
-    request.start_time.FromDatetime(now - timedelta(hours=1))
-    request.end_time.FromDatetime(now + timedelta(hours=1))
-    rows = (await client.call(client.meter.QueryUsage, request)).rows
-    return sum(int(r.value) for r in rows)
 
 
 @dataclass
@@ -149,7 +141,7 @@ async def _attack(suite: Suite, wide: bool) -> None:
             )
             assert answer.accepted_count == 1  # B is far under its own rate
             counted = await eventually(
-                lambda: _count(quiet, probe_meter),
+                lambda: usage_total(quiet, probe_meter),
                 lambda c: c > i,  # noqa: B023
                 timeout=120,
             )
@@ -178,7 +170,7 @@ async def _attack(suite: Suite, wide: bool) -> None:
     # Nothing A was told was accepted is lost (every meter counts it all).
     for meter_id in (flood_meters[0], flood_meters[-1]):
         total = await eventually(
-            lambda: _count(flooder, meter_id),  # noqa: B023
+            lambda: usage_total(flooder, meter_id),  # noqa: B023
             lambda c: c >= flood.accepted,
             timeout=300,
         )

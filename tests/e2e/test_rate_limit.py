@@ -11,13 +11,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 import pytest
 
 from tests.client import Client, event, eventually
+from tests.load import total as usage_total
 from tools.devstack import DevStack
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.ingest.v1 import ingest_pb2
@@ -68,15 +69,6 @@ async def _tenant(suite: Suite, meter_event: str) -> tuple[Client, str]:
     return client, str(meter.id)
 
 
-async def _count(client: Client, meter_id: str) -> int:
-    now = datetime.now(UTC)
-    request = meter_pb2.QueryUsageRequest(meter_id=meter_id)
-    request.start_time.FromDatetime(now - timedelta(hours=1))
-    request.end_time.FromDatetime(now + timedelta(hours=1))
-    rows = (await client.call(client.meter.QueryUsage, request)).rows
-    return sum(int(r.value) for r in rows)
-
-
 @dataclass
 class Flood:
     client: Client
@@ -121,7 +113,7 @@ async def test_a_flooding_tenant_cannot_delay_another(limited_suite: Suite) -> N
     delays: list[float] = []
 
     async def probe_count() -> int:
-        return await _count(quiet, probe_meter)
+        return await usage_total(quiet, probe_meter)
 
     try:
         await asyncio.sleep(2)  # the flood is on, the bucket long empty
@@ -162,7 +154,7 @@ async def test_a_flooding_tenant_cannot_delay_another(limited_suite: Suite) -> N
     # Nothing A had been told was accepted is lost.
     assert (
         await eventually(
-            lambda: _count(flooder, flood_meter), lambda c: c >= flood.accepted, timeout=90
+            lambda: usage_total(flooder, flood_meter), lambda c: c >= flood.accepted, timeout=90
         )
         == flood.accepted
     )
