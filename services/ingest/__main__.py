@@ -12,7 +12,7 @@ from services.common.grpc_server import Registration
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
 from services.ingest.domain.rate_limit import RateLimiter
-from services.ingest.meter_weights import MeterWeights
+from services.ingest.meter_weights import CHANNEL_OPTIONS, MeterWeights
 from services.ingest.relay import Publisher, Relay, RelayQuarantine
 from services.ingest.service import Ingestor
 from services.ingest.store import IngestStore
@@ -35,7 +35,8 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
             RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
         )
         billing = internal_channel(settings.billing_addr, tls=settings.common.tls)
-        meter = internal_channel(settings.meter_addr, tls=settings.common.tls)
+        # Takes ListMeters pages larger than gRPC's default 4 MiB (see CHANNEL_OPTIONS).
+        meter = internal_channel(settings.meter_addr, CHANNEL_OPTIONS, tls=settings.common.tls)
         # Only a limit needs the weights: with none, meter is never asked.
         weights = (
             MeterWeights(

@@ -4,15 +4,18 @@ ingest asks meter's ListMeters on the tenant's behalf (the service token and
 the tenant header) and keeps the answer per tenant. No call waits on meter:
 `weights` answers from the cache at once and, when the tenant's entry is older
 than the refresh interval (or missing), starts one refresh in the background.
-When meter cannot be reached the last known weights stay in use (none known:
-every event costs one unit), so ingest keeps accepting while meter is down.
+When meter cannot be reached the last known weights stay in use; a tenant
+whose weights were never learnt pays UNKNOWN_WEIGHT per event (whatever its
+name) until an ask succeeds, so ingest keeps accepting while meter is down, and
+a tenant whose listing cannot be read is not let off at one unit per event.
+Before the first ask of a tenant has ended, an event costs one unit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +32,43 @@ PAGE_SIZE = 1000
 # A tenant's meters are few (USAGEBILLING_MAX_METERS_PER_TENANT, 100 by
 # default); a runaway listing stops here and keeps what it read.
 MAX_PAGES = 100
+# What an event costs while its tenant's weights are unknown because asking
+# meter failed: 20 plain meters on its name (USAGEBILLING_MAX_METERS_PER_EVENT's
+# default), a cautious guess rather than the one unit of an event no meter counts.
+UNKNOWN_WEIGHT = 20.0
+# The largest ListMeters answer ingest takes (grpc.max_receive_message_length of
+# its channel to meter). meter pages its answers at 1 MiB; this leaves room for
+# a page holding one meter made before meter bounded a filter's bytes.
+MAX_RECEIVE_BYTES = 16 * 1024 * 1024
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),)
+
+
+class _Every(Mapping[str, float]):
+    """The same weight for every event name (and no names to list)."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def __getitem__(self, name: str) -> float:
+        return self.weight
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        # Mapping's would compare the (no) items: equal to {}, which it is not.
+        return isinstance(other, _Every) and other.weight == self.weight
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"_Every({self.weight})"
+
+
+UNKNOWN: Mapping[str, float] = _Every(UNKNOWN_WEIGHT)
 
 
 class WeightSource(Protocol):
@@ -80,7 +120,8 @@ class MeterWeights:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._unreachable = False
+        # Tenants whose last ask failed: each failure run is logged once.
+        self._failing: set[str] = set()
 
     def weights(self, tenant_id: str) -> Mapping[str, float]:
         """The tenant's last known weights (empty when none are known yet);
@@ -114,19 +155,25 @@ class MeterWeights:
         return weights(shapes)
 
     async def refresh(self, tenant_id: str) -> None:
-        """Asks meter once; on failure keeps what was known (and logs the
-        first failure of a run of them)."""
+        """Asks meter once; on failure keeps what was known (never known:
+        UNKNOWN, UNKNOWN_WEIGHT per event) and logs the first failure of a run
+        of them for this tenant."""
         try:
             fresh: Mapping[str, float] | None = await self.fetch(tenant_id)
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             fresh = None
-            if not self._unreachable:
-                self._unreachable = True
-                log.warning("fold_weights_unavailable", error=str(exc)[:200])
+            if tenant_id not in self._failing:
+                self._failing.add(tenant_id)
+                log.warning(
+                    "fold_weights_unavailable",
+                    tenant_id=tenant_id,
+                    error=str(exc)[:200],
+                    unknown_weight=UNKNOWN_WEIGHT,
+                )
         else:
-            if self._unreachable:
-                self._unreachable = False
-                log.info("fold_weights_available")
+            if tenant_id in self._failing:
+                self._failing.discard(tenant_id)
+                log.info("fold_weights_available", tenant_id=tenant_id)
         now = self._clock()
         entry = self._entries.get(tenant_id)
         if fresh is not None:
@@ -134,13 +181,14 @@ class MeterWeights:
         elif entry is not None:
             entry.fetched_at = now
         else:
-            self._entries[tenant_id] = _Entry({}, now, now)
+            self._entries[tenant_id] = _Entry(UNKNOWN, now, now)
         self._forget_idle(now)
 
     def _forget_idle(self, now: float) -> None:
         idle = [t for t, e in self._entries.items() if now - e.used_at > self._forget_after]
         for tenant_id in idle:
             del self._entries[tenant_id]
+            self._failing.discard(tenant_id)
 
     async def close(self) -> None:
         """Cancels the refreshes in flight (at shutdown)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
@@ -35,6 +35,14 @@ MAX_LIST_VALUES = 100  # per OPERATOR_IN / OPERATOR_NOT_IN condition
 # a longer key or string in a condition could never match, so it is a mistake.
 MAX_KEY_LENGTH = 100
 MAX_STRING_LENGTH = 500
+# Keys and values of the whole tree, strings in UTF-8 bytes (a number or a bool
+# counts 8). The counts above still allow 100 x 100 strings of 500 characters
+# (some 5 MB, 20 MB in 4-byte characters); this bounds a meter's stored and
+# listed size (ingest reads every meter of a tenant on each weight refresh)
+# while leaving room for real lists: 100 UUIDs in an IN list are some 3.7 KB.
+MAX_FILTER_BYTES = 16 * 1024
+# What a number or a bool counts: the wire size of a double or an int64.
+_SCALAR_BYTES = 8
 
 
 class Operator(enum.Enum):
@@ -112,7 +120,10 @@ class ConditionShape(Protocol):
     def key(self) -> str: ...
 
     @property
-    def values(self) -> Sized: ...
+    def value(self) -> object: ...
+
+    @property
+    def values(self) -> Collection[object]: ...
 
 
 class FilterShape(Protocol):
@@ -129,12 +140,58 @@ def check_filter_size(f: FilterShape, field: str = "filter") -> None:
     """InvalidArgument naming the field when the filter is over a size limit: more
     than MAX_FILTER_CONDITIONS conditions or MAX_NESTED_FILTERS nested filters in
     the whole tree, more than MAX_FILTER_DEPTH levels, more than MAX_LIST_VALUES
-    values in one condition, a key over MAX_KEY_LENGTH characters.
+    values in one condition, a key over MAX_KEY_LENGTH characters, more than
+    MAX_FILTER_BYTES bytes of keys and values in the whole tree (strings counted
+    in UTF-8 bytes, a number or a bool 8).
 
     Takes the protobuf message as well as the domain filter, so that a request is
     measured before it is converted; it looks at no more than the limits allow (list
-    lengths are O(1)), so a filter of any size is refused in bounded time."""
+    lengths are O(1), and bytes are counted only once the counts are within their
+    limits, stopping at the first byte over), so a filter of any size is refused in
+    bounded time."""
     _check_size(f, field, 1, [0, 0])
+    if filter_bytes(f, stop_after=MAX_FILTER_BYTES) > MAX_FILTER_BYTES:
+        raise InvalidArgument(
+            f"{field}: at most {MAX_FILTER_BYTES} bytes of condition keys and values"
+            " in a filter (strings in UTF-8), nested filters included"
+        )
+
+
+def _value_bytes(v: object) -> int:
+    """A condition value's bytes: a domain value (str, Decimal, bool, None) or a
+    protobuf Value (whichever of its kinds is set)."""
+    if v is None:
+        return 0
+    if isinstance(v, str):
+        return len(v.encode("utf-8", "surrogatepass"))
+    which = getattr(v, "WhichOneof", None)
+    if which is not None:  # a protobuf Value
+        kind = which("kind")
+        if kind is None:
+            return 0
+        if kind == "string_value":
+            return _value_bytes(v.string_value)  # type: ignore[attr-defined]
+    return _SCALAR_BYTES
+
+
+def filter_bytes(f: FilterShape, stop_after: int | None = None) -> int:
+    """Bytes of the filter's keys and values, nested filters included (see
+    MAX_FILTER_BYTES); with `stop_after`, counting stops once the total passes it
+    (the result is then some total over `stop_after`)."""
+    total = 0
+    pending = [f]
+    while pending:
+        g = pending.pop()
+        for c in g.conditions:
+            total += len(c.key.encode("utf-8", "surrogatepass")) + _value_bytes(c.value)
+            for v in c.values:
+                total += _value_bytes(v)
+                if stop_after is not None and total > stop_after:
+                    return total
+            if stop_after is not None and total > stop_after:
+                return total
+        pending.extend(g.filters)
+    return total
 
 
 def _check_size(f: FilterShape, field: str, level: int, seen: list[int]) -> None:

@@ -13,10 +13,12 @@ import grpc
 import pytest
 
 from services.common.errors import ResourceExhausted
+from services.ingest import meter_weights
 from services.ingest.domain.rate_limit import RateLimiter
-from services.ingest.meter_weights import MeterWeights
+from services.ingest.meter_weights import CHANNEL_OPTIONS, UNKNOWN_WEIGHT, MeterWeights
 from services.ingest.service import Ingestor
 from services.ingest.store import IngestStore
+from usagebilling.common.v1 import value_pb2
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
@@ -128,10 +130,14 @@ async def test_when_meter_is_down_the_last_weights_stay_and_no_call_waits(
     loop = asyncio.get_running_loop()
     began = loop.time()
     assert weights.weights("t1") == {"f": 3.0}  # stale, answered at once
-    assert weights.weights("t2") == {}  # never known: one unit per event
+    assert weights.weights("t2") == {}  # not asked yet: one unit per event
     assert loop.time() - began < 0.1
     await _settle(weights)
     assert weights.weights("t1") == {"f": 3.0}  # the failure kept them
+    # Never known and the ask failed: every event name costs UNKNOWN_WEIGHT.
+    unknown = weights.weights("t2")
+    assert unknown != {}
+    assert unknown.get("anything", 0.0) == UNKNOWN_WEIGHT == 20.0
     failed_calls = len(fake.calls)
     weights.weights("t1")
     await _settle(weights)
@@ -202,3 +208,88 @@ async def test_a_call_is_priced_by_its_events_weights() -> None:
         await ingestor.ingest("u", unknown[:200], datetime.now(UTC))
     assert "(200 row units" in str(other.value)
     assert other.value.retry_after == pytest.approx(1.0)
+
+
+class Log:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.records.append((event, fields))
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.records.append((event, fields))
+
+
+async def test_failures_are_logged_per_tenant_once_per_outage_and_priced_cautiously(
+    meter: tuple[FakeMeter, grpc.aio.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, channel = meter
+    log = Log()
+    monkeypatch.setattr(meter_weights, "log", log)
+    fake.down = True
+    clock = Clock()
+    weights = MeterWeights(channel, TOKEN, refresh_every=5, timeout=1, clock=clock)
+    for _ in range(3):  # three asks each, one outage
+        for tenant in ("a", "b"):
+            weights.weights(tenant)
+        await _settle(weights)
+        clock.now += 5
+    failures = [f["tenant_id"] for e, f in log.records if e == "fold_weights_unavailable"]
+    assert sorted(failures) == ["a", "b"]
+    # Meter entirely unreachable: ingest still prices (and so accepts) events.
+    ingestor = Ingestor(
+        cast(IngestStore, object()),
+        lambda: None,
+        timedelta(days=35),
+        RateLimiter(rate=100, burst=1000),
+        clock=lambda: 0.0,
+        weights=weights,
+    )
+    events = [ingest_pb2.Event(event_id=f"e{i}", event_name="any") for i in range(50)]
+    with pytest.raises(AttributeError):  # priced 50 x 20 = 1000: within the burst
+        await ingestor.ingest("a", events, datetime.now(UTC))
+    with pytest.raises(ResourceExhausted) as refused:
+        await ingestor.ingest("a", events[:1], datetime.now(UTC))
+    assert "20 row units" in str(refused.value)
+    fake.down = False
+    fake.meters["a"] = [meter_pb2.Meter(event_name="f")]
+    weights.weights("a")
+    await _settle(weights)
+    assert weights.weights("a") == {"f": 1.0}
+    assert ("fold_weights_available", {"tenant_id": "a"}) in log.records
+    fake.down = True
+    clock.now += 5
+    weights.weights("a")
+    await _settle(weights)
+    failures = [f["tenant_id"] for e, f in log.records if e == "fold_weights_unavailable"]
+    assert sorted(failures) == ["a", "a", "b"]  # a new outage of a: logged again
+    assert weights.weights("a") == {"f": 1.0}  # known before: kept
+    await weights.close()
+
+
+async def test_a_list_larger_than_the_grpc_default_is_received(
+    meter: tuple[FakeMeter, grpc.aio.Channel],
+) -> None:
+    fake, plain = meter
+    # Two meters of some 3 MB each (made before filters were bounded in bytes):
+    # a page of 2 is over gRPC's default 4 MiB receive limit.
+    big = meter_pb2.Filter()
+    for i in range(60):
+        big.conditions.add(
+            key=f"k{i}",
+            operator=meter_pb2.OPERATOR_IN,
+            values=[value_pb2.Value(string_value="v" * 500)] * 100,
+        )
+    fake.meters["t"] = [meter_pb2.Meter(event_name="f", filter=big)] * 2
+    assert fake.meters["t"][0].ByteSize() * 2 > 4 * 1024 * 1024
+    with pytest.raises(grpc.aio.AioRpcError) as default:
+        await MeterWeights(plain, TOKEN).fetch("t")
+    assert default.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    target = plain._channel.target.decode()  # type: ignore[attr-defined]
+    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    try:
+        fetched = await MeterWeights(channel, TOKEN).fetch("t")
+    finally:
+        await channel.close(None)
+    assert fetched == {"f": pytest.approx(2 * (1 + 0.15 * 60))}

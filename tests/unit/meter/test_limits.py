@@ -313,7 +313,10 @@ def test_the_largest_allowed_filter_is_cheap_per_event() -> None:
         Conjunction.OR,
         tuple(Condition("k", Operator.IN, values=numbers) for _ in range(MAX_FILTER_CONDITIONS)),
     )
-    validate_filter(f)
+    # Within the count limits, over MAX_FILTER_BYTES (80 KB of numbers): an upper
+    # bound on what any allowed filter costs per event.
+    with pytest.raises(InvalidArgument, match=r"^filter: at most 16384 bytes"):
+        validate_filter(f)
     from services.meter.domain.filters import matches
 
     metadata: dict[str, MetaValue] = {"k": "1000.5"}
