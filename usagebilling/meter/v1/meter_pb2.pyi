@@ -187,7 +187,9 @@ Global___Condition: _TypeAlias = Condition  # noqa: Y015
 class Filter(_message.Message):
     """Conditions and nested filters joined by one conjunction; at most 3 levels deep.
     In the whole tree, nested filters included: at most 100 conditions and at most
-    20 nested filters. Over a limit: INVALID_ARGUMENT naming the field.
+    20 nested filters, and at most 16 KiB (16384 bytes) of condition keys and
+    values (strings counted in UTF-8 bytes, a number or a bool 8). Over a limit:
+    INVALID_ARGUMENT naming the field ("filter: at most 16384 bytes ..." for bytes).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

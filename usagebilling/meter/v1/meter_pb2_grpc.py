@@ -86,7 +86,10 @@ class MeterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListMeters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A page holds at most page_size meters (default 100, at most 1000) and stops
+        before the meter that would take its encoded size past 1 MiB (it always
+        holds one); follow next_page_token until it is empty.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

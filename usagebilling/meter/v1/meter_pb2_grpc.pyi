@@ -44,6 +44,10 @@ class MeterServiceStub:
     """
     GetMeter: _grpc.UnaryUnaryMultiCallable[_meter_pb2.GetMeterRequest, _meter_pb2.Meter]
     ListMeters: _grpc.UnaryUnaryMultiCallable[_meter_pb2.ListMetersRequest, _meter_pb2.ListMetersResponse]
+    """A page holds at most page_size meters (default 100, at most 1000) and stops
+    before the meter that would take its encoded size past 1 MiB (it always
+    holds one); follow next_page_token until it is empty.
+    """
     ArchiveMeter: _grpc.UnaryUnaryMultiCallable[_meter_pb2.ArchiveMeterRequest, _meter_pb2.Meter]
     """An archived meter stops counting new events; its history stays queryable."""
     QueryUsage: _grpc.UnaryUnaryMultiCallable[_meter_pb2.QueryUsageRequest, _meter_pb2.QueryUsageResponse]
@@ -77,6 +81,10 @@ class MeterServiceAsyncStub(MeterServiceStub):
     """
     GetMeter: _aio.UnaryUnaryMultiCallable[_meter_pb2.GetMeterRequest, _meter_pb2.Meter]  # type: ignore[assignment]
     ListMeters: _aio.UnaryUnaryMultiCallable[_meter_pb2.ListMetersRequest, _meter_pb2.ListMetersResponse]  # type: ignore[assignment]
+    """A page holds at most page_size meters (default 100, at most 1000) and stops
+    before the meter that would take its encoded size past 1 MiB (it always
+    holds one); follow next_page_token until it is empty.
+    """
     ArchiveMeter: _aio.UnaryUnaryMultiCallable[_meter_pb2.ArchiveMeterRequest, _meter_pb2.Meter]  # type: ignore[assignment]
     """An archived meter stops counting new events; its history stays queryable."""
     QueryUsage: _aio.UnaryUnaryMultiCallable[_meter_pb2.QueryUsageRequest, _meter_pb2.QueryUsageResponse]  # type: ignore[assignment]
@@ -124,7 +132,11 @@ class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _meter_pb2.ListMetersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_meter_pb2.ListMetersResponse, _abc.Awaitable[_meter_pb2.ListMetersResponse]]: ...
+    ) -> _typing.Union[_meter_pb2.ListMetersResponse, _abc.Awaitable[_meter_pb2.ListMetersResponse]]:
+        """A page holds at most page_size meters (default 100, at most 1000) and stops
+        before the meter that would take its encoded size past 1 MiB (it always
+        holds one); follow next_page_token until it is empty.
+        """
 
     @_abc_1.abstractmethod
     def ArchiveMeter(
