@@ -31,6 +31,10 @@ class ResourceExhausted(DomainError):
         self.retry_after = retry_after
 
 
+class Aborted(DomainError):
+    """The call was ended by the server (e.g. an idle stream); open it again."""
+
+
 class Unauthenticated(DomainError):
     pass
 

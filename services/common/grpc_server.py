@@ -45,6 +45,7 @@ STATUS_OF: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Aborted: grpc.StatusCode.ABORTED,
 }
 
 # Errors that mean PostgreSQL cannot be reached right now: the client may retry.
@@ -83,6 +84,9 @@ IN_FLIGHT_REQUEST_BYTES = 4 * 1024 * 1024
 # tenant (OpenStreams): each may hold a read request while it waits for room.
 MAX_STREAMS = 16
 MAX_STREAMS_PER_TENANT = 4
+# A stream that sends no request for this long is ended (ABORTED) so that idle
+# streams cannot keep the slots above from other tenants.
+STREAM_IDLE_SECONDS = 30.0
 # A budgeted call at least this large is followed by a full garbage collection.
 COLLECT_AFTER_BYTES = 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
@@ -482,6 +486,33 @@ class RequestBudget:
                 waiter.set_result(None)
 
 
+async def _until_idle(requests: AsyncIterator[Any], idle: float) -> AsyncIterator[Any]:
+    """A stream's requests, ending it with ABORTED when none arrives for `idle`
+    seconds. The read is not cancelled at the timeout (cancelling a read of
+    gRPC's request iterator could drop a message it has taken off the wire):
+    it runs as a task, and a request that arrives at the boundary is served."""
+    stream = aiter(requests)
+    read: asyncio.Task[Any] | None = None
+    try:
+        while True:
+            read = asyncio.ensure_future(anext(stream))
+            await asyncio.wait([read], timeout=idle)
+            if not read.done():
+                raise errors.Aborted(
+                    f"stream: no request for {idle:g} s; every request before was"
+                    " answered, open a new stream to send more"
+                )
+            try:
+                data = read.result()
+            except StopAsyncIteration:
+                return
+            read = None
+            yield data
+    finally:
+        if read is not None and not read.done():
+            read.cancel()  # the call is ending: nothing more is read from it
+
+
 class OpenStreams:
     """Counts the open streams of the budgeted streaming methods. gRPC reads a
     stream's next request as soon as the stream asks for it, for every open
@@ -568,7 +599,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def metered() -> AsyncIterator[Any]:
                 nonlocal held
-                async for data in requests:
+                async for data in _until_idle(requests, STREAM_IDLE_SECONDS):
                     budget.release(held)
                     if held >= COLLECT_AFTER_BYTES:
                         gc.collect()  # see _budgeted

@@ -8,11 +8,16 @@ from typing import Any
 
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import fetch_page
+from services.common.paging import decode_time_cursor, encode_token, page_size
 from services.ingest import convert
 from services.ingest.service import Ingestor, IngestResult
 from services.ingest.store import IngestStore
 from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+# A ListEvents page stops before its events pass this many encoded bytes (it
+# always has at least one event), whatever its page_size: a page of wide
+# events is then a few MiB in memory, not tens (README, "Limits").
+LIST_PAGE_BYTES = 1024 * 1024
 
 
 def _response(result: IngestResult) -> ingest_pb2.IngestEventsResponse:
@@ -67,23 +72,33 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.ListEventsResponse:
         start = _optional_time(request, "start_time")
         end = _optional_time(request, "end_time")
-        events, token = await fetch_page(
-            request,
-            lambda after, limit: self._store.list_events(
-                current_tenant(),
-                customer_id=request.customer_id,
-                event_name=request.event_name,
-                start=start,
-                end=end,
-                after=after,
-                limit=limit,
-            ),
-            lambda e: (e.event_time, e.event_id),
-            uuid_key=False,
+        limit = page_size(request.page_size)
+        after = decode_time_cursor(request.page_token, uuid_key=False)
+        rows, cut = await self._store.list_events(
+            current_tenant(),
+            customer_id=request.customer_id,
+            event_name=request.event_name,
+            start=start,
+            end=end,
+            after=after,
+            limit=limit + 1,
+            max_bytes=2 * LIST_PAGE_BYTES,  # an estimate; measured exactly below
         )
-        return ingest_pb2.ListEventsResponse(
-            events=[convert.proto_event(e) for e in events], next_page_token=token
-        )
+        events: list[ingest_pb2.Event] = []
+        size = 0
+        for row in rows[:limit]:
+            event = convert.proto_event(row)
+            # The event's bytes in the response: the field's tag and length too.
+            grows = event.ByteSize() + 6
+            if events and size + grows > LIST_PAGE_BYTES:
+                break
+            events.append(event)
+            size += grows
+        token = ""
+        if len(events) < len(rows) or cut:
+            last = rows[len(events) - 1]
+            token = encode_token([last.event_time.astimezone(UTC).isoformat(), last.event_id])
+        return ingest_pb2.ListEventsResponse(events=events, next_page_token=token)
 
     async def ReplayEvents(
         self, request: ingest_pb2.ReplayEventsRequest, context: Any

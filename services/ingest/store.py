@@ -24,6 +24,18 @@ RETURNING event_id
 """
 
 _COLUMNS = "event_id, customer_id, event_name, event_time, metadata"
+_COLUMNS_OF_E = "e.event_id, e.customer_id, e.event_name, e.event_time, e.metadata"
+# About an event's encoded size in bytes: its text fields and its metadata as
+# JSON text (a Struct encodes to about as much; the caller measures exactly),
+# plus the timestamp and field tags.
+_SIZE_ESTIMATE = (
+    "octet_length(event_id) + octet_length(customer_id) + octet_length(event_name)"
+    " + octet_length(metadata::text) + 32"
+)
+# ReplayEvents reads this many rows, or about this many bytes, at a time: a
+# replay holds one page (as rows, then as messages) while its client reads.
+REPLAY_PAGE_ROWS = 500
+REPLAY_PAGE_BYTES = 1024 * 1024
 
 # Metadata values keep their protobuf kind through jsonb. jsonb holds numbers as
 # `numeric`, which keeps a fraction's written digits ("100.0" comes back as
@@ -137,6 +149,34 @@ class IngestStore:
             raise NotFound(f"event_id: no event {event_id!r}")
         return _stored(row)
 
+    async def _sized_page(
+        self, where: str, args: list[Any], order: str, limit: int, max_bytes: int
+    ) -> tuple[list[EventRow], bool]:
+        """Up to `limit` rows matching `where` in `order`, cut once their
+        estimated size (_SIZE_ESTIMATE) passes `max_bytes`: rows whose
+        predecessors already make `max_bytes` are left out (the first row is
+        always in). The sizes are summed in PostgreSQL over the keys alone, so
+        rows past the cut are never sent here. Also says whether rows past
+        the returned ones were left out (by the limit or by size); a full page
+        of exactly `limit` rows says False (the caller asks for one row more
+        to learn whether more follow)."""
+        n = len(args)
+        rows = await self.pool.fetch(
+            f"WITH candidates AS (SELECT event_id, event_time, {_SIZE_ESTIMATE} AS size"
+            f" FROM ingest.events WHERE {where} ORDER BY {order} LIMIT ${n + 1}),"
+            " sized AS (SELECT event_id, size,"
+            f" sum(size) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) - size AS before,"
+            " count(*) OVER () AS candidates FROM candidates)"
+            f" SELECT {_COLUMNS_OF_E}, s.candidates FROM sized s JOIN ingest.events e"
+            f" ON e.tenant_id = $1 AND e.event_id = s.event_id WHERE s.before < ${n + 2}"
+            f" ORDER BY {order.replace('event_', 'e.event_')}",
+            *args,
+            limit,
+            max_bytes,
+        )
+        more = bool(rows) and int(rows[0]["candidates"]) > len(rows)
+        return [_stored(r) for r in rows], more
+
     async def list_events(
         self,
         tenant_id: str,
@@ -147,8 +187,11 @@ class IngestStore:
         end: datetime | None,
         after: tuple[datetime, str] | None,
         limit: int,
-    ) -> list[EventRow]:
-        """Newest first; `after` is the (event_time, event_id) of the last row seen."""
+        max_bytes: int,
+    ) -> tuple[list[EventRow], bool]:
+        """Newest first; `after` is the (event_time, event_id) of the last row
+        seen. At most `limit` rows and about `max_bytes` of them (_sized_page:
+        at least one row); the flag says rows past them were left out by size."""
         conditions = ["tenant_id = $1"]
         args: list[Any] = [tenant_id]
 
@@ -166,12 +209,9 @@ class IngestStore:
             conditions.append(f"event_time < {arg(end)}")
         if after:
             conditions.append(f"(event_time, event_id) < ({arg(after[0])}, {arg(after[1])})")
-        rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM ingest.events WHERE {' AND '.join(conditions)}"
-            f" ORDER BY event_time DESC, event_id DESC LIMIT {arg(limit)}",
-            *args,
+        return await self._sized_page(
+            " AND ".join(conditions), args, "event_time DESC, event_id DESC", limit, max_bytes
         )
-        return [_stored(r) for r in rows]
 
     async def replay(
         self,
@@ -179,30 +219,35 @@ class IngestStore:
         event_names: Sequence[str],
         start: datetime,
         end: datetime,
-        page: int = 1000,
+        page: int = REPLAY_PAGE_ROWS,
+        page_bytes: int = REPLAY_PAGE_BYTES,
     ) -> AsyncIterator[EventRow]:
-        """Oldest first, in pages (keyset), so no transaction stays open."""
+        """Oldest first, in pages (keyset), so no transaction stays open. A
+        page is at most `page` rows and about `page_bytes` (at least one row),
+        so what one replay holds at once stays bounded however wide events are."""
         after: tuple[datetime, str] | None = None
         while True:
-            rows = await self.pool.fetch(
-                f"SELECT {_COLUMNS} FROM ingest.events"
-                " WHERE tenant_id = $1 AND event_name = ANY($2::text[])"
+            rows, more = await self._sized_page(
+                "tenant_id = $1 AND event_name = ANY($2::text[])"
                 " AND event_time >= $3 AND event_time < $4"
-                " AND ($5::timestamptz IS NULL OR (event_time, event_id) > ($5, $6))"
-                " ORDER BY event_time, event_id LIMIT $7",
-                tenant_id,
-                list(event_names),
-                start,
-                end,
-                after[0] if after else None,
-                after[1] if after else "",
+                " AND ($5::timestamptz IS NULL OR (event_time, event_id) > ($5, $6))",
+                [
+                    tenant_id,
+                    list(event_names),
+                    start,
+                    end,
+                    after[0] if after else None,
+                    after[1] if after else "",
+                ],
+                "event_time, event_id",
                 page,
+                page_bytes,
             )
             for row in rows:
-                yield _stored(row)
-            if len(rows) < page:
+                yield row
+            if not rows or (len(rows) < page and not more):
                 return
-            after = (rows[-1]["event_time"], rows[-1]["event_id"])
+            after = (rows[-1].event_time, rows[-1].event_id)
 
     # The outbox, read by the relay, and its dead letters (ingest.quarantine).
 

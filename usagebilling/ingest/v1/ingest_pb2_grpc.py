@@ -84,7 +84,9 @@ class IngestServiceServicer:
         (API.md binds these message names, so that a batch is the same message on
         both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
         stream past that is refused before any request is read: RESOURCE_EXHAUSTED
-        with `retry-after`.
+        with `retry-after`. A stream that sends no request for 30 s is ended with
+        ABORTED ("stream: no request for 30 s"), every request sent before it
+        answered, so that idle streams free their places; open a new one to send more.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -99,14 +101,18 @@ class IngestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEvents(self, request, context):
-        """Lists stored events, newest first.
+        """Lists stored events, newest first. A page holds at most page_size events
+        (default 100, at most 1000) and stops before its events pass 1 MiB encoded
+        (it always holds at least one): a page may be shorter than page_size with a
+        next_page_token; page until the token is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReplayEvents(self, request, context):
-        """Streams stored events by event name and time range (used by meter backfill).
+        """Streams stored events by event name and time range (used by meter backfill),
+        oldest first; the server reads them a page (500 events or about 1 MiB) at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,15 +47,23 @@ class IngestServiceStub:
     (API.md binds these message names, so that a batch is the same message on
     both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
     stream past that is refused before any request is read: RESOURCE_EXHAUSTED
-    with `retry-after`.
+    with `retry-after`. A stream that sends no request for 30 s is ended with
+    ABORTED ("stream: no request for 30 s"), every request sent before it
+    answered, so that idle streams free their places; open a new one to send more.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
     GetEvent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetEventRequest, _ingest_pb2.Event]
     """Returns one stored event."""
     ListEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListEventsRequest, _ingest_pb2.ListEventsResponse]
-    """Lists stored events, newest first."""
+    """Lists stored events, newest first. A page holds at most page_size events
+    (default 100, at most 1000) and stops before its events pass 1 MiB encoded
+    (it always holds at least one): a page may be shorter than page_size with a
+    next_page_token; page until the token is empty.
+    """
     ReplayEvents: _grpc.UnaryStreamMultiCallable[_ingest_pb2.ReplayEventsRequest, _ingest_pb2.Event]
-    """Streams stored events by event name and time range (used by meter backfill)."""
+    """Streams stored events by event name and time range (used by meter backfill),
+    oldest first; the server reads them a page (500 events or about 1 MiB) at a time.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -76,15 +84,23 @@ class IngestServiceAsyncStub(IngestServiceStub):
     (API.md binds these message names, so that a batch is the same message on
     both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
     stream past that is refused before any request is read: RESOURCE_EXHAUSTED
-    with `retry-after`.
+    with `retry-after`. A stream that sends no request for 30 s is ended with
+    ABORTED ("stream: no request for 30 s"), every request sent before it
+    answered, so that idle streams free their places; open a new one to send more.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
     GetEvent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetEventRequest, _ingest_pb2.Event]  # type: ignore[assignment]
     """Returns one stored event."""
     ListEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListEventsRequest, _ingest_pb2.ListEventsResponse]  # type: ignore[assignment]
-    """Lists stored events, newest first."""
+    """Lists stored events, newest first. A page holds at most page_size events
+    (default 100, at most 1000) and stops before its events pass 1 MiB encoded
+    (it always holds at least one): a page may be shorter than page_size with a
+    next_page_token; page until the token is empty.
+    """
     ReplayEvents: _aio.UnaryStreamMultiCallable[_ingest_pb2.ReplayEventsRequest, _ingest_pb2.Event]  # type: ignore[assignment]
-    """Streams stored events by event name and time range (used by meter backfill)."""
+    """Streams stored events by event name and time range (used by meter backfill),
+    oldest first; the server reads them a page (500 events or about 1 MiB) at a time.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """IngestService accepts usage events and serves the event log of record."""
@@ -114,7 +130,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         (API.md binds these message names, so that a batch is the same message on
         both paths.) A replica keeps at most 16 streams open, 4 per tenant; a
         stream past that is refused before any request is read: RESOURCE_EXHAUSTED
-        with `retry-after`.
+        with `retry-after`. A stream that sends no request for 30 s is ended with
+        ABORTED ("stream: no request for 30 s"), every request sent before it
+        answered, so that idle streams free their places; open a new one to send more.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
 
@@ -132,7 +150,11 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.ListEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.ListEventsResponse, _abc.Awaitable[_ingest_pb2.ListEventsResponse]]:
-        """Lists stored events, newest first."""
+        """Lists stored events, newest first. A page holds at most page_size events
+        (default 100, at most 1000) and stops before its events pass 1 MiB encoded
+        (it always holds at least one): a page may be shorter than page_size with a
+        next_page_token; page until the token is empty.
+        """
 
     @_abc_1.abstractmethod
     def ReplayEvents(
@@ -140,6 +162,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.ReplayEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.Event], _abc.AsyncIterator[_ingest_pb2.Event]]:
-        """Streams stored events by event name and time range (used by meter backfill)."""
+        """Streams stored events by event name and time range (used by meter backfill),
+        oldest first; the server reads them a page (500 events or about 1 MiB) at a time.
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
