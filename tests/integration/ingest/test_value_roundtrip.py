@@ -115,9 +115,17 @@ async def test_what_is_accepted_comes_back_with_its_kind_and_value(
     assert result.accepted == len(batch) - len(refused)
 
     accepted = {f"e{i}": sent[i] for i in range(len(batch)) if i not in refused}
-    listed = await store.list_events(
-        tenant, customer_id="", event_name="", start=None, end=None, after=None, limit=100
+    listed, cut = await store.list_events(
+        tenant,
+        customer_id="",
+        event_name="",
+        start=None,
+        end=None,
+        after=None,
+        limit=100,
+        max_bytes=1 << 20,
     )
+    assert not cut
     replayed = [
         e
         async for e in store.replay(
