@@ -17,12 +17,6 @@ from services.common.errors import AlreadyExists, NotFound
 from services.common.ids import parse_uuid
 
 
-def _uuid_or_missing(value: str, what: str, field: str = "id") -> str:
-    """The id of a `what` in canonical form; a malformed one is INVALID_ARGUMENT
-    naming `field` (a well-formed id nobody has is NotFound, by the caller)."""
-    return parse_uuid(value, field)
-
-
 @dataclass(frozen=True)
 class ApiKeyRecord:
     id: str
@@ -223,7 +217,7 @@ class BillingStore:
         row = await self.pool.fetchrow(
             "UPDATE billing.api_keys SET revoked_at = coalesce(revoked_at, now())"
             " WHERE id = $1 RETURNING id, tenant_id, description",
-            _uuid_or_missing(key_id, "API key"),
+            parse_uuid(key_id, "id"),
         )
         if row is None:
             raise NotFound(f"id: no API key {key_id!r}")
@@ -249,7 +243,7 @@ class BillingStore:
         row: asyncpg.Record | None = await self.pool.fetchrow(
             f"SELECT * FROM billing.{table} WHERE tenant_id = $1 AND id = $2",
             tenant_id,
-            _uuid_or_missing(row_id, what, field),
+            parse_uuid(row_id, field),
         )
         if row is None:
             raise NotFound(f"{field}: no {what} {row_id!r}")
@@ -358,7 +352,7 @@ class BillingStore:
         row = await self.pool.fetchrow(
             f"{_SUBSCRIPTION_SELECT} WHERE s.tenant_id = $1 AND s.id = $2",
             tenant_id,
-            _uuid_or_missing(subscription_id, "subscription", "subscription_id"),
+            parse_uuid(subscription_id, "subscription_id"),
         )
         if row is None:
             raise NotFound(f"subscription_id: no subscription {subscription_id!r}")
@@ -383,7 +377,7 @@ class BillingStore:
             "UPDATE billing.subscriptions SET end_time = least(coalesce(end_time, $3), $3),"
             " canceled_at = coalesce(canceled_at, $4) WHERE tenant_id = $1 AND id = $2",
             tenant_id,
-            _uuid_or_missing(subscription_id, "subscription", "id"),
+            parse_uuid(subscription_id, "id"),
             end_time,
             now,
         )
@@ -407,7 +401,7 @@ class BillingStore:
             " WHERE s.tenant_id = $1 AND ($2::uuid IS NULL OR s.id = $2)"
             " ORDER BY s.start_time, s.id",
             tenant_id,
-            _uuid_or_missing(subscription_id, "subscription") if subscription_id else None,
+            parse_uuid(subscription_id, "id") if subscription_id else None,
         )
         return [(_subscription(r), r["billed_until"]) for r in rows]
 
@@ -475,7 +469,7 @@ class BillingStore:
             " WHERE $4::int IS NULL OR nth <= $4 ORDER BY period_end, id",
             tenant_id,
             ended_by,
-            _uuid_or_missing(subscription_id, "subscription") if subscription_id else None,
+            parse_uuid(subscription_id, "id") if subscription_id else None,
             per_subscription,
         )
         return [_invoice(r) for r in rows]
@@ -497,7 +491,7 @@ class BillingStore:
             "   WHERE i.subscription_id = f.subscription_id AND i.period_start = f.period_start)"
             " ) x WHERE nth <= $3 ORDER BY subscription_id, period_start",
             tenant_id,
-            _uuid_or_missing(subscription_id, "subscription") if subscription_id else None,
+            parse_uuid(subscription_id, "id") if subscription_id else None,
             per_subscription,
         )
         return [_failure(r) for r in rows]
@@ -628,10 +622,8 @@ class BillingStore:
             " AND ($4::timestamptz IS NULL OR (period_start, id) < ($4, $5::uuid))"
             " ORDER BY period_start DESC, id DESC LIMIT $6",
             tenant_id,
-            _uuid_or_missing(customer_id, "customer", "customer_id") if customer_id else None,
-            _uuid_or_missing(subscription_id, "subscription", "subscription_id")
-            if subscription_id
-            else None,
+            parse_uuid(customer_id, "customer_id") if customer_id else None,
+            parse_uuid(subscription_id, "subscription_id") if subscription_id else None,
             after[0] if after else None,
             after[1] if after else str(uuid.UUID(int=0)),
             limit,
@@ -654,7 +646,7 @@ class BillingStore:
             row = await conn.fetchrow(
                 "SELECT * FROM billing.invoices WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
                 tenant_id,
-                _uuid_or_missing(invoice_id, "invoice"),
+                parse_uuid(invoice_id, "id"),
             )
             if row is None:
                 raise NotFound(f"id: no invoice {invoice_id!r}")
