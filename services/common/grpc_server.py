@@ -322,10 +322,15 @@ def checked_deserializer(method: str, deserializer: Deserializer) -> Deserialize
     return parse
 
 
-def _admit(request: Any) -> Any:
+def _accepted(request: Any) -> Any:
+    """`request`, or INVALID_ARGUMENT when a checked deserializer refused it."""
     if isinstance(request, Refused):
         raise errors.InvalidArgument(request.reason)
-    if hasattr(request, "__aiter__"):
+    return request
+
+
+def _admit(request: Any) -> Any:
+    if hasattr(_accepted(request), "__aiter__"):
         return _admit_each(request)
     return request
 
@@ -333,9 +338,7 @@ def _admit(request: Any) -> Any:
 async def _admit_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """A stream's requests; the first refused one fails the call when it arrives."""
     async for request in requests:
-        if isinstance(request, Refused):
-            raise errors.InvalidArgument(request.reason)
-        yield request
+        yield _accepted(request)
 
 
 class ErrorInterceptor(_BehaviorInterceptor):
@@ -608,10 +611,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     held = budget.largest
                     budget.release(held - len(data))
                     held = len(data)
-                    request = parse(data)
-                    if isinstance(request, Refused):
-                        raise errors.InvalidArgument(request.reason)
-                    yield request
+                    yield _accepted(parse(data))
 
             async with self._streams.hold(tenant):
                 try:
