@@ -214,6 +214,10 @@ class Invoicing:
         products = {p.id: p for p in await self._store.products_of(tenant_id)}
         subscriptions = {s.id: s for s, _ in state}
 
+        def period_of(subscription_id: str, start: datetime, end: datetime) -> BillablePeriod:
+            subscription = subscriptions[subscription_id]
+            return BillablePeriod(subscription, products[subscription.product_id], start, end)
+
         # To build: the oldest `limit` new periods of each subscription, and
         # up to `limit` of its failed periods again. Asking for one more tells
         # whether any is left.
@@ -241,10 +245,7 @@ class Invoicing:
             if seen[f.subscription_id] > limit:
                 more = True
             elif f.period_end <= as_of:  # an as_of earlier than the last run's
-                subscription = subscriptions[f.subscription_id]
-                period = BillablePeriod(
-                    subscription, products[subscription.product_id], f.period_start, f.period_end
-                )
+                period = period_of(f.subscription_id, f.period_start, f.period_end)
                 build.append(period)
                 retried.add(period.key)
 
@@ -261,13 +262,7 @@ class Invoicing:
             if seen[draft.subscription_id] > limit:
                 more = True
                 continue
-            subscription = subscriptions[draft.subscription_id]
-            period = BillablePeriod(
-                subscription,
-                products[subscription.product_id],
-                draft.period_start,
-                draft.period_end,
-            )
+            period = period_of(draft.subscription_id, draft.period_start, draft.period_end)
             due.setdefault(period.key, period)
             ids[period.key] = draft.id
             retried.add(period.key)  # a draft may have failed to finalize before
