@@ -24,38 +24,42 @@ class RemoteKeyResolver:
         self._stub = tenant_pb2_grpc.AuthServiceStub(channel)
         self._service_token = service_token
 
-    async def resolve(self, secret: str) -> Principal | None:
+    async def _who_am_i(
+        self, metadata: tuple[tuple[str, str], ...], absent: grpc.StatusCode, what: str
+    ) -> tenant_pb2.WhoAmIResponse | None:
+        """billing's WhoAmI answer for `metadata`; None when it answers
+        `absent`; Unavailable, naming `what`, for any other failure."""
         try:
-            answer = await self._stub.WhoAmI(
+            answer: tenant_pb2.WhoAmIResponse = await self._stub.WhoAmI(
                 tenant_pb2.WhoAmIRequest(),
-                metadata=(("authorization", f"Bearer {secret}"),),
+                metadata=metadata,
                 timeout=5,
                 # A peer that just restarted: wait for the reconnect (within
                 # the timeout) rather than fail while the channel backs off.
                 wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            if exc.code() == absent:
                 return None
-            raise Unavailable(f"cannot check the API key with billing: {exc.code().name}") from exc
+            raise Unavailable(f"cannot check {what} with billing: {exc.code().name}") from exc
+        return answer
+
+    async def resolve(self, secret: str) -> Principal | None:
+        answer = await self._who_am_i(
+            (("authorization", f"Bearer {secret}"),),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "the API key",
+        )
+        if answer is None:
+            return None
         return Principal(tenant_id=answer.tenant_id, api_key_id=answer.api_key_id)
 
     async def tenant_exists(self, tenant_id: str) -> bool:
         """Asks WhoAmI as the service acting for `tenant_id`: billing answers
-        only for a tenant in its table (NOT_FOUND otherwise)."""
-        try:
-            answer = await self._stub.WhoAmI(
-                tenant_pb2.WhoAmIRequest(),
-                metadata=on_behalf_of(self._service_token, tenant_id),
-                timeout=5,
-                # A peer that just restarted: wait for the reconnect (within
-                # the timeout) rather than fail while the channel backs off.
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return False
-            # UNAUTHENTICATED here means billing has another service token:
-            # a deployment error, not an unknown tenant; never cached.
-            raise Unavailable(f"cannot check the tenant with billing: {exc.code().name}") from exc
-        return answer.tenant_id == tenant_id
+        only for a tenant in its table (NOT_FOUND otherwise). UNAUTHENTICATED
+        here means billing has another service token: a deployment error, not
+        an unknown tenant, so Unavailable (never cached)."""
+        answer = await self._who_am_i(
+            on_behalf_of(self._service_token, tenant_id), grpc.StatusCode.NOT_FOUND, "the tenant"
+        )
+        return answer is not None and answer.tenant_id == tenant_id
