@@ -22,7 +22,7 @@ from services.common import metrics
 from services.common.errors import Unavailable
 from services.common.logs import get_logger
 from services.common.quarantine import QuarantinedRecord
-from services.meter.isolation import describe
+from services.meter.isolation import REASON_LIMIT, describe
 from services.meter.service import MeterService
 from services.meter.store import QuarantineRecord, QuarantineStore
 from usagebilling.ingest.v1 import ingest_pb2
@@ -30,7 +30,6 @@ from usagebilling.ingest.v1 import ingest_pb2
 log = get_logger(__name__)
 
 STAGE = "fold"
-REASON_LIMIT = 1000
 
 
 def _text(value: str) -> str:

@@ -23,7 +23,7 @@ from services.meter.domain.aggregation import (
     check_meter_quotas,
     validate_meter,
 )
-from services.meter.domain.filters import check_filter_size, condition_count
+from services.meter.domain.filters import Filter, check_filter_size, condition_count
 from services.meter.domain.matching import FoldedEvent, Matcher
 from services.meter.domain.query import (
     AnswerLimits,
@@ -70,13 +70,12 @@ class MeterService:
     async def create_meter(
         self, tenant_id: str, request: meter_pb2.CreateMeterRequest
     ) -> MeterRecord:
-        # Measured on the request, before a condition is converted: a filter of any
-        # size is refused in time bounded by the limits.
+        domain_filter: Filter | None = None
         if request.HasField("filter"):
+            # Measured on the request, before a condition is converted: a filter of
+            # any size is refused in time bounded by the limits.
             check_filter_size(request.filter)
-        domain_filter = (
-            convert.domain_filter(request.filter) if request.HasField("filter") else None
-        )
+            domain_filter = convert.domain_filter(request.filter)
         validate_meter(
             request.name,
             request.event_name,
