@@ -211,10 +211,10 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
             f"USAGEBILLING_SERVICE_TOKEN: at least {MIN_TOKEN_CHARS} characters (a random secret)"
         )
     admin_token_sha256 = _admin_token_sha256(reader)
-    if service_token and hashlib.sha256(service_token.encode()).hexdigest() == admin_token_sha256:
+    own_sha256 = hashlib.sha256(service_token.encode()).hexdigest() if service_token else ""
+    if own_sha256 and own_sha256 == admin_token_sha256:
         # Equal tokens would let the admin act for any tenant again.
         reader.errors.append("USAGEBILLING_SERVICE_TOKEN: must differ from the admin token")
-    own_sha256 = hashlib.sha256(service_token.encode()).hexdigest() if service_token else ""
     caller_token_sha256 = _caller_token_sha256(reader, service, own_sha256, admin_token_sha256)
     return CommonSettings(
         service=service,

@@ -97,22 +97,16 @@ STREAMS_OF: dict[str, tuple[str, ...]] = {
 }
 
 
+# Each stream's subjects and duplicate window.
+_STREAM_CONFIG: dict[str, tuple[str, timedelta]] = {
+    EVENTS_STREAM: (f"{EVENTS_SUBJECT_PREFIX}.>", timedelta(minutes=10)),
+    BILLING_STREAM: (f"{BILLING_SUBJECT_PREFIX}.>", timedelta(hours=1)),
+}
+
+
 async def ensure_streams(
     js: Any, *, replicas: int, names: tuple[str, ...] = (EVENTS_STREAM, BILLING_STREAM)
 ) -> None:
-    if EVENTS_STREAM in names:
-        await ensure_stream(
-            js,
-            EVENTS_STREAM,
-            [f"{EVENTS_SUBJECT_PREFIX}.>"],
-            replicas=replicas,
-            duplicate_window=timedelta(minutes=10),
-        )
-    if BILLING_STREAM in names:
-        await ensure_stream(
-            js,
-            BILLING_STREAM,
-            [f"{BILLING_SUBJECT_PREFIX}.>"],
-            replicas=replicas,
-            duplicate_window=timedelta(hours=1),
-        )
+    for name, (subject, window) in _STREAM_CONFIG.items():
+        if name in names:
+            await ensure_stream(js, name, [subject], replicas=replicas, duplicate_window=window)
