@@ -211,8 +211,11 @@ class Relay:
                 attempts = row.attempts + 1
                 if error is None:
                     claim.sent(row)
-                elif is_permanent(error) and attempts >= self._max_attempts:
-                    claim.quarantine(row, _describe(error), event_ids(row.payload))
+                    continue
+                reason = _describe(error)
+                permanent = is_permanent(error)
+                if permanent and attempts >= self._max_attempts:
+                    claim.quarantine(row, reason, event_ids(row.payload))
                     quarantined += 1
                     log.warning(
                         "relay_quarantined",
@@ -220,21 +223,22 @@ class Relay:
                         tenant_id=row.tenant_id,
                         msg_id=row.msg_id,
                         attempts=attempts,
-                        reason=_describe(error),
+                        reason=reason,
+                    )
+                    continue
+                delay = self.backoff(attempts)
+                claim.retry(row, reason, delay)
+                if permanent:
+                    log.warning(
+                        "relay_row_failed",
+                        outbox_id=row.id,
+                        tenant_id=row.tenant_id,
+                        attempts=attempts,
+                        error=reason,
+                        retry_in=delay,
                     )
                 else:
-                    claim.retry(row, _describe(error), self.backoff(attempts))
-                    if is_permanent(error):
-                        log.warning(
-                            "relay_row_failed",
-                            outbox_id=row.id,
-                            tenant_id=row.tenant_id,
-                            attempts=attempts,
-                            error=_describe(error),
-                            retry_in=self.backoff(attempts),
-                        )
-                    else:
-                        transient.append((row, error))
+                    transient.append((row, error))
         if transient:  # one line, not one per row: these are about NATS, not the rows
             log.warning("relay_retry", rows=len(transient), error=_describe(transient[0][1]))
         if quarantined:
