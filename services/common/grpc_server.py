@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import gc
 import time
 import uuid
@@ -302,9 +303,11 @@ def _nul_in_messages(field: FieldDescriptor, value: Any, path: str) -> str | Non
     return nul_path(value, prefix=path + ".")
 
 
+@functools.cache
 def checked_deserializer(method: str, deserializer: Deserializer) -> Deserializer:
     """`deserializer`, refusing (see Refused) bytes that are not a valid
-    request message and strings that contain NUL."""
+    request message and strings that contain NUL. Made once per method and
+    deserializer (the interceptors ask on every call)."""
     name = request_name(method)
     skip = SELF_CHECKED_FIELDS.get(name, frozenset())
 
@@ -345,20 +348,13 @@ class ErrorInterceptor(_BehaviorInterceptor):
     """Refuses malformed requests, and translates domain errors to status
     codes, once, by type."""
 
-    def __init__(self) -> None:
-        self._deserializers: dict[tuple[str, Deserializer], Deserializer] = {}
-
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
         method: str = details.method
         raw = handler.request_deserializer
-        checked = None
-        if raw is not None:
-            checked = self._deserializers.get((method, raw))
-            if checked is None:
-                checked = self._deserializers[(method, raw)] = checked_deserializer(method, raw)
+        checked = checked_deserializer(method, raw) if raw is not None else None
         return _rebuild(
             handler,
             lambda behavior: self._unary(method, behavior),
