@@ -475,6 +475,8 @@ class QueryUsageRequest(_message.Message):
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
     GROUP_FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     meter_id: _builtins.str
     customer_id: _builtins.str
     """Empty: one row per customer."""
@@ -482,6 +484,19 @@ class QueryUsageRequest(_message.Message):
     """At most 100,000 windows in the range (RESOURCE_EXHAUSTED otherwise)."""
     time_zone: _builtins.str
     """IANA time zone the windows align to; default UTC."""
+    page_size: _builtins.int
+    """Customers per page: 0 (the default) answers every row in one message;
+    1 to 10,000 answers every row of at most that many customers (a larger
+    size is taken as 10,000); negative is INVALID_ARGUMENT naming page_size.
+    Choose a size whose rows fit the answer limits (a customer's windows and
+    groups times page_size); the size may change from page to page.
+    """
+    page_token: _builtins.str
+    """Empty for the first page; then the previous answer's next_page_token,
+    with every other field as in the request that returned it (page_size
+    aside). A token not made by meter, or made for another query or tenant,
+    is INVALID_ARGUMENT naming page_token.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """The range [start_time, end_time), both required, both within
@@ -511,10 +526,12 @@ class QueryUsageRequest(_message.Message):
         time_zone: _builtins.str = ...,
         group_by: _abc.Iterable[_builtins.str] | None = ...,
         group_filter: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "end_time", b"end_time", "group_by", b"group_by", "group_filter", b"group_filter", "meter_id", b"meter_id", "start_time", b"start_time", "time_zone", b"time_zone", "window_size", b"window_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "end_time", b"end_time", "group_by", b"group_by", "group_filter", b"group_filter", "meter_id", b"meter_id", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "time_zone", b"time_zone", "window_size", b"window_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -525,16 +542,27 @@ class QueryUsageResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROWS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set when paged and more customers may follow: pass it as page_token for
+    the next page (which may be empty, with no token, when the last page
+    ended at the last customer). Empty after the last page and when unpaged.
+    """
     @_builtins.property
-    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """In order of window, customer and group; when paged, the rows of each
+        customer are all in one page and no customer is in two pages.
+        """
+
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___UsageRow] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,6 +114,10 @@ class MeterServiceServicer:
         A replica holds at most 128 MiB of answers at once
         (USAGEBILLING_QUERY_BYTES_IN_FLIGHT); an answer that finds no room waits up
         to 5 s, then is RESOURCE_EXHAUSTED with the trailing metadata retry-after.
+        Paging (page_size > 0): a page holds every row of up to page_size customers
+        (the limits above apply to each page), the customers with usage in the
+        range taken in the bytewise order of their ids; follow next_page_token
+        until it is empty. Without page_size the answer is one message, as before.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,6 +63,10 @@ class MeterServiceStub:
     A replica holds at most 128 MiB of answers at once
     (USAGEBILLING_QUERY_BYTES_IN_FLIGHT); an answer that finds no room waits up
     to 5 s, then is RESOURCE_EXHAUSTED with the trailing metadata retry-after.
+    Paging (page_size > 0): a page holds every row of up to page_size customers
+    (the limits above apply to each page), the customers with usage in the
+    range taken in the bytewise order of their ids; follow next_page_token
+    until it is empty. Without page_size the answer is one message, as before.
     """
 
 @_typing.type_check_only
@@ -100,6 +104,10 @@ class MeterServiceAsyncStub(MeterServiceStub):
     A replica holds at most 128 MiB of answers at once
     (USAGEBILLING_QUERY_BYTES_IN_FLIGHT); an answer that finds no room waits up
     to 5 s, then is RESOURCE_EXHAUSTED with the trailing metadata retry-after.
+    Paging (page_size > 0): a page holds every row of up to page_size customers
+    (the limits above apply to each page), the customers with usage in the
+    range taken in the bytewise order of their ids; follow next_page_token
+    until it is empty. Without page_size the answer is one message, as before.
     """
 
 class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +172,10 @@ class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
         A replica holds at most 128 MiB of answers at once
         (USAGEBILLING_QUERY_BYTES_IN_FLIGHT); an answer that finds no room waits up
         to 5 s, then is RESOURCE_EXHAUSTED with the trailing metadata retry-after.
+        Paging (page_size > 0): a page holds every row of up to page_size customers
+        (the limits above apply to each page), the customers with usage in the
+        range taken in the bytewise order of their ids; follow next_page_token
+        until it is empty. Without page_size the answer is one message, as before.
         """
 
 def add_MeterServiceServicer_to_server(servicer: MeterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
