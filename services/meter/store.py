@@ -267,13 +267,19 @@ class MeterStore:
         end: datetime,
         group_by: Sequence[str],
         group_filter: dict[str, str],
+        after_customer: str = "",
+        customer_limit: int | None = None,
     ) -> AsyncGenerator[list[UsageGroup], None]:
         """Aggregates the meter's contributions in [bounds[0], end), bucketed by
         the window starts in `bounds` (ascending), in order, YIELD_EVERY rows at a
         time: read through a cursor, so that meter holds one slice of the
         aggregated rows at once and its caller can stop (refuse an answer over its
         limits) before PostgreSQL has sent them all. Close it (`aclosing`) when
-        stopping early: it holds a pooled connection until closed."""
+        stopping early: it holds a pooled connection until closed.
+
+        Paging by customer: only customers whose id sorts bytewise (COLLATE "C")
+        after `after_customer`, and of those only the first `customer_limit`
+        that have usage in the range (all their rows, in the usual order)."""
         args: list[Any] = [meter.tenant_id, meter.id, list(bounds), bounds[0], end]
 
         def arg(value: Any) -> str:
@@ -288,8 +294,17 @@ class MeterStore:
         ]
         if customer_id:
             conditions.append(f"customer_id = {arg(customer_id)}")
+        if after_customer:
+            conditions.append(f'customer_id > {arg(after_customer)}::text COLLATE "C"')
         for key, value in sorted(group_filter.items()):
             conditions.append(f"coalesce(dims->>{arg(key)}, '') = {arg(value)}")
+        if customer_limit is not None:
+            # The first N customers with usage in the range (and the filter).
+            first = " AND ".join(conditions)
+            conditions.append(
+                "customer_id IN (SELECT DISTINCT customer_id FROM meter.meter_events"
+                f" WHERE {first} ORDER BY customer_id LIMIT {arg(customer_limit)})"
+            )
         dims = [f"coalesce(dims->>{arg(key)}, '')" for key in group_by]
         selected = ", ".join(["width_bucket(event_time, $3::timestamptz[])", "customer_id", *dims])
         keys = ", ".join(str(i) for i in range(1, 3 + len(dims)))
