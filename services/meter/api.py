@@ -109,8 +109,13 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
                 found = stamps[when] = convert.to_timestamp(when)
             return found
 
+        def next_page(token: str) -> None:
+            response.next_page_token = token
+
         try:
-            slices = self._service.query_usage(current_tenant(), request, limits, hold)
+            slices = self._service.query_usage(
+                current_tenant(), request, limits, hold, next_page_token=next_page
+            )
             async with contextlib.aclosing(slices):
                 async for rows in slices:
                     for r in rows:

@@ -35,6 +35,7 @@ from services.meter.domain.query import (
 )
 from services.meter.isolation import Failure, Isolator, Outcome, fold_rows
 from services.meter.store import MeterRecord, MeterStore
+from services.meter.usage_paging import usage_page
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
 
@@ -176,8 +177,12 @@ class MeterService:
         request: meter_pb2.QueryUsageRequest,
         limits: AnswerLimits,
         hold: AnswerHold,
+        next_page_token: Callable[[str], None] = lambda token: None,
     ) -> AsyncGenerator[list[UsageRow], None]:
-        """The answer's rows, in order, a slice at a time. Each row is counted
+        """The answer's rows, in order, a slice at a time; when the request asks
+        for a page (page_size), only that page's customers, and once they are
+        all read `next_page_token` is called with the next page's token.
+        Each row is counted
         against `limits` as it is read (ResourceExhausted naming the figure, the
         limit and what to narrow, before the rest is read), and each slice is
         taken from the replica's budget through `hold` (ResourceExhausted with a
@@ -204,6 +209,8 @@ class MeterService:
             )
         )
         aggregation = Aggregation[meter.aggregation]
+        paging = usage_page(request.page_size, request.page_token, tenant_id, meter.id, query)
+        customers: set[str] = set()  # served by this page (only counted when paged)
         size = AnswerSize(limits)
         answered = False
         slices = self._store.usage(
@@ -213,6 +220,8 @@ class MeterService:
             end=query.end,
             group_by=query.group_by,
             group_filter=dict(query.group_filter),
+            after_customer=paging.after,
+            customer_limit=paging.size,
         )
         async with contextlib.aclosing(slices):
             async for groups in slices:
@@ -227,9 +236,13 @@ class MeterService:
                     )
                     size.add(row_bytes(row.customer_id, row.group, row.value))
                     rows.append(row)
+                    if paging.size is not None:
+                        customers.add(g.customer_id)
                 await hold.take(size.bytes + ROW_MEMORY_BYTES * size.rows)
                 answered = True
                 yield rows
+        paging.finish(customers, query)
+        next_page_token(paging.next_page_token)
         empty_group = empty_row_group(query)
         if not answered and empty_group is not None:
             yield [UsageRow(query.start, query.end, query.customer_id, empty_group, "0")]
