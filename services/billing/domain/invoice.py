@@ -1,10 +1,10 @@
 """Invoice building: price each meter's usage, round each line once to minor
-units (half-up), and total the rounded lines, so that the lines always add up
-to the total shown."""
+units (half-up), apply the period's spend commitment, and total the rounded
+lines, so that the lines always add up to the total shown. Numbers in
+descriptions are printed normalised ("0.01", not "0.010")."""
 
 from __future__ import annotations
 
-import decimal
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,19 +13,33 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Final
 
+from services.billing.domain import commitments
+from services.billing.domain.commitments import Commitment
 from services.billing.domain.money import from_minor, minor_units, to_minor
 from services.billing.domain.pricing import (
+    FeeCharge,
     PriceModel,
     TierCharge,
     UsageCharge,
     UsagePrice,
     package_count,
+    plain,
     price_usage,
 )
 from services.common.errors import FailedPrecondition
 
 # amount_minor is an int64 on the wire and a bigint in the store.
 INT64_MAX: Final = 2**63 - 1
+# What a line bills (InvoiceLine.kind on the wire, upper-cased there).
+FIXED_FEE: Final = "fixed_fee"
+USAGE: Final = "usage"
+MAXIMUM_SPEND: Final = "maximum_spend"  # the cap: a negative line
+MINIMUM_SPEND: Final = "minimum_spend"  # the true-up of a shortfall
+# Decimal places a proration ratio is shown with (the amount uses it exactly).
+RATIO_PLACES: Final = 4
+# A usage entry: (price, meter name, consumed), where consumed is each
+# transaction's amount for a price with transaction_key.
+Usage = tuple[UsagePrice, str, Decimal | tuple[Decimal, ...]]
 
 
 class Unpriceable(FailedPrecondition):
@@ -56,6 +70,7 @@ class InvoiceLine:
     unit_price: Decimal | None  # major units; None when no single price applies
     amount_minor: int
     tiers: tuple[TierCharge, ...]
+    kind: str = USAGE
 
 
 @dataclass(frozen=True)
@@ -69,8 +84,13 @@ class InvoiceDraft:
 
 
 def _fmt(value: Decimal) -> str:
-    # Plain notation: "1000", not "1E+3".
-    return format(value, "f")
+    # Plain and normalised: "1000", not "1E+3"; "0.01", not "0.010".
+    return plain(value)
+
+
+def _money(minor: int, currency: str) -> str:
+    # Minor units as the currency writes them: 6258 USD -> "62.58".
+    return f"{from_minor(minor, currency):f} {currency}"
 
 
 def _round_half_up(value: Fraction) -> int:
@@ -84,6 +104,10 @@ def _usage_description(name: str, price: UsagePrice, charge: UsageCharge) -> str
         f"{name}: {_fmt(charge.consumed)} consumed, {_fmt(charge.free)} free, "
         f"{_fmt(charge.billable)} billable"
     )
+    if charge.fees is not None:
+        return f"{text} {_fees_text(price, charge.fees)}"
+    if price.model is PriceModel.PERCENTAGE:
+        return f"{text} × {_fmt(price.rate)}%"
     if price.model is PriceModel.PER_UNIT and price.unit_price is not None:
         return f"{text} × {_fmt(price.unit_price)}"
     if price.model is PriceModel.PACKAGE and price.package_size is not None:
@@ -102,6 +126,20 @@ def _usage_description(name: str, price: UsagePrice, charge: UsageCharge) -> str
     return f"{text} ({'; '.join(parts)})"
 
 
+def _fees_text(price: UsagePrice, fees: FeeCharge) -> str:
+    """2.9% of the amount + 0.3 × 4 transactions, 2 raised to the 0.5 minimum."""
+    count = "transaction" if fees.transactions == 1 else "transactions"
+    parts = [f"× {_fmt(price.rate)}% + {_fmt(price.fixed_fee)} × {fees.charged_transactions}"]
+    if fees.charged_transactions != fees.transactions:
+        parts.append(f"of {fees.transactions}")
+    text = " ".join(parts) + f" {count}"
+    if fees.raised_to_min and price.min_fee is not None:
+        text += f", {fees.raised_to_min} raised to the {_fmt(price.min_fee)} minimum"
+    if fees.lowered_to_max and price.max_fee is not None:
+        text += f", {fees.lowered_to_max} lowered to the {_fmt(price.max_fee)} maximum"
+    return text
+
+
 def _unit_and_flat(tier: TierCharge) -> str:
     flat = f" + {_fmt(tier.flat_price)} flat" if tier.flat_price else ""
     return f"{_fmt(tier.unit_price)}{flat}"
@@ -113,11 +151,8 @@ def _fixed_line(
     if proration == 1:
         quantity, description = Decimal(1), f"{product_name}: fixed fee"
     else:
-        # Display only: the amount below uses the exact fraction.
-        quantity = decimal.Context(prec=28).divide(
-            Decimal(proration.numerator), Decimal(proration.denominator)
-        )
-        description = f"{product_name}: fixed fee, prorated × {_fmt(quantity)}"
+        quantity, shown = ratio(proration)
+        description = f"{product_name}: fixed fee, prorated × {shown}"
     return InvoiceLine(
         description=description,
         meter_id="",
@@ -128,20 +163,67 @@ def _fixed_line(
         unit_price=from_minor(fixed_price_minor, currency),
         amount_minor=_round_half_up(fixed_price_minor * proration),
         tiers=(),
+        kind=FIXED_FEE,
     )
+
+
+def ratio(share: Fraction) -> tuple[Decimal, str]:
+    """A ratio for people: rounded half-up to RATIO_PLACES decimals and
+    normalised, with "≈" when that is not exact (15/31 -> 0.4839, "≈0.4839";
+    1/2 -> 0.5, "0.5"). Display only: amounts use the exact fraction."""
+    rounded = _round_half_up(share * 10**RATIO_PLACES)
+    text = plain(Decimal(rounded).scaleb(-RATIO_PLACES))
+    exact = Fraction(rounded, 10**RATIO_PLACES) == share
+    return Decimal(text), text if exact else f"≈{text}"
+
+
+def _commitment_lines(
+    commitment: Commitment, currency: str, lines: Sequence[InvoiceLine], share: Fraction
+) -> list[InvoiceLine]:
+    fixed = sum(line.amount_minor for line in lines if line.kind == FIXED_FEE)
+    usage = sum(line.amount_minor for line in lines if line.kind == USAGE)
+    prorated = "" if share == 1 else f", prorated × {ratio(share)[1]}"
+    added = []
+    for adjustment in commitments.apply(commitment, fixed, usage, share):
+        bound = _money(adjustment.bound_minor, currency)
+        spent = _money(adjustment.spent_minor, currency)
+        if adjustment.kind == "maximum":
+            kind = MAXIMUM_SPEND
+            description = f"Maximum spend: usage of {spent} capped at {bound} per period{prorated}"
+        else:
+            kind = MINIMUM_SPEND
+            description = f"Minimum spend: {bound} per period{prorated}, {spent} spent; true-up"
+        added.append(
+            InvoiceLine(
+                description=description,
+                meter_id="",
+                meter_name="",
+                quantity=Decimal(1),
+                free_quantity=Decimal(0),
+                billable_quantity=Decimal(1),
+                unit_price=from_minor(adjustment.amount_minor, currency),
+                amount_minor=adjustment.amount_minor,
+                tiers=(),
+                kind=kind,
+            )
+        )
+    return added
 
 
 def build_invoice(
     currency: str,
     fixed_price_minor: int,
     product_name: str,
-    usage: Sequence[tuple[UsagePrice, str, Decimal]],
+    usage: Sequence[Usage],
     period_start: datetime,
     period_end: datetime,
     proration: Decimal | Fraction = Decimal(1),
+    commitment: Commitment | None = None,
 ) -> InvoiceDraft:
     """One invoice for one period: the fixed fee (times `proration` for a
-    period cut short), then one line per (price, meter name, consumed)."""
+    period cut short), one line per (price, meter name, consumed), then the
+    lines of the spend commitment (see `commitments`; its bounds prorated
+    like the fixed fee)."""
     minor_units(currency)
     if fixed_price_minor < 0:
         raise ValueError("fixed_price_minor must not be negative")
@@ -155,7 +237,10 @@ def build_invoice(
     if fixed_price_minor > 0:
         lines.append(_fixed_line(currency, fixed_price_minor, product_name, share))
     for index, (price, meter_name, consumed) in enumerate(usage):
-        charge = price_usage(consumed, price)
+        if isinstance(consumed, tuple):
+            charge = price_usage(Decimal(0), price, consumed)
+        else:
+            charge = price_usage(consumed, price)
         name = meter_name or price.meter_id
         amount_minor = to_minor(charge.amount, currency)
         if abs(amount_minor) > INT64_MAX:
@@ -182,6 +267,8 @@ def build_invoice(
                 tiers=charge.tiers,
             )
         )
+    if commitment is not None and not commitment.empty:
+        lines += _commitment_lines(commitment, currency, lines, share)
     total = sum(line.amount_minor for line in lines)
     if abs(total) > INT64_MAX:
         raise Unpriceable(

@@ -7,6 +7,12 @@ per invoice line, in `invoice`.
 
 Tier bounds: `up_to` is the inclusive cumulative upper bound, so tier 1 covers
 (0, up_to1], tier 2 covers (up_to1, up_to2], ... and the last tier is unbounded.
+A GRADUATED or VOLUME price whose first tier has a flat price bills that flat
+price even when nothing is billable (as Lago and OpenMeter do): a flat price is
+the fee for having the tier at all.
+
+PERCENTAGE prices payment-style fees on a meter whose quantity is an amount;
+see `percentage`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ class PriceModel(enum.Enum):
     GRADUATED = "graduated"
     VOLUME = "volume"
     PACKAGE = "package"
+    PERCENTAGE = "percentage"
+
+
+# Limits on a product's prices, checked before any other work on a request
+# (every usage price costs a meter lookup now and a usage query per period
+# later). INVALID_ARGUMENT naming the field; stated in product.proto.
+MAX_USAGE_PRICES: Final = 50
+MAX_TIERS: Final = 100
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,34 @@ class UsagePrice:
     tiers: tuple[Tier, ...] = ()
     package_size: Decimal | None = None
     package_price: Decimal = ZERO
+    # PERCENTAGE only (see `percentage`): the rate in percent, the fee per
+    # transaction, the per-transaction bounds (None: none), the meter's
+    # group_by key that tells transactions apart ("": no per-transaction
+    # parts), and the number of transactions free of the fixed fee.
+    rate: Decimal = ZERO
+    fixed_fee: Decimal = ZERO
+    min_fee: Decimal | None = None
+    max_fee: Decimal | None = None
+    transaction_key: str = ""
+    free_transactions: int = 0
+
+    @property
+    def per_transaction(self) -> bool:
+        """Whether pricing needs each transaction's amount, not only the sum."""
+        return bool(self.transaction_key)
+
+
+@dataclass(frozen=True)
+class FeeCharge:
+    """How a PERCENTAGE price came to its amount (all exact)."""
+
+    transactions: int  # transactions in the period (0 without transaction_key)
+    charged_transactions: int  # of which pay the fixed fee
+    percentage_amount: Decimal  # rate × billable amount
+    fixed_amount: Decimal  # fixed_fee × charged_transactions
+    raised_to_min: int  # transactions whose fee was raised to min_fee
+    lowered_to_max: int  # transactions whose fee was lowered to max_fee
+    adjustment: Decimal  # what the min/max bounds added (+) or took off (-)
 
 
 @dataclass(frozen=True)
@@ -68,6 +110,7 @@ class UsageCharge:
     amount: Decimal  # exact, NOT rounded
     unit_price: Decimal | None  # the price of every billable unit, when one price applies
     tiers: tuple[TierCharge, ...]
+    fees: FeeCharge | None = None  # PERCENTAGE only
 
 
 Priced = tuple[Decimal, tuple[TierCharge, ...]]
@@ -89,10 +132,23 @@ def per_unit(quantity: Decimal, price: UsagePrice) -> Priced:
         return quantity * price.unit_price, ()
 
 
+def _first_flat(price: UsagePrice) -> Priced:
+    """Nothing billable: the first tier's flat price alone (0 without one)."""
+    first = price.tiers[0] if price.tiers else None
+    if first is None or not first.flat_price:
+        return ZERO, ()
+    return first.flat_price, (
+        TierCharge(first.up_to, ZERO, first.unit_price, first.flat_price, first.flat_price),
+    )
+
+
 def graduated(quantity: Decimal, price: UsagePrice) -> Priced:
     """Each tier prices the units that fall in it, plus its flat price when any
-    unit does: 1500 over (0,1000] × 0.02 and (1000,∞) × 0.01 = 20 + 5."""
+    unit does: 1500 over (0,1000] × 0.02 and (1000,∞) × 0.01 = 20 + 5. With
+    nothing billable, the first tier's flat price is still billed."""
     _check_quantity(quantity)
+    if quantity == 0:
+        return _first_flat(price)
     charges: list[TierCharge] = []
     lower = ZERO
     with decimal.localcontext(EXACT):
@@ -114,11 +170,11 @@ def graduated(quantity: Decimal, price: UsagePrice) -> Priced:
 
 def volume(quantity: Decimal, price: UsagePrice) -> Priced:
     """The tier that the whole quantity reaches prices every unit, plus its flat
-    price. up_to is inclusive: exactly 1000 is in the tier whose up_to is 1000."""
+    price. up_to is inclusive: exactly 1000 is in the tier whose up_to is 1000.
+    With nothing billable, the first tier's flat price is still billed."""
     _check_quantity(quantity)
     if quantity == 0:
-        # No unit reached any tier, so no flat price either.
-        return ZERO, ()
+        return _first_flat(price)
     tier = next((t for t in price.tiers if t.up_to is None or quantity <= t.up_to), None)
     if tier is None:
         raise ValueError("quantity exceeds the last tier's up_to: validate tiers first")
@@ -144,21 +200,82 @@ def package_count(quantity: Decimal, size: Decimal) -> Decimal:
         return quantity // size + (1 if quantity % size else 0)
 
 
+def percent_of(amount: Decimal, rate: Decimal) -> Decimal:
+    """rate % of amount, exact (÷ 100 is a shift of the exponent, not a division)."""
+    with decimal.localcontext(EXACT):
+        return (amount * rate).scaleb(-2)
+
+
+def percentage(quantity: Decimal, price: UsagePrice) -> Priced:
+    """rate % of the billable amount: the whole fee of a PERCENTAGE price
+    without transaction_key (no per-transaction parts). See `percentage_fees`
+    for the per-transaction form."""
+    _check_quantity(quantity)
+    return percent_of(quantity, price.rate), ()
+
+
+def percentage_fees(transactions: Sequence[Decimal], price: UsagePrice) -> FeeCharge:
+    """The fees of a PERCENTAGE price with transaction_key, one transaction at a
+    time, exact. `transactions` holds each transaction's amount: the meter's
+    SUM grouped by transaction_key, one value per distinct key in the period
+    (events without the key count together as one transaction).
+
+    A transaction of amount a pays rate % × a + fixed_fee, raised to min_fee
+    and lowered to max_fee when they are set; a transaction of amount <= 0 (a
+    full refund) pays nothing. 2.9% + 0.30, min 0.50: 100 -> 3.20, 5 -> 0.445
+    raised to 0.50.
+
+    Free allowances are order-free: free_threshold is an amount on which no
+    percentage is charged (rate % × (Σa − free_threshold)⁺), free_transactions
+    is a number of transactions that pay no fixed fee. Which transaction an
+    allowance would go to is not defined without an order, so validation
+    refuses them together with min_fee or max_fee."""
+    charged = [a for a in transactions if a > 0]
+    with decimal.localcontext(EXACT):
+        total = sum(charged, ZERO)
+        billable = max(total - price.free_threshold, ZERO)
+        paying = max(len(charged) - price.free_transactions, 0)
+        rated = percent_of(billable, price.rate)
+        fixed = price.fixed_fee * paying
+        adjustment = ZERO
+        raised = lowered = 0
+        if price.min_fee is not None or price.max_fee is not None:
+            # validation guarantees no free allowance here: every charged
+            # transaction pays rate % × a + fixed_fee before its bounds.
+            for amount in charged:
+                fee = percent_of(amount, price.rate) + price.fixed_fee
+                if price.min_fee is not None and fee < price.min_fee:
+                    adjustment += price.min_fee - fee
+                    raised += 1
+                elif price.max_fee is not None and fee > price.max_fee:
+                    adjustment -= fee - price.max_fee
+                    lowered += 1
+    return FeeCharge(len(transactions), paying, rated, fixed, raised, lowered, adjustment)
+
+
 PRICE_MODELS: Final[dict[PriceModel, PriceFunction]] = {
     PriceModel.PER_UNIT: per_unit,
     PriceModel.GRADUATED: graduated,
     PriceModel.VOLUME: volume,
     PriceModel.PACKAGE: package,
+    PriceModel.PERCENTAGE: percentage,
 }
 
 
-def price_usage(consumed: Decimal, price: UsagePrice) -> UsageCharge:
+def price_usage(
+    consumed: Decimal, price: UsagePrice, transactions: Sequence[Decimal] | None = None
+) -> UsageCharge:
     """Applies the free threshold, then the price's model, to `consumed`.
 
     free = min(consumed, threshold), billable = (consumed − threshold)⁺. A
     negative consumption (a SUM of negative values) bills nothing and is free of
-    nothing.
+    nothing. A PERCENTAGE price with transaction_key needs `transactions`
+    (each transaction's amount; `consumed` is then their positive sum).
     """
+    if price.per_transaction:
+        if transactions is None:
+            raise ValueError("a price with transaction_key needs each transaction's amount")
+        return _price_fees(transactions, price)
     if not consumed.is_finite():
         raise ValueError(f"consumed must be finite, got {consumed}")
     with decimal.localcontext(EXACT):
@@ -171,6 +288,15 @@ def price_usage(consumed: Decimal, price: UsagePrice) -> UsageCharge:
     elif price.model is PriceModel.VOLUME and tiers:
         unit_price = tiers[0].unit_price
     return UsageCharge(consumed, free, billable, amount, unit_price, tiers)
+
+
+def _price_fees(transactions: Sequence[Decimal], price: UsagePrice) -> UsageCharge:
+    fees = percentage_fees(transactions, price)
+    with decimal.localcontext(EXACT):
+        consumed = sum((a for a in transactions if a > 0), ZERO)
+        free = min(consumed, price.free_threshold)
+        amount = fees.percentage_amount + fees.fixed_amount + fees.adjustment
+    return UsageCharge(consumed, free, consumed - free, amount, None, (), fees)
 
 
 # --- validation: every message names the field, as the API's clients see it ---
@@ -232,6 +358,8 @@ def validate_usage_price(price: UsagePrice, index: int) -> None:
         # 0 is tolerated: it is what an empty string parses to by default.
         raise InvalidArgument(f"{at}.unit_price: not used by {model}")
 
+    _check_percentage(price, at, model)
+
     if price.model is PriceModel.PACKAGE:
         size = price.package_size
         if size is None:
@@ -244,6 +372,70 @@ def validate_usage_price(price: UsagePrice, index: int) -> None:
             raise InvalidArgument(f"{at}.package_size: not used by {model}")
         if price.package_price != 0:
             raise InvalidArgument(f"{at}.package_price: not used by {model}")
+
+
+def _check_percentage(price: UsagePrice, at: str, model: str) -> None:
+    """PERCENTAGE's fields: refused on other models, checked on PERCENTAGE."""
+    given = {
+        "rate": price.rate != 0,
+        "fixed_fee": price.fixed_fee != 0,
+        "min_fee": price.min_fee is not None,
+        "max_fee": price.max_fee is not None,
+        "transaction_key": bool(price.transaction_key),
+        "free_transactions": price.free_transactions != 0,
+    }
+    if price.model is not PriceModel.PERCENTAGE:
+        for name, is_set in given.items():
+            if is_set:
+                raise InvalidArgument(f"{at}.{name}: not used by {model}")
+        return
+    _non_negative(price.rate, f"{at}.rate")
+    if price.rate > 100:
+        raise InvalidArgument(f"{at}.rate: a percentage, at most 100")
+    _non_negative(price.fixed_fee, f"{at}.fixed_fee")
+    for name, bound in (("min_fee", price.min_fee), ("max_fee", price.max_fee)):
+        if bound is not None:
+            _non_negative(bound, f"{at}.{name}")
+    if price.min_fee is not None and price.max_fee is not None and price.max_fee < price.min_fee:
+        raise InvalidArgument(f"{at}.max_fee: must not be less than min_fee")
+    if price.free_transactions < 0:
+        raise InvalidArgument(f"{at}.free_transactions: must not be negative")
+    if not price.transaction_key:
+        for name in ("fixed_fee", "min_fee", "max_fee", "free_transactions"):
+            if given[name]:
+                raise InvalidArgument(
+                    f"{at}.transaction_key: required with {name} (the meter's group_by key "
+                    f"that tells one transaction from another)"
+                )
+    bounded = price.min_fee is not None or price.max_fee is not None
+    if bounded and (price.free_threshold or price.free_transactions):
+        name = "min_fee" if price.min_fee is not None else "max_fee"
+        raise InvalidArgument(
+            f"{at}.{name}: cannot be combined with free_threshold or free_transactions "
+            f"(which transactions a free allowance goes to is not defined)"
+        )
+
+
+def check_limits(usage_prices: int, tiers: Sequence[int]) -> None:
+    """MAX_USAGE_PRICES per product and MAX_TIERS per price, checked on the
+    request's counts before anything else is done with it."""
+    if usage_prices > MAX_USAGE_PRICES:
+        raise InvalidArgument(
+            f"usage_prices: at most {MAX_USAGE_PRICES} per product, got {usage_prices}"
+        )
+    for i, count in enumerate(tiers):
+        if count > MAX_TIERS:
+            raise InvalidArgument(f"usage_prices[{i}].tiers: at most {MAX_TIERS}, got {count}")
+
+
+def plain(value: Decimal) -> str:
+    """A decimal as people write it: plain notation, no trailing zeros after
+    the point ("0.01", not "0.010"; "1000", not "1E+3"; "0", not "0.00")."""
+    if value.is_zero():
+        return "0"
+    with decimal.localcontext(EXACT):
+        text = format(value.normalize(), "f")
+    return text
 
 
 # Plain decimal notation only: no NaN/Infinity, no whitespace, no "1_000", no

@@ -48,21 +48,24 @@ def test_no_fixed_line_without_a_fixed_fee() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fixed", "proration", "minor"),
+    ("fixed", "proration", "minor", "shown"),
     [
-        (1999, D("0.5"), 1000),  # 999.5 -> 1000, half-up
-        (1999, D("0.25"), 500),  # 499.75 -> 500
-        (1000, D(0), 0),
-        (3, Fraction(5, 6), 3),  # exactly 2.5 -> 3; 0.8333333 as a Decimal would give 2
-        (3, Fraction(1, 3), 1),  # exactly 1
+        (1999, D("0.5"), 1000, "0.5"),  # 999.5 -> 1000, half-up
+        (1999, D("0.25"), 500, "0.25"),  # 499.75 -> 500
+        (1000, D(0), 0, "0"),
+        (3, Fraction(5, 6), 3, "≈0.8333"),  # exactly 2.5 -> 3; 0.8333333 would give 2
+        (3, Fraction(1, 3), 1, "≈0.3333"),  # exactly 1
+        (3100, Fraction(15, 31), 1500, "≈0.4839"),  # 15 of 31 days, not 28 digits
     ],
 )
 def test_fixed_fee_of_a_cut_period_is_prorated_and_rounded_once(
-    fixed: int, proration: Decimal | Fraction, minor: int
+    fixed: int, proration: Decimal | Fraction, minor: int, shown: str
 ) -> None:
     draft = build_invoice("USD", fixed, "Pro", [], START, END, proration)
     assert draft.lines[0].amount_minor == minor
-    assert draft.lines[0].description.startswith("Pro: fixed fee, prorated × 0")
+    # A readable ratio: RATIO_PLACES decimals at most, "≈" when rounded.
+    assert draft.lines[0].description == f"Pro: fixed fee, prorated × {shown}"
+    assert draft.lines[0].quantity == D(shown.lstrip("≈"))
 
 
 def test_each_line_is_rounded_then_summed() -> None:

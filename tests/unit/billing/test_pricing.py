@@ -61,7 +61,7 @@ def test_per_unit(quantity: str, unit_price: str, amount: str) -> None:
         (TIERS, "1000.5", "20.005", ["1000", "0.5"]),  # 20 + 0.5 × 0.01
         (TIERS, "5000", "60", ["1000", "4000"]),  # 20 + 4000 × 0.01
         (TIERS, "7000", "70", ["1000", "4000", "2000"]),  # 60 + 2000 × 0.005
-        (FLAT_TIERS, "0", "0", []),  # no unit, so no flat price
+        (FLAT_TIERS, "0", "10", ["0"]),  # no unit, but the first tier's flat fee
         (FLAT_TIERS, "1", "11", ["1"]),  # 1 × 1 + 10
         (FLAT_TIERS, "100", "110", ["100"]),  # 100 × 1 + 10; tier 2 untouched
         (FLAT_TIERS, "100.1", "130.05", ["100", "0.1"]),  # 110 + 0.1 × 0.5 + 20
@@ -101,6 +101,7 @@ def test_graduated_tier_charges_show_the_arithmetic() -> None:
         (TIERS, "5000", "50", D(5000)),  # 5000 × 0.01
         (TIERS, "5000.000001", "25.000000005", None),  # 5000.000001 × 0.005
         (TIERS, "7000", "35", None),  # 7000 × 0.005
+        (FLAT_TIERS, "0", "10", D(100)),  # no unit, but the first tier's flat fee
         (FLAT_TIERS, "100", "110", D(100)),  # 100 × 1 + 10
         (FLAT_TIERS, "101", "70.5", None),  # 101 × 0.5 + 20
     ],
@@ -108,7 +109,7 @@ def test_graduated_tier_charges_show_the_arithmetic() -> None:
 def test_volume(tiers: tuple[Tier, ...], quantity: str, amount: str, up_to: Decimal | None) -> None:
     total, charges = volume(D(quantity), UsagePrice("meter-1", PriceModel.VOLUME, tiers=tiers))
     assert total == D(amount)
-    if D(quantity) == 0:
+    if D(amount) == 0:
         assert charges == ()
     else:
         assert len(charges) == 1

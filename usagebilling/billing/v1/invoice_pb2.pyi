@@ -39,6 +39,44 @@ INVOICE_STATUS_FINALIZED: InvoiceStatus.ValueType  # 2
 INVOICE_STATUS_VOID: InvoiceStatus.ValueType  # 3
 Global___InvoiceStatus: _TypeAlias = InvoiceStatus  # noqa: Y015
 
+class _InvoiceLineKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InvoiceLineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InvoiceLineKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INVOICE_LINE_KIND_UNSPECIFIED: _InvoiceLineKind.ValueType  # 0
+    INVOICE_LINE_KIND_FIXED_FEE: _InvoiceLineKind.ValueType  # 1
+    """The product's fixed fee (prorated for a period cut short)."""
+    INVOICE_LINE_KIND_USAGE: _InvoiceLineKind.ValueType  # 2
+    """One usage price's charge (meter_id set)."""
+    INVOICE_LINE_KIND_MAXIMUM_SPEND: _InvoiceLineKind.ValueType  # 3
+    """The maximum spend commitment's cap: a negative amount that takes the
+    usage lines' excess over the maximum off.
+    """
+    INVOICE_LINE_KIND_MINIMUM_SPEND: _InvoiceLineKind.ValueType  # 4
+    """The minimum spend commitment's true-up: the shortfall of the fixed fee
+    and usage (after the cap) below the minimum.
+    """
+
+class InvoiceLineKind(_InvoiceLineKind, metaclass=_InvoiceLineKindEnumTypeWrapper):
+    """What an invoice line bills."""
+
+INVOICE_LINE_KIND_UNSPECIFIED: InvoiceLineKind.ValueType  # 0
+INVOICE_LINE_KIND_FIXED_FEE: InvoiceLineKind.ValueType  # 1
+"""The product's fixed fee (prorated for a period cut short)."""
+INVOICE_LINE_KIND_USAGE: InvoiceLineKind.ValueType  # 2
+"""One usage price's charge (meter_id set)."""
+INVOICE_LINE_KIND_MAXIMUM_SPEND: InvoiceLineKind.ValueType  # 3
+"""The maximum spend commitment's cap: a negative amount that takes the
+usage lines' excess over the maximum off.
+"""
+INVOICE_LINE_KIND_MINIMUM_SPEND: InvoiceLineKind.ValueType  # 4
+"""The minimum spend commitment's true-up: the shortfall of the fixed fee
+and usage (after the cap) below the minimum.
+"""
+Global___InvoiceLineKind: _TypeAlias = InvoiceLineKind  # noqa: Y015
+
 @_typing.final
 class InvoiceLineTier(_message.Message):
     """The units of one tier that a line priced."""
@@ -86,6 +124,7 @@ class InvoiceLine(_message.Message):
     AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     METER_NAME_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     description: _builtins.str
     meter_id: _builtins.str
     """Empty on the fixed-fee line."""
@@ -95,6 +134,8 @@ class InvoiceLine(_message.Message):
     unit_price: _builtins.str
     amount_minor: _builtins.int
     meter_name: _builtins.str
+    kind: Global___InvoiceLineKind.ValueType
+    """What the line bills; UNSPECIFIED on invoices built before kinds existed."""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLineTier]: ...
     def __init__(
@@ -109,10 +150,11 @@ class InvoiceLine(_message.Message):
         amount_minor: _builtins.int = ...,
         meter_name: _builtins.str = ...,
         tiers: _abc.Iterable[Global___InvoiceLineTier] | None = ...,
+        kind: Global___InvoiceLineKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "billable_quantity", b"billable_quantity", "description", b"description", "free_quantity", b"free_quantity", "meter_id", b"meter_id", "meter_name", b"meter_name", "quantity", b"quantity", "tiers", b"tiers", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "billable_quantity", b"billable_quantity", "description", b"description", "free_quantity", b"free_quantity", "kind", b"kind", "meter_id", b"meter_id", "meter_name", b"meter_name", "quantity", b"quantity", "tiers", b"tiers", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

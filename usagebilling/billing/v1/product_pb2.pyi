@@ -55,6 +55,12 @@ class _PriceModelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PriceModel
     """The tier that the whole quantity reaches prices every unit."""
     PRICE_MODEL_PACKAGE: _PriceModel.ValueType  # 4
     """ceil(quantity / package_size) x package_price."""
+    PRICE_MODEL_PERCENTAGE: _PriceModel.ValueType  # 5
+    """Payment-style fees on a meter whose quantity is an amount (a SUM of
+    payment amounts): rate % of the amount, plus fixed_fee per transaction,
+    each transaction's fee raised to min_fee and lowered to max_fee. See
+    UsagePrice.rate for the exact rules.
+    """
 
 class PriceModel(_PriceModel, metaclass=_PriceModelEnumTypeWrapper): ...
 
@@ -67,11 +73,21 @@ PRICE_MODEL_VOLUME: PriceModel.ValueType  # 3
 """The tier that the whole quantity reaches prices every unit."""
 PRICE_MODEL_PACKAGE: PriceModel.ValueType  # 4
 """ceil(quantity / package_size) x package_price."""
+PRICE_MODEL_PERCENTAGE: PriceModel.ValueType  # 5
+"""Payment-style fees on a meter whose quantity is an amount (a SUM of
+payment amounts): rate % of the amount, plus fixed_fee per transaction,
+each transaction's fee raised to min_fee and lowered to max_fee. See
+UsagePrice.rate for the exact rules.
+"""
 Global___PriceModel: _TypeAlias = PriceModel  # noqa: Y015
 
 @_typing.final
 class PriceTier(_message.Message):
-    """A tier; prices are decimal strings in major units of the product's currency."""
+    """A tier; prices are decimal strings in major units of the product's currency.
+    For GRADUATED and VOLUME, a first tier with a flat_price bills that flat
+    price even when nothing is billable (zero usage, or usage within
+    free_threshold), as Lago and OpenMeter do.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -99,7 +115,12 @@ Global___PriceTier: _TypeAlias = PriceTier  # noqa: Y015
 
 @_typing.final
 class UsagePrice(_message.Message):
-    """How one meter's usage is priced. Decimals travel as strings."""
+    """How one meter's usage is priced. Decimals travel as strings in plain
+    notation ("0.02", "2.5e3" accepted); answers print them normalised ("0.01",
+    not "0.010"). A field another model would use is INVALID_ARGUMENT naming it
+    (usage_prices[i].<field>), as is every bad value. Amounts are exact and
+    rounded once per invoice line to the currency's minor unit, half-up.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -110,13 +131,61 @@ class UsagePrice(_message.Message):
     TIERS_FIELD_NUMBER: _builtins.int
     PACKAGE_SIZE_FIELD_NUMBER: _builtins.int
     PACKAGE_PRICE_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    FIXED_FEE_FIELD_NUMBER: _builtins.int
+    MIN_FEE_FIELD_NUMBER: _builtins.int
+    MAX_FEE_FIELD_NUMBER: _builtins.int
+    TRANSACTION_KEY_FIELD_NUMBER: _builtins.int
+    FREE_TRANSACTIONS_FIELD_NUMBER: _builtins.int
     meter_id: _builtins.str
     model: Global___PriceModel.ValueType
     unit_price: _builtins.str
     free_threshold: _builtins.str
-    """Units free in each period; applies before any model."""
+    """Units free in each period; applies before any model. For PERCENTAGE, an
+    amount in major units on which no percentage is charged.
+    """
     package_size: _builtins.str
     package_price: _builtins.str
+    rate: _builtins.str
+    """PERCENTAGE: the rate in percent, within [0, 100] ("2.9" is 2.9%).
+
+    A transaction is one value of the meter's group_by key transaction_key
+    (events with the same value add up; events without the key count
+    together as one transaction). Billing reads each transaction's amount
+    from meter (QueryUsage grouped by transaction_key: at most 500,000
+    transactions per customer and period, meter's limit for billing; past it
+    the period is held and listed in RunBillingCycle's failures). A
+    transaction of amount a > 0 pays rate % x a + fixed_fee, raised to
+    min_fee when below it and lowered to max_fee when above it; a
+    transaction of amount <= 0 (a full refund) pays nothing. Exact: the line
+    is the exact sum, rounded once, half-up. 2.9% + 0.30 with min_fee 0.50:
+    100 -> 3.20, 5 -> 0.445 raised to 0.50.
+
+    Free allowances are order-free: free_threshold is an amount free of the
+    percentage (rate % x (total - free_threshold)+), free_transactions a
+    number of transactions free of fixed_fee. They cannot be combined with
+    min_fee or max_fee (which transaction would get them is undefined):
+    INVALID_ARGUMENT naming min_fee (or max_fee).
+
+    Without transaction_key the fee is rate % x (the meter's quantity -
+    free_threshold)+ and fixed_fee, min_fee, max_fee, free_transactions
+    are refused (INVALID_ARGUMENT naming transaction_key).
+    """
+    fixed_fee: _builtins.str
+    """PERCENTAGE: a fee per transaction, in major units; default 0."""
+    min_fee: _builtins.str
+    """PERCENTAGE: each transaction's fee is at least this; empty: no minimum."""
+    max_fee: _builtins.str
+    """PERCENTAGE: each transaction's fee is at most this (not below min_fee);
+    empty: no maximum.
+    """
+    transaction_key: _builtins.str
+    """PERCENTAGE: one of the meter's group_by keys, naming the transaction
+    (such as "payment_id"); INVALID_ARGUMENT naming it when the meter has no
+    such group_by key.
+    """
+    free_transactions: _builtins.int
+    """PERCENTAGE: transactions per period that pay no fixed_fee; >= 0."""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceTier]: ...
     def __init__(
@@ -129,14 +198,56 @@ class UsagePrice(_message.Message):
         tiers: _abc.Iterable[Global___PriceTier] | None = ...,
         package_size: _builtins.str = ...,
         package_price: _builtins.str = ...,
+        rate: _builtins.str = ...,
+        fixed_fee: _builtins.str = ...,
+        min_fee: _builtins.str = ...,
+        max_fee: _builtins.str = ...,
+        transaction_key: _builtins.str = ...,
+        free_transactions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_threshold", b"free_threshold", "meter_id", b"meter_id", "model", b"model", "package_price", b"package_price", "package_size", b"package_size", "tiers", b"tiers", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fixed_fee", b"fixed_fee", "free_threshold", b"free_threshold", "free_transactions", b"free_transactions", "max_fee", b"max_fee", "meter_id", b"meter_id", "min_fee", b"min_fee", "model", b"model", "package_price", b"package_price", "package_size", b"package_size", "rate", b"rate", "tiers", b"tiers", "transaction_key", b"transaction_key", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsagePrice: _TypeAlias = UsagePrice  # noqa: Y015
+
+@_typing.final
+class Commitment(_message.Message):
+    """A spend commitment per billing period, in minor units of the product's
+    currency; 0 means none. The maximum caps the usage lines: when they add up
+    to more, an invoice line of kind MAXIMUM_SPEND (negative) takes the excess
+    off. The minimum is compared with the period's fixed fee plus its usage
+    after the cap: a shortfall is billed on a line of kind MINIMUM_SPEND (the
+    true-up); $100 against $37.42 of usage: 62.58. Both show on the invoice and
+    in PreviewInvoice (there against the usage so far). A period cut short by
+    a cancellation has both bounds prorated like the fixed fee (by the share of
+    the period served, rounded half-up to minor units). Negative values, or a
+    maximum below the minimum, are INVALID_ARGUMENT naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINIMUM_SPEND_MINOR_FIELD_NUMBER: _builtins.int
+    MAXIMUM_SPEND_MINOR_FIELD_NUMBER: _builtins.int
+    minimum_spend_minor: _builtins.int
+    """The least a period bills; 0: no minimum."""
+    maximum_spend_minor: _builtins.int
+    """The most a period's usage lines bill; 0: no maximum."""
+    def __init__(
+        self,
+        *,
+        minimum_spend_minor: _builtins.int = ...,
+        maximum_spend_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["maximum_spend_minor", b"maximum_spend_minor", "minimum_spend_minor", b"minimum_spend_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Commitment: _TypeAlias = Commitment  # noqa: Y015
 
 @_typing.final
 class Product(_message.Message):
@@ -148,6 +259,7 @@ class Product(_message.Message):
     BILLING_INTERVAL_FIELD_NUMBER: _builtins.int
     FIXED_PRICE_MINOR_FIELD_NUMBER: _builtins.int
     USAGE_PRICES_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     currency: _builtins.str
@@ -156,6 +268,12 @@ class Product(_message.Message):
     fixed_price_minor: _builtins.int
     @_builtins.property
     def usage_prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePrice]: ...
+    @_builtins.property
+    def commitment(self) -> Global___Commitment:
+        """The product's spend commitment; unset: none. A subscription may set its
+        own, which replaces this one whole.
+        """
+
     def __init__(
         self,
         *,
@@ -165,10 +283,11 @@ class Product(_message.Message):
         billing_interval: Global___BillingInterval.ValueType = ...,
         fixed_price_minor: _builtins.int = ...,
         usage_prices: _abc.Iterable[Global___UsagePrice] | None = ...,
+        commitment: Global___Commitment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "id", b"id", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "commitment", b"commitment", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "id", b"id", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,6 +302,7 @@ class CreateProductRequest(_message.Message):
     BILLING_INTERVAL_FIELD_NUMBER: _builtins.int
     FIXED_PRICE_MINOR_FIELD_NUMBER: _builtins.int
     USAGE_PRICES_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     currency: _builtins.str
     billing_interval: Global___BillingInterval.ValueType
@@ -194,6 +314,10 @@ class CreateProductRequest(_message.Message):
         before anything else is done with the request.
         """
 
+    @_builtins.property
+    def commitment(self) -> Global___Commitment:
+        """A minimum and/or maximum spend per period (see Commitment); unset: none."""
+
     def __init__(
         self,
         *,
@@ -202,10 +326,11 @@ class CreateProductRequest(_message.Message):
         billing_interval: Global___BillingInterval.ValueType = ...,
         fixed_price_minor: _builtins.int = ...,
         usage_prices: _abc.Iterable[Global___UsagePrice] | None = ...,
+        commitment: Global___Commitment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "commitment", b"commitment", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,25 +23,26 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from usagebilling.billing.v1 import product_pb2 as usagebilling_dot_billing_dot_v1_dot_product__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*usagebilling/billing/v1/subscription.proto\x12\x17usagebilling.billing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd0\x02\n\x0cSubscription\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14\x63urrent_period_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63urrent_period_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x06status\x18\x07 \x01(\x0e\x32+.usagebilling.billing.v1.SubscriptionStatus\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"t\n\x19\x43reateSubscriptionRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x16GetSubscriptionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x19\x43\x61ncelSubscriptionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bimmediately\x18\x02 \x01(\x08*\x9e\x01\n\x12SubscriptionStatus\x12#\n\x1fSUBSCRIPTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSUBSCRIPTION_STATUS_ACTIVE\x10\x01\x12!\n\x1dSUBSCRIPTION_STATUS_CANCELING\x10\x02\x12 \n\x1cSUBSCRIPTION_STATUS_CANCELED\x10\x03\x32\xe2\x02\n\x13SubscriptionService\x12o\n\x12\x43reateSubscription\x12\x32.usagebilling.billing.v1.CreateSubscriptionRequest\x1a%.usagebilling.billing.v1.Subscription\x12i\n\x0fGetSubscription\x12/.usagebilling.billing.v1.GetSubscriptionRequest\x1a%.usagebilling.billing.v1.Subscription\x12o\n\x12\x43\x61ncelSubscription\x12\x32.usagebilling.billing.v1.CancelSubscriptionRequest\x1a%.usagebilling.billing.v1.Subscriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*usagebilling/billing/v1/subscription.proto\x12\x17usagebilling.billing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%usagebilling/billing/v1/product.proto\"\x89\x03\n\x0cSubscription\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14\x63urrent_period_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63urrent_period_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x06status\x18\x07 \x01(\x0e\x32+.usagebilling.billing.v1.SubscriptionStatus\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\ncommitment\x18\t \x01(\x0b\x32#.usagebilling.billing.v1.Commitment\"\xad\x01\n\x19\x43reateSubscriptionRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\ncommitment\x18\x04 \x01(\x0b\x32#.usagebilling.billing.v1.Commitment\"$\n\x16GetSubscriptionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x19\x43\x61ncelSubscriptionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bimmediately\x18\x02 \x01(\x08*\x9e\x01\n\x12SubscriptionStatus\x12#\n\x1fSUBSCRIPTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSUBSCRIPTION_STATUS_ACTIVE\x10\x01\x12!\n\x1dSUBSCRIPTION_STATUS_CANCELING\x10\x02\x12 \n\x1cSUBSCRIPTION_STATUS_CANCELED\x10\x03\x32\xe2\x02\n\x13SubscriptionService\x12o\n\x12\x43reateSubscription\x12\x32.usagebilling.billing.v1.CreateSubscriptionRequest\x1a%.usagebilling.billing.v1.Subscription\x12i\n\x0fGetSubscription\x12/.usagebilling.billing.v1.GetSubscriptionRequest\x1a%.usagebilling.billing.v1.Subscription\x12o\n\x12\x43\x61ncelSubscription\x12\x32.usagebilling.billing.v1.CancelSubscriptionRequest\x1a%.usagebilling.billing.v1.Subscriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usagebilling.billing.v1.subscription_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBSCRIPTIONSTATUS']._serialized_start=662
-  _globals['_SUBSCRIPTIONSTATUS']._serialized_end=820
-  _globals['_SUBSCRIPTION']._serialized_start=105
-  _globals['_SUBSCRIPTION']._serialized_end=441
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=443
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=559
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=561
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=597
-  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_start=599
-  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_end=659
-  _globals['_SUBSCRIPTIONSERVICE']._serialized_start=823
-  _globals['_SUBSCRIPTIONSERVICE']._serialized_end=1177
+  _globals['_SUBSCRIPTIONSTATUS']._serialized_start=816
+  _globals['_SUBSCRIPTIONSTATUS']._serialized_end=974
+  _globals['_SUBSCRIPTION']._serialized_start=144
+  _globals['_SUBSCRIPTION']._serialized_end=537
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=540
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=713
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=715
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=751
+  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_start=753
+  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_end=813
+  _globals['_SUBSCRIPTIONSERVICE']._serialized_start=977
+  _globals['_SUBSCRIPTIONSERVICE']._serialized_end=1331
 # @@protoc_insertion_point(module_scope)

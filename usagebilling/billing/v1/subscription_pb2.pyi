@@ -7,6 +7,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from usagebilling.billing.v1 import product_pb2 as _product_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -51,6 +52,7 @@ class Subscription(_message.Message):
     CURRENT_PERIOD_END_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     customer_id: _builtins.str
     """The billing customer id (Customer.id)."""
@@ -66,6 +68,12 @@ class Subscription(_message.Message):
     def current_period_end(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def commitment(self) -> _product_pb2.Commitment:
+        """The subscription's own spend commitment, which replaces the product's
+        whole; unset: the product's applies.
+        """
+
     def __init__(
         self,
         *,
@@ -77,10 +85,11 @@ class Subscription(_message.Message):
         current_period_end: _timestamp_pb2.Timestamp | None = ...,
         status: Global___SubscriptionStatus.ValueType = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        commitment: _product_pb2.Commitment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "customer_id", b"customer_id", "end_time", b"end_time", "id", b"id", "product_id", b"product_id", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "current_period_end", b"current_period_end", "current_period_start", b"current_period_start", "customer_id", b"customer_id", "end_time", b"end_time", "id", b"id", "product_id", b"product_id", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -93,6 +102,7 @@ class CreateSubscriptionRequest(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     PRODUCT_ID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     product_id: _builtins.str
     @_builtins.property
@@ -102,16 +112,26 @@ class CreateSubscriptionRequest(_message.Message):
         start is billed, a bounded number per billing run.
         """
 
+    @_builtins.property
+    def commitment(self) -> _product_pb2.Commitment:
+        """A commitment for this subscription only, replacing the product's (both
+        bounds: a message with both 0 removes the product's commitment); unset:
+        the product's applies. Validated as on CreateProductRequest
+        (INVALID_ARGUMENT naming commitment.minimum_spend_minor or
+        commitment.maximum_spend_minor).
+        """
+
     def __init__(
         self,
         *,
         customer_id: _builtins.str = ...,
         product_id: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        commitment: _product_pb2.Commitment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "product_id", b"product_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "customer_id", b"customer_id", "product_id", b"product_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
