@@ -35,6 +35,44 @@ class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregati
     AGGREGATION_AVG: _Aggregation.ValueType  # 5
     AGGREGATION_UNIQUE_COUNT: _Aggregation.ValueType  # 6
     AGGREGATION_LATEST: _Aggregation.ValueType  # 7
+    AGGREGATION_TIME_WEIGHTED_AVG: _Aggregation.ValueType  # 8
+    """Gauges: a reading (`property`, a number) holds from its event's time until
+    the next reading of the same line: a customer and the meter's group_by
+    values. Before the line's first reading its value is 0; the value at a
+    window's start comes from the last reading before it, however old. Among
+    readings at one instant the greatest event_id (by code point) wins, so
+    arrival order changes nothing. A query's group adds up its lines.
+    Rows (gauges and seats): a customer and group has a row in every window
+    of the query from the first that ends after one of its events, 0 included.
+    The time-weighted average over each window: the integral below divided by
+    the window's length, to 50 significant digits (half-even, as AVG).
+    """
+    AGGREGATION_TIME_WEIGHTED_SUM: _Aggregation.ValueType  # 9
+    """The integral over each window in value x hours (10 GB held for 24 hours:
+    240 GB-hours): summed exactly in microseconds, divided by 3,600,000,000
+    to 50 significant digits.
+    """
+    AGGREGATION_SEATS_END: _Aggregation.ValueType  # 10
+    """Seats: an event adds or removes an item. `property` is the metadata key
+    of the item's id (compared as UNIQUE_COUNT compares values),
+    `operation_property` (default "operation") the key whose value is exactly
+    "add" or "remove" (anything else is skipped as "not_an_operation"). Set
+    semantics: an item is active after an "add" until a "remove"; adding an
+    active item or removing an inactive one changes nothing. Among events at
+    one instant the greatest event_id (by code point) is applied last. Active
+    items carry over from window to window, and from period to period,
+    without new events. Lines as for gauges: per customer and group_by values.
+    The number of items active at the end of each window (just before it; an
+    event at the end belongs to the next window).
+    """
+    AGGREGATION_SEATS_MAX: _Aggregation.ValueType  # 11
+    """The most items active at any one instant of each window (an item added
+    and removed at the same instant never counts).
+    """
+    AGGREGATION_SEATS_PRORATED: _Aggregation.ValueType  # 12
+    """Item-time in the window divided by its length (an item active for half
+    the window counts 0.5), to 50 significant digits as AVG.
+    """
 
 class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper): ...
 
@@ -46,6 +84,44 @@ AGGREGATION_MIN: Aggregation.ValueType  # 4
 AGGREGATION_AVG: Aggregation.ValueType  # 5
 AGGREGATION_UNIQUE_COUNT: Aggregation.ValueType  # 6
 AGGREGATION_LATEST: Aggregation.ValueType  # 7
+AGGREGATION_TIME_WEIGHTED_AVG: Aggregation.ValueType  # 8
+"""Gauges: a reading (`property`, a number) holds from its event's time until
+the next reading of the same line: a customer and the meter's group_by
+values. Before the line's first reading its value is 0; the value at a
+window's start comes from the last reading before it, however old. Among
+readings at one instant the greatest event_id (by code point) wins, so
+arrival order changes nothing. A query's group adds up its lines.
+Rows (gauges and seats): a customer and group has a row in every window
+of the query from the first that ends after one of its events, 0 included.
+The time-weighted average over each window: the integral below divided by
+the window's length, to 50 significant digits (half-even, as AVG).
+"""
+AGGREGATION_TIME_WEIGHTED_SUM: Aggregation.ValueType  # 9
+"""The integral over each window in value x hours (10 GB held for 24 hours:
+240 GB-hours): summed exactly in microseconds, divided by 3,600,000,000
+to 50 significant digits.
+"""
+AGGREGATION_SEATS_END: Aggregation.ValueType  # 10
+"""Seats: an event adds or removes an item. `property` is the metadata key
+of the item's id (compared as UNIQUE_COUNT compares values),
+`operation_property` (default "operation") the key whose value is exactly
+"add" or "remove" (anything else is skipped as "not_an_operation"). Set
+semantics: an item is active after an "add" until a "remove"; adding an
+active item or removing an inactive one changes nothing. Among events at
+one instant the greatest event_id (by code point) is applied last. Active
+items carry over from window to window, and from period to period,
+without new events. Lines as for gauges: per customer and group_by values.
+The number of items active at the end of each window (just before it; an
+event at the end belongs to the next window).
+"""
+AGGREGATION_SEATS_MAX: Aggregation.ValueType  # 11
+"""The most items active at any one instant of each window (an item added
+and removed at the same instant never counts).
+"""
+AGGREGATION_SEATS_PRORATED: Aggregation.ValueType  # 12
+"""Item-time in the window divided by its length (an item active for half
+the window counts 0.5), to 50 significant digits as AVG.
+"""
 Global___Aggregation: _TypeAlias = Aggregation  # noqa: Y015
 
 class _Conjunction:
@@ -255,6 +331,7 @@ class Meter(_message.Message):
     ARCHIVE_TIME_FIELD_NUMBER: _builtins.int
     BACKFILL_STATE_FIELD_NUMBER: _builtins.int
     SKIPPED_EVENTS_FIELD_NUMBER: _builtins.int
+    OPERATION_PROPERTY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     event_name: _builtins.str
@@ -265,6 +342,8 @@ class Meter(_message.Message):
     description: _builtins.str
     archived: _builtins.bool
     backfill_state: Global___BackfillState.ValueType
+    operation_property: _builtins.str
+    """Seat meters only: the metadata key of the operation ("add" or "remove")."""
     @_builtins.property
     def filter(self) -> Global___Filter: ...
     @_builtins.property
@@ -279,7 +358,8 @@ class Meter(_message.Message):
         lacks `property`; "not_a_number": its value is not a number where the
         aggregation needs one, or a number outside what meters can store, e.g.
         "0e-20000"; "contains_nul": the UNIQUE_COUNT value or a group-by value
-        holds a NUL character). Filled by GetMeter only. Events that could not be
+        holds a NUL character; "not_an_operation": a seat event whose operation is
+        neither "add" nor "remove"). Filled by GetMeter only. Events that could not be
         stored at all are in the fold quarantine (QuarantineService on meter).
         """
 
@@ -300,10 +380,11 @@ class Meter(_message.Message):
         archive_time: _timestamp_pb2.Timestamp | None = ...,
         backfill_state: Global___BackfillState.ValueType = ...,
         skipped_events: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        operation_property: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["archive_time", b"archive_time", "create_time", b"create_time", "filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "archive_time", b"archive_time", "archived", b"archived", "backfill_state", b"backfill_state", "create_time", b"create_time", "description", b"description", "event_name", b"event_name", "filter", b"filter", "group_by", b"group_by", "id", b"id", "measurement_unit", b"measurement_unit", "name", b"name", "property", b"property", "skipped_events", b"skipped_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "archive_time", b"archive_time", "archived", b"archived", "backfill_state", b"backfill_state", "create_time", b"create_time", "description", b"description", "event_name", b"event_name", "filter", b"filter", "group_by", b"group_by", "id", b"id", "measurement_unit", b"measurement_unit", "name", b"name", "operation_property", b"operation_property", "property", b"property", "skipped_events", b"skipped_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,6 +402,7 @@ class CreateMeterRequest(_message.Message):
     GROUP_BY_FIELD_NUMBER: _builtins.int
     MEASUREMENT_UNIT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    OPERATION_PROPERTY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required, unique per tenant; at most 255 characters."""
     event_name: _builtins.str
@@ -332,6 +414,11 @@ class CreateMeterRequest(_message.Message):
     """At most 255 characters."""
     description: _builtins.str
     """At most 4096 characters."""
+    operation_property: _builtins.str
+    """Seat aggregations only (INVALID_ARGUMENT naming operation_property for any
+    other): the metadata key of the operation; default "operation"; at most
+    255 characters, and not the same key as `property`.
+    """
     @_builtins.property
     def filter(self) -> Global___Filter:
         """See Filter for its size limits."""
@@ -351,10 +438,11 @@ class CreateMeterRequest(_message.Message):
         group_by: _abc.Iterable[_builtins.str] | None = ...,
         measurement_unit: _builtins.str = ...,
         description: _builtins.str = ...,
+        operation_property: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "description", b"description", "event_name", b"event_name", "filter", b"filter", "group_by", b"group_by", "measurement_unit", b"measurement_unit", "name", b"name", "property", b"property"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "description", b"description", "event_name", b"event_name", "filter", b"filter", "group_by", b"group_by", "measurement_unit", b"measurement_unit", "name", b"name", "operation_property", b"operation_property", "property", b"property"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
