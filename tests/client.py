@@ -63,7 +63,7 @@ def event(
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 30
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 60
 ) -> T:
     """Polls `probe` until `done(result)`; returns the last result either way."""
     deadline = asyncio.get_running_loop().time() + timeout

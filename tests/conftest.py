@@ -10,8 +10,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tools.devstack import DevStack
+
+# Properties run on loaded CI machines (2 cores, `make bench` beside): a
+# per-example deadline there fails on the machine's load, not on the code, and
+# an example saved in .hypothesis/ would fail again on every run. So no
+# deadline, and no health check on slow data generation, in every profile.
+# HYPOTHESIS_PROFILE=ci (set by .ci/run) also derandomizes and uses no example
+# database, so that a CI run is reproducible from the commit alone.
+settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", settings.get_profile("default"), derandomize=True, database=None, print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,7 @@ async def test_a_revoked_key_stops_working(suite: Suite) -> None:
     async def meter_status() -> grpc.StatusCode | None:
         return await _status(client.meter.ListMeters(request, metadata=keyed))
 
-    assert await eventually(meter_status, lambda s: s != grpc.StatusCode.OK, timeout=5) == (
+    assert await eventually(meter_status, lambda s: s != grpc.StatusCode.OK, timeout=30) == (
         grpc.StatusCode.UNAUTHENTICATED
     )
     await client.close()

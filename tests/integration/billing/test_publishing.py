@@ -45,11 +45,13 @@ async def _stream(js: Any, subject: str, tenant_id: str) -> list[tuple[int, str,
     subscription = await js.pull_subscribe(subject, stream=jetstream.BILLING_STREAM)
     found: list[tuple[int, str, Any]] = []
     try:
-        while True:
+        # Until the consumer has nothing left to deliver: a short fetch timeout
+        # as the end marker missed messages on a loaded machine.
+        while (pending := (await subscription.consumer_info()).num_pending or 0) > 0:
             try:
-                batch = await subscription.fetch(1000, timeout=0.5)
+                batch = await subscription.fetch(min(pending, 1000), timeout=30)
             except NatsTimeout:
-                return found
+                continue
             for message in batch:
                 payload = message_type.FromString(message.data)
                 if payload.tenant_id == tenant_id:
@@ -57,6 +59,7 @@ async def _stream(js: Any, subject: str, tenant_id: str) -> list[tuple[int, str,
                         (message.metadata.sequence.stream, message.headers["Nats-Msg-Id"], payload)
                     )
                 await message.ack()
+        return found
     finally:
         await subscription.unsubscribe()
 
