@@ -1,0 +1,469 @@
+"""Credits: the pure rules of grants, draw-down, overage, expiry and rollover.
+
+`replay` is the whole engine: given the grants of one customer's balance of one
+credit type, the state of the balance at `start` (what each grant had left),
+and the usage to draw (per minute and meter, already in credits), it walks the
+timeline [start, until) and returns the derived ledger entries (draws,
+overages, expiries, rollovers, forfeits, deficit repayments) and the state at
+`until`. The settlement task compares these entries with the recorded ones and
+records the differences (so a late event corrects later entries by new
+entries); the balance answer replays the unsettled minutes the same way.
+
+Order of one instant: grants expiring then close (and roll over), then grants
+effective then open (and repay a deficit first), then usage draws. A grant is
+open over [effective, expires). Usage draws from the open grant that expires
+first, then the one of higher priority, then the oldest; what no grant covers
+is overage under the rule of the usage's price.
+"""
+
+from __future__ import annotations
+
+import decimal
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from typing import Final
+
+from services.billing.domain.money import EXACT, minor_units
+from services.common.errors import InvalidArgument
+
+ZERO: Final = Decimal(0)
+MINUTE: Final = timedelta(minutes=1)
+# The state's key of the deficit (a balance below zero under DEFICIT); always <= 0.
+DEFICIT: Final = "deficit"
+MAX_CUSTOM_PRECISION: Final = 3
+# Credits amounts stay far inside PostgreSQL numeric and exact arithmetic.
+MAX_AMOUNT: Final = Decimal(10) ** 24
+
+
+class Overage(enum.Enum):
+    FORGIVE = "FORGIVE"
+    BILL = "BILL"
+    DEFICIT = "DEFICIT"
+
+
+class EntryKind(enum.Enum):
+    GRANTED = "GRANTED"
+    DRAWN = "DRAWN"
+    EXPIRED = "EXPIRED"
+    ROLLED_OVER = "ROLLED_OVER"
+    FORFEITED = "FORFEITED"
+    ADJUSTED = "ADJUSTED"
+    OVERAGE = "OVERAGE"
+
+
+# --- units and amounts ---
+
+
+def precision_of(kind: str, precision: int, currency: str) -> int:
+    """Decimals of a credit type: 0..3 for CUSTOM, the currency's minor units."""
+    if kind == "CURRENCY":
+        return minor_units(currency)
+    if not 0 <= precision <= MAX_CUSTOM_PRECISION:
+        raise InvalidArgument(f"precision: must be 0 to {MAX_CUSTOM_PRECISION}, got {precision}")
+    return precision
+
+
+def check_amount(value: Decimal, precision: int, field_name: str, *, sign: str = "+") -> Decimal:
+    """An amount at most `precision` decimals; sign "+" positive, "0+" not
+    negative, "!0" non-zero. InvalidArgument naming the field otherwise."""
+    if not value.is_finite() or abs(value) >= MAX_AMOUNT:
+        raise InvalidArgument(f"{field_name}: out of range")
+    if value != value.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_DOWN):
+        raise InvalidArgument(f"{field_name}: finer than the credit type's {precision} decimals")
+    if sign == "+" and value <= 0:
+        raise InvalidArgument(f"{field_name}: must be positive")
+    if sign == "0+" and value < 0:
+        raise InvalidArgument(f"{field_name}: must not be negative")
+    if sign == "!0" and value == 0:
+        raise InvalidArgument(f"{field_name}: must not be zero")
+    return value + ZERO  # normalizes -0
+
+
+def to_credits(quantity: Decimal, rate: Decimal, precision: int) -> Decimal:
+    """Usage in credits, rounded once per minute entry, half-up, to the precision."""
+    with decimal.localcontext(EXACT):
+        exact = quantity * rate
+    # Rounding is the point here: outside EXACT, which traps Inexact.
+    return exact.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_UP)
+
+
+# --- minutes ---
+
+
+def floor_minute(when: datetime) -> datetime:
+    return when.replace(second=0, microsecond=0)
+
+
+def ceil_minute(when: datetime) -> datetime:
+    floor = floor_minute(when)
+    return floor if floor == when else floor + MINUTE
+
+
+# --- grants ---
+
+
+@dataclass(frozen=True)
+class Rollover:
+    percent: Decimal  # 0..100
+    cap: Decimal | None
+    max_rollovers: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: str
+    amount: Decimal
+    effective: datetime  # a whole minute
+    expires: datetime | None  # a whole minute, after effective; None: never
+    priority: int = 0
+    seq: int = 0  # creation order: a lower seq is older
+    # Included credits of a subscription: the chain is the subscription and
+    # credit type; a rollover goes into the chain's grant effective at this
+    # grant's expiry, as a new grant expiring with it.
+    chain: str = ""
+    rollover: Rollover | None = None
+    rollovers: int = 0  # how many times these credits rolled over already
+
+    def open_at(self, when: datetime) -> bool:
+        return self.effective <= when and (self.expires is None or when < self.expires)
+
+
+_NEVER: Final = datetime(9999, 12, 31, tzinfo=UTC)
+
+
+def rollover_id(grant_id: str) -> str:
+    return f"{grant_id}.r"
+
+
+def _draw_order(grant: Grant) -> tuple[bool, datetime, int, datetime, int]:
+    # A grant that never expires sorts after every one that does (the flag);
+    # among them the time compared is the same constant.
+    when = grant.expires or _NEVER
+    return (grant.expires is None, when, -grant.priority, grant.effective, grant.seq)
+
+
+def _rolled(parent: Grant, successor: Grant) -> Grant:
+    """The grant that carries `parent`'s rollover (its amount is in the state)."""
+    return Grant(
+        id=rollover_id(parent.id),
+        amount=ZERO,
+        effective=successor.effective,
+        expires=successor.expires,
+        priority=parent.priority,
+        seq=successor.seq,
+        chain=parent.chain,
+        rollover=parent.rollover,
+        rollovers=parent.rollovers + 1,
+    )
+
+
+def expand_rollovers(grants: Sequence[Grant]) -> list[Grant]:
+    """The grants with, for each grant that may roll over into a successor (the
+    chain's grant effective at its expiry), the rollover grant it would make."""
+    starts = {(g.chain, g.effective): g for g in grants if g.chain and g.id.find(".") < 0}
+    out = list(grants)
+    queue = list(grants)
+    while queue:
+        grant = queue.pop()
+        policy = grant.rollover
+        if policy is None or grant.expires is None or grant.rollovers >= policy.max_rollovers:
+            continue
+        if policy.percent <= 0:
+            continue
+        successor = starts.get((grant.chain, grant.expires))
+        if successor is None:
+            continue
+        rolled = _rolled(grant, successor)
+        out.append(rolled)
+        queue.append(rolled)
+    return out
+
+
+# --- usage and the ledger ---
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Credits to draw at one minute: one meter's usage of that minute, or a debit."""
+
+    key: str  # unique per balance: "draw:<meter>:<minute>" or "debit:<id>"
+    at: datetime
+    credits: Decimal
+    rule: Overage
+    meter_id: str = ""
+    quantity: Decimal = ZERO  # the meter's quantity (for the entry)
+    kind: EntryKind = EntryKind.DRAWN
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A derived ledger entry (or what a recorded one says, summed per key)."""
+
+    key: str
+    kind: EntryKind
+    at: datetime
+    amount: Decimal
+    allocations: Mapping[str, Decimal] = field(default_factory=dict)
+    grant_id: str = ""
+    meter_id: str = ""
+    quantity: Decimal = ZERO
+    uncovered: Decimal = ZERO
+
+
+def _add(target: dict[str, Decimal], key: str, amount: Decimal) -> None:
+    target[key] = target.get(key, ZERO) + amount
+
+
+@dataclass
+class _Balance:
+    remaining: dict[str, Decimal]
+    entries: list[Entry]
+
+    def open_grant(self, grant: Grant, at: datetime) -> None:
+        if not grant.id.endswith(".r"):
+            self.remaining[grant.id] = self.remaining.get(grant.id, ZERO) + grant.amount
+        deficit = -self.remaining.get(DEFICIT, ZERO)
+        left = self.remaining.get(grant.id, ZERO)
+        repay = min(deficit, left)
+        if repay > 0:
+            self.remaining[grant.id] = left - repay
+            self.remaining[DEFICIT] = -(deficit - repay)
+            self.entries.append(
+                Entry(
+                    f"repay:{grant.id}",
+                    EntryKind.GRANTED,
+                    at,
+                    ZERO,
+                    {grant.id: -repay, DEFICIT: repay},
+                    grant_id=grant.id,
+                )
+            )
+
+
+def replay(
+    grants: Sequence[Grant],
+    draws: Iterable[Draw],
+    state: Mapping[str, Decimal],
+    start: datetime,
+    until: datetime,
+    precision: int,
+) -> tuple[list[Entry], dict[str, Decimal]]:
+    """The entries derived from [start, until) and the state at `until`.
+
+    `state` maps grant ids (and DEFICIT) to what they had left at `start`, as
+    the ledger's allocations sum it up; grants effective within the range are
+    opened with their amount (their GRANTED entry is recorded when granted).
+    Never mutates its inputs."""
+    every = expand_rollovers(grants)
+    by_id = {g.id: g for g in every}
+    starts = {(g.chain, g.effective): g for g in grants if g.chain}
+    balance = _Balance({k: v for k, v in state.items() if v != 0 or k == DEFICIT}, [])
+    entries = balance.entries
+    moments: set[datetime] = set()
+    for g in every:
+        if start <= g.effective < until:
+            moments.add(g.effective)
+        if g.expires is not None and start <= g.expires < until:
+            moments.add(g.expires)
+    by_minute: dict[datetime, list[Draw]] = {}
+    for d in draws:
+        if start <= d.at < until:
+            by_minute.setdefault(d.at, []).append(d)
+            moments.add(d.at)
+    quantum = Decimal(1).scaleb(-precision)
+    for moment in sorted(moments):
+        for g in every:
+            if g.expires == moment and g.effective < moment:
+                _close(balance, g, starts, moment, quantum)
+        for g in sorted(every, key=lambda g: (g.effective, g.seq, g.id)):
+            if g.effective == moment:
+                balance.open_grant(g, moment)
+        for d in sorted(by_minute.get(moment, []), key=lambda d: d.key):
+            _draw(balance, d, [by_id[k] for k in balance.remaining if k in by_id], moment)
+    final = {k: v for k, v in balance.remaining.items() if v != 0}
+    return entries, final
+
+
+def _close(
+    balance: _Balance,
+    grant: Grant,
+    starts: Mapping[tuple[str, datetime], Grant],
+    at: datetime,
+    quantum: Decimal,
+) -> None:
+    left = balance.remaining.pop(grant.id, ZERO)
+    if left <= 0:
+        return
+    policy = grant.rollover
+    successor = starts.get((grant.chain, at)) if grant.chain else None
+    carry = ZERO
+    if (
+        policy is not None
+        and successor is not None
+        and grant.rollovers < policy.max_rollovers
+        and policy.percent > 0
+    ):
+        with decimal.localcontext(EXACT):
+            share = (left * policy.percent).scaleb(-2)
+        carry = share.quantize(quantum, rounding=ROUND_DOWN)
+        if policy.cap is not None:
+            carry = min(carry, policy.cap)
+    entries = balance.entries
+    if carry > 0:
+        target = rollover_id(grant.id)
+        balance.remaining[target] = balance.remaining.get(target, ZERO) + carry
+        entries.append(
+            Entry(
+                f"rollover:{grant.id}",
+                EntryKind.ROLLED_OVER,
+                at,
+                ZERO,
+                {grant.id: -carry, target: carry},
+                grant_id=grant.id,
+            )
+        )
+    rest = left - carry
+    if rest > 0:
+        kind = EntryKind.FORFEITED if policy is not None else EntryKind.EXPIRED
+        entries.append(
+            Entry(f"expire:{grant.id}", kind, at, -rest, {grant.id: -rest}, grant_id=grant.id)
+        )
+
+
+def _draw(balance: _Balance, draw: Draw, candidates: list[Grant], at: datetime) -> None:
+    need = draw.credits
+    taken: dict[str, Decimal] = {}
+    for g in sorted((g for g in candidates if g.open_at(at)), key=_draw_order):
+        if need <= 0:
+            break
+        left = balance.remaining.get(g.id, ZERO)
+        if left <= 0:
+            continue
+        take = min(left, need)
+        balance.remaining[g.id] = left - take
+        taken[g.id] = -take
+        need -= take
+    covered = draw.credits - need
+    entries = balance.entries
+    if covered > 0 or draw.kind is not EntryKind.DRAWN or draw.credits == 0:
+        entries.append(
+            Entry(
+                draw.key,
+                draw.kind,
+                at,
+                -covered,
+                taken,
+                meter_id=draw.meter_id,
+                quantity=draw.quantity,
+            )
+        )
+    if need > 0:
+        # A debit is never forgiven: what no grant covers is a deficit.
+        deficit = draw.rule is Overage.DEFICIT or draw.kind is EntryKind.ADJUSTED
+        amount = -need if deficit else ZERO
+        allocations = {DEFICIT: -need} if deficit else {}
+        if deficit:
+            _add(balance.remaining, DEFICIT, -need)
+        entries.append(
+            Entry(
+                f"over:{draw.key}",
+                EntryKind.OVERAGE,
+                at,
+                amount,
+                allocations,
+                meter_id=draw.meter_id,
+                quantity=ZERO if covered > 0 else draw.quantity,
+                uncovered=need,
+            )
+        )
+
+
+def available(
+    grants: Sequence[Grant], state: Mapping[str, Decimal], now: datetime
+) -> tuple[Decimal, list[tuple[Grant, Decimal]]]:
+    """The balance at `now` from the state at `now`: the open grants' remainders
+    plus the deficit, and (grant, remaining) of open and future grants in draw order."""
+    every = {g.id: g for g in expand_rollovers(grants)}
+    total = state.get(DEFICIT, ZERO)
+    listed: list[tuple[Grant, Decimal]] = []
+    for gid, left in state.items():
+        grant = every.get(gid)
+        if grant is not None and grant.open_at(now) and left != 0:
+            total += left
+            listed.append((grant, left))
+    for grant in grants:
+        if grant.effective > now and not grant.id.endswith(".r"):
+            listed.append((grant, grant.amount))
+    listed.sort(key=lambda pair: (pair[0].effective > now, *_draw_order(pair[0])))
+    return total, listed
+
+
+# --- corrections ---
+
+
+def corrections(desired: Sequence[Entry], recorded: Sequence[Entry]) -> list[Entry]:
+    """What to record so that the recorded entries (summed per key) equal the
+    desired ones: one entry per key that differs, carrying the difference."""
+    have: dict[str, Entry] = {}
+    for e in recorded:
+        have[e.key] = _sum(have.get(e.key), e)
+    want: dict[str, Entry] = {}
+    for e in desired:
+        want[e.key] = _sum(want.get(e.key), e)
+    out: list[Entry] = []
+    for key in sorted(set(have) | set(want), key=lambda k: ((want.get(k) or have[k]).at, k)):
+        w, h = want.get(key), have.get(key)
+        base = w or h
+        assert base is not None
+        delta = Entry(
+            key,
+            base.kind,
+            base.at,
+            (w.amount if w else ZERO) - (h.amount if h else ZERO),
+            _minus(w.allocations if w else {}, h.allocations if h else {}),
+            grant_id=base.grant_id,
+            meter_id=base.meter_id,
+            quantity=(w.quantity if w else ZERO) - (h.quantity if h else ZERO),
+            uncovered=(w.uncovered if w else ZERO) - (h.uncovered if h else ZERO),
+        )
+        if delta.amount or delta.allocations or delta.quantity or delta.uncovered:
+            out.append(delta)
+    return out
+
+
+def _sum(a: Entry | None, b: Entry) -> Entry:
+    if a is None:
+        return b
+    allocations = dict(a.allocations)
+    for k, v in b.allocations.items():
+        _add(allocations, k, v)
+    return Entry(
+        a.key,
+        a.kind,
+        a.at,
+        a.amount + b.amount,
+        {k: v for k, v in allocations.items() if v != 0},
+        grant_id=a.grant_id,
+        meter_id=a.meter_id,
+        quantity=a.quantity + b.quantity,
+        uncovered=a.uncovered + b.uncovered,
+    )
+
+
+def _minus(a: Mapping[str, Decimal], b: Mapping[str, Decimal]) -> dict[str, Decimal]:
+    out = dict(a)
+    for k, v in b.items():
+        _add(out, k, -v)
+    return {k: v for k, v in out.items() if v != 0}
+
+
+def state_of(entries: Iterable[Entry]) -> dict[str, Decimal]:
+    """What each grant (and the deficit) has left after these entries."""
+    state: dict[str, Decimal] = {}
+    for e in entries:
+        for k, v in e.allocations.items():
+            _add(state, k, v)
+    return {k: v for k, v in state.items() if v != 0}
