@@ -22,35 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from usagebilling.billing.v1 import credit_pb2 as usagebilling_dot_billing_dot_v1_dot_credit__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%usagebilling/billing/v1/product.proto\x12\x17usagebilling.billing.v1\"B\n\tPriceTier\x12\r\n\x05up_to\x18\x01 \x01(\t\x12\x12\n\nunit_price\x18\x02 \x01(\t\x12\x12\n\nflat_price\x18\x03 \x01(\t\"\xd5\x02\n\nUsagePrice\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x32\n\x05model\x18\x02 \x01(\x0e\x32#.usagebilling.billing.v1.PriceModel\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x16\n\x0e\x66ree_threshold\x18\x04 \x01(\t\x12\x31\n\x05tiers\x18\x05 \x03(\x0b\x32\".usagebilling.billing.v1.PriceTier\x12\x14\n\x0cpackage_size\x18\x06 \x01(\t\x12\x15\n\rpackage_price\x18\x07 \x01(\t\x12\x0c\n\x04rate\x18\x08 \x01(\t\x12\x11\n\tfixed_fee\x18\t \x01(\t\x12\x0f\n\x07min_fee\x18\n \x01(\t\x12\x0f\n\x07max_fee\x18\x0b \x01(\t\x12\x17\n\x0ftransaction_key\x18\x0c \x01(\t\x12\x19\n\x11\x66ree_transactions\x18\r \x01(\x03\"F\n\nCommitment\x12\x1b\n\x13minimum_spend_minor\x18\x01 \x01(\x03\x12\x1b\n\x13maximum_spend_minor\x18\x02 \x01(\x03\"\x88\x02\n\x07Product\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x42\n\x10\x62illing_interval\x18\x04 \x01(\x0e\x32(.usagebilling.billing.v1.BillingInterval\x12\x19\n\x11\x66ixed_price_minor\x18\x05 \x01(\x03\x12\x39\n\x0cusage_prices\x18\x06 \x03(\x0b\x32#.usagebilling.billing.v1.UsagePrice\x12\x37\n\ncommitment\x18\x07 \x01(\x0b\x32#.usagebilling.billing.v1.Commitment\"\x89\x02\n\x14\x43reateProductRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x42\n\x10\x62illing_interval\x18\x03 \x01(\x0e\x32(.usagebilling.billing.v1.BillingInterval\x12\x19\n\x11\x66ixed_price_minor\x18\x04 \x01(\x03\x12\x39\n\x0cusage_prices\x18\x05 \x03(\x0b\x32#.usagebilling.billing.v1.UsagePrice\x12\x37\n\ncommitment\x18\x06 \x01(\x0b\x32#.usagebilling.billing.v1.Commitment\"\x1f\n\x11GetProductRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x14ListProductsResponse\x12\x32\n\x08products\x18\x01 \x03(\x0b\x32 .usagebilling.billing.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9f\x01\n\x0f\x42illingInterval\x12 \n\x1c\x42ILLING_INTERVAL_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42ILLING_INTERVAL_DAY\x10\x01\x12\x19\n\x15\x42ILLING_INTERVAL_WEEK\x10\x02\x12\x1a\n\x16\x42ILLING_INTERVAL_MONTH\x10\x03\x12\x19\n\x15\x42ILLING_INTERVAL_YEAR\x10\x04*\xab\x01\n\nPriceModel\x12\x1b\n\x17PRICE_MODEL_UNSPECIFIED\x10\x00\x12\x18\n\x14PRICE_MODEL_PER_UNIT\x10\x01\x12\x19\n\x15PRICE_MODEL_GRADUATED\x10\x02\x12\x16\n\x12PRICE_MODEL_VOLUME\x10\x03\x12\x17\n\x13PRICE_MODEL_PACKAGE\x10\x04\x12\x1a\n\x16PRICE_MODEL_PERCENTAGE\x10\x05\x32\xbb\x02\n\x0eProductService\x12`\n\rCreateProduct\x12-.usagebilling.billing.v1.CreateProductRequest\x1a .usagebilling.billing.v1.Product\x12Z\n\nGetProduct\x12*.usagebilling.billing.v1.GetProductRequest\x1a .usagebilling.billing.v1.Product\x12k\n\x0cListProducts\x12,.usagebilling.billing.v1.ListProductsRequest\x1a-.usagebilling.billing.v1.ListProductsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%usagebilling/billing/v1/product.proto\x12\x17usagebilling.billing.v1\x1a$usagebilling/billing/v1/credit.proto\"B\n\tPriceTier\x12\r\n\x05up_to\x18\x01 \x01(\t\x12\x12\n\nunit_price\x18\x02 \x01(\t\x12\x12\n\nflat_price\x18\x03 \x01(\t\"\xbe\x03\n\nUsagePrice\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x32\n\x05model\x18\x02 \x01(\x0e\x32#.usagebilling.billing.v1.PriceModel\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x16\n\x0e\x66ree_threshold\x18\x04 \x01(\t\x12\x31\n\x05tiers\x18\x05 \x03(\x0b\x32\".usagebilling.billing.v1.PriceTier\x12\x14\n\x0cpackage_size\x18\x06 \x01(\t\x12\x15\n\rpackage_price\x18\x07 \x01(\t\x12\x0c\n\x04rate\x18\x08 \x01(\t\x12\x11\n\tfixed_fee\x18\t \x01(\t\x12\x0f\n\x07min_fee\x18\n \x01(\t\x12\x0f\n\x07max_fee\x18\x0b \x01(\t\x12\x17\n\x0ftransaction_key\x18\x0c \x01(\t\x12\x19\n\x11\x66ree_transactions\x18\r \x01(\x03\x12\x16\n\x0e\x63redit_type_id\x18\x14 \x01(\t\x12\x13\n\x0b\x63redit_rate\x18\x15 \x01(\t\x12:\n\x0coverage_rule\x18\x16 \x01(\x0e\x32$.usagebilling.billing.v1.OverageRule\"\x86\x01\n\x0fIncludedCredits\x12\x16\n\x0e\x63redit_type_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x39\n\x08rollover\x18\x03 \x01(\x0b\x32\'.usagebilling.billing.v1.RolloverPolicy\x12\x10\n\x08priority\x18\x04 \x01(\x05\"F\n\nCommitment\x12\x1b\n\x13minimum_spend_minor\x18\x01 \x01(\x03\x12\x1b\n\x13maximum_spend_minor\x18\x02 \x01(\x03\"\xcc\x02\n\x07Product\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x42\n\x10\x62illing_interval\x18\x04 \x01(\x0e\x32(.usagebilling.billing.v1.BillingInterval\x12\x19\n\x11\x66ixed_price_minor\x18\x05 \x01(\x03\x12\x39\n\x0cusage_prices\x18\x06 \x03(\x0b\x32#.usagebilling.billing.v1.UsagePrice\x12\x37\n\ncommitment\x18\x07 \x01(\x0b\x32#.usagebilling.billing.v1.Commitment\x12\x42\n\x10included_credits\x18\x14 \x03(\x0b\x32(.usagebilling.billing.v1.IncludedCredits\"\xcd\x02\n\x14\x43reateProductRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x42\n\x10\x62illing_interval\x18\x03 \x01(\x0e\x32(.usagebilling.billing.v1.BillingInterval\x12\x19\n\x11\x66ixed_price_minor\x18\x04 \x01(\x03\x12\x39\n\x0cusage_prices\x18\x05 \x03(\x0b\x32#.usagebilling.billing.v1.UsagePrice\x12\x37\n\ncommitment\x18\x06 \x01(\x0b\x32#.usagebilling.billing.v1.Commitment\x12\x42\n\x10included_credits\x18\x14 \x03(\x0b\x32(.usagebilling.billing.v1.IncludedCredits\"\x1f\n\x11GetProductRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x14ListProductsResponse\x12\x32\n\x08products\x18\x01 \x03(\x0b\x32 .usagebilling.billing.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9f\x01\n\x0f\x42illingInterval\x12 \n\x1c\x42ILLING_INTERVAL_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42ILLING_INTERVAL_DAY\x10\x01\x12\x19\n\x15\x42ILLING_INTERVAL_WEEK\x10\x02\x12\x1a\n\x16\x42ILLING_INTERVAL_MONTH\x10\x03\x12\x19\n\x15\x42ILLING_INTERVAL_YEAR\x10\x04*\xab\x01\n\nPriceModel\x12\x1b\n\x17PRICE_MODEL_UNSPECIFIED\x10\x00\x12\x18\n\x14PRICE_MODEL_PER_UNIT\x10\x01\x12\x19\n\x15PRICE_MODEL_GRADUATED\x10\x02\x12\x16\n\x12PRICE_MODEL_VOLUME\x10\x03\x12\x17\n\x13PRICE_MODEL_PACKAGE\x10\x04\x12\x1a\n\x16PRICE_MODEL_PERCENTAGE\x10\x05\x32\xbb\x02\n\x0eProductService\x12`\n\rCreateProduct\x12-.usagebilling.billing.v1.CreateProductRequest\x1a .usagebilling.billing.v1.Product\x12Z\n\nGetProduct\x12*.usagebilling.billing.v1.GetProductRequest\x1a .usagebilling.billing.v1.Product\x12k\n\x0cListProducts\x12,.usagebilling.billing.v1.ListProductsRequest\x1a-.usagebilling.billing.v1.ListProductsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usagebilling.billing.v1.product_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BILLINGINTERVAL']._serialized_start=1282
-  _globals['_BILLINGINTERVAL']._serialized_end=1441
-  _globals['_PRICEMODEL']._serialized_start=1444
-  _globals['_PRICEMODEL']._serialized_end=1615
-  _globals['_PRICETIER']._serialized_start=66
-  _globals['_PRICETIER']._serialized_end=132
-  _globals['_USAGEPRICE']._serialized_start=135
-  _globals['_USAGEPRICE']._serialized_end=476
-  _globals['_COMMITMENT']._serialized_start=478
-  _globals['_COMMITMENT']._serialized_end=548
-  _globals['_PRODUCT']._serialized_start=551
-  _globals['_PRODUCT']._serialized_end=815
-  _globals['_CREATEPRODUCTREQUEST']._serialized_start=818
-  _globals['_CREATEPRODUCTREQUEST']._serialized_end=1083
-  _globals['_GETPRODUCTREQUEST']._serialized_start=1085
-  _globals['_GETPRODUCTREQUEST']._serialized_end=1116
-  _globals['_LISTPRODUCTSREQUEST']._serialized_start=1118
-  _globals['_LISTPRODUCTSREQUEST']._serialized_end=1178
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=1180
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=1279
-  _globals['_PRODUCTSERVICE']._serialized_start=1618
-  _globals['_PRODUCTSERVICE']._serialized_end=1933
+  _globals['_BILLINGINTERVAL']._serialized_start=1698
+  _globals['_BILLINGINTERVAL']._serialized_end=1857
+  _globals['_PRICEMODEL']._serialized_start=1860
+  _globals['_PRICEMODEL']._serialized_end=2031
+  _globals['_PRICETIER']._serialized_start=104
+  _globals['_PRICETIER']._serialized_end=170
+  _globals['_USAGEPRICE']._serialized_start=173
+  _globals['_USAGEPRICE']._serialized_end=619
+  _globals['_INCLUDEDCREDITS']._serialized_start=622
+  _globals['_INCLUDEDCREDITS']._serialized_end=756
+  _globals['_COMMITMENT']._serialized_start=758
+  _globals['_COMMITMENT']._serialized_end=828
+  _globals['_PRODUCT']._serialized_start=831
+  _globals['_PRODUCT']._serialized_end=1163
+  _globals['_CREATEPRODUCTREQUEST']._serialized_start=1166
+  _globals['_CREATEPRODUCTREQUEST']._serialized_end=1499
+  _globals['_GETPRODUCTREQUEST']._serialized_start=1501
+  _globals['_GETPRODUCTREQUEST']._serialized_end=1532
+  _globals['_LISTPRODUCTSREQUEST']._serialized_start=1534
+  _globals['_LISTPRODUCTSREQUEST']._serialized_end=1594
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=1596
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=1695
+  _globals['_PRODUCTSERVICE']._serialized_start=2034
+  _globals['_PRODUCTSERVICE']._serialized_end=2349
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from usagebilling.billing.v1 import credit_pb2 as _credit_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -137,6 +138,9 @@ class UsagePrice(_message.Message):
     MAX_FEE_FIELD_NUMBER: _builtins.int
     TRANSACTION_KEY_FIELD_NUMBER: _builtins.int
     FREE_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    CREDIT_TYPE_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_RATE_FIELD_NUMBER: _builtins.int
+    OVERAGE_RULE_FIELD_NUMBER: _builtins.int
     meter_id: _builtins.str
     model: Global___PriceModel.ValueType
     unit_price: _builtins.str
@@ -186,6 +190,18 @@ class UsagePrice(_message.Message):
     """
     free_transactions: _builtins.int
     """PERCENTAGE: transactions per period that pay no fixed_fee; >= 0."""
+    credit_type_id: _builtins.str
+    """Credits (credit.proto): usage of this meter draws the customer's balance
+    of this credit type down, minute by minute, at credit_rate credits per
+    unit of the meter's quantity (rounded half-up to the type's precision per
+    minute); only usage the balance does not cover is billed, and only under
+    OVERAGE_RULE_BILL. Empty: the price does not draw credits. A credit type
+    the tenant does not have is INVALID_ARGUMENT naming credit_type_id.
+    """
+    credit_rate: _builtins.str
+    """A positive decimal; required with credit_type_id."""
+    overage_rule: _credit_pb2.OverageRule.ValueType
+    """Required with credit_type_id: what happens to usage beyond the balance."""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceTier]: ...
     def __init__(
@@ -204,14 +220,57 @@ class UsagePrice(_message.Message):
         max_fee: _builtins.str = ...,
         transaction_key: _builtins.str = ...,
         free_transactions: _builtins.int = ...,
+        credit_type_id: _builtins.str = ...,
+        credit_rate: _builtins.str = ...,
+        overage_rule: _credit_pb2.OverageRule.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fixed_fee", b"fixed_fee", "free_threshold", b"free_threshold", "free_transactions", b"free_transactions", "max_fee", b"max_fee", "meter_id", b"meter_id", "min_fee", b"min_fee", "model", b"model", "package_price", b"package_price", "package_size", b"package_size", "rate", b"rate", "tiers", b"tiers", "transaction_key", b"transaction_key", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_rate", b"credit_rate", "credit_type_id", b"credit_type_id", "fixed_fee", b"fixed_fee", "free_threshold", b"free_threshold", "free_transactions", b"free_transactions", "max_fee", b"max_fee", "meter_id", b"meter_id", "min_fee", b"min_fee", "model", b"model", "overage_rule", b"overage_rule", "package_price", b"package_price", "package_size", b"package_size", "rate", b"rate", "tiers", b"tiers", "transaction_key", b"transaction_key", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsagePrice: _TypeAlias = UsagePrice  # noqa: Y015
+
+@_typing.final
+class IncludedCredits(_message.Message):
+    """Credits a product includes in each billing period of each subscription:
+    granted at the period start (once, however often the task runs), expiring
+    at the period end; unused credits roll over per `rollover` into the next
+    period of the same subscription as a new grant, the rest is forfeited.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_TYPE_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    ROLLOVER_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    credit_type_id: _builtins.str
+    """The tenant's credit type (INVALID_ARGUMENT naming it otherwise)."""
+    amount: _builtins.str
+    """A positive decimal at the type's precision."""
+    priority: _builtins.int
+    """Draw priority of these grants among grants expiring together; -1000 to 1000."""
+    @_builtins.property
+    def rollover(self) -> _credit_pb2.RolloverPolicy:
+        """Unset: nothing rolls over (the rest expires at the period end)."""
+
+    def __init__(
+        self,
+        *,
+        credit_type_id: _builtins.str = ...,
+        amount: _builtins.str = ...,
+        rollover: _credit_pb2.RolloverPolicy | None = ...,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollover", b"rollover"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "credit_type_id", b"credit_type_id", "priority", b"priority", "rollover", b"rollover"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncludedCredits: _TypeAlias = IncludedCredits  # noqa: Y015
 
 @_typing.final
 class Commitment(_message.Message):
@@ -260,6 +319,7 @@ class Product(_message.Message):
     FIXED_PRICE_MINOR_FIELD_NUMBER: _builtins.int
     USAGE_PRICES_FIELD_NUMBER: _builtins.int
     COMMITMENT_FIELD_NUMBER: _builtins.int
+    INCLUDED_CREDITS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     currency: _builtins.str
@@ -274,6 +334,10 @@ class Product(_message.Message):
         own, which replaces this one whole.
         """
 
+    @_builtins.property
+    def included_credits(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncludedCredits]:
+        """Credits included in each period; at most one entry per credit type."""
+
     def __init__(
         self,
         *,
@@ -284,10 +348,11 @@ class Product(_message.Message):
         fixed_price_minor: _builtins.int = ...,
         usage_prices: _abc.Iterable[Global___UsagePrice] | None = ...,
         commitment: Global___Commitment | None = ...,
+        included_credits: _abc.Iterable[Global___IncludedCredits] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "commitment", b"commitment", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "id", b"id", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "commitment", b"commitment", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "id", b"id", "included_credits", b"included_credits", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -303,6 +368,7 @@ class CreateProductRequest(_message.Message):
     FIXED_PRICE_MINOR_FIELD_NUMBER: _builtins.int
     USAGE_PRICES_FIELD_NUMBER: _builtins.int
     COMMITMENT_FIELD_NUMBER: _builtins.int
+    INCLUDED_CREDITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     currency: _builtins.str
     billing_interval: Global___BillingInterval.ValueType
@@ -318,6 +384,10 @@ class CreateProductRequest(_message.Message):
     def commitment(self) -> Global___Commitment:
         """A minimum and/or maximum spend per period (see Commitment); unset: none."""
 
+    @_builtins.property
+    def included_credits(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncludedCredits]:
+        """At most 10, one per credit type (see IncludedCredits)."""
+
     def __init__(
         self,
         *,
@@ -327,10 +397,11 @@ class CreateProductRequest(_message.Message):
         fixed_price_minor: _builtins.int = ...,
         usage_prices: _abc.Iterable[Global___UsagePrice] | None = ...,
         commitment: Global___Commitment | None = ...,
+        included_credits: _abc.Iterable[Global___IncludedCredits] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "commitment", b"commitment", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_interval", b"billing_interval", "commitment", b"commitment", "currency", b"currency", "fixed_price_minor", b"fixed_price_minor", "included_credits", b"included_credits", "name", b"name", "usage_prices", b"usage_prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
