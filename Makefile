@@ -1,6 +1,8 @@
 # usage-billing: the two commands are `make run` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# Any Python 3.11 or newer: `make PYTHON=python3.12 run`. Default python3.11, or
+# python3 where there is no python3.11.
+PYTHON ?= $(shell python3.11 -c '' >/dev/null 2>&1 && echo python3.11 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 # Three pinned locks (requirements/*.in -> *.lock, `make lock`): runtime (what the
@@ -9,13 +11,32 @@ STAMP := $(VENV)/.installed
 K8S_STAMP := $(VENV)/.installed-k8s
 LOCK_VENV := /tmp/ub-lock
 
-.PHONY: setup run test test-unit lint proto-lint proto proto-check bench fuzz lock clean k8s-check image-check
+# PYTHON named on the command line (or in the environment) and the venv made by
+# another Python version: rebuild the venv with the one named.
+VERSION_OF = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+ifneq ($(filter command environment,$(firstword $(origin PYTHON))),)
+ifneq ($(wildcard $(PY)),)
+ifneq ($(call VERSION_OF,$(PY)),$(call VERSION_OF,$(PYTHON)))
+REBUILD_VENV := 1
+endif
+endif
+endif
+
+.PHONY: setup run test test-unit lint proto-lint proto proto-check bench fuzz lock clean k8s-check image-check python-check FORCE
 
 setup: $(STAMP)
 
-# Runtime + dev. Both locks on one command line: pip refuses them if they disagree.
-$(STAMP): requirements/runtime.lock requirements/dev.lock
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+python-check:
+	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') || { \
+	    echo "make: cannot run $(PYTHON): usage-billing needs Python 3.11 or newer (make PYTHON=python3.12 ...)"; exit 1; }; \
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	    echo "make: $(PYTHON) is Python $$v: usage-billing needs 3.11 or newer (make PYTHON=python3.12 ...)"; exit 1; }
+
+# Runtime + dev (what run, test, lint and bench need). Both locks on one command
+# line: pip refuses them if they disagree. No Kubernetes tooling: see k8s-check.
+$(STAMP): requirements/runtime.lock requirements/dev.lock $(if $(REBUILD_VENV),FORCE)
+	@$(MAKE) --no-print-directory python-check
+	$(if $(REBUILD_VENV),rm -rf $(VENV))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check \
 	    -r requirements/runtime.lock -r requirements/dev.lock
@@ -23,8 +44,8 @@ $(STAMP): requirements/runtime.lock requirements/dev.lock
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/usage-billing.pth"
 	touch $(STAMP)
 
-# Kubernetes tooling, into the same venv: only for what checks or tests
-# tools/k8s_check.py (k8s-check, lint's mypy, test's tests/deploy).
+# Kubernetes tooling (kubectl, Helm, schemas: about 420 MB), into the same venv:
+# only for what checks or tests tools/k8s_check.py (k8s-check, lint's mypy).
 $(K8S_STAMP): $(STAMP) requirements/k8s.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/k8s.lock
 	touch $(K8S_STAMP)
@@ -42,8 +63,10 @@ proto-check: $(STAMP)
 run: $(STAMP)
 	$(PY) -m tools.run_suite
 
-test: $(STAMP) $(K8S_STAMP) proto-check
-	$(PY) -m tools.with_stack $(PY) -m pytest -q $(PYTEST_ARGS)
+# tests/deploy/test_k8s_check.py skips (saying why) without the Kubernetes
+# tooling; `make k8s-check` runs it.
+test: $(STAMP) proto-check
+	$(PY) -m tools.with_stack $(PY) -m pytest -q -rfEs $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -58,9 +81,11 @@ lint: $(STAMP) $(K8S_STAMP) proto-lint
 	$(VENV)/bin/mypy services tools bench
 
 # Renders deploy/k8s (kustomize overlays, Helm chart) offline and checks every
-# object against the Kubernetes 1.31 schemas and the services' settings.
+# object against the Kubernetes 1.31 schemas and the services' settings; then
+# the tests of that check (which `make test` skips without this tooling).
 k8s-check: $(K8S_STAMP)
 	$(PY) -m tools.k8s_check
+	$(PY) -m pytest -q -rfEs tests/deploy/test_k8s_check.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run
