@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from services.common import db, jetstream, logs, metrics, paging, tls
+from services.common import db, jetstream, logs, metrics, paging, tls, tracing
 from services.common import readiness as readiness_watch
 from services.common.auth import Authenticator, KeyResolver
 from services.common.config import CommonSettings, ConfigError
@@ -83,6 +83,9 @@ async def _wait_for_migrations(pool: asyncpg.Pool, settings: CommonSettings, pat
 async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(logs.asyncio_exception_handler)
+    if tracing.configure(settings.service):
+        log.info("tracing_on", service=settings.service)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
@@ -118,7 +121,7 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         settings.service, settings.database_url, nc, settings.readiness, server.set_ready
     )
     await server.start(ready=False)
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.service, settings.host, settings.metrics_port)
     _tune_garbage_collector()
     tasks = [asyncio.create_task(run()) for run in [readiness.run, *wiring.background]]
     working = [asyncio.create_task(worker.run()) for worker in wiring.workers]
@@ -156,6 +159,7 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     await _bounded(nc.close(), "nats_close")
     if not await _bounded(pool.close(), "pool_close"):
         pool.terminate()
+    tracing.shutdown()  # exports the spans still buffered
     log.info("stopped", service=settings.service)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from services.common.tls import TlsSettings, channel_credentials
+from services.common.tracing import ClientInterceptor
 
 BALANCED: Sequence[tuple[str, Any]] = (
     ("grpc.lb_policy_name", "round_robin"),
@@ -42,8 +43,14 @@ def internal_channel(
     tls: TlsSettings | None = None,
 ) -> grpc.aio.Channel:
     """A channel to another service: plaintext, or TLS (and a client
-    certificate) as `tls` says."""
+    certificate) as `tls` says. Its calls carry the request id and trace of
+    the call being served (services/common/tracing.py)."""
     credentials = channel_credentials(tls) if tls is not None else None
+    interceptors: list[Any] = [ClientInterceptor()]  # grpc-stubs types them partially
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=[*BALANCED, *options])
-    return grpc.aio.secure_channel(target, credentials, options=[*BALANCED, *options])
+        return grpc.aio.insecure_channel(
+            target, options=[*BALANCED, *options], interceptors=interceptors
+        )
+    return grpc.aio.secure_channel(
+        target, credentials, options=[*BALANCED, *options], interceptors=interceptors
+    )

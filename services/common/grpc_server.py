@@ -1,7 +1,8 @@
 """The gRPC server every service runs: health, reflection, the interceptors,
 graceful shutdown.
 
-A call meets, in order: the metrics interceptor (counts it); the auth
+A call meets, in order: the observing interceptor (request id, metrics, trace
+and one log line: services/common/observe.py); the auth
 interceptor, which authenticates from the metadata before any of the request is
 read; the request deserializer, which refuses undecodable bytes and strings
 with NUL; the error interceptor, which turns those refusals and every domain
@@ -15,7 +16,6 @@ import contextlib
 import functools
 import gc
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import context as call_context
-from services.common import errors, metrics
+from services.common import errors, handlers, observe
 from services.common.auth import Authenticator, Principal
 from services.common.logs import get_logger
 from services.common.tls import TlsSettings, server_credentials
@@ -115,42 +115,11 @@ SELF_CHECKED_FIELDS: dict[str, frozenset[str]] = {
 READINESS = "readiness"
 LIVENESS = "liveness"
 
-Behavior = Callable[..., Any]
-Ctx = grpc.aio.ServicerContext[Any, Any]
-Wrap = Callable[[Behavior], Behavior]
-Deserializer = Callable[[bytes], Any]
-
-
-def _rebuild(
-    handler: Any, unary: Wrap, streaming: Wrap, deserializer: Deserializer | None = None
-) -> Any:
-    """`handler` with its behavior wrapped (`unary` when it answers once,
-    `streaming` when it streams answers) and, when given, another deserializer."""
-    request_deserializer = deserializer or handler.request_deserializer
-    serializer = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary),
-            request_deserializer=request_deserializer,
-            response_serializer=serializer,
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary),
-            request_deserializer=request_deserializer,
-            response_serializer=serializer,
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream),
-            request_deserializer=request_deserializer,
-            response_serializer=serializer,
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        streaming(handler.stream_stream),
-        request_deserializer=request_deserializer,
-        response_serializer=serializer,
-    )
+Behavior = handlers.Behavior
+Ctx = handlers.Ctx
+Wrap = handlers.Wrap
+Deserializer = handlers.Deserializer
+_rebuild = handlers.rebuild
 
 
 class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -203,38 +172,6 @@ class _BehaviorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 await self.fail(method, exc, context)
 
         return wrapped
-
-
-class MetricsInterceptor(_BehaviorInterceptor):
-    """Outermost: counts every call by method and final status code."""
-
-    def _unary(self, method: str, behavior: Behavior) -> Behavior:
-        async def wrapped(request: Any, context: Ctx) -> Any:
-            started = time.perf_counter()
-            try:
-                return await behavior(request, context)
-            finally:
-                _observe(method, context, started)
-
-        return wrapped
-
-    def _streaming(self, method: str, behavior: Behavior) -> Behavior:
-        async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            finally:
-                _observe(method, context, started)
-
-        return wrapped
-
-
-def _observe(method: str, context: Ctx, started: float) -> None:
-    code = context.code() or grpc.StatusCode.OK
-    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    metrics.GRPC_REQUESTS.labels(method, name).inc()
-    metrics.GRPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -362,10 +299,6 @@ class ErrorInterceptor(_BehaviorInterceptor):
             checked,
         )
 
-    async def enter(self, method: str, context: Ctx) -> None:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16], method=method)
-
     def admit(self, request: Any) -> Any:
         return _admit(request)
 
@@ -375,10 +308,11 @@ class ErrorInterceptor(_BehaviorInterceptor):
             log.exception("rpc_failed")
         elif code is grpc.StatusCode.UNAVAILABLE:
             log.warning("rpc_unavailable", error=repr(exc))
-        trailers: tuple[tuple[str, str], ...] = ()
+        # Trailers given to abort replace those set before (the request id).
+        trailers: tuple[tuple[str, str], ...] = tuple(context.trailing_metadata() or ())
         if isinstance(exc, errors.ResourceExhausted) and exc.retry_after is not None:
             # Seconds, as in HTTP's Retry-After, but with the fraction kept.
-            trailers = (("retry-after", f"{exc.retry_after:g}"),)
+            trailers += (("retry-after", f"{exc.retry_after:g}"),)
         await context.abort(code, message, trailers)
 
 
@@ -677,7 +611,7 @@ class GrpcServer:
         self.budget = RequestBudget(IN_FLIGHT_REQUEST_BYTES, MAX_MESSAGE_BYTES)
         self.server = grpc.aio.server(
             interceptors=[
-                MetricsInterceptor(),
+                observe.ObservingInterceptor(),
                 ErrorInterceptor(),
                 AuthInterceptor(auth),
                 BudgetInterceptor(self.budget),

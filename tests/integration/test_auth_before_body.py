@@ -217,9 +217,14 @@ def _served(suite: Suite, method: str) -> Counter[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text: str = response.read().decode()
     served: Counter[str] = Counter()
+    service, name = method.lstrip("/").split("/")
     for line in text.splitlines():
-        if line.startswith("usagebilling_grpc_requests_total{") and f'method="{method}"' in line:
-            code = line.split('code="', 1)[1].split('"', 1)[0]
+        if (
+            line.startswith("grpc_server_handled_total{")
+            and f'grpc_service="{service}"' in line
+            and f'grpc_method="{name}"' in line
+        ):
+            code = line.split('grpc_code="', 1)[1].split('"', 1)[0]
             served[code] += int(float(line.rsplit(" ", 1)[1]))
     return served
 

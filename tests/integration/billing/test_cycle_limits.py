@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import structlog
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from services.billing.invoicing import CycleReport, Invoicing
 from services.billing.scheduler import Scheduler
 from services.billing.store import BillingStore
 from services.common.errors import InvalidArgument
+from services.common.metrics import REGISTRY
 from tests.integration.billing.builders import DAY, invoices_of, per_unit, tenant_with
 from tests.integration.billing.conftest import GRACE, Billing
 from tests.unit.billing.fake_meters import FakeMeters

@@ -9,10 +9,10 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from prometheus_client import REGISTRY
 
 from services.common import readiness
 from services.common.config import ConfigError, EnvReader
+from services.common.metrics import REGISTRY
 from services.common.readiness import Dependency, ReadinessWatcher
 
 
