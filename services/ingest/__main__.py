@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from services.common import app, quarantine
+from services.common import app, partitions, quarantine
 from services.common.auth_client import billing_key_resolver
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
@@ -15,7 +15,7 @@ from services.ingest.domain.rate_limit import RateLimiter
 from services.ingest.meter_weights import CHANNEL_OPTIONS, MeterWeights
 from services.ingest.relay import Publisher, Relay, RelayQuarantine
 from services.ingest.service import Ingestor
-from services.ingest.store import IngestStore
+from services.ingest.store import EVENT_LOG, IngestStore
 from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -67,7 +67,12 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
             resolver=billing_key_resolver(
                 billing, settings.common.service_token, settings.common.auth_cache_ttl
             ),
-            background=[relay.run, relay.watch_depth],
+            background=[
+                relay.run,
+                relay.watch_depth,
+                # The log's months, from the oldest an event may have on.
+                lambda: partitions.keep_ahead(runtime.pool, [EVENT_LOG], settings.backdate_window),
+            ],
             cleanup=[lambda: billing.close(None), close_meter],
         )
 

@@ -12,18 +12,31 @@ from typing import Any
 import asyncpg
 
 from services.common.errors import NotFound
+from services.common.partitions import MonthlyTable
 from services.common.quarantine import QuarantinedRecord
 
+# The log of record, by month of event_time (kept forever: nothing drops a month).
+EVENT_LOG = MonthlyTable("ingest", "events", "event_time")
+
+# ingest.event_ids holds the key that makes ingest idempotent (the log is
+# partitioned by time, migration 0005): an event goes into the log only when its
+# id was new there. The batch holds each event_id once (validation.triage).
 _INSERT_EVENTS = """
+WITH batch AS (
+    SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
+         AS e(event_id, customer_id, event_name, event_time, metadata)
+), new AS (
+    INSERT INTO ingest.event_ids (tenant_id, event_id, event_time)
+    SELECT $1, event_id, event_time FROM batch
+    ON CONFLICT (tenant_id, event_id) DO NOTHING
+    RETURNING event_id
+)
 INSERT INTO ingest.events (tenant_id, event_id, customer_id, event_name, event_time, metadata)
 SELECT $1, e.event_id, e.customer_id, e.event_name, e.event_time, e.metadata
-FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
-     AS e(event_id, customer_id, event_name, event_time, metadata)
-ON CONFLICT (tenant_id, event_id) DO NOTHING
+FROM batch e JOIN new USING (event_id)
 RETURNING event_id
 """
 
-_COLUMNS = "event_id, customer_id, event_name, event_time, metadata"
 _COLUMNS_OF_E = "e.event_id, e.customer_id, e.event_name, e.event_time, e.metadata"
 # About an event's encoded size in bytes: its text fields and its metadata as
 # JSON text (a Struct encodes to about as much; the caller measures exactly),
@@ -111,11 +124,16 @@ class IngestStore:
         self.pool = pool
 
     async def store_batch(
-        self, tenant_id: str, events: Sequence[EventRow], outbox_payload: Any
+        self,
+        tenant_id: str,
+        events: Sequence[EventRow],
+        outbox_payload: Any,
+        traceparent: str | None = None,
     ) -> set[str]:
         """Inserts the events that are new for the tenant and, in the same
         transaction, one outbox row for them. `outbox_payload(new_ids)` builds
-        the bytes to publish. Returns the ids that were new."""
+        the bytes to publish; `traceparent` is the trace the relay's publish
+        joins. Returns the ids that were new."""
         if not events:
             return set()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -131,17 +149,20 @@ class IngestStore:
             new_ids = {r["event_id"] for r in rows}
             if new_ids:
                 await conn.execute(
-                    "INSERT INTO ingest.outbox (tenant_id, payload, event_count)"
-                    " VALUES ($1, $2, $3)",
+                    "INSERT INTO ingest.outbox (tenant_id, payload, event_count, traceparent)"
+                    " VALUES ($1, $2, $3, $4)",
                     tenant_id,
                     outbox_payload(new_ids),
                     len(new_ids),
+                    traceparent,
                 )
         return new_ids
 
     async def get_event(self, tenant_id: str, event_id: str) -> EventRow:
         row = await self.pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM ingest.events WHERE tenant_id = $1 AND event_id = $2",
+            f"SELECT {_COLUMNS_OF_E} FROM ingest.event_ids k JOIN ingest.events e"
+            " ON e.tenant_id = k.tenant_id AND e.event_time = k.event_time"
+            " AND e.event_id = k.event_id WHERE k.tenant_id = $1 AND k.event_id = $2",
             tenant_id,
             event_id,
         )
@@ -164,11 +185,12 @@ class IngestStore:
         rows = await self.pool.fetch(
             f"WITH candidates AS (SELECT event_id, event_time, {_SIZE_ESTIMATE} AS size"
             f" FROM ingest.events WHERE {where} ORDER BY {order} LIMIT ${n + 1}),"
-            " sized AS (SELECT event_id, size,"
+            " sized AS (SELECT event_id, event_time, size,"
             f" sum(size) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) - size AS before,"
             " count(*) OVER () AS candidates FROM candidates)"
             f" SELECT {_COLUMNS_OF_E}, s.candidates FROM sized s JOIN ingest.events e"
-            f" ON e.tenant_id = $1 AND e.event_id = s.event_id WHERE s.before < ${n + 2}"
+            " ON e.tenant_id = $1 AND e.event_time = s.event_time AND e.event_id = s.event_id"
+            f" WHERE s.before < ${n + 2}"
             f" ORDER BY {order.replace('event_', 'e.event_')}",
             *args,
             limit,
@@ -284,7 +306,7 @@ class IngestStore:
                 chosen.append(r["id"])
                 total += r["size"]
             rows = await conn.fetch(
-                "SELECT id, msg_id, tenant_id, payload, attempts FROM ingest.outbox"
+                "SELECT id, msg_id, tenant_id, payload, attempts, traceparent FROM ingest.outbox"
                 " WHERE id = ANY($1::bigint[]) AND next_attempt_at <= now()"
                 " ORDER BY id FOR UPDATE SKIP LOCKED",
                 chosen,
@@ -292,7 +314,12 @@ class IngestStore:
             claim = OutboxClaim(
                 [
                     OutboxRow(
-                        r["id"], str(r["msg_id"]), r["tenant_id"], r["payload"], r["attempts"]
+                        r["id"],
+                        str(r["msg_id"]),
+                        r["tenant_id"],
+                        r["payload"],
+                        r["attempts"],
+                        r["traceparent"],
                     )
                     for r in rows
                 ]
@@ -385,6 +412,8 @@ class OutboxRow:
     payload: bytes
     # Failed attempts so far.
     attempts: int = 0
+    # The trace of the call that accepted the batch (W3C traceparent), if traced.
+    traceparent: str | None = None
 
 
 @dataclass

@@ -152,7 +152,8 @@ async def test_rows_written_before_kinds_were_kept_still_read(store: IngestStore
     # 1e16 stored as an integer inside int64 (it reads back as int_value, as before).
     tenant = f"t-{uuid.uuid4().hex[:12]}"
     await store.pool.execute(
-        "INSERT INTO ingest.events (tenant_id, event_id, customer_id, event_name, event_time,"
+        "WITH k AS (INSERT INTO ingest.event_ids VALUES ($1, 'old', now()))"
+        " INSERT INTO ingest.events (tenant_id, event_id, customer_id, event_name, event_time,"
         " metadata) VALUES ($1, 'old', 'c1', 'vals', now(), $2::text::jsonb)",
         tenant,
         '{"big": 1e19, "huge": 1.7976931348623157e308, "int": 1e16, "f": 0.5, "s": "x"}',
