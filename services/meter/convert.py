@@ -123,6 +123,7 @@ def spec(record: MeterRecord) -> MeterSpec:
         if record.filter
         else None,
         group_by=record.group_by,
+        operation_property=record.operation_property,
     )
 
 
@@ -150,6 +151,7 @@ def proto_meter(
         group_by=record.group_by,
         measurement_unit=record.measurement_unit,
         description=record.description,
+        operation_property=record.operation_property,
         create_time=to_timestamp(record.created_at),
         archived=record.archived_at is not None,
         backfill_state=BACKFILL_STATES.get(

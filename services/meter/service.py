@@ -16,6 +16,7 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.logs import get_logger
 from services.meter import convert
 from services.meter.domain.aggregation import (
+    HELD,
     MAX_GROUP_BY,
     Aggregation,
     MeterQuotas,
@@ -77,7 +78,7 @@ class MeterService:
             # any size is refused in time bounded by the limits.
             check_filter_size(request.filter)
             domain_filter = convert.domain_filter(request.filter)
-        validate_meter(
+        spec = validate_meter(
             request.name,
             request.event_name,
             convert.aggregation(request.aggregation),
@@ -86,6 +87,7 @@ class MeterService:
             request.group_by,  # its length is checked before it is read
             measurement_unit=request.measurement_unit,
             description=request.description,
+            operation_property=request.operation_property,
         )
         record = await self._store.create_meter(
             tenant_id,
@@ -97,6 +99,7 @@ class MeterService:
             group_by=list(request.group_by),
             measurement_unit=request.measurement_unit,
             description=request.description,
+            operation_property=spec.operation_property,
             check_quotas=lambda active, filters: check_meter_quotas(
                 self._quotas,
                 active,
@@ -213,7 +216,8 @@ class MeterService:
         customers: set[str] = set()  # served by this page (only counted when paged)
         size = AnswerSize(limits)
         answered = False
-        slices = self._store.usage(
+        read = self._store.held_usage if aggregation in HELD else self._store.usage
+        slices = read(
             meter,
             customer_id=query.customer_id,
             bounds=[s for s, _ in query.windows],
@@ -232,7 +236,9 @@ class MeterService:
                         window_end=query.windows[g.window - 1][1],
                         customer_id=g.customer_id,
                         group=dict(zip(query.group_by, g.dims, strict=True)),
-                        value=usage_value(aggregation, g.value, g.count),
+                        value=usage_value(
+                            aggregation, g.value, g.count, query.windows[g.window - 1]
+                        ),
                     )
                     size.add(row_bytes(row.customer_id, row.group, row.value))
                     rows.append(row)

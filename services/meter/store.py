@@ -21,7 +21,7 @@ _KEY_OF = "(SELECT key FROM meter.meters WHERE tenant_id = $1 AND id = $2)"
 
 _METER_COLUMNS = (
     "id, key, name, event_name, aggregation, property, filter, group_by, measurement_unit,"
-    " description, created_at, archived_at, backfill_state"
+    " description, created_at, archived_at, backfill_state, operation_property"
 )
 
 
@@ -41,6 +41,7 @@ class MeterRecord:
     created_at: datetime
     archived_at: datetime | None
     backfill_state: str
+    operation_property: str = ""  # seat meters: the operation's metadata key
 
 
 def _meter(tenant_id: str, row: asyncpg.Record) -> MeterRecord:
@@ -59,6 +60,7 @@ def _meter(tenant_id: str, row: asyncpg.Record) -> MeterRecord:
         created_at=row["created_at"],
         archived_at=row["archived_at"],
         backfill_state=row["backfill_state"],
+        operation_property=row["operation_property"],
     )
 
 
@@ -111,6 +113,7 @@ class MeterStore:
         measurement_unit: str,
         description: str,
         check_quotas: Callable[[int, list[dict[str, Any] | None]], None] = lambda n, f: None,
+        operation_property: str = "",
     ) -> MeterRecord:
         """Inserts the meter. `check_quotas(active, filters)` sees how many active
         meters the tenant has, and the filters of those on `event_name`, and raises
@@ -134,8 +137,9 @@ class MeterStore:
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO meter.meters (tenant_id, name, event_name, aggregation,"
-                    " property, filter, group_by, measurement_unit, description)"
-                    f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_METER_COLUMNS}",
+                    " property, filter, group_by, measurement_unit, description,"
+                    " operation_property) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                    f" RETURNING {_METER_COLUMNS}",
                     tenant_id,
                     name,
                     event_name,
@@ -145,6 +149,7 @@ class MeterStore:
                     list(group_by),
                     measurement_unit,
                     description,
+                    operation_property,
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(f"name: a meter named {name!r} already exists") from exc
@@ -322,6 +327,96 @@ class MeterStore:
                         window=r[0],
                         customer_id=r[1],
                         dims=tuple(r[2 : 2 + len(dims)]),
+                        value=r["value"],
+                        count=r["n"],
+                    )
+                    for r in rows
+                ]
+                del rows
+
+    async def held_usage(
+        self,
+        meter: MeterRecord,
+        *,
+        customer_id: str,
+        bounds: Sequence[datetime],
+        end: datetime,
+        group_by: Sequence[str],
+        group_filter: dict[str, str],
+        after_customer: str = "",
+        customer_limit: int | None = None,
+    ) -> AsyncGenerator[list[UsageGroup], None]:
+        """`usage` for the held aggregations (gauges and seats, domain.gauges):
+        SEATS_END and SEATS_MAX give the level, the others the exact integral
+        in value x microseconds (domain.aggregation.held_value divides it).
+
+        A line (customer, dims, and text_value: a seat's item) steps by its
+        value minus its previous one at each event, in (event_time, event_id)
+        order; the steps of a query group add up to its level, which holds
+        from each change to the next and is cut at the windows' bounds. Reads
+        every row of the meter (and customer) before `end`, older than the
+        range too: a line's level at the range's start needs its last event
+        before it."""
+        args: list[Any] = [meter.tenant_id, meter.id, list(bounds), bounds[0], end]
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        conditions = [f"meter_key = {_KEY_OF}", "event_time < $5", "skip_reason IS NULL"]
+        if customer_id:
+            conditions.append(f"customer_id = {arg(customer_id)}")
+        if after_customer:
+            conditions.append(f'customer_id > {arg(after_customer)}::text COLLATE "C"')
+        for key, value in sorted(group_filter.items()):
+            conditions.append(f"coalesce(dims->>{arg(key)}, '') = {arg(value)}")
+        if customer_limit is not None:
+            first = " AND ".join(conditions)
+            conditions.append(
+                "customer_id IN (SELECT DISTINCT customer_id FROM meter.meter_events"
+                f" WHERE {first} ORDER BY customer_id LIMIT {arg(customer_limit)})"
+            )
+        dims = [f"coalesce(dims->>{arg(key)}, '') AS g{i}" for i, key in enumerate(group_by)]
+        group = ", ".join(["customer_id", *(f"g{i}" for i in range(len(group_by)))])
+        # extract(epoch ...) is numeric, exact to the microsecond.
+        integral = "sum(f * (extract(epoch FROM pb) - extract(epoch FROM pa)) * 1000000)"
+        value = {
+            "SEATS_END": "(array_agg(f ORDER BY pa DESC))[1]",
+            "SEATS_MAX": "max(f)",
+        }.get(meter.aggregation, integral)
+        query = f"""
+            WITH step AS (
+                SELECT {", ".join(["customer_id", *dims])}, event_time,
+                    value - coalesce(lag(value) OVER (PARTITION BY customer_id, dims, text_value
+                        ORDER BY event_time, event_id), 0) AS d
+                FROM meter.meter_events WHERE {" AND ".join(conditions)}
+            ), change AS (
+                SELECT {group}, event_time AS t, sum(d) AS d FROM step GROUP BY {group}, event_time
+            ), level AS (
+                SELECT {group}, t, sum(d) OVER (PARTITION BY {group} ORDER BY t) AS f,
+                    coalesce(lead(t) OVER (PARTITION BY {group} ORDER BY t), $5) AS t_next
+                FROM change
+            ), piece AS (
+                SELECT {group}, f, w,
+                    greatest(t, ($3::timestamptz[])[w]) AS pa,
+                    least(t_next, coalesce(($3::timestamptz[])[w + 1], $5)) AS pb
+                FROM level, generate_series(
+                    width_bucket(greatest(t, $4), $3::timestamptz[]),
+                    width_bucket(least(t_next, $5) - interval '1 microsecond', $3::timestamptz[])
+                ) AS w
+                WHERE t_next > $4 AND t < $5
+            )
+            SELECT w, {group}, {value} AS value, count(*) AS n
+            FROM piece GROUP BY w, {group} ORDER BY w, {group}
+        """
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(query, *args)
+            while rows := await cursor.fetch(YIELD_EVERY):
+                yield [
+                    UsageGroup(
+                        window=r[0],
+                        customer_id=r[1],
+                        dims=tuple(r[2 : 2 + len(group_by)]),
                         value=r["value"],
                         count=r["n"],
                     )

@@ -2,7 +2,8 @@
 
 The store pushes aggregation down to SQL for speed; `aggregate` here is the pure
 oracle that the SQL must agree with. Every aggregation is order-free: LATEST picks
-the greatest (timestamp, event_id), not the last one seen.
+the greatest (timestamp, event_id), not the last one seen, and so do the HELD
+aggregations (gauges and seats, domain.gauges) for each line's value.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from decimal import (
 from typing import TypeAlias
 
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.meter.domain import gauges
 from services.meter.domain.filters import Filter, matches, validate_filter
 from services.meter.domain.values import MetaValue, canonical, check_text, to_number
 from services.meter.domain.values import format_decimal as format_decimal
@@ -61,6 +63,23 @@ class Aggregation(enum.Enum):
     AVG = "AGGREGATION_AVG"
     UNIQUE_COUNT = "AGGREGATION_UNIQUE_COUNT"
     LATEST = "AGGREGATION_LATEST"
+    # Held over time (domain.gauges): gauges and seats.
+    TIME_WEIGHTED_AVG = "AGGREGATION_TIME_WEIGHTED_AVG"
+    TIME_WEIGHTED_SUM = "AGGREGATION_TIME_WEIGHTED_SUM"
+    SEATS_END = "AGGREGATION_SEATS_END"
+    SEATS_MAX = "AGGREGATION_SEATS_MAX"
+    SEATS_PRORATED = "AGGREGATION_SEATS_PRORATED"
+
+
+# Aggregations whose value in a window depends on events before it: a reading or
+# an active item holds until the next event of its line (domain.gauges).
+GAUGES = frozenset({Aggregation.TIME_WEIGHTED_AVG, Aggregation.TIME_WEIGHTED_SUM})
+SEATS = frozenset({Aggregation.SEATS_END, Aggregation.SEATS_MAX, Aggregation.SEATS_PRORATED})
+HELD = GAUGES | SEATS
+# A seat event's operation, under the meter's operation_property.
+DEFAULT_OPERATION_PROPERTY = "operation"
+SEAT_OPERATIONS = {"add": Decimal(1), "remove": Decimal(0)}
+SKIP_NOT_AN_OPERATION = "not_an_operation"
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,9 @@ class MeterSpec:
     property: str = ""
     filter: Filter | None = None
     group_by: tuple[str, ...] = ()
+    # Seat meters: the metadata key of the operation ("add" or "remove");
+    # `property` is the key of the item's id.
+    operation_property: str = ""
 
 
 def validate_meter(
@@ -128,10 +150,13 @@ def validate_meter(
     *,
     measurement_unit: str = "",
     description: str = "",
+    operation_property: str = "",
 ) -> MeterSpec:
     """Raise InvalidArgument naming the field; return the spec when all is well.
 
-    A `property` given to a COUNT meter is allowed and ignored. Limits: names, event
+    A `property` given to a COUNT meter is allowed and ignored. Seat meters take
+    `operation_property` (default DEFAULT_OPERATION_PROPERTY), no other meter
+    does; it must differ from `property`. Limits: names, event
     name and property at most MAX_NAME_LENGTH characters, description at most
     MAX_DESCRIPTION_LENGTH, at most MAX_GROUP_BY group-by keys, the filter's size
     limits (filters.check_filter_size).
@@ -145,6 +170,17 @@ def validate_meter(
     if aggregation is not Aggregation.COUNT and not property:
         raise InvalidArgument(f"property: required for {aggregation.value}")
     check_text(property, "property", MAX_NAME_LENGTH)
+    if aggregation in SEATS:
+        operation_property = operation_property or DEFAULT_OPERATION_PROPERTY
+        check_text(operation_property, "operation_property", MAX_NAME_LENGTH)
+        if operation_property == property:
+            raise InvalidArgument(
+                "operation_property: must differ from property (the item id's key)"
+            )
+    elif operation_property:
+        raise InvalidArgument(
+            f"operation_property: only for seat aggregations, not {aggregation.value}"
+        )
     check_text(measurement_unit, "measurement_unit", MAX_NAME_LENGTH)
     check_text(description, "description", MAX_DESCRIPTION_LENGTH)
     if len(group_by) > MAX_GROUP_BY:
@@ -165,6 +201,7 @@ def validate_meter(
         property=property,
         filter=filter,
         group_by=tuple(group_by),
+        operation_property=operation_property,
     )
 
 
@@ -179,18 +216,30 @@ def meter_matches(meter: MeterSpec, event_name: str, metadata: Mapping[str, Meta
 
 def extract(
     meter: MeterSpec, metadata: Mapping[str, MetaValue]
-) -> tuple[Decimal | str | None, str | None]:
+) -> tuple[Decimal | str | tuple[str, Decimal] | None, str | None]:
     """The value a matching event contributes, or (None, skip reason).
 
-    COUNT -> Decimal(1); SUM/MIN/MAX/AVG/LATEST -> the property as a number;
-    UNIQUE_COUNT -> the property as a canonical string (1 and 1.0 are one value).
-    For LATEST the caller pairs the number with the event's timestamp and id.
+    COUNT -> Decimal(1); SUM/MIN/MAX/AVG/LATEST and the gauges -> the property as
+    a number; UNIQUE_COUNT -> the property as a canonical string (1 and 1.0 are
+    one value); seats -> (the item id as a canonical string, 1 for "add" or 0 for
+    "remove"): an operation other than those two exact strings is skipped as
+    SKIP_NOT_AN_OPERATION. For LATEST and the held aggregations the caller pairs
+    the value with the event's timestamp and id.
     """
     if meter.aggregation is Aggregation.COUNT:
         return Decimal(1), None
     if meter.property not in metadata:
         return None, SKIP_MISSING_PROPERTY
     raw = metadata[meter.property]
+    if meter.aggregation in SEATS:
+        key = meter.operation_property or DEFAULT_OPERATION_PROPERTY
+        if key not in metadata:
+            return None, SKIP_MISSING_PROPERTY
+        operation = metadata[key]
+        state = SEAT_OPERATIONS.get(operation) if isinstance(operation, str) else None
+        if state is None:
+            return None, SKIP_NOT_AN_OPERATION
+        return (canonical(raw), state), None
     if meter.aggregation is Aggregation.UNIQUE_COUNT:
         return canonical(raw), None
     number = to_number(raw)
@@ -213,7 +262,7 @@ def group_key(meter: MeterSpec, metadata: Mapping[str, MetaValue]) -> dict[str, 
 
 # LATEST contributions carry what decides the winner: (timestamp, event_id, value).
 LatestContribution: TypeAlias = tuple[datetime, str, Decimal]
-Contribution: TypeAlias = Decimal | str | LatestContribution
+Contribution: TypeAlias = Decimal | str | LatestContribution | gauges.Held
 
 
 def _numbers(values: Sequence[Contribution]) -> list[Decimal]:
@@ -274,7 +323,7 @@ def _unique_count(values: Sequence[Contribution]) -> Decimal | None:
 def _latest(values: Sequence[Contribution]) -> Decimal | None:
     entries: list[LatestContribution] = []
     for v in values:
-        if not isinstance(v, tuple):
+        if not isinstance(v, tuple) or isinstance(v, gauges.Held):
             raise TypeError(f"expected (timestamp, event_id, value), got {type(v).__name__}")
         entries.append(v)
     if not entries:
@@ -282,6 +331,44 @@ def _latest(values: Sequence[Contribution]) -> Decimal | None:
     # Greatest timestamp wins; ties go to the greatest event_id (by code point: the
     # SQL side must compare with COLLATE "C").
     return max(entries, key=lambda e: (e[0], e[1]))[2]
+
+
+def quotient(numerator: Decimal, denominator: Decimal) -> Decimal:
+    """A division rounded as AVG's is (AVG_PRECISION significant digits)."""
+    with localcontext(_AVG):
+        return numerator / denominator
+
+
+def held_value(kind: Aggregation, total: Decimal, start: datetime, end: datetime) -> Decimal:
+    """A gauge's or prorated seats' value from the exact integral `total` (value x
+    microseconds) over the window [start, end); SEATS_END and SEATS_MAX are
+    levels, not integrals, and pass through."""
+    if kind is Aggregation.TIME_WEIGHTED_SUM:
+        return quotient(total, Decimal(gauges.MICROS_PER_HOUR))
+    if kind in (Aggregation.TIME_WEIGHTED_AVG, Aggregation.SEATS_PRORATED):
+        return quotient(total, Decimal(gauges.micros(end - start)))
+    return total
+
+
+def _held(values: Sequence[Contribution]) -> list[gauges.Held]:
+    out = []
+    for v in values:
+        if not isinstance(v, gauges.Held):
+            raise TypeError(f"expected gauges.Held contributions, got {type(v).__name__}")
+        out.append(v)
+    return out
+
+
+def _held_aggregate(
+    kind: Aggregation, values: Sequence[Contribution], start: datetime, end: datetime
+) -> Decimal | None:
+    events = _held(values)
+    if kind is Aggregation.SEATS_MAX:
+        return gauges.peak(events, start, end)
+    if kind is Aggregation.SEATS_END:
+        return gauges.at_end(events, start, end)
+    total = gauges.integral(events, start, end)
+    return None if total is None else held_value(kind, total, start, end)
 
 
 AGGREGATIONS: Mapping[Aggregation, Callable[[Sequence[Contribution]], Decimal | None]] = {
@@ -295,10 +382,22 @@ AGGREGATIONS: Mapping[Aggregation, Callable[[Sequence[Contribution]], Decimal | 
 }
 
 
-def aggregate(values: Sequence[Contribution], kind: Aggregation) -> Decimal | None:
+def aggregate(
+    values: Sequence[Contribution],
+    kind: Aggregation,
+    window: tuple[datetime, datetime] | None = None,
+) -> Decimal | None:
     """Fold the contributions of one (customer, window, group).
 
     No contributions: Decimal(0) for COUNT, SUM and UNIQUE_COUNT; None (no row) for
     MIN, MAX, AVG and LATEST. Render the result with `format_decimal`.
+
+    The HELD aggregations need the `window` [start, end) and take `gauges.Held`
+    contributions: every event of the group, before the window too (those at or
+    after its end are ignored); None when none is before its end.
     """
+    if kind in HELD:
+        if window is None:
+            raise ValueError(f"{kind.value} needs the window")
+        return _held_aggregate(kind, values, *window)
     return AGGREGATIONS[kind](values)

@@ -13,7 +13,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import NamedTuple
 
-from services.meter.domain.aggregation import MeterSpec, extract, group_key
+from services.meter.domain.aggregation import (
+    DEFAULT_OPERATION_PROPERTY,
+    SEATS,
+    MeterSpec,
+    extract,
+    group_key,
+)
 from services.meter.domain.filters import Filter, matches
 from services.meter.domain.values import MetaValue
 
@@ -23,8 +29,9 @@ SKIP_CONTAINS_NUL = "contains_nul"
 
 
 class FoldedEvent(NamedTuple):
-    """One (meter, event) row. `value` holds numbers, `text_value` the canonical
-    string UNIQUE_COUNT counts, `dims` the group-by values (None when the meter
+    """One (meter, event) row. `value` holds numbers (a seat's: 1 for add, 0 for
+    remove), `text_value` the canonical string UNIQUE_COUNT counts (a seat's item
+    id), `dims` the group-by values (None when the meter
     has no group-by); a `skip_reason` records why nothing counted.
 
     A plain tuple, in the store's column order: the consumer makes one per
@@ -56,7 +63,13 @@ def read_keys(meter: MeterSpec) -> set[str]:
         *filter_keys(meter.filter),
         *meter.group_by,
         *([meter.property] if meter.property else []),
+        *([operation_key(meter)] if meter.aggregation in SEATS else []),
     }
+
+
+def operation_key(meter: MeterSpec) -> str:
+    """A seat meter's operation key."""
+    return meter.operation_property or DEFAULT_OPERATION_PROPERTY
 
 
 class Matcher:
@@ -91,6 +104,8 @@ class Matcher:
             value, skip_reason = extract(spec, metadata)
             number = value if isinstance(value, Decimal) else None
             text = value if isinstance(value, str) else None
+            if isinstance(value, tuple):  # a seat: (item id, 1 for add or 0)
+                text, number = value
             dims = group_key(spec, metadata) if spec.group_by else None
             if (text is not None and "\x00" in text) or (
                 dims is not None and any("\x00" in v for v in dims.values())

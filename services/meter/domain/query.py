@@ -15,7 +15,13 @@ from datetime import datetime
 from decimal import Decimal
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.meter.domain.aggregation import MAX_GROUP_BY, Aggregation, average
+from services.meter.domain.aggregation import (
+    HELD,
+    MAX_GROUP_BY,
+    Aggregation,
+    average,
+    held_value,
+)
 from services.meter.domain.values import check_text, format_decimal
 from services.meter.domain.windows import WindowSize, window_count, windows
 
@@ -168,13 +174,23 @@ def plan_query(
     )
 
 
-def usage_value(aggregation: Aggregation, value: Decimal | None, count: int) -> str:
+def usage_value(
+    aggregation: Aggregation,
+    value: Decimal | None,
+    count: int,
+    window: tuple[datetime, datetime] | None = None,
+) -> str:
     """The decimal string of one aggregated row: the store sums AVG's values, and
-    the exact quotient is taken here (see `aggregation.average`)."""
+    the exact quotient is taken here (see `aggregation.average`); likewise the
+    held aggregations' integrals over the `window` (`aggregation.held_value`)."""
     if value is None:
         return "0"
     if aggregation is Aggregation.AVG:
         return format_decimal(average(value, count))
+    if aggregation in HELD:
+        if window is None:
+            raise ValueError(f"{aggregation.value} needs the window")
+        return format_decimal(held_value(aggregation, value, *window))
     return format_decimal(value)
 
 
