@@ -83,13 +83,14 @@ def event_lists(draw: st.DrawFn, anchor: datetime) -> list[Ev]:
         if draw(st.integers(0, 9)) > 0:
             metadata["gb"] = draw(st.one_of(numbers, st.integers(0, 100), st.integers(0, 100)))
         if draw(st.integers(0, 9)) > 0:
-            metadata["user"] = draw(st.sampled_from(["u1", "u2", "u3", 4, "4"]))
+            users: list[Raw] = ["u1", "u2", "u3", 4, "4"]  # 4 and "4": one item
+            metadata["user"] = draw(st.sampled_from(users))
         if draw(st.integers(0, 9)) > 0:
             metadata["op"] = draw(st.sampled_from(["add", "add", "remove", "ADD"]))
         for key in DIMENSIONS:
             if draw(st.integers(0, 3)) > 0:
                 metadata[key] = draw(st.sampled_from(["eu", "us", ""]))
-        customer = draw(st.sampled_from(["c1", "c2"]))
+        customer = draw(st.sampled_from(["c1", "c2", "C1"]))
         events.append(ev(event_id, customer, when, "held", **metadata))
     return events
 
@@ -105,7 +106,8 @@ def scenarios(draw: st.DrawFn) -> tuple[Meter, list[Ev], list[list[Ev]], list[Qu
         size = draw(st.integers(1, max(1, len(arrival))))
         deliveries.append(arrival[:size])
         arrival = arrival[size:]
-    if deliveries and draw(st.booleans()):
+    redeliver = bool(deliveries) and draw(st.booleans())
+    if redeliver:
         deliveries.append(draw(st.sampled_from(deliveries)))
     query_list = draw(st.lists(queries(anchor, meter), min_size=1, max_size=4))  # type: ignore[arg-type]
     return meter, events, deliveries, query_list
