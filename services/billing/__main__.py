@@ -8,7 +8,9 @@ from pathlib import Path
 from services.billing import api
 from services.billing import settings as billing_settings
 from services.billing.accounts import Accounts
-from services.billing.catalog import Catalog
+from services.billing.credits import Credits, MinuteUsage
+from services.billing.credits_api import CreditCatalog, CreditProductServicer, CreditServicer
+from services.billing.credits_store import CreditStore
 from services.billing.invoicing import Invoicing
 from services.billing.meter_client import CHANNEL_OPTIONS, MeterClient
 from services.billing.scheduler import Scheduler
@@ -17,6 +19,8 @@ from services.common import app
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from usagebilling.billing.v1 import (
+    credit_pb2,
+    credit_pb2_grpc,
     customer_pb2,
     customer_pb2_grpc,
     invoice_pb2,
@@ -40,7 +44,14 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
         )
         meters = MeterClient(meter_channel, settings.common.service_token)
         accounts = Accounts(store)
-        catalog = Catalog(store, meters)
+        credit_store = CreditStore(runtime.pool)
+        catalog = CreditCatalog(store, meters, credit_store)
+        credits = Credits(
+            credit_store,
+            store,
+            MinuteUsage(meter_channel, settings.common.service_token),
+            runtime.js,
+        )
         invoicing = Invoicing(
             store,
             meters,
@@ -74,7 +85,13 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
                     product_pb2,
                     "ProductService",
                     product_pb2_grpc.add_ProductServiceServicer_to_server,
-                    api.ProductServicer(catalog, store),
+                    CreditProductServicer(catalog, store, credit_store),
+                ),
+                Registration.of(
+                    credit_pb2,
+                    "CreditService",
+                    credit_pb2_grpc.add_CreditServiceServicer_to_server,
+                    CreditServicer(credits, credit_store),
                 ),
                 Registration.of(
                     subscription_pb2,
@@ -91,7 +108,8 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
             ],
             # billing owns the keys: it reads them from its own schema.
             resolver=accounts,
-            background=[scheduler.run] if settings.scheduler_enabled else [],
+            # Credits settle every second whatever the scheduler does: balances are real time.
+            background=([scheduler.run] if settings.scheduler_enabled else []) + [credits.run],
             cleanup=[lambda: meter_channel.close(None)],
         )
 

@@ -153,7 +153,7 @@ def _rolled(parent: Grant, successor: Grant) -> Grant:
         effective=successor.effective,
         expires=successor.expires,
         priority=parent.priority,
-        seq=successor.seq,
+        seq=parent.seq,  # rolled-over credits are the older: drawn first
         chain=parent.chain,
         rollover=parent.rollover,
         rollovers=parent.rollovers + 1,

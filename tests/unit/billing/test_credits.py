@@ -170,7 +170,7 @@ def oracle(
                         if carry > 0:
                             rid = g.id + ".r"
                             meta[rid] = Grant(
-                                rid, carry, moment, nxt.expires, g.priority, nxt.seq,
+                                rid, carry, moment, nxt.expires, g.priority, g.seq,
                                 g.chain, p, g.rollovers + 1,
                             )  # fmt: skip
             for g in sorted(meta.values(), key=lambda g: (g.effective, g.seq, g.id)):

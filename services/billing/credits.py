@@ -1,0 +1,805 @@
+"""Credits: credit types, grants (through the API and included in products'
+periods), settlement of usage into the ledger, balances, notifications.
+
+Settlement: for each customer's balance of a type, a pass (under the
+account's row lock, so replicas and retries take turns) reads from meter the
+usage per minute of every meter whose price draws that type, replays the
+timeline with the pure domain (domain/credits.py) from a recheck point (the
+last settled minute minus USAGEBILLING_CREDITS_RECHECK, or an earlier grant's
+effective time), and records the difference between what the ledger says and
+what it should say as new entries. A pass killed midway commits nothing; a
+repeated pass finds no difference. Late events within the recheck window draw
+from the grants open at their time and correct the later entries by new ones.
+
+The balance answer is the settled state plus the minutes since, read live from
+meter and replayed the same way, so it shows an acknowledged event as soon as
+meter has folded it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.billing.credits_store import (
+    AccountRecord,
+    CreditStore,
+    CreditTypeRecord,
+    GrantRecord,
+    LedgerRecord,
+    NewGrant,
+)
+from services.billing.domain.credits import (
+    MINUTE,
+    Draw,
+    Entry,
+    Grant,
+    Overage,
+    Rollover,
+    available,
+    ceil_minute,
+    check_amount,
+    corrections,
+    floor_minute,
+    precision_of,
+    replay,
+    to_credits,
+)
+from services.billing.domain.fields import check_text
+from services.billing.domain.money import minor_units
+from services.billing.domain.periods import Interval, period_containing, period_start
+from services.billing.domain.pricing import parse_decimal
+from services.billing.store import BillingStore, SubscriptionRecord
+from services.common.auth import on_behalf_of
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.jetstream import BILLING_SUBJECT_PREFIX
+from services.common.logs import get_logger
+from usagebilling.billing.v1 import credit_pb2, product_pb2
+from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
+
+log = get_logger(__name__)
+
+RULES: Final = {
+    credit_pb2.OVERAGE_RULE_FORGIVE: Overage.FORGIVE,
+    credit_pb2.OVERAGE_RULE_BILL: Overage.BILL,
+    credit_pb2.OVERAGE_RULE_DEFICIT: Overage.DEFICIT,
+}
+MAX_INCLUDED: Final = 10
+MAX_PRIORITY: Final = 1000
+# Periods of one subscription granted per pass at most (catch-up is bounded).
+CATCHUP: Final = 31
+CLOCK_SKEW: Final = timedelta(seconds=5)
+PUBLISH_BATCH: Final = 500
+PUBLISH_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True)
+class CreditPrice:
+    """A usage price that draws credits, for one subscription's time."""
+
+    meter_id: str
+    credit_type_id: str
+    rate: Decimal
+    rule: Overage
+    start: datetime
+    end: datetime | None
+
+
+@dataclass(frozen=True)
+class Balance:
+    available: Decimal
+    grants: list[tuple[Grant, Decimal]]
+    next_expiry: datetime | None
+    overage: Decimal
+    settled_until: datetime | None
+
+
+# --- products: validation of the request's credit fields ---
+
+
+def _rollover(message: credit_pb2.RolloverPolicy, at: str, precision: int) -> Rollover | None:
+    percent = parse_decimal(message.percent, f"{at}.percent")
+    if not 0 <= percent <= 100:
+        raise InvalidArgument(f"{at}.percent: must be within [0, 100]")
+    if percent == 0:
+        return None
+    cap = None
+    if message.cap:
+        cap = check_amount(parse_decimal(message.cap, f"{at}.cap"), precision, f"{at}.cap")
+    if not 1 <= message.max_rollovers <= 100:
+        raise InvalidArgument(f"{at}.max_rollovers: must be 1 to 100")
+    return Rollover(percent, cap, message.max_rollovers)
+
+
+def _priority(value: int, field: str) -> int:
+    if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidArgument(f"{field}: must be within [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
+    return value
+
+
+async def product_credits(
+    store: CreditStore, tenant_id: str, request: product_pb2.CreateProductRequest
+) -> dict[str, Any]:
+    """The product's credits as stored (see migration 0006), validated; {} for none."""
+    if len(request.included_credits) > MAX_INCLUDED:
+        raise InvalidArgument(f"included_credits: at most {MAX_INCLUDED}")
+    types = await store.credit_types(tenant_id)
+
+    def credit_type(type_id: str, field: str) -> CreditTypeRecord:
+        if not type_id:
+            raise InvalidArgument(f"{field}: required")
+        if type_id not in types:
+            raise InvalidArgument(f"{field}: no credit type {type_id!r}")
+        return types[type_id]
+
+    included: list[dict[str, Any]] = []
+    for i, item in enumerate(request.included_credits):
+        at = f"included_credits[{i}]"
+        kind = credit_type(item.credit_type_id, f"{at}.credit_type_id")
+        if any(x["credit_type_id"] == item.credit_type_id for x in included):
+            raise InvalidArgument(f"{at}.credit_type_id: included twice")
+        amount = check_amount(
+            parse_decimal(item.amount, f"{at}.amount", allow_empty=False),
+            kind.precision,
+            f"{at}.amount",
+        )
+        policy = (
+            _rollover(item.rollover, f"{at}.rollover", kind.precision)
+            if item.HasField("rollover")
+            else None
+        )
+        included.append(
+            {
+                "credit_type_id": item.credit_type_id,
+                "amount": str(amount),
+                "rollover": None
+                if policy is None
+                else {
+                    "percent": str(policy.percent),
+                    "cap": None if policy.cap is None else str(policy.cap),
+                    "max": policy.max_rollovers,
+                },
+                "priority": _priority(item.priority, f"{at}.priority"),
+            }
+        )
+    prices: dict[str, dict[str, str]] = {}
+    for i, price in enumerate(request.usage_prices):
+        at = f"usage_prices[{i}]"
+        if not price.credit_type_id:
+            if price.credit_rate or price.overage_rule:
+                raise InvalidArgument(f"{at}.credit_type_id: required with credit_rate")
+            continue
+        credit_type(price.credit_type_id, f"{at}.credit_type_id")
+        rate = parse_decimal(price.credit_rate, f"{at}.credit_rate", allow_empty=False)
+        if rate <= 0:
+            raise InvalidArgument(f"{at}.credit_rate: must be positive")
+        if price.overage_rule not in RULES:
+            raise InvalidArgument(f"{at}.overage_rule: an OVERAGE_RULE_* value is required")
+        prices[price.meter_id] = {
+            "credit_type_id": price.credit_type_id,
+            "rate": str(rate),
+            "overage_rule": RULES[price.overage_rule].value,
+        }
+    if not included and not prices:
+        return {}
+    return {"included": included, "prices": prices}
+
+
+def decorate_product(product: product_pb2.Product, credits: dict[str, Any]) -> None:
+    """Adds the stored credits to a Product message."""
+    rules = {v.value: k for k, v in RULES.items()}
+    for price in product.usage_prices:
+        found = credits.get("prices", {}).get(price.meter_id)
+        if found:
+            price.credit_type_id = found["credit_type_id"]
+            price.credit_rate = found["rate"]
+            price.overage_rule = rules[found["overage_rule"]]  # type: ignore[assignment]
+    for item in credits.get("included", []):
+        message = product.included_credits.add(
+            credit_type_id=item["credit_type_id"], amount=item["amount"], priority=item["priority"]
+        )
+        if item["rollover"]:
+            message.rollover.percent = item["rollover"]["percent"]
+            message.rollover.cap = item["rollover"]["cap"] or ""
+            message.rollover.max_rollovers = item["rollover"]["max"]
+
+
+# --- meter: usage per minute ---
+
+
+class MinuteUsage:
+    """Reads one customer's usage of one meter per minute from meter."""
+
+    def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
+        self._stub = meter_pb2_grpc.MeterServiceStub(channel)
+        self._token = service_token
+
+    async def read(
+        self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
+    ) -> dict[datetime, Decimal]:
+        request = meter_pb2.QueryUsageRequest(
+            meter_id=meter_id, customer_id=customer, window_size=meter_pb2.WINDOW_SIZE_MINUTE
+        )
+        request.start_time.FromDatetime(start)
+        request.end_time.FromDatetime(end)
+        try:
+            answer = await self._stub.QueryUsage(
+                request, metadata=on_behalf_of(self._token, tenant_id), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
+        found: dict[datetime, Decimal] = {}
+        for row in answer.rows:
+            value = Decimal(row.value)
+            if value:
+                found[row.window_start.ToDatetime(tzinfo=UTC)] = value
+        return found
+
+
+# --- the service ---
+
+
+class Credits:
+    def __init__(
+        self,
+        store: CreditStore,
+        billing: BillingStore,
+        usage: MinuteUsage,
+        js: Any = None,
+        *,
+        lag: timedelta = timedelta(seconds=5),
+        recheck: timedelta = timedelta(hours=1),
+        interval: timedelta = timedelta(seconds=1),
+    ) -> None:
+        self._store = store
+        self._billing = billing
+        self._usage = usage
+        self._js = js
+        self._lag = lag
+        self._recheck = recheck
+        self._interval = interval.total_seconds()
+
+    # Credit types.
+
+    async def create_type(
+        self, tenant_id: str, request: credit_pb2.CreateCreditTypeRequest
+    ) -> CreditTypeRecord:
+        check_text("name", request.name, required=True)
+        if request.kind == credit_pb2.CREDIT_UNIT_KIND_CUSTOM:
+            if request.currency:
+                raise InvalidArgument("currency: must be empty for CREDIT_UNIT_KIND_CUSTOM")
+            kind, currency = "CUSTOM", ""
+        elif request.kind == credit_pb2.CREDIT_UNIT_KIND_CURRENCY:
+            minor_units(request.currency)
+            kind, currency = "CURRENCY", request.currency
+        else:
+            raise InvalidArgument("kind: a CREDIT_UNIT_KIND_* value is required")
+        precision = precision_of(kind, request.precision, currency)
+        threshold = None
+        if request.low_balance_threshold:
+            threshold = check_amount(
+                parse_decimal(request.low_balance_threshold, "low_balance_threshold"),
+                precision,
+                "low_balance_threshold",
+                sign="0+",
+            )
+        return await self._store.create_credit_type(
+            tenant_id, request.name, kind, precision, currency, threshold
+        )
+
+    # Grants.
+
+    async def grant(
+        self, tenant_id: str, request: credit_pb2.GrantCreditsRequest, now: datetime
+    ) -> GrantRecord:
+        check_text("idempotency_key", request.idempotency_key, required=True)
+        check_text("description", request.description, required=False)
+        source_key = f"api:{request.idempotency_key}"
+        if (found := await self._store.grant_by_key(tenant_id, source_key)) is not None:
+            return found
+        customer_id, _ = await self._store.customer(tenant_id, request.customer_id, "customer_id")
+        kind = await self._store.get_credit_type(tenant_id, request.credit_type_id)
+        amount = check_amount(
+            parse_decimal(request.amount, "amount", allow_empty=False), kind.precision, "amount"
+        )
+        effective = now
+        if request.HasField("effective_time"):
+            effective = _time(request.effective_time, "effective_time")
+            if effective < now - CLOCK_SKEW:
+                raise InvalidArgument("effective_time: must not be in the past")
+        effective = ceil_minute(max(effective, now))
+        expires = None
+        if request.HasField("expire_time") and request.HasField("expire_after"):
+            raise InvalidArgument("expire_after: give expire_time or expire_after, not both")
+        if request.HasField("expire_time"):
+            expires = floor_minute(_time(request.expire_time, "expire_time"))
+        elif request.HasField("expire_after"):
+            after = request.expire_after.ToTimedelta()
+            if after < MINUTE:
+                raise InvalidArgument("expire_after: at least one minute")
+            if after > timedelta(days=3660):
+                raise InvalidArgument("expire_after: at most 3660 days")
+            expires = floor_minute(effective + after)
+        if expires is not None and expires <= effective:
+            raise InvalidArgument("expire_time: must be at least a minute after effective_time")
+        if request.price_minor < 0:
+            raise InvalidArgument("price_minor: must not be negative")
+        if request.price_minor:
+            minor_units(request.price_currency, field="price_currency")
+        elif request.price_currency:
+            raise InvalidArgument("price_minor: required with price_currency")
+        new = NewGrant(
+            customer_id=customer_id,
+            credit_type_id=kind.id,
+            amount=amount,
+            effective_at=effective,
+            expires_at=expires,
+            priority=_priority(request.priority, "priority"),
+            source="api",
+            source_key=source_key,
+            description=request.description,
+            price_minor=request.price_minor,
+            price_currency=request.price_currency,
+        )
+        async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
+            record, _ = await self._store.insert_grant(conn, tenant_id, account, new)
+        return record
+
+    async def adjust(
+        self, tenant_id: str, request: credit_pb2.AdjustCreditsRequest, now: datetime
+    ) -> LedgerRecord:
+        """A manual credit: a grant that never expires, entered as ADJUSTED.
+        Debits (negative amounts) are not supported yet: INVALID_ARGUMENT."""
+        check_text("reason", request.reason, required=True)
+        check_text("idempotency_key", request.idempotency_key, required=True)
+        customer_id, _ = await self._store.customer(tenant_id, request.customer_id, "customer_id")
+        kind = await self._store.get_credit_type(tenant_id, request.credit_type_id)
+        amount = check_amount(
+            parse_decimal(request.amount, "amount", allow_empty=False),
+            kind.precision,
+            "amount",
+            sign="!0",
+        )
+        if amount < 0:
+            raise InvalidArgument("amount: debits (negative amounts) are not supported yet")
+        new = NewGrant(
+            customer_id=customer_id,
+            credit_type_id=kind.id,
+            amount=amount,
+            effective_at=ceil_minute(now),
+            expires_at=None,
+            priority=0,
+            source="adjustment",
+            source_key=f"adjust:{request.idempotency_key}",
+            description=request.reason,
+        )
+        async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
+            record, _ = await self._store.insert_grant(conn, tenant_id, account, new)
+        entries = await self._store.ledger_page(
+            tenant_id,
+            customer_id=customer_id,
+            type_id=kind.id,
+            kind="ADJUSTED",
+            start=record.effective_at,
+            end=record.effective_at + MINUTE,
+            after=None,
+            limit=1000,
+        )
+        return next(e for e in entries if e.grant_id == record.id)
+
+    async def grant_included(self, tenant_id: str, now: datetime) -> int:
+        """Grants every product's included credits for each period of each
+        subscription that has started by `now` (at most CATCHUP periods per
+        subscription and type per pass); once each, by source key."""
+        credits = await self._store.product_credits(tenant_id)
+        if not any(c.get("included") for c in credits.values()):
+            return 0
+        products = {p.id: p for p in await self._billing.products_of(tenant_id)}
+        last = await self._store.last_included(tenant_id)
+        granted = 0
+        for subscription in await self._billing.subscriptions(tenant_id):
+            product = products[subscription.product_id]
+            for item in credits.get(product.id, {}).get("included", []):
+                type_id = item["credit_type_id"]
+                since = last.get((subscription.id, type_id))
+                for start, end in _periods(
+                    subscription, Interval[product.billing_interval], since, now
+                ):
+                    granted += await self._grant_period(tenant_id, subscription, item, start, end)
+        return granted
+
+    async def _grant_period(
+        self,
+        tenant_id: str,
+        subscription: SubscriptionRecord,
+        item: dict[str, Any],
+        start: datetime,
+        end: datetime,
+    ) -> int:
+        # Floors, not ceilings: one period's grant then expires exactly when
+        # the next one takes effect, so that rollover finds it.
+        effective, expires = floor_minute(start), floor_minute(end)
+        if expires <= effective:
+            return 0
+        type_id = item["credit_type_id"]
+        policy = item["rollover"]
+        new = NewGrant(
+            customer_id=subscription.customer_id,
+            credit_type_id=type_id,
+            amount=Decimal(item["amount"]),
+            effective_at=effective,
+            expires_at=expires,
+            priority=item["priority"],
+            source="product",
+            source_key=f"product:{subscription.id}:{type_id}:{start.isoformat()}",
+            description="included credits",
+            chain=f"{subscription.id}:{type_id}",
+            rollover=None
+            if policy is None
+            else Rollover(
+                Decimal(policy["percent"]),
+                None if policy["cap"] is None else Decimal(policy["cap"]),
+                policy["max"],
+            ),
+            subscription_id=subscription.id,
+            period_start=start,
+        )
+        async with self._store.locked(tenant_id, subscription.customer_id, type_id) as (
+            conn,
+            account,
+        ):
+            _, new_grant = await self._store.insert_grant(conn, tenant_id, account, new)
+        return int(new_grant)
+
+    # Prices that draw credits.
+
+    async def prices_of(
+        self, tenant_id: str, customer_id: str = ""
+    ) -> list[tuple[str, str, CreditPrice]]:
+        """(customer id, external id, price) for every subscription's usage price
+        that draws credits (of one customer, or all)."""
+        credits = await self._store.product_credits(tenant_id)
+        if not any(c.get("prices") for c in credits.values()):
+            return []
+        found: list[tuple[str, str, CreditPrice]] = []
+        for s in await self._billing.subscriptions(tenant_id, customer_id):
+            for meter_id, p in credits.get(s.product_id, {}).get("prices", {}).items():
+                price = CreditPrice(
+                    meter_id,
+                    p["credit_type_id"],
+                    Decimal(p["rate"]),
+                    Overage(p["overage_rule"]),
+                    floor_minute(s.start_time),
+                    None if s.end_time is None else ceil_minute(s.end_time),
+                )
+                found.append((s.customer_id, s.customer_external_id, price))
+        return found
+
+    async def _draws(
+        self,
+        tenant_id: str,
+        external_id: str,
+        prices: Sequence[CreditPrice],
+        start: datetime,
+        end: datetime,
+        precision: int,
+    ) -> list[Draw]:
+        draws: list[Draw] = []
+        for price in prices:
+            lo = max(start, price.start)
+            hi = end if price.end is None else min(end, price.end)
+            if lo >= hi:
+                continue
+            minutes = await self._usage.read(tenant_id, price.meter_id, external_id, lo, hi)
+            for minute, quantity in minutes.items():
+                draws.append(
+                    Draw(
+                        f"draw:{price.meter_id}:{minute.isoformat()}",
+                        minute,
+                        to_credits(quantity, price.rate, precision),
+                        price.rule,
+                        price.meter_id,
+                        quantity,
+                    )
+                )
+        return draws
+
+    # Settlement.
+
+    async def settle_tenant(self, tenant_id: str, now: datetime) -> int:
+        """Grants due included credits, then settles every account; returns
+        how many entries were recorded."""
+        await self.grant_included(tenant_id, now)
+        prices = await self.prices_of(tenant_id)
+        accounts: dict[tuple[str, str], tuple[str, list[CreditPrice]]] = {}
+        for customer_id, external_id, price in prices:
+            key = (customer_id, price.credit_type_id)
+            accounts.setdefault(key, (external_id, []))[1].append(price)
+        for key in await self._store.accounts(tenant_id):
+            accounts.setdefault(key, ("", []))
+        types = await self._store.credit_types(tenant_id)
+        recorded = 0
+        for (customer_id, type_id), (external_id, account_prices) in accounts.items():
+            if not external_id:
+                _, external_id = await self._store.customer(tenant_id, customer_id, "customer_id")
+            recorded += await self.settle_account(
+                tenant_id, customer_id, external_id, types[type_id], account_prices, now
+            )
+        return recorded
+
+    async def settle_account(
+        self,
+        tenant_id: str,
+        customer_id: str,
+        external_id: str,
+        kind: CreditTypeRecord,
+        prices: Sequence[CreditPrice],
+        now: datetime,
+    ) -> int:
+        until = floor_minute(now - self._lag)
+        async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
+            grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
+            start = self._start(account, grants, prices, until)
+            if start is None or start >= until:
+                return 0
+            state = account.state
+            if start != account.settled_until:
+                state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
+            draws = await self._draws(tenant_id, external_id, prices, start, until, kind.precision)
+            domain = [g.domain() for g in grants]
+            desired, final = replay(domain, draws, state, start, until, kind.precision)
+            recorded, revisions = await self._store.derived_since(
+                conn, tenant_id, customer_id, kind.id, start
+            )
+            fixes = corrections(desired, recorded)
+            await self._store.append(
+                conn,
+                tenant_id,
+                customer_id,
+                kind.id,
+                account,
+                fixes,
+                revisions=revisions,
+                window=lambda e: (e.at, e.at + MINUTE),
+            )
+            await self._store.settled(conn, tenant_id, customer_id, kind.id, until, final)
+        return len(fixes)
+
+    def _start(
+        self,
+        account: AccountRecord,
+        grants: Sequence[GrantRecord],
+        prices: Sequence[CreditPrice],
+        until: datetime,
+    ) -> datetime | None:
+        """Where a pass replays from: the recheck point, or earlier when a
+        grant took effect before it; None when there is nothing to settle."""
+        earliest = [g.effective_at for g in grants] + [p.start for p in prices]
+        if not earliest:
+            return None
+        first = min(earliest)
+        if account.settled_until is None:
+            return first
+        start = max(first, account.settled_until - self._recheck)
+        if account.dirty_from is not None:
+            start = min(start, account.dirty_from)
+        return min(start, account.settled_until)
+
+    # The balance.
+
+    async def balance(
+        self, tenant_id: str, customer_ref: str, type_id: str, now: datetime
+    ) -> tuple[str, Balance]:
+        customer_id, external_id = await self._store.customer(
+            tenant_id, customer_ref, "customer_id"
+        )
+        kind = await self._store.get_credit_type(tenant_id, type_id)
+        account = await self._store.account(tenant_id, customer_id, kind.id)
+        grants = await self._store.grants(tenant_id, customer_id, kind.id)
+        prices = [
+            p for _, _, p in await self.prices_of(tenant_id, customer_id)
+            if p.credit_type_id == kind.id
+        ]  # fmt: skip
+        end = floor_minute(now) + MINUTE
+        domain = [g.domain() for g in grants]
+        settled = account.settled_until if account else None
+        state = dict(account.state) if account else {}
+        start = settled
+        if account is None or settled is None:
+            earliest = [g.effective_at for g in grants] + [p.start for p in prices]
+            start = min(earliest) if earliest else end
+            state = {}
+        elif account.dirty_from is not None and account.dirty_from < settled:
+            start = account.dirty_from
+            async with self._store.pool.acquire() as conn:
+                state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
+        assert start is not None
+        live: list[Entry] = []
+        if start < end:
+            draws = await self._draws(tenant_id, external_id, prices, start, end, kind.precision)
+            live, state = replay(domain, draws, state, start, end, kind.precision)
+        total, listed = available(domain, state, now)
+        expiries = [g.expires for g, _ in listed if g.expires is not None and g.open_at(now)]
+        period_start = await self._period_start(tenant_id, customer_id, now)
+        overage = await self._store.overage_since(tenant_id, customer_id, kind.id, period_start)
+        overage += sum((e.uncovered for e in live if e.at >= period_start), Decimal(0))
+        return customer_id, Balance(
+            total, listed, min(expiries) if expiries else None, overage, settled
+        )
+
+    async def _period_start(self, tenant_id: str, customer_id: str, now: datetime) -> datetime:
+        """The start of the customer's current period (its latest active
+        subscription's); the start of time without one."""
+        active = [
+            s
+            for s in await self._billing.subscriptions(tenant_id, customer_id)
+            if s.end_time is None or s.end_time > now
+        ]
+        if not active:
+            return datetime(1970, 1, 1, tzinfo=UTC)
+        s = active[-1]
+        product = await self._billing.get_product(tenant_id, s.product_id)
+        start, _, _ = period_containing(
+            s.start_time, Interval[product.billing_interval], max(now, s.start_time)
+        )
+        return floor_minute(start)
+
+    # Notifications.
+
+    async def publish_pending(self) -> int:
+        """Publishes each ledger entry not yet published (Nats-Msg-Id: the
+        entry's id, so a repeat after a crash or by another replica is
+        absorbed), then marks it; returns how many went out."""
+        if self._js is None:
+            return 0
+        published = 0
+        while batch := await self._store.unpublished(PUBLISH_BATCH):
+            acked: list[str] = []
+            for tenant_id, entry in batch:
+                subject = f"{BILLING_SUBJECT_PREFIX}.credit.{entry.kind.value.lower()}"
+                payload = credit_pb2.CreditEvent(tenant_id=tenant_id, entry=proto_entry(entry))
+                try:
+                    await self._js.publish(
+                        subject,
+                        payload.SerializeToString(),
+                        headers={"Nats-Msg-Id": f"credit-entry-{entry.id}"},
+                        timeout=PUBLISH_TIMEOUT,
+                    )
+                except Exception as exc:
+                    log.warning("credit_publish_failed", entry_id=entry.id, error=repr(exc))
+                    break
+                acked.append(entry.id)
+            await self._store.mark_published(acked)
+            published += len(acked)
+            if len(acked) < len(batch):
+                break
+        return published
+
+    async def check_low(
+        self, tenant_id: str, customer_id: str, kind: CreditTypeRecord, now: datetime
+    ) -> None:
+        """credit.balance_low once each time the balance falls below the type's
+        threshold; armed again when it is back at or above it."""
+        if kind.low_balance_threshold is None or self._js is None:
+            return
+        account = await self._store.account(tenant_id, customer_id, kind.id)
+        if account is None:
+            return
+        _, balance = await self.balance(tenant_id, customer_id, kind.id, now)
+        low = balance.available < kind.low_balance_threshold
+        if low and account.low_armed:
+            payload = credit_pb2.CreditEvent(
+                tenant_id=tenant_id,
+                balance=str(balance.available),
+                threshold=str(kind.low_balance_threshold),
+            )
+            payload.entry.customer_id = customer_id
+            payload.entry.credit_type_id = kind.id
+            # One message per fall: the id names the fall (the account's
+            # running balance changes with every entry).
+            msg_id = f"credit-low-{tenant_id}-{customer_id}-{kind.id}-{account.balance}"
+            await self._js.publish(
+                f"{BILLING_SUBJECT_PREFIX}.credit.balance_low",
+                payload.SerializeToString(),
+                headers={"Nats-Msg-Id": msg_id},
+                timeout=PUBLISH_TIMEOUT,
+            )
+            await self._store.set_low_armed(tenant_id, customer_id, kind.id, False)
+        elif not low and not account.low_armed:
+            await self._store.set_low_armed(tenant_id, customer_id, kind.id, True)
+
+    # The background task.
+
+    async def tick(self) -> None:
+        now = datetime.now(UTC)
+        for tenant_id in await self._billing.tenant_ids():
+            try:
+                await self.settle_tenant(tenant_id, now)
+                types = await self._store.credit_types(tenant_id)
+                if any(t.low_balance_threshold is not None for t in types.values()):
+                    for customer_id, type_id in await self._store.accounts(tenant_id):
+                        await self.check_low(tenant_id, customer_id, types[type_id], now)
+            except Exception as exc:  # one tenant's trouble must not stop the others
+                log.error("credit_settlement_failed", tenant_id=tenant_id, error=repr(exc))
+        try:
+            await self.publish_pending()
+        except Exception as exc:
+            log.warning("credit_publish_failed", error=repr(exc))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as exc:
+                log.error("credit_tick_failed", error=repr(exc))
+            await asyncio.sleep(self._interval)
+
+
+def _periods(
+    subscription: SubscriptionRecord, interval: Interval, since: datetime | None, now: datetime
+) -> list[tuple[datetime, datetime]]:
+    """The periods of the subscription after the one starting at `since`
+    (from its first without), that have started by `now`, CATCHUP at most."""
+    anchor = subscription.start_time
+    n = 0
+    if since is not None:
+        _, _, n = period_containing(anchor, interval, since)
+        n += 1
+    found: list[tuple[datetime, datetime]] = []
+    while len(found) < CATCHUP:
+        start, end = period_start(anchor, interval, n), period_start(anchor, interval, n + 1)
+        if start > now or (subscription.end_time is not None and start >= subscription.end_time):
+            break
+        if subscription.end_time is not None:
+            end = min(end, subscription.end_time)
+        found.append((start, end))
+        n += 1
+    return found
+
+
+def _time(value: Any, field: str) -> datetime:
+    try:
+        when: datetime = value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument(f"{field}: not a valid timestamp") from None
+    return when
+
+
+def _ts(when: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def proto_entry(entry: LedgerRecord) -> credit_pb2.CreditLedgerEntry:
+    message = credit_pb2.CreditLedgerEntry(
+        id=entry.id,
+        customer_id=entry.customer_id,
+        credit_type_id=entry.credit_type_id,
+        kind=credit_pb2.CreditEntryKind.Value(f"CREDIT_ENTRY_KIND_{entry.kind.value}"),
+        amount=_text(entry.amount),
+        balance_after=_text(entry.balance_after),
+        effective_time=_ts(entry.effective_at),
+        create_time=_ts(entry.created_at),
+        grant_id=entry.grant_id,
+        meter_id=entry.meter_id,
+        quantity=_text(entry.quantity),
+        credits_uncovered=_text(entry.uncovered),
+        description=entry.description,
+    )
+    if entry.window_start is not None and entry.window_end is not None:
+        message.window_start.CopyFrom(_ts(entry.window_start))
+        message.window_end.CopyFrom(_ts(entry.window_end))
+    return message
+
+
+def _text(value: Decimal) -> str:
+    # Plain notation, no trailing zeros beyond what the value has: "0", "-25", "1.5".
+    text = format(value.normalize(), "f") if value else "0"
+    return text

@@ -1,0 +1,687 @@
+"""Credits' SQL (schema `billing`): credit types, grants, accounts, the ledger.
+Every query filters on tenant_id. Every change of one customer's balance of
+one type happens in a transaction holding that account's row lock, so two
+replicas never record the same entry twice (the unique (entry_key, revision)
+catches a bug that would)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from services.billing.domain.credits import DEFICIT, Entry, EntryKind, Grant, Rollover
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.ids import is_uuid, parse_uuid
+
+
+@dataclass(frozen=True)
+class CreditTypeRecord:
+    id: str
+    name: str
+    kind: str  # CUSTOM or CURRENCY
+    precision: int
+    currency: str
+    low_balance_threshold: Decimal | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    id: str
+    customer_id: str
+    credit_type_id: str
+    amount: Decimal
+    effective_at: datetime
+    expires_at: datetime | None
+    priority: int
+    seq: int
+    source: str
+    description: str
+    chain: str
+    rollover: Rollover | None
+    price_minor: int
+    price_currency: str
+    invoice_id: str
+    subscription_id: str
+    period_start: datetime | None
+
+    def domain(self) -> Grant:
+        return Grant(
+            self.id,
+            self.amount,
+            self.effective_at,
+            self.expires_at,
+            self.priority,
+            self.seq,
+            self.chain,
+            self.rollover,
+        )
+
+
+@dataclass(frozen=True)
+class NewGrant:
+    customer_id: str
+    credit_type_id: str
+    amount: Decimal
+    effective_at: datetime
+    expires_at: datetime | None
+    priority: int
+    source: str  # api, product, adjustment
+    source_key: str
+    description: str = ""
+    chain: str = ""
+    rollover: Rollover | None = None
+    price_minor: int = 0
+    price_currency: str = ""
+    subscription_id: str | None = None
+    period_start: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    settled_until: datetime | None
+    dirty_from: datetime | None
+    state: dict[str, Decimal]
+    balance: Decimal
+    low_armed: bool
+
+
+@dataclass(frozen=True)
+class LedgerRecord:
+    id: str
+    customer_id: str
+    credit_type_id: str
+    kind: EntryKind
+    entry_key: str
+    amount: Decimal
+    balance_after: Decimal
+    effective_at: datetime
+    grant_id: str
+    meter_id: str
+    window_start: datetime | None
+    window_end: datetime | None
+    quantity: Decimal
+    uncovered: Decimal
+    description: str
+    created_at: datetime
+
+
+def _credit_type(r: asyncpg.Record) -> CreditTypeRecord:
+    return CreditTypeRecord(
+        str(r["id"]),
+        r["name"],
+        r["kind"],
+        r["precision"],
+        r["currency"],
+        r["low_balance_threshold"],
+        r["created_at"],
+    )
+
+
+def rollover_json(policy: Rollover | None) -> dict[str, Any] | None:
+    if policy is None:
+        return None
+    cap = None if policy.cap is None else str(policy.cap)
+    return {"percent": str(policy.percent), "cap": cap, "max": policy.max_rollovers}
+
+
+def rollover_from(data: Any) -> Rollover | None:
+    if data is None:
+        return None
+    if isinstance(data, str):
+        data = json.loads(data)
+    cap = data["cap"]
+    return Rollover(Decimal(data["percent"]), None if cap is None else Decimal(cap), data["max"])
+
+
+def _grant(r: asyncpg.Record) -> GrantRecord:
+    return GrantRecord(
+        id=str(r["id"]),
+        customer_id=str(r["customer_id"]),
+        credit_type_id=str(r["credit_type_id"]),
+        amount=r["amount"],
+        effective_at=r["effective_at"],
+        expires_at=r["expires_at"],
+        priority=r["priority"],
+        seq=r["seq"],
+        source=r["source"],
+        description=r["description"],
+        chain=r["chain"],
+        rollover=rollover_from(r["rollover"]),
+        price_minor=r["price_minor"],
+        price_currency=r["price_currency"],
+        invoice_id=str(r["invoice_id"] or ""),
+        subscription_id=str(r["subscription_id"] or ""),
+        period_start=r["period_start"],
+    )
+
+
+def _ledger(r: asyncpg.Record) -> LedgerRecord:
+    return LedgerRecord(
+        id=str(r["id"]),
+        customer_id=str(r["customer_id"]),
+        credit_type_id=str(r["credit_type_id"]),
+        kind=EntryKind(r["kind"]),
+        entry_key=r["entry_key"],
+        amount=r["amount"],
+        balance_after=r["balance_after"],
+        effective_at=r["effective_at"],
+        grant_id=r["grant_id"],
+        meter_id=r["meter_id"],
+        window_start=r["window_start"],
+        window_end=r["window_end"],
+        quantity=r["quantity"],
+        uncovered=r["uncovered"],
+        description=r["description"],
+        created_at=r["created_at"],
+    )
+
+
+def _decimals(data: Any) -> dict[str, Decimal]:
+    if isinstance(data, str):
+        data = json.loads(data)
+    return {k: Decimal(v) for k, v in data.items()}
+
+
+def _texts(values: dict[str, Decimal]) -> dict[str, str]:
+    # jsonb parameters are encoded by the pool's codec (services/common/db.py).
+    return {k: str(v) for k, v in values.items()}
+
+
+class CreditStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # Credit types.
+
+    async def create_credit_type(
+        self,
+        tenant_id: str,
+        name: str,
+        kind: str,
+        precision: int,
+        currency: str,
+        threshold: Decimal | None,
+    ) -> CreditTypeRecord:
+        try:
+            row = await self.pool.fetchrow(
+                "INSERT INTO billing.credit_types (tenant_id, name, kind, precision, currency,"
+                " low_balance_threshold) VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+                tenant_id,
+                name,
+                kind,
+                precision,
+                currency,
+                threshold,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise AlreadyExists(f"name: a credit type named {name!r} already exists") from exc
+        assert row is not None
+        return _credit_type(row)
+
+    async def get_credit_type(
+        self, tenant_id: str, type_id: str, field: str = "credit_type_id"
+    ) -> CreditTypeRecord:
+        if not type_id:
+            raise InvalidArgument(f"{field}: required")
+        row = await self.pool.fetchrow(
+            "SELECT * FROM billing.credit_types WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            parse_uuid(type_id, field),
+        )
+        if row is None:
+            raise NotFound(f"{field}: no credit type {type_id!r}")
+        return _credit_type(row)
+
+    async def credit_types(self, tenant_id: str) -> dict[str, CreditTypeRecord]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM billing.credit_types WHERE tenant_id = $1", tenant_id
+        )
+        return {str(r["id"]): _credit_type(r) for r in rows}
+
+    async def list_credit_types(
+        self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[CreditTypeRecord]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM billing.credit_types WHERE tenant_id = $1"
+            " AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3::uuid))"
+            " ORDER BY created_at, id LIMIT $4",
+            tenant_id,
+            after[0] if after else None,
+            after[1] if after else str(uuid.UUID(int=0)),
+            limit,
+        )
+        return [_credit_type(r) for r in rows]
+
+    # Customers, by id or by the external id events carry.
+
+    async def customer(self, tenant_id: str, ref: str, field: str) -> tuple[str, str]:
+        """(id, external id) of the tenant's customer `ref` (an id or an external id)."""
+        if not ref:
+            raise InvalidArgument(f"{field}: required")
+        row = await self.pool.fetchrow(
+            "SELECT id, external_id FROM billing.customers WHERE tenant_id = $1"
+            " AND (id = $2::uuid OR external_id = $3) ORDER BY (id = $2::uuid) DESC LIMIT 1",
+            tenant_id,
+            ref if is_uuid(ref) else None,
+            ref,
+        )
+        if row is None:
+            raise NotFound(f"{field}: no customer {ref!r}")
+        return str(row["id"]), row["external_id"]
+
+    # Products' credits (the `credits` column of billing.products).
+
+    async def set_product_credits(
+        self, tenant_id: str, product_id: str, credits: dict[str, Any]
+    ) -> None:
+        await self.pool.execute(
+            "UPDATE billing.products SET credits = $3 WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            uuid.UUID(product_id),
+            credits,
+        )
+
+    async def product_credits(self, tenant_id: str, product_id: str = "") -> dict[str, Any]:
+        """The credits JSON of the tenant's products (or of one) by product id."""
+        rows = await self.pool.fetch(
+            "SELECT id, credits FROM billing.products WHERE tenant_id = $1"
+            " AND ($2::uuid IS NULL OR id = $2) AND credits <> '{}'::jsonb",
+            tenant_id,
+            uuid.UUID(product_id) if product_id else None,
+        )
+        return {str(r["id"]): r["credits"] for r in rows}
+
+    # Accounts and grants.
+
+    @asynccontextmanager
+    async def locked(
+        self, tenant_id: str, customer_id: str, type_id: str
+    ) -> AsyncIterator[tuple[Any, AccountRecord]]:
+        """A transaction holding the account's row lock (created on first use)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO billing.credit_accounts (tenant_id, customer_id, credit_type_id)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                tenant_id,
+                uuid.UUID(customer_id),
+                uuid.UUID(type_id),
+            )
+            row = await conn.fetchrow(
+                "SELECT * FROM billing.credit_accounts WHERE tenant_id = $1 AND customer_id = $2"
+                " AND credit_type_id = $3 FOR UPDATE",
+                tenant_id,
+                uuid.UUID(customer_id),
+                uuid.UUID(type_id),
+            )
+            assert row is not None
+            yield conn, _account(row)
+
+    async def account(self, tenant_id: str, customer_id: str, type_id: str) -> AccountRecord | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM billing.credit_accounts WHERE tenant_id = $1 AND customer_id = $2"
+            " AND credit_type_id = $3",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+        )
+        return None if row is None else _account(row)
+
+    async def accounts(self, tenant_id: str) -> list[tuple[str, str]]:
+        """(customer id, credit type id) of every account the tenant has."""
+        rows = await self.pool.fetch(
+            "SELECT customer_id, credit_type_id FROM billing.credit_accounts WHERE tenant_id = $1",
+            tenant_id,
+        )
+        return [(str(r["customer_id"]), str(r["credit_type_id"])) for r in rows]
+
+    async def grant_by_key(self, tenant_id: str, source_key: str) -> GrantRecord | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM billing.credit_grants WHERE tenant_id = $1 AND source_key = $2",
+            tenant_id,
+            source_key,
+        )
+        return None if row is None else _grant(row)
+
+    async def insert_grant(
+        self, conn: Any, tenant_id: str, account: AccountRecord, grant: NewGrant
+    ) -> tuple[GrantRecord, bool]:
+        """Inserts the grant and its GRANTED entry, once per source_key (on the
+        account's locked connection); returns (grant, whether it is new)."""
+        row = await conn.fetchrow(
+            "INSERT INTO billing.credit_grants (tenant_id, customer_id, credit_type_id, amount,"
+            " effective_at, expires_at, priority, source, source_key, description, chain,"
+            " rollover, price_minor, price_currency, subscription_id, period_start)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
+            " $16) ON CONFLICT (tenant_id, source_key) DO NOTHING RETURNING *",
+            tenant_id,
+            uuid.UUID(grant.customer_id),
+            uuid.UUID(grant.credit_type_id),
+            grant.amount,
+            grant.effective_at,
+            grant.expires_at,
+            grant.priority,
+            grant.source,
+            grant.source_key,
+            grant.description,
+            grant.chain,
+            rollover_json(grant.rollover),
+            grant.price_minor,
+            grant.price_currency,
+            uuid.UUID(grant.subscription_id) if grant.subscription_id else None,
+            grant.period_start,
+        )
+        if row is None:
+            existing = await conn.fetchrow(
+                "SELECT * FROM billing.credit_grants WHERE tenant_id = $1 AND source_key = $2",
+                tenant_id,
+                grant.source_key,
+            )
+            assert existing is not None
+            return _grant(existing), False
+        record = _grant(row)
+        kind = EntryKind.ADJUSTED if grant.source == "adjustment" else EntryKind.GRANTED
+        entry = Entry(
+            f"grant:{record.id}",
+            kind,
+            record.effective_at,
+            record.amount,
+            {record.id: record.amount},
+            grant_id=record.id,
+        )
+        await self.append(
+            conn, tenant_id, grant.customer_id, grant.credit_type_id, account, [entry],
+            description=grant.description,
+        )  # fmt: skip
+        if account.settled_until is not None and record.effective_at < account.settled_until:
+            # Backdated (a product's period found late): settle again from it.
+            await conn.execute(
+                "UPDATE billing.credit_accounts SET dirty_from = least(coalesce(dirty_from, $4),"
+                " $4) WHERE tenant_id = $1 AND customer_id = $2 AND credit_type_id = $3",
+                tenant_id,
+                uuid.UUID(grant.customer_id),
+                uuid.UUID(grant.credit_type_id),
+                record.effective_at,
+            )
+        return record, True
+
+    async def set_invoice(self, tenant_id: str, grant_id: str, invoice_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE billing.credit_grants SET invoice_id = $3 WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            uuid.UUID(grant_id),
+            uuid.UUID(invoice_id),
+        )
+
+    async def grants(
+        self, tenant_id: str, customer_id: str, type_id: str, conn: Any = None
+    ) -> list[GrantRecord]:
+        rows = await (conn or self.pool).fetch(
+            "SELECT * FROM billing.credit_grants WHERE tenant_id = $1 AND customer_id = $2"
+            " AND credit_type_id = $3 ORDER BY seq",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+        )
+        return [_grant(r) for r in rows]
+
+    async def last_included(self, tenant_id: str) -> dict[tuple[str, str], datetime]:
+        """The last period start granted per (subscription, credit type)."""
+        rows = await self.pool.fetch(
+            "SELECT subscription_id, credit_type_id, max(period_start) AS last"
+            " FROM billing.credit_grants WHERE tenant_id = $1 AND source = 'product'"
+            " GROUP BY subscription_id, credit_type_id",
+            tenant_id,
+        )
+        return {(str(r["subscription_id"]), str(r["credit_type_id"])): r["last"] for r in rows}
+
+    # The ledger.
+
+    async def state_before(
+        self, conn: Any, tenant_id: str, customer_id: str, type_id: str, at: datetime
+    ) -> dict[str, Decimal]:
+        """What each grant (and the deficit) had left before `at`: the sum of
+        the allocations of the entries that took effect before it."""
+        rows = await conn.fetch(
+            "SELECT a.key, sum(a.value::numeric) AS left FROM billing.credit_ledger l,"
+            " jsonb_each_text(l.allocations) a WHERE l.tenant_id = $1 AND l.customer_id = $2"
+            " AND l.credit_type_id = $3 AND l.effective_at < $4 GROUP BY a.key",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            at,
+        )
+        return {r["key"]: r["left"] for r in rows if r["left"] != 0}
+
+    async def derived_since(
+        self, conn: Any, tenant_id: str, customer_id: str, type_id: str, at: datetime
+    ) -> tuple[list[Entry], dict[str, int]]:
+        """The derived entries (not grants) in effect from `at`, and the number
+        of revisions recorded per entry key."""
+        rows = await conn.fetch(
+            "SELECT * FROM billing.credit_ledger WHERE tenant_id = $1 AND customer_id = $2"
+            " AND credit_type_id = $3 AND effective_at >= $4 AND entry_key NOT LIKE 'grant:%'"
+            " ORDER BY id",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            at,
+        )
+        revisions: dict[str, int] = {}
+        entries = []
+        for r in rows:
+            revisions[r["entry_key"]] = max(revisions.get(r["entry_key"], 0), r["revision"] + 1)
+            entries.append(
+                Entry(
+                    r["entry_key"],
+                    EntryKind(r["kind"]),
+                    r["effective_at"],
+                    r["amount"],
+                    _decimals(r["allocations"]),
+                    grant_id=r["grant_id"],
+                    meter_id=r["meter_id"],
+                    quantity=r["quantity"],
+                    uncovered=r["uncovered"],
+                )
+            )
+        return entries, revisions
+
+    async def append(
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        type_id: str,
+        account: AccountRecord,
+        entries: Sequence[Entry],
+        *,
+        revisions: dict[str, int] | None = None,
+        window: Any = None,
+        description: str = "",
+    ) -> Decimal:
+        """Appends entries (balance_after running on from the account's
+        balance) and stores the new balance; returns it. `window(entry)` gives
+        a draw's (start, end)."""
+        balance = account.balance
+        revisions = revisions or {}
+        rows = []
+        for e in entries:
+            balance += e.amount
+            start, end = window(e) if window and e.meter_id else (None, None)
+            rows.append(
+                (
+                    tenant_id,
+                    uuid.UUID(customer_id),
+                    uuid.UUID(type_id),
+                    e.kind.value,
+                    e.key,
+                    revisions.get(e.key, 0),
+                    e.amount,
+                    balance,
+                    e.at,
+                    _texts(dict(e.allocations)),
+                    e.grant_id,
+                    e.meter_id,
+                    start,
+                    end,
+                    e.quantity,
+                    e.uncovered,
+                    description,
+                )
+            )
+        if rows:
+            await conn.executemany(
+                "INSERT INTO billing.credit_ledger (tenant_id, customer_id, credit_type_id, kind,"
+                " entry_key, revision, amount, balance_after, effective_at, allocations,"
+                " grant_id, meter_id, window_start, window_end, quantity, uncovered,"
+                " description) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+                " $12, $13, $14, $15, $16, $17)",
+                rows,
+            )
+            await conn.execute(
+                "UPDATE billing.credit_accounts SET balance = $4 WHERE tenant_id = $1"
+                " AND customer_id = $2 AND credit_type_id = $3",
+                tenant_id,
+                uuid.UUID(customer_id),
+                uuid.UUID(type_id),
+                balance,
+            )
+        return balance
+
+    async def settled(
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        type_id: str,
+        until: datetime,
+        state: dict[str, Decimal],
+    ) -> None:
+        await conn.execute(
+            "UPDATE billing.credit_accounts SET settled_until = $4, state = $5,"
+            " dirty_from = NULL WHERE tenant_id = $1 AND customer_id = $2"
+            " AND credit_type_id = $3",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            until,
+            _texts(state),
+        )
+
+    async def overage_since(
+        self, tenant_id: str, customer_id: str, type_id: str, since: datetime
+    ) -> Decimal:
+        value = await self.pool.fetchval(
+            "SELECT coalesce(sum(uncovered), 0) FROM billing.credit_ledger WHERE tenant_id = $1"
+            " AND customer_id = $2 AND credit_type_id = $3 AND kind = 'OVERAGE'"
+            " AND effective_at >= $4",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            since,
+        )
+        return Decimal(value)
+
+    async def usage_totals(
+        self, tenant_id: str, customer_id: str, meter_id: str, start: datetime, end: datetime
+    ) -> tuple[Decimal, Decimal, Decimal]:
+        """Over [start, end) for one meter: (credits drawn, credits uncovered
+        under BILL, credits uncovered in all), from the settled ledger."""
+        row = await self.pool.fetchrow(
+            "SELECT coalesce(sum(-amount) FILTER (WHERE kind = 'DRAWN'), 0) AS drawn,"
+            " coalesce(sum(uncovered) FILTER (WHERE kind = 'OVERAGE'), 0) AS uncovered"
+            " FROM billing.credit_ledger WHERE tenant_id = $1 AND customer_id = $2"
+            " AND meter_id = $3 AND effective_at >= $4 AND effective_at < $5",
+            tenant_id,
+            uuid.UUID(customer_id),
+            meter_id,
+            start,
+            end,
+        )
+        assert row is not None
+        return Decimal(row["drawn"]), Decimal(row["uncovered"]), Decimal(row["uncovered"])
+
+    async def ledger_page(
+        self,
+        tenant_id: str,
+        *,
+        customer_id: str | None,
+        type_id: str | None,
+        kind: str | None,
+        start: datetime | None,
+        end: datetime | None,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[LedgerRecord]:
+        if after is not None and not after[1].isdigit():
+            raise InvalidArgument("page_token: not a token this service issued")
+        rows = await self.pool.fetch(
+            "SELECT * FROM billing.credit_ledger WHERE tenant_id = $1"
+            " AND ($2::uuid IS NULL OR customer_id = $2)"
+            " AND ($3::uuid IS NULL OR credit_type_id = $3)"
+            " AND ($4::text IS NULL OR kind = $4)"
+            " AND ($5::timestamptz IS NULL OR effective_at >= $5)"
+            " AND ($6::timestamptz IS NULL OR effective_at < $6)"
+            " AND ($7::timestamptz IS NULL OR (created_at, id) > ($7, $8::bigint))"
+            " ORDER BY created_at, id LIMIT $9",
+            tenant_id,
+            uuid.UUID(customer_id) if customer_id else None,
+            uuid.UUID(type_id) if type_id else None,
+            kind,
+            start,
+            end,
+            after[0] if after else None,
+            int(after[1]) if after else 0,
+            limit,
+        )
+        return [_ledger(r) for r in rows]
+
+    # Notifications (outbox: the ledger itself).
+
+    async def unpublished(self, limit: int) -> list[tuple[str, LedgerRecord]]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM billing.credit_ledger WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            limit,
+        )
+        return [(r["tenant_id"], _ledger(r)) for r in rows]
+
+    async def mark_published(self, ids: Sequence[str]) -> None:
+        await self.pool.execute(
+            "UPDATE billing.credit_ledger SET published_at = now() WHERE id = ANY($1::bigint[])",
+            [int(i) for i in ids],
+        )
+
+    async def set_low_armed(
+        self, tenant_id: str, customer_id: str, type_id: str, armed: bool
+    ) -> bool:
+        """Sets the account's low-balance flag; True when it changed."""
+        status = await self.pool.execute(
+            "UPDATE billing.credit_accounts SET low_armed = $4 WHERE tenant_id = $1"
+            " AND customer_id = $2 AND credit_type_id = $3 AND low_armed <> $4",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            armed,
+        )
+        return bool(status.endswith(" 1"))
+
+
+def _account(r: asyncpg.Record) -> AccountRecord:
+    return AccountRecord(
+        r["settled_until"],
+        r["dirty_from"],
+        _decimals(r["state"]),
+        r["balance"],
+        r["low_armed"],
+    )
+
+
+__all__ = ["DEFICIT", "CreditStore"]

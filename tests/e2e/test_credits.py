@@ -1,0 +1,233 @@
+"""Credits over the real services: credit types, grants, draw-down of metered
+usage, the balance in (near) real time, the ledger, idempotency, validation
+and tenant isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from tests.client import Client, event, eventually, status_of
+from tools.suite import SERVICES, Suite
+from usagebilling.billing.v1 import (
+    credit_pb2,
+    credit_pb2_grpc,
+    customer_pb2,
+    product_pb2,
+    subscription_pb2,
+)
+from usagebilling.ingest.v1 import ingest_pb2
+from usagebilling.meter.v1 import meter_pb2
+
+pytestmark = pytest.mark.e2e
+
+D = Decimal
+
+
+def credits_of(client: Client) -> credit_pb2_grpc.CreditServiceStub:
+    return credit_pb2_grpc.CreditServiceStub(client.channels["billing"])
+
+
+async def refused(call: object) -> tuple[grpc.StatusCode | None, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return status_of(exc), exc.details() or ""
+    return None, ""
+
+
+async def tokens_setup(
+    client: Client, external_id: str, *, rule: int, included: str = "", rollover: bool = False
+) -> tuple[str, str, str]:
+    """A tokens meter, a TOKENS credit type, a customer on a daily product whose
+    usage price draws tokens 1:1 under `rule`: (meter id, type id, customer id)."""
+    stub = credits_of(client)
+    meter = await client.call(
+        client.meter.CreateMeter,
+        meter_pb2.CreateMeterRequest(
+            name=f"tokens-{external_id}",
+            event_name="llm.call",
+            aggregation=meter_pb2.AGGREGATION_SUM,
+            property="tokens",
+        ),
+    )
+    kind = await client.call(
+        stub.CreateCreditType,
+        credit_pb2.CreateCreditTypeRequest(
+            name=f"tokens-{external_id}", kind=credit_pb2.CREDIT_UNIT_KIND_CUSTOM, precision=0
+        ),
+    )
+    customer = await client.call(
+        client.customers.CreateCustomer, customer_pb2.CreateCustomerRequest(external_id=external_id)
+    )
+    return meter.id, kind.id, customer.id
+
+
+async def test_credit_types_are_validated_and_isolated(
+    suite: Suite, client: Client, new_tenant: Callable[[], tuple[str, str]]
+) -> None:
+    stub = credits_of(client)
+    kind = await client.call(
+        stub.CreateCreditType,
+        credit_pb2.CreateCreditTypeRequest(
+            name="USD credits", kind=credit_pb2.CREDIT_UNIT_KIND_CURRENCY, currency="USD"
+        ),
+    )
+    assert (kind.precision, kind.currency) == (2, "USD")
+    assert (
+        await client.call(stub.GetCreditType, credit_pb2.GetCreditTypeRequest(id=kind.id))
+    ) == kind
+    listed = await client.call(stub.ListCreditTypes, credit_pb2.ListCreditTypesRequest())
+    assert [t.id for t in listed.credit_types] == [kind.id]
+    custom, currency = credit_pb2.CREDIT_UNIT_KIND_CUSTOM, credit_pb2.CREDIT_UNIT_KIND_CURRENCY
+    for request, field in (
+        (credit_pb2.CreateCreditTypeRequest(name="x", kind=custom, precision=4), "precision"),
+        (credit_pb2.CreateCreditTypeRequest(name="x"), "kind"),
+        (credit_pb2.CreateCreditTypeRequest(kind=custom), "name"),
+        (credit_pb2.CreateCreditTypeRequest(name="x", kind=currency, currency="usd"), "currency"),
+    ):
+        code, details = await refused(stub.CreateCreditType(request, metadata=client.metadata))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
+    code, _ = await refused(
+        stub.CreateCreditType(
+            credit_pb2.CreateCreditTypeRequest(
+                name="USD credits", kind=credit_pb2.CREDIT_UNIT_KIND_CURRENCY, currency="USD"
+            ),
+            metadata=client.metadata,
+        )
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    customer = await client.call(
+        client.customers.CreateCustomer, customer_pb2.CreateCustomerRequest(external_id="cus_c")
+    )
+    code, details = await refused(
+        stub.GrantCredits(
+            credit_pb2.GrantCreditsRequest(
+                customer_id="cus_c", credit_type_id=kind.id, amount="1.005", idempotency_key="k"
+            ),
+            metadata=client.metadata,
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("amount"), details
+
+    # Another tenant sees none of it.
+    other = Client({s: suite.address(s) for s in SERVICES}, new_tenant()[1])
+    try:
+        theirs = credits_of(other)
+        for call in (
+            theirs.GetCreditType(
+                credit_pb2.GetCreditTypeRequest(id=kind.id), metadata=other.metadata
+            ),
+            theirs.GrantCredits(
+                credit_pb2.GrantCreditsRequest(
+                    customer_id=customer.id, credit_type_id=kind.id, amount="1", idempotency_key="k"
+                ),
+                metadata=other.metadata,
+            ),
+            theirs.GetCreditBalance(
+                credit_pb2.GetCreditBalanceRequest(customer_id=customer.id, credit_type_id=kind.id),
+                metadata=other.metadata,
+            ),
+        ):  # fmt: skip
+            assert (await refused(call))[0] == grpc.StatusCode.NOT_FOUND
+        listed = await other.call(theirs.ListCreditTypes, credit_pb2.ListCreditTypesRequest())
+        assert not listed.credit_types
+        ledger = await other.call(theirs.ListCreditLedger, credit_pb2.ListCreditLedgerRequest())
+        assert not ledger.entries
+    finally:
+        await other.close()
+
+
+async def test_usage_draws_the_balance_down_in_real_time(client: Client) -> None:
+    stub = credits_of(client)
+    meter_id, type_id, customer_id = await tokens_setup(
+        client, "cus_rt", rule=credit_pb2.OVERAGE_RULE_FORGIVE
+    )
+    product = await client.call(
+        client.products.CreateProduct,
+        product_pb2.CreateProductRequest(
+            name="Tokens",
+            currency="USD",
+            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
+            usage_prices=[
+                product_pb2.UsagePrice(
+                    meter_id=meter_id,
+                    model=product_pb2.PRICE_MODEL_PER_UNIT,
+                    unit_price="0.001",
+                    credit_type_id=type_id,
+                    credit_rate="1",
+                    overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
+                )
+            ],
+        ),
+    )
+    assert product.usage_prices[0].credit_type_id == type_id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    subscribe = subscription_pb2.CreateSubscriptionRequest(
+        customer_id=customer_id, product_id=product.id
+    )
+    subscribe.start_time.FromDatetime(start)
+    await client.call(client.subscriptions.CreateSubscription, subscribe)
+    grant_request = credit_pb2.GrantCreditsRequest(
+        customer_id="cus_rt",
+        credit_type_id=type_id,
+        amount="1000",
+        idempotency_key="welcome",
+        expire_after=Duration(seconds=30 * 86400),
+    )
+    grant = await client.call(stub.GrantCredits, grant_request)
+    assert await client.call(stub.GrantCredits, grant_request) == grant  # idempotent
+    effective = grant.effective_time.ToDatetime(tzinfo=UTC)
+    assert effective.second == 0 and effective >= datetime.now(UTC) - timedelta(minutes=1)
+
+    async def balance() -> credit_pb2.CreditBalance:
+        answer: credit_pb2.CreditBalance = await client.call(
+            stub.GetCreditBalance,
+            credit_pb2.GetCreditBalanceRequest(customer_id="cus_rt", credit_type_id=type_id),
+        )
+        return answer
+
+    # Usage before the grant is effective draws nothing from it (FORGIVE).
+    before = event("e-before", "cus_rt", "llm.call", effective - timedelta(seconds=30), tokens=50)
+    await client.call(client.ingest.IngestEvents, ingest_pb2.IngestEventsRequest(events=[before]))
+    # Wait for the grant to take effect, then use 300 tokens.
+    while datetime.now(UTC) < effective + timedelta(seconds=1):
+        await asyncio.sleep(0.5)
+    assert (await balance()).available == "1000"
+    used = [event(f"e-{i}", "cus_rt", "llm.call", datetime.now(UTC), tokens=100) for i in range(3)]
+    await client.call(client.ingest.IngestEvents, ingest_pb2.IngestEventsRequest(events=used))
+    answer = await eventually(balance, lambda b: b.available == "700", timeout=30)
+    assert answer.available == "700"
+    assert [(g.grant_id, g.remaining) for g in answer.grants] == [(grant.id, "700")]
+    assert answer.overage_this_period == "50"  # the 50 tokens before the grant
+
+    # Settled within a minute or so: the ledger has the draw and the overage.
+    async def ledger() -> list[credit_pb2.CreditLedgerEntry]:
+        page = await client.call(
+            stub.ListCreditLedger, credit_pb2.ListCreditLedgerRequest(customer_id=customer_id)
+        )
+        return list(page.entries)
+
+    entries = await eventually(
+        ledger,
+        lambda es: (
+            sum(D(e.amount) for e in es) == 700
+            and any(e.kind == credit_pb2.CREDIT_ENTRY_KIND_OVERAGE for e in es)
+        ),
+        timeout=120,
+    )
+    assert sum(D(e.amount) for e in entries) == 700
+    kinds = sorted(credit_pb2.CreditEntryKind.Name(e.kind) for e in entries)
+    assert kinds == [
+        "CREDIT_ENTRY_KIND_DRAWN",
+        "CREDIT_ENTRY_KIND_GRANTED",
+        "CREDIT_ENTRY_KIND_OVERAGE",
+    ]
+    assert entries[-1].balance_after == "700"
+    assert (await balance()).available == "700"
