@@ -165,6 +165,8 @@ class SubscriptionServicer(subscription_pb2_grpc.SubscriptionServiceServicer):
             message.current_period_end.CopyFrom(convert.to_timestamp(end))
         if record.end_time is not None:
             message.end_time.CopyFrom(convert.to_timestamp(record.end_time))
+        if record.commitment is not None:
+            message.commitment.CopyFrom(convert.proto_commitment(record.commitment))
         return message
 
     async def CreateSubscription(
@@ -178,7 +180,12 @@ class SubscriptionServicer(subscription_pb2_grpc.SubscriptionServiceServicer):
             else now
         )
         record = await self._catalog.create_subscription(
-            tenant, request.customer_id, request.product_id, start, now
+            tenant,
+            request.customer_id,
+            request.product_id,
+            start,
+            now,
+            convert.commitment(request.commitment) if request.HasField("commitment") else None,
         )
         return await self._proto(tenant, record)
 

@@ -5,23 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 
 from services.billing import convert
+from services.billing.domain.commitments import Commitment, validate_commitment
 from services.billing.domain.fields import check_text
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, check_start, period_containing
-from services.billing.domain.pricing import validate_usage_price
-from services.billing.meter_client import Meters
+from services.billing.domain.pricing import check_limits, validate_usage_price
+from services.billing.meter_client import PricingMeters
 from services.billing.store import BillingStore, ProductRecord, SubscriptionRecord
 from services.common.errors import InvalidArgument
 from usagebilling.billing.v1 import product_pb2
 
-# Limits checked before any other work on a request (every usage price costs
-# a meter lookup now and a usage query per period later); in the proto comments.
-MAX_USAGE_PRICES = 50
-MAX_TIERS = 100
-
 
 class Catalog:
-    def __init__(self, store: BillingStore, meters: Meters) -> None:
+    def __init__(self, store: BillingStore, meters: PricingMeters) -> None:
         self._store = store
         self._meters = meters
 
@@ -34,16 +30,11 @@ class Catalog:
             raise InvalidArgument("billing_interval: a BILLING_INTERVAL_* value is required")
         if request.fixed_price_minor < 0:
             raise InvalidArgument("fixed_price_minor: must not be negative")
-        if len(request.usage_prices) > MAX_USAGE_PRICES:
-            raise InvalidArgument(
-                f"usage_prices: at most {MAX_USAGE_PRICES} per product, got "
-                f"{len(request.usage_prices)}"
-            )
-        for i, message in enumerate(request.usage_prices):
-            if len(message.tiers) > MAX_TIERS:
-                raise InvalidArgument(
-                    f"usage_prices[{i}].tiers: at most {MAX_TIERS}, got {len(message.tiers)}"
-                )
+        check_limits(len(request.usage_prices), [len(p.tiers) for p in request.usage_prices])
+        commitment = None
+        if request.HasField("commitment"):
+            commitment = convert.commitment(request.commitment)
+            validate_commitment(commitment)
         prices = [convert.usage_price(p, i) for i, p in enumerate(request.usage_prices)]
         seen: set[str] = set()
         for i, price in enumerate(prices):
@@ -55,6 +46,16 @@ class Catalog:
             await self._meters.meter_name(tenant_id, p.meter_id, f"usage_prices[{i}].meter_id")
             for i, p in enumerate(prices)
         ]
+        for i, p in enumerate(prices):
+            if p.transaction_key:
+                keys = await self._meters.group_by(
+                    tenant_id, p.meter_id, f"usage_prices[{i}].meter_id"
+                )
+                if p.transaction_key not in keys:
+                    raise InvalidArgument(
+                        f"usage_prices[{i}].transaction_key: {p.transaction_key[:100]!r} is not "
+                        f"one of meter {p.meter_id!r}'s group_by keys {list(keys)}"
+                    )
         return await self._store.create_product(
             tenant_id,
             name=request.name,
@@ -64,6 +65,7 @@ class Catalog:
             usage_prices=[
                 convert.price_json(p, name) for p, name in zip(prices, names, strict=True)
             ],
+            commitment=None if commitment is None else convert.commitment_json(commitment),
         )
 
     async def create_subscription(
@@ -73,15 +75,25 @@ class Catalog:
         product_id: str,
         start_time: datetime,
         now: datetime,
+        commitment: Commitment | None = None,
     ) -> SubscriptionRecord:
+        """`commitment`, when given, replaces the product's for this subscription."""
         check_start(start_time, now)
+        if commitment is not None:
+            validate_commitment(commitment)
         if not customer_id:
             raise InvalidArgument("customer_id: required")
         if not product_id:
             raise InvalidArgument("product_id: required")
         customer = await self._store.get_customer(tenant_id, customer_id)
         product = await self._store.get_product(tenant_id, product_id)
-        return await self._store.create_subscription(tenant_id, customer.id, product.id, start_time)
+        return await self._store.create_subscription(
+            tenant_id,
+            customer.id,
+            product.id,
+            start_time,
+            None if commitment is None else convert.commitment_json(commitment),
+        )
 
     async def current_period(
         self, tenant_id: str, subscription: SubscriptionRecord, now: datetime

@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.billing.domain.commitments import Commitment
 from services.billing.domain.invoice import InvoiceDraft, InvoiceLine
 from services.billing.domain.periods import Interval
 from services.billing.domain.pricing import (
@@ -16,6 +17,7 @@ from services.billing.domain.pricing import (
     TierCharge,
     UsagePrice,
     parse_decimal,
+    plain,
 )
 from services.billing.store import CustomerRecord, InvoiceRecord, PeriodFailure, ProductRecord
 from services.common.errors import InvalidArgument
@@ -32,6 +34,13 @@ MODELS = {
     product_pb2.PRICE_MODEL_GRADUATED: PriceModel.GRADUATED,
     product_pb2.PRICE_MODEL_VOLUME: PriceModel.VOLUME,
     product_pb2.PRICE_MODEL_PACKAGE: PriceModel.PACKAGE,
+    product_pb2.PRICE_MODEL_PERCENTAGE: PriceModel.PERCENTAGE,
+}
+LINE_KINDS = {
+    "fixed_fee": invoice_pb2.INVOICE_LINE_KIND_FIXED_FEE,
+    "usage": invoice_pb2.INVOICE_LINE_KIND_USAGE,
+    "maximum_spend": invoice_pb2.INVOICE_LINE_KIND_MAXIMUM_SPEND,
+    "minimum_spend": invoice_pb2.INVOICE_LINE_KIND_MINIMUM_SPEND,
 }
 INVOICE_STATUSES = {
     "DRAFT": invoice_pb2.INVOICE_STATUS_DRAFT,
@@ -56,8 +65,9 @@ def to_timestamp(when: datetime) -> Timestamp:
 
 
 def text(value: Decimal | None) -> str:
-    """Plain notation ("1000", not "1E+3"); empty for None."""
-    return "" if value is None else format(value, "f")
+    """Plain, normalised notation ("1000", not "1E+3"; "0.01", not "0.010");
+    empty for None."""
+    return "" if value is None else plain(value)
 
 
 def _optional(value: str | None) -> Decimal | None:
@@ -90,6 +100,12 @@ def usage_price(message: product_pb2.UsagePrice, index: int) -> UsagePrice:
         if message.package_size
         else None,
         package_price=parse_decimal(message.package_price, f"{at}.package_price"),
+        rate=parse_decimal(message.rate, f"{at}.rate"),
+        fixed_fee=parse_decimal(message.fixed_fee, f"{at}.fixed_fee"),
+        min_fee=parse_decimal(message.min_fee, f"{at}.min_fee") if message.min_fee else None,
+        max_fee=parse_decimal(message.max_fee, f"{at}.max_fee") if message.max_fee else None,
+        transaction_key=message.transaction_key,
+        free_transactions=message.free_transactions,
     )
 
 
@@ -110,6 +126,12 @@ def price_json(price: UsagePrice, meter_name: str) -> dict[str, Any]:
         ],
         "package_size": text(price.package_size) or None,
         "package_price": text(price.package_price),
+        "rate": text(price.rate),
+        "fixed_fee": text(price.fixed_fee),
+        "min_fee": text(price.min_fee) or None,
+        "max_fee": text(price.max_fee) or None,
+        "transaction_key": price.transaction_key,
+        "free_transactions": price.free_transactions,
     }
 
 
@@ -125,6 +147,40 @@ def price_from_json(data: dict[str, Any]) -> UsagePrice:
         ),
         package_size=_optional(data["package_size"]),
         package_price=Decimal(data["package_price"]),
+        # Prices stored before PERCENTAGE existed have none of these.
+        rate=Decimal(data.get("rate") or 0),
+        fixed_fee=Decimal(data.get("fixed_fee") or 0),
+        min_fee=_optional(data.get("min_fee")),
+        max_fee=_optional(data.get("max_fee")),
+        transaction_key=data.get("transaction_key", ""),
+        free_transactions=data.get("free_transactions", 0),
+    )
+
+
+# Commitments: request -> domain -> stored JSON -> domain / response.
+
+
+def commitment(message: product_pb2.Commitment) -> Commitment:
+    return Commitment(message.minimum_spend_minor, message.maximum_spend_minor)
+
+
+def commitment_json(value: Commitment) -> dict[str, int]:
+    return {
+        "minimum_spend_minor": value.minimum_minor,
+        "maximum_spend_minor": value.maximum_minor,
+    }
+
+
+def commitment_from_json(data: dict[str, int] | None) -> Commitment | None:
+    if data is None:
+        return None
+    return Commitment(data["minimum_spend_minor"], data["maximum_spend_minor"])
+
+
+def proto_commitment(data: dict[str, int]) -> product_pb2.Commitment:
+    return product_pb2.Commitment(
+        minimum_spend_minor=data["minimum_spend_minor"],
+        maximum_spend_minor=data["maximum_spend_minor"],
     )
 
 
@@ -152,10 +208,22 @@ def proto_product(record: ProductRecord) -> product_pb2.Product:
                 ],
                 package_size=p["package_size"] or "",
                 package_price=p["package_price"],
+                rate=_shown(p.get("rate")),
+                fixed_fee=_shown(p.get("fixed_fee")),
+                min_fee=p.get("min_fee") or "",
+                max_fee=p.get("max_fee") or "",
+                transaction_key=p.get("transaction_key", ""),
+                free_transactions=p.get("free_transactions", 0),
             )
             for p in record.usage_prices
         ],
+        commitment=None if record.commitment is None else proto_commitment(record.commitment),
     )
+
+
+def _shown(value: str | None) -> str:
+    # A percentage field that is 0 (or absent) is shown empty, as it was sent.
+    return "" if not value or Decimal(value).is_zero() else value
 
 
 def proto_customer(record: CustomerRecord) -> customer_pb2.Customer:
@@ -188,6 +256,7 @@ def _line_json(line: InvoiceLine) -> dict[str, Any]:
         "unit_price": text(line.unit_price),
         "amount_minor": line.amount_minor,
         "tiers": [_tier_json(t) for t in line.tiers],
+        "kind": line.kind,
     }
 
 
@@ -213,6 +282,7 @@ def _proto_line(line: dict[str, Any]) -> invoice_pb2.InvoiceLine:
         unit_price=line["unit_price"],
         amount_minor=line["amount_minor"],
         tiers=[invoice_pb2.InvoiceLineTier(**t) for t in line["tiers"]],
+        kind=LINE_KINDS.get(line.get("kind", ""), invoice_pb2.INVOICE_LINE_KIND_UNSPECIFIED),
     )
 
 

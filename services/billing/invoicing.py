@@ -22,7 +22,8 @@ from decimal import Decimal
 from typing import Any, Final
 
 from services.billing import convert
-from services.billing.domain.invoice import InvoiceDraft, Unpriceable, build_invoice
+from services.billing.domain import commitments
+from services.billing.domain.invoice import InvoiceDraft, Unpriceable, Usage, build_invoice
 from services.billing.domain.periods import (
     Interval,
     cancellation_end,
@@ -32,7 +33,7 @@ from services.billing.domain.periods import (
     periods_ended,
 )
 from services.billing.domain.pricing import UsagePrice
-from services.billing.meter_client import Meters
+from services.billing.meter_client import PricingMeters
 from services.billing.store import (
     BillingStore,
     InvoiceRecord,
@@ -42,7 +43,12 @@ from services.billing.store import (
 )
 from services.billing.usage import BULK_MIN_CUSTOMERS, CustomerUsageKey, UsageKey, UsageReader
 from services.common import metrics
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from services.common.jetstream import BILLING_SUBJECT_PREFIX
 from services.common.logs import get_logger
 from usagebilling.billing.v1 import invoice_pb2
@@ -71,6 +77,8 @@ CATCHUP_PERIODS: Final = 31
 # acknowledge them.
 PUBLISH_BATCH: Final = 1000
 PUBLISH_TIMEOUT: Final = 10.0
+# (subscription id, period start)
+PeriodKey = tuple[str, datetime]
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ class Invoicing:
     def __init__(
         self,
         store: BillingStore,
-        meters: Meters,
+        meters: PricingMeters,
         grace: timedelta,
         js: Any = None,
         *,
@@ -134,6 +142,7 @@ class Invoicing:
         if catchup_periods < 1:
             raise ValueError("catchup_periods must be at least 1")
         self._store = store
+        self._meters = meters
         self._grace = grace
         self._js = js
         self._usage = usage or UsageReader(meters)
@@ -153,20 +162,25 @@ class Invoicing:
         wanted: dict[UsageKey, set[str]] = defaultdict(set)
         for period in periods:
             for price in period.product.usage_prices:
+                if price.get("transaction_key"):
+                    continue  # read per transaction below
                 key = (price["meter_id"], period.start, period.end)
                 wanted[key].add(period.subscription.customer_external_id)
         usage = await self._usage.read(tenant_id, wanted)
+        transactions, too_many = await self._transactions(tenant_id, periods)
         prices: dict[str, list[tuple[UsagePrice, str]]] = {}
         drafts: dict[tuple[str, datetime], InvoiceDraft] = {}
         failures: dict[tuple[str, datetime], PeriodFailure] = {}
         for period in periods:
             product = period.product
             try:
+                if period.key in too_many:
+                    raise too_many[period.key]
                 if product.id not in prices:
                     prices[product.id] = [
                         (convert.price_from_json(p), p["meter_name"]) for p in product.usage_prices
                     ]
-                drafts[period.key] = _build(period, prices[product.id], usage)
+                drafts[period.key] = _build(period, prices[product.id], usage, transactions)
             except Unpriceable as exc:
                 if strict:
                     raise
@@ -179,6 +193,52 @@ class Invoicing:
                     raise
                 failures[period.key] = _held(period, f"pricing error: {exc!r}", "pricing_error")
         return drafts, failures
+
+    async def _transactions(
+        self, tenant_id: str, periods: Sequence[BillablePeriod]
+    ) -> tuple[dict[CustomerUsageKey, tuple[Decimal, ...]], dict[PeriodKey, Unpriceable]]:
+        """Each transaction's amount for the prices that bill per transaction
+        (PERCENTAGE with transaction_key): one meter call per price, period and
+        customer. A period with more transactions than meter answers is
+        Unpriceable (held), not a failure of the others."""
+        found: dict[CustomerUsageKey, tuple[Decimal, ...]] = {}
+        failed: dict[PeriodKey, Unpriceable] = {}
+        limit = asyncio.Semaphore(16)
+
+        async def read(period: BillablePeriod, index: int, price: dict[str, Any]) -> None:
+            customer = period.subscription.customer_external_id
+            key = (price["meter_id"], period.start, period.end, customer)
+            if key in found:
+                return
+            try:
+                async with limit:
+                    values = await self._meters.consumed_by_group(
+                        tenant_id,
+                        key[0],
+                        customer,
+                        period.start,
+                        period.end,
+                        price["transaction_key"],
+                    )
+            except ResourceExhausted as exc:
+                failed[period.key] = Unpriceable(
+                    f"usage_prices[{index}] (meter {price['meter_name']!r}, {key[0]}): too many "
+                    f"transactions ({price['transaction_key']!r} values) to read from meter: {exc}",
+                    cause="too_many_transactions",
+                    meter_id=key[0],
+                )
+                return
+            found[key] = tuple(values)
+
+        await asyncio.gather(
+            *(
+                read(period, i, price)
+                for period in periods
+                for i, price in enumerate(period.product.usage_prices)
+                if price.get("transaction_key")
+            )
+        )
+        return found, failed
 
     # The billing cycle.
 
@@ -538,17 +598,19 @@ def _build(
     period: BillablePeriod,
     prices: Sequence[tuple[UsagePrice, str]],
     usage: dict[CustomerUsageKey, Decimal],
+    transactions: dict[CustomerUsageKey, tuple[Decimal, ...]],
 ) -> InvoiceDraft:
     customer = period.subscription.customer_external_id
     product = period.product
+    lines: list[Usage] = []
+    for price, name in prices:
+        key = (price.meter_id, period.start, period.end, customer)
+        lines.append((price, name, transactions[key] if price.per_transaction else usage[key]))
     return build_invoice(
         product.currency,
         product.fixed_price_minor,
         product.name,
-        [
-            (price, name, usage[(price.meter_id, period.start, period.end, customer)])
-            for price, name in prices
-        ],
+        lines,
         period.start,
         period.end,
         # A period cut short by a cancellation pays its share of the fixed fee.
@@ -557,6 +619,10 @@ def _build(
             Interval[product.billing_interval],
             period.start,
             period.end,
+        ),
+        commitments.effective(
+            convert.commitment_from_json(product.commitment),
+            convert.commitment_from_json(period.subscription.commitment),
         ),
     )
 

@@ -39,6 +39,22 @@ class Meters(Protocol):
     ) -> dict[str, Decimal]: ...
 
 
+class PricingMeters(Meters, Protocol):
+    """What pricing needs beyond totals: a PERCENTAGE price's transactions."""
+
+    async def group_by(self, tenant_id: str, meter_id: str, field: str) -> tuple[str, ...]: ...
+
+    async def consumed_by_group(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        customer_external_id: str,
+        start: datetime,
+        end: datetime,
+        key: str,
+    ) -> list[Decimal]: ...
+
+
 class MeterClient:
     def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._stub = meter_pb2_grpc.MeterServiceStub(channel)
@@ -46,6 +62,13 @@ class MeterClient:
 
     async def meter_name(self, tenant_id: str, meter_id: str, field: str) -> str:
         """The meter's name; InvalidArgument naming `field` when the tenant has no such meter."""
+        return str((await self._meter(tenant_id, meter_id, field)).name)
+
+    async def group_by(self, tenant_id: str, meter_id: str, field: str) -> tuple[str, ...]:
+        """The meter's group_by keys; InvalidArgument as for meter_name."""
+        return tuple((await self._meter(tenant_id, meter_id, field)).group_by)
+
+    async def _meter(self, tenant_id: str, meter_id: str, field: str) -> meter_pb2.Meter:
         try:
             meter = await self._stub.GetMeter(
                 meter_pb2.GetMeterRequest(id=meter_id),
@@ -56,7 +79,7 @@ class MeterClient:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise InvalidArgument(f"{field}: no meter {meter_id!r}") from exc
             raise Unavailable(f"meter service: {exc.code().name}") from exc
-        return str(meter.name)
+        return meter
 
     async def _query(
         self,
@@ -65,11 +88,13 @@ class MeterClient:
         customer_external_id: str,
         start: datetime,
         end: datetime,
+        group_by: str = "",
     ) -> meter_pb2.QueryUsageResponse:
         request = meter_pb2.QueryUsageRequest(
             meter_id=meter_id,
             customer_id=customer_external_id,
             window_size=meter_pb2.WINDOW_SIZE_NONE,
+            group_by=[group_by] if group_by else [],
         )
         request.start_time.FromDatetime(start)
         request.end_time.FromDatetime(end)
@@ -78,9 +103,12 @@ class MeterClient:
                 request, metadata=on_behalf_of(self._service_token, tenant_id), timeout=60
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not customer_external_id:
-                # The answer for every customer is over meter's limits for the
-                # service token (or meter is busy with other large answers).
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+                group_by or not customer_external_id
+            ):
+                # The answer for every customer (or every transaction) is over
+                # meter's limits for the service token (or meter is busy with
+                # other large answers).
                 raise ResourceExhausted(f"meter service: {exc.details()}") from exc
             raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
         return answer
@@ -107,3 +135,18 @@ class MeterClient:
         limits, README "Limits"): ask per customer instead."""
         answer = await self._query(tenant_id, meter_id, "", start, end)
         return {row.customer_id: Decimal(row.value) for row in answer.rows}
+
+    async def consumed_by_group(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        customer_external_id: str,
+        start: datetime,
+        end: datetime,
+        key: str,
+    ) -> list[Decimal]:
+        """The meter's value over [start, end) for one customer, one value per
+        distinct value of the group_by `key` (events without it form one
+        group): each transaction's amount, for a PERCENTAGE price."""
+        answer = await self._query(tenant_id, meter_id, customer_external_id, start, end, key)
+        return [Decimal(row.value) for row in answer.rows]

@@ -43,6 +43,7 @@ class ProductRecord:
     fixed_price_minor: int
     usage_prices: list[dict[str, Any]]  # JSON form, see convert.price_json
     created_at: datetime
+    commitment: dict[str, int] | None = None  # JSON form, see convert.commitment_json
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class SubscriptionRecord:
     start_time: datetime
     end_time: datetime | None
     canceled_at: datetime | None
+    commitment: dict[str, int] | None = None  # its own, replacing the product's
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ def _product(r: asyncpg.Record) -> ProductRecord:
         fixed_price_minor=r["fixed_price_minor"],
         usage_prices=r["usage_prices"],
         created_at=r["created_at"],
+        commitment=r["commitment"],
     )
 
 
@@ -134,6 +137,7 @@ def _subscription(r: asyncpg.Record) -> SubscriptionRecord:
         start_time=r["start_time"],
         end_time=r["end_time"],
         canceled_at=r["canceled_at"],
+        commitment=r["commitment"],
     )
 
 
@@ -304,16 +308,19 @@ class BillingStore:
         billing_interval: str,
         fixed_price_minor: int,
         usage_prices: list[dict[str, Any]],
+        commitment: dict[str, int] | None = None,
     ) -> ProductRecord:
         row = await self.pool.fetchrow(
             "INSERT INTO billing.products (tenant_id, name, currency, billing_interval,"
-            " fixed_price_minor, usage_prices) VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+            " fixed_price_minor, usage_prices, commitment)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
             tenant_id,
             name,
             currency,
             billing_interval,
             fixed_price_minor,
             usage_prices,
+            commitment,
         )
         assert row is not None
         return _product(row)
@@ -336,15 +343,22 @@ class BillingStore:
     # Subscriptions.
 
     async def create_subscription(
-        self, tenant_id: str, customer_id: str, product_id: str, start_time: datetime
+        self,
+        tenant_id: str,
+        customer_id: str,
+        product_id: str,
+        start_time: datetime,
+        commitment: dict[str, int] | None = None,
     ) -> SubscriptionRecord:
         new_id = await self.pool.fetchval(
-            "INSERT INTO billing.subscriptions (tenant_id, customer_id, product_id, start_time)"
-            " VALUES ($1, $2, $3, $4) RETURNING id",
+            "INSERT INTO billing.subscriptions"
+            " (tenant_id, customer_id, product_id, start_time, commitment)"
+            " VALUES ($1, $2, $3, $4, $5) RETURNING id",
             tenant_id,
             customer_id,
             product_id,
             start_time,
+            commitment,
         )
         return await self.get_subscription(tenant_id, str(new_id))
 

@@ -18,10 +18,16 @@ class FakeMeters:
         # (tenant, meter) -> [(customer external id, event time, value)]
         self.events: dict[tuple[str, str], list[tuple[str, datetime, Decimal]]] = defaultdict(list)
         self.calls: Counter[str] = Counter()
+        # (tenant, meter) -> group_by keys; an event's group values by its index
+        self.keys: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.groups: dict[tuple[str, str], dict[int, dict[str, str]]] = defaultdict(dict)
         self.delay = delay  # makes concurrent callers overlap
 
-    def add_meter(self, tenant_id: str, meter_id: str, name: str) -> None:
+    def add_meter(
+        self, tenant_id: str, meter_id: str, name: str, group_by: tuple[str, ...] = ()
+    ) -> None:
         self.names[(tenant_id, meter_id)] = name
+        self.keys[(tenant_id, meter_id)] = group_by
 
     def add(
         self,
@@ -30,8 +36,12 @@ class FakeMeters:
         customer: str,
         when: datetime,
         value: Decimal | int | str = 1,
+        group: dict[str, str] | None = None,
     ) -> None:
-        self.events[(tenant_id, meter_id)].append((customer, when, Decimal(value)))
+        events = self.events[(tenant_id, meter_id)]
+        if group:
+            self.groups[(tenant_id, meter_id)][len(events)] = group
+        events.append((customer, when, Decimal(value)))
 
     async def meter_name(self, tenant_id: str, meter_id: str, field: str) -> str:
         self.calls["meter_name"] += 1
@@ -63,3 +73,27 @@ class FakeMeters:
             if start <= when < end:
                 totals[customer] = totals.get(customer, Decimal(0)) + value
         return totals
+
+    async def group_by(self, tenant_id: str, meter_id: str, field: str) -> tuple[str, ...]:
+        await self.meter_name(tenant_id, meter_id, field)
+        return self.keys.get((tenant_id, meter_id), ())
+
+    async def consumed_by_group(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        customer: str,
+        start: datetime,
+        end: datetime,
+        key: str,
+    ) -> list[Decimal]:
+        """Like meter's QueryUsage grouped by `key`: a sum per distinct value
+        ("" for events without it)."""
+        self.calls["consumed_by_group"] += 1
+        groups = self.groups[(tenant_id, meter_id)]
+        sums: dict[str, Decimal] = {}
+        for i, (c, t, v) in enumerate(self.events[(tenant_id, meter_id)]):
+            if c == customer and start <= t < end:
+                value = groups.get(i, {}).get(key, "")
+                sums[value] = sums.get(value, Decimal(0)) + v
+        return list(sums.values())
