@@ -321,7 +321,7 @@ async def test_billing_scenario(suite: Suite, client: Client) -> None:
         "storage-gb: 12.5 consumed, 0 free, 12.5 billable (10 × 0.5; 2.5 × 0.3 + 1 flat)"
     )
     assert [(t.up_to, t.quantity, t.amount) for t in second["cus_b"].lines[0].tiers] == [
-        ("10", "10", "5.0"),
+        ("10", "10", "5"),  # normalised: 10 × 0.5 is "5", not "5.0"
         ("50", "2.5", "1.75"),
     ]
     assert second["cus_c"].lines[0].unit_price == "0.008"
