@@ -265,6 +265,19 @@ def free_port() -> int:
     raise DevStackError("no free TCP port found in 20000-29999")
 
 
+def port_busy(port: int, host: str = HOST) -> bool:
+    """Whether a server listens on `port` (a bind as servers bind, with
+    SO_REUSEADDR, so that connections of an earlier run in TIME_WAIT do not
+    count; any listener on the port, on `host` or on every address, does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def _tail(path: Path, offset: int = 0, limit: int = 4000) -> str:
     try:
         with path.open("rb") as handle:
@@ -360,6 +373,19 @@ class DevStack:
     @property
     def nats_pid(self) -> int | None:
         return self._nats_proc.pid if self._nats_proc is not None else None
+
+    def dead_servers(self) -> list[str]:
+        """The servers this stack started that have exited since ("PostgreSQL",
+        "NATS"): `restart_postgres` / `restart_nats` bring them back."""
+        dead = []
+        with self._mutex:
+            if self._pg_may_run and self._urls is not None:
+                pid = _read_pid(self.pg_data / "postmaster.pid")
+                if pid is None or not pid_alive(pid):
+                    dead.append("PostgreSQL")
+            if self._nats_proc is not None and self._nats_proc.poll() is not None:
+                dead.append("NATS")
+        return dead
 
     def start(self) -> tuple[str, str]:
         """Start both servers (if not started yet); return (database_url, nats_url)."""
@@ -744,6 +770,8 @@ class DevStack:
         with self._mutex:
             if self._nats_port is None:
                 raise DevStackError("NATS was never started")
+            if self._nats_proc is not None and self._nats_proc.poll() is not None:
+                self._stop_nats()  # it died: reap it and drop its pid file
             self._start_nats(self._nats_port)
 
     def _write_nats_config(self) -> str:
