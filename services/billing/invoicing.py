@@ -6,9 +6,13 @@ One run of the cycle is bounded: per subscription it builds at most
 `catchup_periods` new periods (oldest first), retries at most as many failed
 ones and finalizes at most as many drafts; it works in batches and, given a
 `run_budget`, stops at the first batch boundary past it. What is left is
-reported (`more_pending`) and the next run continues. A period that cannot be
-priced is held (no invoice), recorded once in billing.period_failures, reported
-in the run's answer, and retried on every run."""
+reported (`more_pending`) and the next run continues (on this replica, from the
+page where it stopped). Memory is bounded whatever the tenant's size: a run
+holds one page of subscriptions (SUBSCRIPTION_PAGE, in the bytewise order of
+the customers' external ids) and their usage (usage.UsageStreams). Invoice
+numbers follow the periods within a page; across pages, the customers' order.
+A period that cannot be priced is held (no invoice), recorded once in
+billing.period_failures, reported in the run's answer, and retried on every run."""
 
 from __future__ import annotations
 
@@ -41,7 +45,13 @@ from services.billing.store import (
     ProductRecord,
     SubscriptionRecord,
 )
-from services.billing.usage import BULK_MIN_CUSTOMERS, CustomerUsageKey, UsageKey, UsageReader
+from services.billing.usage import (
+    BULK_MIN_CUSTOMERS,
+    CustomerUsageKey,
+    UsageKey,
+    UsageReader,
+    UsageStreams,
+)
 from services.common import metrics
 from services.common.errors import (
     FailedPrecondition,
@@ -67,6 +77,8 @@ _MESSAGES: Final = {
 AS_OF_SKEW: Final = timedelta(seconds=5)
 # Invoices inserted or finalized per transaction, and periods priced per batch.
 BATCH: Final = 1000
+# Subscriptions one run holds at once (a keyset page, see BillingStore.billing_state).
+SUBSCRIPTION_PAGE: Final = 2000
 # Meter calls (estimated) that one batch of a run may need; between batches a
 # run checks its time budget.
 BATCH_CALLS: Final = 400
@@ -123,6 +135,19 @@ class CycleReport:
     more_pending: bool  # work left for the next run (catch-up bound or time budget)
 
 
+@dataclass(frozen=True)
+class _Resume:
+    """Where a run stopped for lack of budget: the cursor of the page the next
+    run starts at (None: the first), whether the pass found work so far, its
+    passes over meter's pages, and the run's as_of - grace (the periods
+    whose usage it read after their grace had ended)."""
+
+    after: tuple[str, str] | None
+    worked: bool
+    streams: UsageStreams
+    ended_by: datetime
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -146,13 +171,20 @@ class Invoicing:
         self._grace = grace
         self._js = js
         self._usage = usage or UsageReader(meters)
+        # Per tenant, where its last run here stopped for lack of budget.
+        self._resume: dict[str, _Resume] = {}
         self._catchup = catchup_periods
         self._budget = run_budget
 
     # Pricing periods.
 
     async def _price(
-        self, tenant_id: str, periods: Sequence[BillablePeriod], *, strict: bool = False
+        self,
+        tenant_id: str,
+        periods: Sequence[BillablePeriod],
+        *,
+        strict: bool = False,
+        streams: UsageStreams | None = None,
     ) -> tuple[dict[tuple[str, datetime], InvoiceDraft], dict[tuple[str, datetime], PeriodFailure]]:
         """Reads the usage of every period (few meter calls for many periods) and
         prices each: (drafts, failures) by period key. A period that cannot be
@@ -166,7 +198,7 @@ class Invoicing:
                     continue  # read per transaction below
                 key = (price["meter_id"], period.start, period.end)
                 wanted[key].add(period.subscription.customer_external_id)
-        usage = await self._usage.read(tenant_id, wanted)
+        usage = await self._usage.read(tenant_id, wanted, streams)
         transactions, too_many = await self._transactions(tenant_id, periods)
         prices: dict[str, list[tuple[UsagePrice, str]]] = {}
         drafts: dict[tuple[str, datetime], InvoiceDraft] = {}
@@ -268,11 +300,76 @@ class Invoicing:
         as_of = min(as_of, now)  # a period that ends within the skew has not ended
         loop = asyncio.get_running_loop()
         deadline = None if self._budget is None else loop.time() + self._budget.total_seconds()
+        products = {p.id: p for p in await self._store.products_of(tenant_id)}
+        touched: list[str] = []
+        failures: list[PeriodFailure] = []
+        more = False
+        # Pages of subscriptions, from where this replica's last run of the
+        # tenant ran out of budget: a pass over the tenant may take several
+        # runs; `worked` says whether this pass has found work so far.
+        ended_by = as_of - self._grace
+        resume = None if subscription_id else self._resume.pop(tenant_id, None)
+        if resume is None:
+            after, worked, streams = None, False, self._usage.streams(tenant_id)
+        else:
+            after, worked, streams = resume.after, resume.worked, resume.streams
+            # Values read before a period's grace ended must not finalize it.
+            streams.retain(lambda key: key[2] <= resume.ended_by)
+        while True:
+            state = await self._store.billing_state(
+                tenant_id, subscription_id, after=after, limit=SUBSCRIPTION_PAGE
+            )
+            report, stopped = await self._cycle_page(
+                tenant_id, state, products, streams, as_of, now, deadline
+            )
+            touched += report.invoice_ids
+            failures += report.failures
+            more = more or report.more_pending
+            worked = worked or bool(report.invoice_ids or report.failures or report.more_pending)
+            if not stopped and len(state) < SUBSCRIPTION_PAGE:
+                # The pass is over. If it began in an earlier run and found work,
+                # periods may have ended meanwhile before where this run began.
+                more = more or (resume is not None and worked)
+                break
+            if not stopped:
+                last, _ = state[-1]
+                after = (last.customer_external_id, last.id)
+            if stopped or (deadline is not None and loop.time() >= deadline):
+                more = True  # the budget is spent: the next run goes on from here
+                if not subscription_id:
+                    self._resume[tenant_id] = _Resume(after, worked, streams, ended_by)
+                break
+        if touched or failures or more:
+            log.info(
+                "billing_cycle",
+                invoices=len(set(touched)),
+                failures=len(failures),
+                more_pending=more,
+                as_of=as_of.isoformat(),
+                usage_pages=streams.pages,
+            )
+        await self.publish_pending(tenant_id)
+        return CycleReport(list(dict.fromkeys(touched)), failures, more)
+
+    async def _cycle_page(
+        self,
+        tenant_id: str,
+        state: Sequence[tuple[SubscriptionRecord, datetime | None]],
+        products: dict[str, ProductRecord],
+        streams: UsageStreams,
+        as_of: datetime,
+        now: datetime,
+        deadline: float | None,
+    ) -> tuple[CycleReport, bool]:
+        """`cycle` for one page of subscriptions (with the end of what each
+        has billed); also says whether the budget stopped it before its end."""
+        loop = asyncio.get_running_loop()
         limit = self._catchup
         more = False
-        state = await self._store.billing_state(tenant_id, subscription_id)
-        products = {p.id: p for p in await self._store.products_of(tenant_id)}
         subscriptions = {s.id: s for s, _ in state}
+        among = list(subscriptions)
+        if not among:
+            return CycleReport([], [], False), False
 
         def period_of(subscription_id: str, start: datetime, end: datetime) -> BillablePeriod:
             subscription = subscriptions[subscription_id]
@@ -294,9 +391,7 @@ class Invoicing:
             )
             more = more or len(ended) > limit
             build.extend(BillablePeriod(subscription, product, s, e) for s, e in ended[:limit])
-        failed = await self._store.open_failures(
-            tenant_id, subscription_id, per_subscription=limit + 1
-        )
+        failed = await self._store.open_failures(tenant_id, per_subscription=limit + 1, among=among)
         seen: Counter[str] = Counter()
         retried: set[tuple[str, datetime]] = set()
         for record in failed:
@@ -316,7 +411,7 @@ class Invoicing:
         ids: dict[tuple[str, datetime], str] = {}
         seen.clear()
         for draft in await self._store.due_drafts(
-            tenant_id, ended_by, subscription_id, per_subscription=limit + 1
+            tenant_id, ended_by, per_subscription=limit + 1, among=among
         ):
             seen[draft.subscription_id] += 1
             if seen[draft.subscription_id] > limit:
@@ -334,24 +429,27 @@ class Invoicing:
         ordered = sorted(work.values(), key=lambda p: (p.end, p.start, p.subscription.id))
         touched: list[str] = []
         failures: list[PeriodFailure] = []
+        # The page's customers' usage of the periods many of them share, in one
+        # forward pass over meter's pages per period (see usage.UsageStreams).
+        wanted: dict[UsageKey, set[str]] = defaultdict(set)
+        for p in ordered:
+            customer = p.subscription.customer_external_id
+            for price in p.product.usage_prices:
+                if not price.get("transaction_key"):  # those are read per transaction
+                    wanted[(price["meter_id"], p.start, p.end)].add(customer)
+        await streams.prepare(wanted)
         batches = _batches(ordered, calls=BATCH_CALLS, size=BATCH)
+        stopped = False
         for number, batch in enumerate(batches):
-            built, held = await self._bill_batch(tenant_id, batch, to_build, due, ids, retried, now)
+            built, held = await self._bill_batch(
+                tenant_id, batch, to_build, due, ids, retried, now, streams
+            )
             touched += built
             failures += held
             if deadline is not None and loop.time() >= deadline and number + 1 < len(batches):
-                more = True  # the budget is spent: the next run goes on from here
+                more = stopped = True  # the budget is spent: the next run goes on from here
                 break
-        if touched or failures or more:
-            log.info(
-                "billing_cycle",
-                invoices=len(set(touched)),
-                failures=len(failures),
-                more_pending=more,
-                as_of=as_of.isoformat(),
-            )
-        await self.publish_pending(tenant_id)
-        return CycleReport(list(dict.fromkeys(touched)), failures, more)
+        return CycleReport(touched, failures, more), stopped
 
     async def _bill_batch(
         self,
@@ -362,11 +460,12 @@ class Invoicing:
         ids: dict[tuple[str, datetime], str],
         retried: set[tuple[str, datetime]],
         now: datetime,
+        streams: UsageStreams,
     ) -> tuple[list[str], list[PeriodFailure]]:
         """Prices one batch (in period order), inserts the drafts it builds,
         finalizes the due ones, records the failures and forgets those that
         succeeded now. Returns (invoice ids touched, failures)."""
-        drafts, held = await self._price(tenant_id, batch)
+        drafts, held = await self._price(tenant_id, batch, streams=streams)
         contents = {key: convert.draft_json(draft) for key, draft in drafts.items()}
         touched: list[str] = []
         inserted = await self._store.insert_drafts(

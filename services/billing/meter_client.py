@@ -15,7 +15,8 @@ from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
 log = get_logger(__name__)
 
-# A usage answer for every customer of a tenant can be large (a row per customer).
+# Usage is read a page of customers at a time (a few MiB at most); the larger
+# limit is for a meter that predates paging and answers every customer at once.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
@@ -34,9 +35,16 @@ class Meters(Protocol):
         end: datetime,
     ) -> Decimal: ...
 
-    async def consumed_by_customer(
-        self, tenant_id: str, meter_id: str, start: datetime, end: datetime
-    ) -> dict[str, Decimal]: ...
+    async def consumed_page(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        page_size: int,
+        page_token: str = "",
+    ) -> tuple[dict[str, Decimal], str]: ...
 
 
 class PricingMeters(Meters, Protocol):
@@ -89,12 +97,17 @@ class MeterClient:
         start: datetime,
         end: datetime,
         group_by: str = "",
+        *,
+        page_size: int = 0,
+        page_token: str = "",
     ) -> meter_pb2.QueryUsageResponse:
         request = meter_pb2.QueryUsageRequest(
             meter_id=meter_id,
             customer_id=customer_external_id,
             window_size=meter_pb2.WINDOW_SIZE_NONE,
             group_by=[group_by] if group_by else [],
+            page_size=page_size,
+            page_token=page_token,
         )
         request.start_time.FromDatetime(start)
         request.end_time.FromDatetime(end)
@@ -126,16 +139,6 @@ class MeterClient:
         # WINDOW_SIZE_NONE with a customer_id answers exactly one row.
         return Decimal(answer.rows[0].value) if answer.rows else Decimal(0)
 
-    async def consumed_by_customer(
-        self, tenant_id: str, meter_id: str, start: datetime, end: datetime
-    ) -> dict[str, Decimal]:
-        """The meter's value over [start, end) for every customer (external id)
-        with usage, in one call; a customer without usage is absent.
-        ResourceExhausted when meter refuses an answer that large (its service
-        limits, README "Limits"): ask per customer instead."""
-        answer = await self._query(tenant_id, meter_id, "", start, end)
-        return {row.customer_id: Decimal(row.value) for row in answer.rows}
-
     async def consumed_by_group(
         self,
         tenant_id: str,
@@ -150,3 +153,24 @@ class MeterClient:
         group): each transaction's amount, for a PERCENTAGE price."""
         answer = await self._query(tenant_id, meter_id, customer_external_id, start, end, key)
         return [Decimal(row.value) for row in answer.rows]
+
+    async def consumed_page(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        page_size: int,
+        page_token: str = "",
+    ) -> tuple[dict[str, Decimal], str]:
+        """One page of the meter's values over [start, end) by customer: up to
+        `page_size` customers with usage, after those of `page_token`, in the
+        bytewise order of their external ids; and the next page's token (empty
+        after the last). ResourceExhausted when meter refuses the page (over its
+        limits for the service token, or busy with other large answers): ask
+        per customer instead."""
+        answer = await self._query(
+            tenant_id, meter_id, "", start, end, page_size=page_size, page_token=page_token
+        )
+        return {row.customer_id: Decimal(row.value) for row in answer.rows}, answer.next_page_token

@@ -187,6 +187,18 @@ _PUBLISHING = {
 }
 
 
+def _chosen_subscriptions(
+    column: str, subscription_id: str, among: Sequence[str] | None, param: str = "$3"
+) -> tuple[str, Any]:
+    """The condition on `column` (and its argument, `param`) that keeps the
+    rows of one subscription, of those `among`, or (neither given) all."""
+    if among is not None:
+        return f"{column} = ANY({param}::uuid[])", list(among)
+    if subscription_id:
+        return f"{column} = {param}::uuid", parse_uuid(subscription_id, "id")
+    return f"{param}::uuid IS NULL", None
+
+
 class BillingStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -400,22 +412,42 @@ class BillingStore:
     # Invoices.
 
     async def billing_state(
-        self, tenant_id: str, subscription_id: str = ""
+        self,
+        tenant_id: str,
+        subscription_id: str = "",
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int | None = None,
     ) -> list[tuple[SubscriptionRecord, datetime | None]]:
-        """Every subscription of the tenant (or the one given) with the end of
-        the last period the cycle has dealt with: invoiced (in any status) or
+        """The tenant's subscriptions (or the one given) with the end of the
+        last period the cycle has dealt with: invoiced (in any status) or
         recorded as failed (None: neither yet). Failed periods are retried from
-        `open_failures`, so that later periods are not held up behind them."""
+        `open_failures`, so that later periods are not held up behind them.
+        In the bytewise order of the customer's external id (as meter pages
+        usage), then id: at most `limit`, after the (external id, subscription
+        id) `after` (keyset pages, migration 0007's index)."""
+        args: list[Any] = [tenant_id, limit]
+        # Conditions in the SQL text, not `$n IS NULL OR ...`: a generic plan of
+        # the latter could not start from the index.
+        where = ""
+        if subscription_id:
+            args.append(parse_uuid(subscription_id, "id"))
+            where += " AND s.id = $3"
+        elif after is not None:
+            args += [after[0], parse_uuid(after[1], "after")]
+            where += (
+                ' AND c.external_id COLLATE "C" >= $3'
+                ' AND (c.external_id COLLATE "C", s.id) > ($3, $4::uuid)'
+            )
         rows = await self.pool.fetch(
             "SELECT s.*, c.external_id, greatest("
             "  (SELECT max(i.period_end) FROM billing.invoices i WHERE i.subscription_id = s.id),"
             "  (SELECT max(f.period_end) FROM billing.period_failures f"
             "   WHERE f.subscription_id = s.id)) AS billed_until"
-            " FROM billing.subscriptions s JOIN billing.customers c ON c.id = s.customer_id"
-            " WHERE s.tenant_id = $1 AND ($2::uuid IS NULL OR s.id = $2)"
-            " ORDER BY s.start_time, s.id",
-            tenant_id,
-            parse_uuid(subscription_id, "id") if subscription_id else None,
+            " FROM billing.customers c JOIN billing.subscriptions s ON s.customer_id = c.id"
+            f" WHERE c.tenant_id = $1 AND s.tenant_id = $1{where}"
+            ' ORDER BY c.external_id COLLATE "C", s.id LIMIT $2',
+            *args,
         )
         return [(_subscription(r), r["billed_until"]) for r in rows]
 
@@ -471,19 +503,21 @@ class BillingStore:
         subscription_id: str = "",
         *,
         per_subscription: int | None = None,
+        among: Sequence[str] | None = None,
     ) -> list[InvoiceRecord]:
-        """The tenant's drafts (of one subscription, when given) whose period
-        ended at or before `ended_by`; at most `per_subscription` (the oldest)
-        of each subscription."""
+        """The tenant's drafts (of one subscription, or of those `among`, when
+        given) whose period ended at or before `ended_by`; at most
+        `per_subscription` (the oldest) of each subscription."""
+        which, chosen = _chosen_subscriptions("subscription_id", subscription_id, among)
         rows = await self.pool.fetch(
             "SELECT * FROM (SELECT *, row_number() OVER"
             "  (PARTITION BY subscription_id ORDER BY period_end, period_start) AS nth"
             "  FROM billing.invoices WHERE tenant_id = $1 AND status = 'DRAFT'"
-            "  AND period_end <= $2 AND ($3::uuid IS NULL OR subscription_id = $3)) d"
+            f"  AND period_end <= $2 AND {which}) d"
             " WHERE $4::int IS NULL OR nth <= $4 ORDER BY period_end, id",
             tenant_id,
             ended_by,
-            parse_uuid(subscription_id, "id") if subscription_id else None,
+            chosen,
             per_subscription,
         )
         return [_invoice(r) for r in rows]
@@ -491,21 +525,28 @@ class BillingStore:
     # Periods that could not be invoiced (see migration 0004).
 
     async def open_failures(
-        self, tenant_id: str, subscription_id: str = "", *, per_subscription: int
+        self,
+        tenant_id: str,
+        subscription_id: str = "",
+        *,
+        per_subscription: int,
+        among: Sequence[str] | None = None,
     ) -> list[PeriodFailureRecord]:
-        """The tenant's failed periods (of one subscription, when given) that
-        still have no invoice, at most `per_subscription` (the oldest) of each
-        subscription. A failed draft is not here: it is due like any draft."""
+        """The tenant's failed periods (of one subscription, or of those
+        `among`, when given) that still have no invoice, at most
+        `per_subscription` (the oldest) of each subscription. A failed draft is
+        not here: it is due like any draft."""
+        which, chosen = _chosen_subscriptions("f.subscription_id", subscription_id, among, "$2")
         rows = await self.pool.fetch(
             "SELECT * FROM (SELECT f.*, row_number() OVER"
             "  (PARTITION BY f.subscription_id ORDER BY f.period_start) AS nth"
             "  FROM billing.period_failures f"
-            "  WHERE f.tenant_id = $1 AND ($2::uuid IS NULL OR f.subscription_id = $2)"
+            f"  WHERE f.tenant_id = $1 AND {which}"
             "  AND NOT EXISTS (SELECT 1 FROM billing.invoices i"
             "   WHERE i.subscription_id = f.subscription_id AND i.period_start = f.period_start)"
             " ) x WHERE nth <= $3 ORDER BY subscription_id, period_start",
             tenant_id,
-            parse_uuid(subscription_id, "id") if subscription_id else None,
+            chosen,
             per_subscription,
         )
         return [_failure(r) for r in rows]

@@ -63,16 +63,27 @@ class FakeMeters:
             Decimal(0),
         )
 
-    async def consumed_by_customer(
-        self, tenant_id: str, meter_id: str, start: datetime, end: datetime
-    ) -> dict[str, Decimal]:
-        self.calls["consumed_by_customer"] += 1
+    async def consumed_page(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        page_size: int,
+        page_token: str = "",
+    ) -> tuple[dict[str, Decimal], str]:
+        """As meter pages: `page_size` customers with usage after the token's
+        (here simply the last customer's id), in bytewise order of their ids."""
+        self.calls["consumed_page"] += 1
         await asyncio.sleep(self.delay)
         totals: dict[str, Decimal] = {}
         for customer, when, value in self.events[(tenant_id, meter_id)]:
-            if start <= when < end:
+            if start <= when < end and customer > page_token:
                 totals[customer] = totals.get(customer, Decimal(0)) + value
-        return totals
+        page = sorted(totals)[:page_size]
+        token = page[-1] if len(page) == page_size else ""
+        return {customer: totals[customer] for customer in page}, token
 
     async def group_by(self, tenant_id: str, meter_id: str, field: str) -> tuple[str, ...]:
         await self.meter_name(tenant_id, meter_id, field)

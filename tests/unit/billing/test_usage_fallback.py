@@ -16,10 +16,17 @@ from tests.unit.billing.test_usage_reader import EXPECTED, WANTED, _meters
 class RefusingBulk(FakeMeters):
     """meter over its answer limits for the read of every customer."""
 
-    async def consumed_by_customer(
-        self, tenant_id: str, meter_id: str, start: datetime, end: datetime
-    ) -> dict[str, Decimal]:
-        self.calls["consumed_by_customer"] += 1
+    async def consumed_page(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        page_size: int,
+        page_token: str = "",
+    ) -> tuple[dict[str, Decimal], str]:
+        self.calls["consumed_page"] += 1
         raise ResourceExhausted("answer: more than 500,000 rows")
 
 
@@ -30,4 +37,4 @@ async def test_a_refused_bulk_read_falls_back_to_one_call_per_customer() -> None
     assert found == EXPECTED
     # The bulk call for "calls" was refused; its 21 customers asked one by one,
     # "bytes" (2 customers) per customer from the start.
-    assert meters.calls == {"consumed_by_customer": 1, "consumed": 23}
+    assert meters.calls == {"consumed_page": 1, "consumed": 23}

@@ -45,7 +45,7 @@ async def test_many_customers_of_one_period_take_one_call() -> None:
     found = await UsageReader(meters).read("t1", WANTED)
     assert found == EXPECTED
     # 21 customers share `calls` (one call); 2 share `bytes`: asked one by one.
-    assert meters.calls == {"consumed_by_customer": 1, "consumed": 2}
+    assert meters.calls == {"consumed_page": 1, "consumed": 2}
 
 
 @pytest.mark.parametrize("bulk_min_customers", [1, 1000])
@@ -53,7 +53,7 @@ async def test_either_way_the_same_numbers(bulk_min_customers: int) -> None:
     meters = _meters()
     reader = UsageReader(meters, bulk_min_customers=bulk_min_customers, bulk_min_share=0)
     assert await reader.read("t1", WANTED) == EXPECTED
-    calls = {"consumed_by_customer": 2} if bulk_min_customers == 1 else {"consumed": 23}
+    calls = {"consumed_page": 2} if bulk_min_customers == 1 else {"consumed": 23}
     assert meters.calls == calls
 
 
@@ -81,9 +81,16 @@ class _Broken:
         self.started += 1
         raise Unavailable("meter service: UNAVAILABLE")
 
-    async def consumed_by_customer(
-        self, tenant_id: str, meter_id: str, start: datetime, end: datetime
-    ) -> dict[str, Decimal]:
+    async def consumed_page(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        page_size: int,
+        page_token: str = "",
+    ) -> tuple[dict[str, Decimal], str]:
         raise AssertionError("not used")
 
 
