@@ -741,10 +741,19 @@ def _held(period: BillablePeriod, why: str, cause: str) -> PeriodFailure:
 def _meter_calls(periods: Sequence[BillablePeriod]) -> int:
     """About how many meter calls reading the usage of these periods (which
     share one start and end) takes: one per meter when enough customers share
-    the period (see UsageReader), else one per price and customer."""
+    the period (see UsageReader), else one per price and customer; and one per
+    customer for each price billed per transaction (read one by one)."""
+    per_transaction = sum(
+        1 for p in periods for price in p.product.usage_prices if price.get("transaction_key")
+    )
     if len(periods) >= BULK_MIN_CUSTOMERS:
-        meters = {price["meter_id"] for p in periods for price in p.product.usage_prices}
-        return max(1, len(meters))
+        meters = {
+            price["meter_id"]
+            for p in periods
+            for price in p.product.usage_prices
+            if not price.get("transaction_key")
+        }
+        return max(1, len(meters) + per_transaction)
     return max(1, sum(len(p.product.usage_prices) for p in periods))
 
 

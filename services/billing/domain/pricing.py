@@ -242,8 +242,9 @@ def percentage_fees(transactions: Sequence[Decimal], price: UsagePrice) -> FeeCh
         if price.min_fee is not None or price.max_fee is not None:
             # validation guarantees no free allowance here: every charged
             # transaction pays rate % × a + fixed_fee before its bounds.
+            share = price.rate.scaleb(-2)  # exact: a shift of the exponent
             for amount in charged:
-                fee = percent_of(amount, price.rate) + price.fixed_fee
+                fee = amount * share + price.fixed_fee
                 if price.min_fee is not None and fee < price.min_fee:
                     adjustment += price.min_fee - fee
                     raised += 1

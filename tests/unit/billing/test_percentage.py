@@ -3,8 +3,11 @@ comments), then the validation of its fields."""
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.billing.domain.invoice import build_invoice
 from services.billing.domain.money import to_minor
@@ -144,3 +147,42 @@ def test_other_models_refuse_percentage_fields(field: str) -> None:
 def test_a_valid_percentage_price_passes() -> None:
     validate_usage_price(STRIPE_LIKE, 0)
     validate_usage_price(UsagePrice("m", PriceModel.PERCENTAGE, rate=D("2.9")), 0)
+
+
+# --- properties: an independent oracle in Fractions, one transaction at a time --
+
+amounts = st.decimals(min_value=-100, max_value=10**6, places=2, allow_nan=False)
+money = st.decimals(min_value=0, max_value=50, places=2, allow_nan=False)
+rates = st.decimals(min_value=0, max_value=100, places=3, allow_nan=False)
+
+
+def oracle(transactions: list[Decimal], price: UsagePrice) -> Fraction:
+    total = Fraction(0)
+    for a in map(Fraction, transactions):
+        if a <= 0:
+            continue
+        fee = a * Fraction(price.rate) / 100 + Fraction(price.fixed_fee)
+        if price.min_fee is not None:
+            fee = max(fee, Fraction(price.min_fee))
+        if price.max_fee is not None:
+            fee = min(fee, Fraction(price.max_fee))
+        total += fee
+    return total
+
+
+@given(st.lists(amounts, max_size=30), rates, money, st.none() | money, st.none() | money)
+def test_fees_equal_the_sum_of_each_transactions_bounded_fee(
+    transactions: list[Decimal],
+    rate: Decimal,
+    fixed: Decimal,
+    low: Decimal | None,
+    high: Decimal | None,
+) -> None:
+    if low is not None and high is not None and high < low:
+        low, high = high, low
+    price = fee(rate=rate, fixed_fee=fixed, min_fee=low, max_fee=high)
+    validate_usage_price(price, 0)
+    charge = price_usage(D(0), price, transactions)
+    assert Fraction(charge.amount) == oracle(transactions, price)
+    assert charge.fees is not None
+    assert charge.fees.transactions == len(transactions)
