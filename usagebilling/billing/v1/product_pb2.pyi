@@ -360,6 +360,12 @@ Global___Product: _TypeAlias = Product  # noqa: Y015
 
 @_typing.final
 class CreateProductRequest(_message.Message):
+    """Every bad field is INVALID_ARGUMENT naming it (usage_prices[2].tiers[1].up_to,
+    commitment.maximum_spend_minor, ...). Decimal strings: plain notation, at
+    most 100 characters, within PostgreSQL numeric's range (131,072 integer
+    and 16,383 fraction digits).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -370,9 +376,13 @@ class CreateProductRequest(_message.Message):
     COMMITMENT_FIELD_NUMBER: _builtins.int
     INCLUDED_CREDITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Required; at most 255 characters, no NUL."""
     currency: _builtins.str
+    """A supported ISO 4217 code, uppercase (USD, JPY, KWD, ...)."""
     billing_interval: Global___BillingInterval.ValueType
+    """Required: a BILLING_INTERVAL_* value."""
     fixed_price_minor: _builtins.int
+    """Minor units of currency per period; >= 0."""
     @_builtins.property
     def usage_prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePrice]:
         """At most 50 prices, one per meter, each with at most 100 tiers; more is
