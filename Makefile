@@ -61,7 +61,7 @@ proto-check: $(STAMP)
 	rm -rf $$tmp
 
 run: $(STAMP)
-	$(PY) -m tools.run_suite
+	$(PY) -m tools.run_suite $(RUN_ARGS)
 
 # tests/deploy/test_k8s_check.py skips (saying why) without the Kubernetes
 # tooling; `make k8s-check` runs it.
