@@ -82,10 +82,11 @@ lint: $(STAMP) $(K8S_STAMP) proto-lint
 
 # Renders deploy/k8s (kustomize overlays, Helm chart) offline and checks every
 # object against the Kubernetes 1.31 schemas and the services' settings; then
-# the tests of that check (which `make test` skips without this tooling).
+# the tests of that check and of the shipped monitoring (which `make test`
+# skips without this tooling).
 k8s-check: $(K8S_STAMP)
 	$(PY) -m tools.k8s_check
-	$(PY) -m pytest -q -rfEs tests/deploy/test_k8s_check.py
+	$(PY) -m pytest -q -rfEs tests/deploy/test_k8s_check.py tests/deploy/test_monitoring.py
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -27,7 +27,10 @@ engine, embedded by helm-python-sdk), then checks every object:
   and let the services in;
 - NATS has users (no anonymous access, passwords from Secrets) with exactly
   the permissions of services/common/nats_permissions.py, one per service;
-- the chart passes `helm lint --strict` and its values.schema.json.
+- the chart passes `helm lint --strict` and its values.schema.json;
+- the monitoring objects (ServiceMonitor, PrometheusRule, Grafana dashboard)
+  pass tools/monitoring_check.py, and kustomize and Helm ship the same rules
+  and dashboard.
 
 Nothing here needs a cluster or the network.
 """
@@ -54,6 +57,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
 
 from services.common.config import DEFAULT_PORTS, CommonSettings, EnvReader
+from tools import monitoring_check
 
 KUBERNETES_VERSION = "1.31.0"
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,6 +290,9 @@ class Index:
 def validate_schemas(objects: Iterable[Obj]) -> list[str]:
     problems = []
     for obj in objects:
+        if monitoring_check.is_monitoring(obj):  # CRDs the Kubernetes schemas lack
+            problems += monitoring_check.validate_schema(obj)
+            continue
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -1019,11 +1026,36 @@ def check_objects(objects: list[Obj]) -> tuple[list[str], int]:
     problems += check_configmaps(index)
     problems += check_network_policies(index, apps)
     problems += check_nats_authorization(index, apps)
+    problems += monitoring_check.check_monitoring(objects)
     for service in SERVICES:
         for migrate, what in ((False, "server (Deployment)"), (True, "migration Job")):
             if not any(a.service == service and a.migrate == migrate for a in apps):
                 problems.append(f"{service}: no {what}")
     return problems, len(apps)
+
+
+def check_monitoring_shipped(renderings: list[Rendering]) -> list[str]:
+    """The kustomize component and the chart ship the same rules and
+    dashboard, and at least one rendering of each has them (so the checks
+    above saw them)."""
+    shipped = {
+        r.name: monitoring_check.shipped(r.objects)
+        for r in renderings
+        if any(o["kind"] == "PrometheusRule" for o in r.objects)
+    }
+    problems = [
+        f"no {kind} rendering has the monitoring objects"
+        for kind in ("kustomize", "helm")
+        if not any(name.startswith(kind) for name in shipped)
+    ]
+    first = next(iter(shipped.items()), None)
+    for name, content in shipped.items():
+        if first is not None and content != first[1]:
+            problems.append(
+                f"{name}: its alerting rules or dashboard differ from {first[0]}'s"
+                " (deploy/k8s/components/monitoring and the chart's files/ must match)"
+            )
+    return problems
 
 
 def main() -> int:
@@ -1050,6 +1082,9 @@ def main() -> int:
         for problem in problems:
             print(f"    - {problem}")
         failed = failed or bool(problems)
+    for problem in check_monitoring_shipped(renderings):
+        print(f"  - {problem}")
+        failed = True
     seconds = time.monotonic() - started
     print(f"k8s-check: {'FAILED' if failed else 'ok'} in {seconds:.1f} s")
     return 1 if failed else 0

@@ -46,6 +46,16 @@ SERVER_FAULTS = frozenset(
     {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 )
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# grpc_code label values as gRPC-Go spells them (go-grpc-prometheus, and the
+# dashboards and alerts written for it): "OK", "InvalidArgument", "Canceled".
+GO_CODE_NAMES = {
+    code: "Canceled"
+    if code is grpc.StatusCode.CANCELLED
+    else "OK"
+    if code is grpc.StatusCode.OK
+    else code.name.title().replace("_", "")
+    for code in grpc.StatusCode
+}
 _KINDS = {
     (False, False): "unary",
     (True, False): "client_stream",
@@ -110,7 +120,7 @@ class _Call:
         seconds = time.perf_counter() - self.started
         if counted:
             service, name, kind = rpc_labels(self.method)
-            metrics.GRPC_HANDLED.labels(service, name, kind, code.name).inc()
+            metrics.GRPC_HANDLED.labels(service, name, kind, GO_CODE_NAMES[code]).inc()
             metrics.GRPC_SECONDS.labels(service, name, kind).observe(seconds)
         tracing.end_span(self.span, code)
         level = log.error if code in SERVER_FAULTS else log.info

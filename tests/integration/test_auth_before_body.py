@@ -260,7 +260,7 @@ async def test_many_maximum_size_streams_stay_within_the_pod_memory_limit(
     )
     served = _served(ingest, "/usagebilling.ingest.v1.IngestService/StreamIngest")
     print(f"ingest's own statuses for StreamIngest: {dict(served)}")
-    assert set(served) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert set(served) <= {"OK", "ResourceExhausted"}
     assert served["OK"] >= STREAM_TENANTS  # every tenant got through
     for accepted, code, retry_after in outcomes:
         assert all(count == 1000 for count in accepted)  # a request is stored whole or not at all
