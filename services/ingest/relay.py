@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 from google.protobuf.message import DecodeError
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.ids import is_uuid
 from services.common.jetstream import EVENTS_SUBJECT_PREFIX
 from services.common.logs import get_logger
@@ -148,23 +148,38 @@ class Publisher:
     def messages(self, msg_id: str, payload: bytes) -> list[tuple[str, bytes]]:
         return split(msg_id, payload, int(self._nc.max_payload) - HEADER_ROOM)
 
-    async def publish(self, msg_id: str, tenant_id: str, payload: bytes) -> None:
+    async def publish(
+        self, msg_id: str, tenant_id: str, payload: bytes, traceparent: str | None = None
+    ) -> None:
         """Returns when JetStream acknowledged every part; raises otherwise
-        (is_permanent tells whether a retry can help)."""
+        (is_permanent tells whether a retry can help). When traced, the
+        publish joins the trace of the call that accepted the batch
+        (`traceparent`, kept with its outbox row) and each message carries it
+        on to meter in its headers."""
         subject = subject_for(tenant_id)
-        await asyncio.gather(
-            *(
-                self._js.publish(
-                    subject, data, headers={"Nats-Msg-Id": part_id}, timeout=self._timeout
+        with tracing.producing(
+            "publish EVENTS",
+            traceparent,
+            **{"messaging.system": "nats", "messaging.message.id": msg_id},
+        ) as trace_headers:
+            await asyncio.gather(
+                *(
+                    self._js.publish(
+                        subject,
+                        data,
+                        headers={"Nats-Msg-Id": part_id, **trace_headers},
+                        timeout=self._timeout,
+                    )
+                    for part_id, data in self.messages(msg_id, payload)
                 )
-                for part_id, data in self.messages(msg_id, payload)
             )
-        )
 
-    async def attempt(self, msg_id: str, tenant_id: str, payload: bytes) -> BaseException | None:
+    async def attempt(
+        self, msg_id: str, tenant_id: str, payload: bytes, traceparent: str | None = None
+    ) -> BaseException | None:
         """publish, with the error returned instead of raised."""
         try:
-            await self.publish(msg_id, tenant_id, payload)
+            await self.publish(msg_id, tenant_id, payload, traceparent)
         except Exception as exc:
             return exc
         return None
@@ -205,7 +220,10 @@ class Relay:
         transient: list[tuple[OutboxRow, BaseException]] = []
         async with self._store.claim_outbox(self._batch) as claim:
             results = await asyncio.gather(
-                *(self._publisher.attempt(r.msg_id, r.tenant_id, r.payload) for r in claim.rows)
+                *(
+                    self._publisher.attempt(r.msg_id, r.tenant_id, r.payload, r.traceparent)
+                    for r in claim.rows
+                )
             )
             for row, error in zip(claim.rows, results, strict=True):
                 attempts = row.attempts + 1

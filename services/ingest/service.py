@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import ResourceExhausted
 from services.common.logs import get_logger
 from services.ingest import convert
@@ -111,7 +111,9 @@ class Ingestor:
             )
             return batch.SerializeToString()
 
-        new_ids = await self._store.store_batch(tenant_id, new_events, payload)
+        new_ids = await self._store.store_batch(
+            tenant_id, new_events, payload, tracing.traceparent()
+        )
         if new_ids:
             self._on_commit()
         result = IngestResult(

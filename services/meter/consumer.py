@@ -20,7 +20,7 @@ import nats.errors
 from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.jetstream import EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
 from services.common.logs import get_logger
 from services.meter.isolation import Failure, classify, describe
@@ -101,6 +101,14 @@ class EventConsumer:
                 await self._set_aside_raw(message, exc)
         if not decoded:
             return
+        # When traced: each message's fold joins the trace its headers carry
+        # (the IngestEvents call that accepted its events).
+        with tracing.consuming(
+            "process EVENTS", [m.headers for m, _ in decoded], **{"messaging.system": "nats"}
+        ):
+            await self._fold(decoded)
+
+    async def _fold(self, decoded: list[tuple[Any, ingest_pb2.EventBatch]]) -> None:
         try:
             with metrics.CONSUMER_BATCH_SECONDS.time():
                 folded = await self._service.fold_batches([batch for _, batch in decoded])
