@@ -59,6 +59,7 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
             runtime.js,
             catchup_periods=settings.catchup_periods,
             run_budget=settings.run_budget,
+            credits=credits,
         )
         scheduler = Scheduler(store, invoicing, settings.scheduler_interval)
         return app.Wiring(

@@ -18,8 +18,9 @@ meter has folded it."""
 from __future__ import annotations
 
 import asyncio
+import decimal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
@@ -52,6 +53,7 @@ from services.billing.domain.credits import (
     to_credits,
 )
 from services.billing.domain.fields import check_text
+from services.billing.domain.invoice import InvoiceDraft
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, period_containing, period_start
 from services.billing.domain.pricing import parse_decimal
@@ -89,6 +91,52 @@ class CreditPrice:
     rule: Overage
     start: datetime
     end: datetime | None
+
+
+@dataclass(frozen=True)
+class CreditUse:
+    """What credits did for one usage line of one period's invoice."""
+
+    type_name: str
+    consumed: Decimal  # the meter's quantity in the period
+    covered: Decimal  # the part of it credits covered
+    drawn: Decimal  # credits drawn for it
+    billable: Decimal  # the part billed (BILL), priced as the line's quantity
+    rule: Overage
+
+
+# (subscription id, period start) and (subscription id, period start, meter id).
+PeriodKey = tuple[str, datetime]
+LineKey = tuple[str, datetime, str]
+
+
+def annotate_lines(drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, CreditUse]) -> None:
+    """Shows credits on the usage lines that drew them: quantity is what was
+    consumed, free_quantity includes what credits covered (and, under
+    FORGIVE/DEFICIT, the rest, which is not billed), billable_quantity and the
+    amount are the billed overage; the description says it in words."""
+    for key, draft in list(drafts.items()):
+        lines = []
+        for line in draft.lines:
+            use = uses.get((key[0], key[1], line.meter_id)) if line.meter_id else None
+            if use is None:
+                lines.append(line)
+                continue
+            unbilled = use.consumed - use.billable
+            lines.append(
+                replace(
+                    line,
+                    quantity=use.consumed,
+                    free_quantity=line.free_quantity + unbilled,
+                    description=(
+                        f"{line.description}; {_text(use.consumed)} consumed, "
+                        f"{_text(use.covered)} covered by {_text(use.drawn)} {use.type_name} "
+                        f"credits, {_text(use.consumed - use.covered)} beyond them "
+                        f"({use.rule.value}: {_text(use.billable)} billed)"
+                    ),
+                )
+            )
+        drafts[key] = replace(draft, lines=tuple(lines))
 
 
 @dataclass(frozen=True)
@@ -393,7 +441,9 @@ class Credits:
         )
         return next(e for e in entries if e.grant_id == record.id)
 
-    async def grant_included(self, tenant_id: str, now: datetime) -> int:
+    async def grant_included(
+        self, tenant_id: str, now: datetime, subscriptions: Sequence[SubscriptionRecord]
+    ) -> int:
         """Grants every product's included credits for each period of each
         subscription that has started by `now` (at most CATCHUP periods per
         subscription and type per pass); once each, by source key."""
@@ -403,7 +453,7 @@ class Credits:
         products = {p.id: p for p in await self._billing.products_of(tenant_id)}
         last = await self._store.last_included(tenant_id)
         granted = 0
-        for subscription in await self._billing.subscriptions(tenant_id):
+        for subscription in subscriptions:
             product = products[subscription.product_id]
             for item in credits.get(product.id, {}).get("included", []):
                 type_id = item["credit_type_id"]
@@ -460,15 +510,21 @@ class Credits:
     # Prices that draw credits.
 
     async def prices_of(
-        self, tenant_id: str, customer_id: str = ""
+        self,
+        tenant_id: str,
+        customer_id: str = "",
+        *,
+        subscriptions: Sequence[SubscriptionRecord] | None = None,
     ) -> list[tuple[str, str, CreditPrice]]:
         """(customer id, external id, price) for every subscription's usage price
-        that draws credits (of one customer, or all)."""
+        that draws credits (of one customer, or all, or of `subscriptions`)."""
         credits = await self._store.product_credits(tenant_id)
         if not any(c.get("prices") for c in credits.values()):
             return []
         found: list[tuple[str, str, CreditPrice]] = []
-        for s in await self._billing.subscriptions(tenant_id, customer_id):
+        if subscriptions is None:
+            subscriptions = await self._billing.subscriptions(tenant_id, customer_id)
+        for s in subscriptions:
             for meter_id, p in credits.get(s.product_id, {}).get("prices", {}).items():
                 price = CreditPrice(
                     meter_id,
@@ -515,8 +571,11 @@ class Credits:
     async def settle_tenant(self, tenant_id: str, now: datetime) -> int:
         """Grants due included credits, then settles every account; returns
         how many entries were recorded."""
-        await self.grant_included(tenant_id, now)
-        prices = await self.prices_of(tenant_id)
+        # One snapshot of the subscriptions for both: a subscription created
+        # in between would be settled before its included credits exist.
+        subscriptions = await self._billing.subscriptions(tenant_id)
+        await self.grant_included(tenant_id, now, subscriptions)
+        prices = await self.prices_of(tenant_id, subscriptions=subscriptions)
         accounts: dict[tuple[str, str], tuple[str, list[CreditPrice]]] = {}
         for customer_id, external_id, price in prices:
             key = (customer_id, price.credit_type_id)
@@ -541,8 +600,12 @@ class Credits:
         kind: CreditTypeRecord,
         prices: Sequence[CreditPrice],
         now: datetime,
+        *,
+        until: datetime | None = None,
     ) -> int:
-        until = floor_minute(now - self._lag)
+        """Settles one account up to `until` (default: the last whole minute
+        at least the lag ago); returns how many entries it recorded."""
+        until = min(until or now, floor_minute(now - self._lag))
         async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
             grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
             start = self._start(account, grants, prices, until)
@@ -649,6 +712,70 @@ class Credits:
             s.start_time, Interval[product.billing_interval], max(now, s.start_time)
         )
         return floor_minute(start)
+
+    # Invoices.
+
+    async def apply_to_usage(
+        self,
+        tenant_id: str,
+        periods: Sequence[Any],
+        usage: dict[tuple[str, datetime, datetime, str], Decimal],
+        now: datetime | None = None,
+    ) -> dict[LineKey, CreditUse]:
+        """For the usage prices of these periods (BillablePeriod) that draw
+        credits: replaces the quantity priced in `usage` by the part credits
+        did not cover that is billed (under BILL; none under FORGIVE and
+        DEFICIT), and returns what credits did per (subscription, period
+        start, meter), for `annotate`. An ended period is settled up to its
+        end first. Periods are taken at whole minutes, as the ledger is."""
+        now = now or datetime.now(UTC)
+        credits = await self._store.product_credits(tenant_id)
+        found: dict[LineKey, CreditUse] = {}
+        types = await self._store.credit_types(tenant_id) if credits else {}
+        for period in periods:
+            prices = credits.get(period.product.id, {}).get("prices", {})
+            subscription = period.subscription
+            for meter_id, p in prices.items():
+                key = (meter_id, period.start, period.end, subscription.customer_external_id)
+                if key not in usage:
+                    continue
+                kind = types[p["credit_type_id"]]
+                end = floor_minute(period.end)
+                if end <= now - self._lag:
+                    await self.settle_account(
+                        tenant_id,
+                        subscription.customer_id,
+                        subscription.customer_external_id,
+                        kind,
+                        [
+                            price
+                            for _, _, price in await self.prices_of(
+                                tenant_id, subscription.customer_id
+                            )
+                            if price.credit_type_id == kind.id
+                        ],
+                        now,
+                        until=end,
+                    )
+                drawn = await self._store.drawn(
+                    tenant_id, subscription.customer_id, meter_id, floor_minute(period.start), end
+                )
+                consumed = usage[key]
+                with decimal.localcontext() as context:
+                    context.prec = 40
+                    covered = min(consumed, drawn / Decimal(p["rate"]))
+                rule = Overage(p["overage_rule"])
+                billable = consumed - covered if rule is Overage.BILL else Decimal(0)
+                usage[key] = billable
+                found[(subscription.id, period.start, meter_id)] = CreditUse(
+                    kind.name, consumed, covered, drawn, billable, rule
+                )
+        return found
+
+    def annotate(
+        self, drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, CreditUse]
+    ) -> None:
+        annotate_lines(drafts, uses)
 
     # Notifications.
 

@@ -10,7 +10,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from services.billing.domain.credits import DEFICIT, Entry, EntryKind, Grant, Rollover
+from services.billing.domain.money import minor_units
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.ids import is_uuid, parse_uuid
 
@@ -388,6 +389,8 @@ class CreditStore:
             assert existing is not None
             return _grant(existing), False
         record = _grant(row)
+        if grant.price_minor > 0:
+            record = await self._top_up_invoice(conn, tenant_id, record, grant.description)
         kind = EntryKind.ADJUSTED if grant.source == "adjustment" else EntryKind.GRANTED
         entry = Entry(
             f"grant:{record.id}",
@@ -413,13 +416,49 @@ class CreditStore:
             )
         return record, True
 
-    async def set_invoice(self, tenant_id: str, grant_id: str, invoice_id: str) -> None:
-        await self.pool.execute(
-            "UPDATE billing.credit_grants SET invoice_id = $3 WHERE tenant_id = $1 AND id = $2",
+    async def _top_up_invoice(
+        self, conn: Any, tenant_id: str, grant: GrantRecord, description: str
+    ) -> GrantRecord:
+        """Issues the finalized one-off invoice of a priced grant, numbered in
+        the tenant's sequence, in the grant's transaction (so both or neither)."""
+        last = await conn.fetchval(
+            "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, 1)"
+            " ON CONFLICT (tenant_id) DO UPDATE"
+            " SET last_number = billing.invoice_numbers.last_number + 1 RETURNING last_number",
             tenant_id,
-            uuid.UUID(grant_id),
-            uuid.UUID(invoice_id),
         )
+        price = Decimal(grant.price_minor).scaleb(-minor_units(grant.price_currency))
+        line = {
+            "description": f"Credits top-up: {grant.amount} credits"
+            + (f" ({description})" if description else ""),
+            "meter_id": "",
+            "meter_name": "",
+            "quantity": "1",
+            "free_quantity": "0",
+            "billable_quantity": "1",
+            "unit_price": format(price, "f"),
+            "amount_minor": grant.price_minor,
+            "tiers": [],
+        }
+        invoice_id = await conn.fetchval(
+            "INSERT INTO billing.invoices (tenant_id, number, customer_id, subscription_id,"
+            " period_start, period_end, currency, status, lines, subtotal_minor, total_minor,"
+            " finalized_at) VALUES ($1, $2, $3, NULL, $4, $4, $5, 'FINALIZED', $6, $7, $7,"
+            " now()) RETURNING id",
+            tenant_id,
+            f"INV-{last:06d}",
+            uuid.UUID(grant.customer_id),
+            grant.effective_at,
+            grant.price_currency,
+            [line],
+            grant.price_minor,
+        )
+        await conn.execute(
+            "UPDATE billing.credit_grants SET invoice_id = $2 WHERE id = $1",
+            uuid.UUID(grant.id),
+            invoice_id,
+        )
+        return replace(grant, invoice_id=str(invoice_id))
 
     async def grants(
         self, tenant_id: str, customer_id: str, type_id: str, conn: Any = None
@@ -590,24 +629,21 @@ class CreditStore:
         )
         return Decimal(value)
 
-    async def usage_totals(
+    async def drawn(
         self, tenant_id: str, customer_id: str, meter_id: str, start: datetime, end: datetime
-    ) -> tuple[Decimal, Decimal, Decimal]:
-        """Over [start, end) for one meter: (credits drawn, credits uncovered
-        under BILL, credits uncovered in all), from the settled ledger."""
-        row = await self.pool.fetchrow(
-            "SELECT coalesce(sum(-amount) FILTER (WHERE kind = 'DRAWN'), 0) AS drawn,"
-            " coalesce(sum(uncovered) FILTER (WHERE kind = 'OVERAGE'), 0) AS uncovered"
-            " FROM billing.credit_ledger WHERE tenant_id = $1 AND customer_id = $2"
-            " AND meter_id = $3 AND effective_at >= $4 AND effective_at < $5",
+    ) -> Decimal:
+        """Credits drawn for one meter's usage over [start, end) (whole minutes)."""
+        value = await self.pool.fetchval(
+            "SELECT coalesce(sum(-amount), 0) FROM billing.credit_ledger WHERE tenant_id = $1"
+            " AND customer_id = $2 AND meter_id = $3 AND kind = 'DRAWN'"
+            " AND effective_at >= $4 AND effective_at < $5",
             tenant_id,
             uuid.UUID(customer_id),
             meter_id,
             start,
             end,
         )
-        assert row is not None
-        return Decimal(row["drawn"]), Decimal(row["uncovered"]), Decimal(row["uncovered"])
+        return Decimal(value)
 
     async def ledger_page(
         self,

@@ -163,6 +163,7 @@ class Invoicing:
         usage: UsageReader | None = None,
         catchup_periods: int = CATCHUP_PERIODS,
         run_budget: timedelta | None = None,
+        credits: Any = None,
     ) -> None:
         if catchup_periods < 1:
             raise ValueError("catchup_periods must be at least 1")
@@ -175,6 +176,8 @@ class Invoicing:
         self._resume: dict[str, _Resume] = {}
         self._catchup = catchup_periods
         self._budget = run_budget
+        # Credits (services/billing/credits.py): usage they covered is not billed again.
+        self._credits = credits
 
     # Pricing periods.
 
@@ -199,6 +202,9 @@ class Invoicing:
                 key = (price["meter_id"], period.start, period.end)
                 wanted[key].add(period.subscription.customer_external_id)
         usage = await self._usage.read(tenant_id, wanted, streams)
+        uses: dict[Any, Any] = {}
+        if self._credits is not None:
+            uses = await self._credits.apply_to_usage(tenant_id, periods, usage)
         transactions, too_many = await self._transactions(tenant_id, periods)
         prices: dict[str, list[tuple[UsagePrice, str]]] = {}
         drafts: dict[tuple[str, datetime], InvoiceDraft] = {}
@@ -224,6 +230,8 @@ class Invoicing:
                 if strict:
                     raise
                 failures[period.key] = _held(period, f"pricing error: {exc!r}", "pricing_error")
+        if uses:
+            self._credits.annotate(drafts, uses)
         return drafts, failures
 
     async def _transactions(

@@ -147,7 +147,8 @@ def _invoice(r: asyncpg.Record) -> InvoiceRecord:
         tenant_id=r["tenant_id"],
         number=r["number"],
         customer_id=str(r["customer_id"]),
-        subscription_id=str(r["subscription_id"]),
+        # Empty on a one-off invoice (a credits top-up, services/billing/credits_store.py).
+        subscription_id=str(r["subscription_id"] or ""),
         period_start=r["period_start"],
         period_end=r["period_end"],
         currency=r["currency"],

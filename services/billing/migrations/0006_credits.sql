@@ -17,6 +17,10 @@ CREATE TABLE billing.credit_types (
 -- "priority"}], "prices": {"<meter id>": {"credit_type_id", "rate", "overage_rule"}}}.
 ALTER TABLE billing.products ADD COLUMN credits jsonb NOT NULL DEFAULT '{}';
 
+-- A priced grant (a top-up) is billed on a finalized one-off invoice that
+-- belongs to no subscription.
+ALTER TABLE billing.invoices ALTER COLUMN subscription_id DROP NOT NULL;
+
 -- A grant. source_key makes each grant happen once: "api:<idempotency key>",
 -- "product:<subscription>:<credit type>:<period start>", "adjust:<key>".
 CREATE TABLE billing.credit_grants (
