@@ -77,17 +77,22 @@ async def stream_event_ids(nats_url: str, tenant_id: str) -> dict[str, set[str]]
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        subscription = await js.subscribe(
-            f"{EVENTS_SUBJECT_PREFIX}.{tenant_id}", stream=EVENTS_STREAM, ordered_consumer=True
+        subscription = await js.pull_subscribe(
+            f"{EVENTS_SUBJECT_PREFIX}.{tenant_id}", stream=EVENTS_STREAM
         )
-        while True:
+        # Until the consumer has nothing left to deliver: a short wait for the
+        # next message as the end marker missed messages on a loaded machine.
+        while (pending := (await subscription.consumer_info()).num_pending or 0) > 0:
             try:
-                message = await subscription.next_msg(timeout=2)
+                messages = await subscription.fetch(min(pending, 500), timeout=30)
             except nats.errors.TimeoutError:
-                break
-            batch = ingest_pb2.EventBatch.FromString(message.data)
-            for item in batch.events:
-                seen[item.event_id].add(message.headers["Nats-Msg-Id"])
+                continue
+            for message in messages:
+                batch = ingest_pb2.EventBatch.FromString(message.data)
+                assert message.headers is not None
+                for item in batch.events:
+                    seen[item.event_id].add(message.headers["Nats-Msg-Id"])
+                await message.ack()
         await subscription.unsubscribe()
     finally:
         await nc.close()
