@@ -1,0 +1,194 @@
+"""Credit settlement against a real PostgreSQL: no draw-down entered twice or
+missed under repeated passes, two replicas at once, passes killed midway,
+late events within the recheck window, and a grant found after its time; the
+ledger always ends where the pure domain says from all the events at once.
+Meter (another service) is a stand-in that answers usage per minute."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from services.billing.credits import Credits
+from services.billing.credits_store import CreditStore
+from services.billing.domain.credits import (
+    Draw,
+    Grant,
+    Overage,
+    Rollover,
+    available,
+    floor_minute,
+    replay,
+)
+from services.billing.store import BillingStore
+
+D = Decimal
+M = timedelta(minutes=1)
+
+
+class MinuteMeter:
+    """Usage per minute of one SUM meter, from events the test states."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.events: list[tuple[str, datetime, Decimal]] = []
+        self.delay = delay
+
+    async def read(
+        self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
+    ) -> dict[datetime, Decimal]:
+        await asyncio.sleep(self.delay)
+        found: dict[datetime, Decimal] = defaultdict(Decimal)
+        for who, when, value in self.events:
+            if who == customer and start <= when < end:
+                found[floor_minute(when)] += value
+        return dict(found)
+
+
+async def _setup(pool: Any) -> tuple[str, str, str, str, datetime]:
+    """A tenant, a customer on a daily product whose tokens draw credits
+    (DEFICIT) with 100 included per day rolling 50 % once; returns (tenant,
+    customer id, type id, meter id, subscription start)."""
+    billing = BillingStore(pool)
+    store = CreditStore(pool)
+    tenant = await billing.create_tenant("t")
+    customer = await billing.create_customer(tenant, "cus", "", "")
+    kind = await store.create_credit_type(tenant, "tokens", "CUSTOM", 0, "", None)
+    product = await billing.create_product(
+        tenant,
+        name="p",
+        currency="USD",
+        billing_interval="DAY",
+        fixed_price_minor=0,
+        usage_prices=[],
+    )
+    meter_id = "00000000-0000-0000-0000-000000000001"
+    await store.set_product_credits(
+        tenant,
+        product.id,
+        {
+            "included": [
+                {
+                    "credit_type_id": kind.id,
+                    "amount": "100",
+                    "rollover": {"percent": "50", "cap": None, "max": 1},
+                    "priority": 0,
+                }
+            ],
+            "prices": {
+                meter_id: {"credit_type_id": kind.id, "rate": "1", "overage_rule": "DEFICIT"}
+            },
+        },
+    )
+    start = floor_minute(datetime.now(UTC)) - timedelta(days=1, minutes=30)
+    await billing.create_subscription(tenant, customer.id, product.id, start)
+    return tenant, customer.id, kind.id, meter_id, start
+
+
+def _oracle(
+    grants: list[Grant], meter: MinuteMeter, meter_id: str, start: datetime, until: datetime
+) -> dict[str, Decimal]:
+    minutes: dict[datetime, Decimal] = defaultdict(Decimal)
+    for _, when, value in meter.events:
+        minutes[floor_minute(when)] += value
+    draws = [
+        Draw(f"draw:{meter_id}:{m.isoformat()}", m, v, Overage.DEFICIT, meter_id, v)
+        for m, v in minutes.items()
+    ]
+    _, state = replay(grants, draws, {}, start, until, 0)
+    return state
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_replicas_retries_crashes_and_late_events_converge(pool: Any, seed: int) -> None:
+    rng = random.Random(seed)
+    tenant, customer_id, type_id, meter_id, start = await _setup(pool)
+    meter = MinuteMeter(delay=0.002)
+    store = CreditStore(pool)
+    billing = BillingStore(pool)
+    # Two replicas; a long recheck window so that every late event here is in it.
+    replicas = [
+        Credits(store, billing, meter, lag=timedelta(0), recheck=timedelta(days=2))  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    now = datetime.now(UTC)
+    for _ in range(60):
+        meter.events.append(
+            ("cus", start + timedelta(seconds=rng.randrange(0, 60 * 60 * 25)), D(rng.randint(1, 9)))
+        )
+
+    async def passes(credits: Credits, count: int) -> None:
+        for _ in range(count):
+            await credits.settle_tenant(tenant, now)
+
+    # Two replicas at once, several passes each.
+    await asyncio.gather(passes(replicas[0], 3), passes(replicas[1], 3))
+    # Late events (within the window), and passes killed midway.
+    for round_ in range(4):
+        for _ in range(10):
+            when = start + timedelta(seconds=rng.randrange(0, 60 * 60 * 25))
+            meter.events.append(("cus", when, D(rng.randint(1, 9))))
+        task = asyncio.ensure_future(replicas[round_ % 2].settle_tenant(tenant, now))
+        await asyncio.sleep(rng.random() * 0.05)
+        task.cancel()  # a kill: its transaction rolls back, nothing half-written
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(passes(replicas[0], 1), passes(replicas[1], 1))
+
+    grants = [g.domain() for g in await store.grants(tenant, customer_id, type_id)]
+    assert len(grants) == 2  # the two periods started by now, once each
+    until = floor_minute(now)
+    expected = _oracle(grants, meter, meter_id, start, until)
+    async with pool.acquire() as conn:
+        recorded = await store.state_before(conn, tenant, customer_id, type_id, until)
+        rows = await conn.fetch(
+            "SELECT entry_key, revision, amount, balance_after, quantity, kind"
+            " FROM billing.credit_ledger WHERE tenant_id = $1 ORDER BY id",
+            tenant,
+        )
+    assert recorded == expected
+    # The balance is the sum of the ledger; balance_after runs on in order.
+    running = D(0)
+    for row in rows:
+        running += row["amount"]
+        assert row["balance_after"] == running
+    last = floor_minute(now) - timedelta(microseconds=1)
+    assert available(grants, expected, last)[0] == running
+    # Every unit metered is in exactly one minute's draw (corrections included).
+    metered = sum(v for _, when, v in meter.events if when < until)
+    entered = sum(r["quantity"] for r in rows if r["kind"] in ("DRAWN", "OVERAGE"))
+    assert entered == metered
+    # Keys and revisions are unique (the table's constraint would have refused a repeat).
+    assert len({(r["entry_key"], r["revision"]) for r in rows}) == len(rows)
+    _ = Rollover  # the product's policy above
+
+
+async def test_a_grant_found_late_resettles_from_its_time(pool: Any) -> None:
+    """An API grant is never backdated, but a product's period grant can be
+    entered after the ledger passed its start (the task was down): the
+    account is settled again from it, by new entries."""
+    tenant, customer_id, type_id, meter_id, start = await _setup(pool)
+    meter = MinuteMeter()
+    store = CreditStore(pool)
+    credits = Credits(store, BillingStore(pool), meter, lag=timedelta(0), recheck=M)  # type: ignore[arg-type]
+    meter.events.append(("cus", start + timedelta(hours=2), D(30)))
+    now = datetime.now(UTC)
+    # Settle without the included grants (as if they were not granted yet).
+    prices = [p for _, _, p in await credits.prices_of(tenant)]
+    kinds = await store.credit_types(tenant)
+    await credits.settle_account(tenant, customer_id, "cus", kinds[type_id], prices, now)
+    async with pool.acquire() as conn:
+        before = await store.state_before(conn, tenant, customer_id, type_id, floor_minute(now))
+    assert before == {"deficit": D(-30)}
+    await credits.settle_tenant(tenant, now)  # grants both periods, then settles again
+    grants = [g.domain() for g in await store.grants(tenant, customer_id, type_id)]
+    expected = _oracle(grants, meter, meter_id, start, floor_minute(now))
+    async with pool.acquire() as conn:
+        after = await store.state_before(conn, tenant, customer_id, type_id, floor_minute(now))
+    assert after == expected
+    # Period 1: 100 - 30 = 70 left, 35 rolled into period 2 (100 + 35).
+    assert sum(expected.values()) == D(135)
