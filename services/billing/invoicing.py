@@ -58,6 +58,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from services.common.jetstream import BILLING_SUBJECT_PREFIX
 from services.common.logs import get_logger
@@ -236,13 +237,15 @@ class Invoicing:
 
     async def _transactions(
         self, tenant_id: str, periods: Sequence[BillablePeriod]
-    ) -> tuple[dict[CustomerUsageKey, tuple[Decimal, ...]], dict[PeriodKey, Unpriceable]]:
+    ) -> tuple[dict[CustomerUsageKey, tuple[Decimal, ...]], dict[PeriodKey, Exception]]:
         """Each transaction's amount for the prices that bill per transaction
         (PERCENTAGE with transaction_key): one meter call per price, period and
-        customer. A period with more transactions than meter answers is
-        Unpriceable (held), not a failure of the others."""
+        customer. A period with more transactions than meter answers (or whose
+        read fails or times out) gets its error, which holds that period (or
+        fails a preview), not the others: one customer with very many
+        transactions must not stop the tenant's billing."""
         found: dict[CustomerUsageKey, tuple[Decimal, ...]] = {}
-        failed: dict[PeriodKey, Unpriceable] = {}
+        failed: dict[PeriodKey, Exception] = {}
         limit = asyncio.Semaphore(16)
 
         async def read(period: BillablePeriod, index: int, price: dict[str, Any]) -> None:
@@ -267,6 +270,9 @@ class Invoicing:
                     cause="too_many_transactions",
                     meter_id=key[0],
                 )
+                return
+            except Unavailable as exc:
+                failed[period.key] = exc
                 return
             found[key] = tuple(values)
 

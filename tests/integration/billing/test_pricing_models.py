@@ -11,7 +11,7 @@ import pytest
 
 from services.billing import convert
 from services.billing.store import InvoiceRecord
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tests.integration.billing.builders import DAY, invoices_of, per_unit
 from tests.integration.billing.conftest import Billing
 from usagebilling.billing.v1 import product_pb2
@@ -134,3 +134,33 @@ async def test_a_bad_commitment_is_refused_naming_the_field(billing: Billing) ->
         InvalidArgument, match=r"^commitment\.maximum_spend_minor: must not be less"
     ):
         await billing.catalog.create_product(tenant, request)
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (ResourceExhausted("meter service: 500001 rows"), "too_many_transactions"),
+        (Unavailable("meter service: DEADLINE_EXCEEDED"), "pricing_error"),
+    ],
+)
+async def test_a_customer_whose_transactions_cannot_be_read_holds_only_its_period(
+    billing: Billing, error: Exception, cause: str
+) -> None:
+    tenant, _ = await setup(billing, fees())
+    other = await billing.accounts.create_customer(tenant, "c2", "", "")
+    product = (await billing.store.products_of(tenant))[0]
+    await billing.catalog.create_subscription(tenant, other.id, product.id, START, NOW)
+    pay(billing, tenant, "p1", "100")
+    billing.meters.add(
+        tenant, "payments", "c2", START + timedelta(hours=1), "100", {"payment_id": "x"}
+    )
+    billing.meters.group_errors["c1"] = error
+    # Two ended days: c1's are held, c2's billed (3.20, then nothing).
+    report = await billing.invoicing.cycle(tenant, NOW, NOW)
+    assert [f.cause for f in report.failures] == [cause, cause]
+    assert sorted(i.total_minor for i in await invoices_of(billing, tenant)) == [0, 320]
+    # The next run, with meter answering, bills c1's periods too.
+    del billing.meters.group_errors["c1"]
+    report = await billing.invoicing.cycle(tenant, NOW, NOW)
+    assert report.failures == []
+    assert sorted(i.total_minor for i in await invoices_of(billing, tenant)) == [0, 0, 320, 320]

@@ -21,6 +21,8 @@ class FakeMeters:
         # (tenant, meter) -> group_by keys; an event's group values by its index
         self.keys: dict[tuple[str, str], tuple[str, ...]] = {}
         self.groups: dict[tuple[str, str], dict[int, dict[str, str]]] = defaultdict(dict)
+        # customer -> the error its grouped reads raise (meter refusing or timing out)
+        self.group_errors: dict[str, Exception] = {}
         self.delay = delay  # makes concurrent callers overlap
 
     def add_meter(
@@ -101,6 +103,8 @@ class FakeMeters:
         """Like meter's QueryUsage grouped by `key`: a sum per distinct value
         ("" for events without it)."""
         self.calls["consumed_by_group"] += 1
+        if customer in self.group_errors:
+            raise self.group_errors[customer]
         groups = self.groups[(tenant_id, meter_id)]
         sums: dict[str, Decimal] = {}
         for i, (c, t, v) in enumerate(self.events[(tenant_id, meter_id)]):
