@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 
 from tools.devstack import DevStack, pid_alive
 
-pytestmark = pytest.mark.timeout(60)  # it takes about a second
+# About a second each when idle; far more beside a benchmark on 2 cores.
+pytestmark = pytest.mark.timeout(300)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -84,7 +87,9 @@ async def test_devstack_serves_postgres_and_jetstream_and_stops(tmp_path: Path) 
     assert not pid_alive(nats_pid)
     assert _children_of(postgres_pid) == []
     assert _processes_mentioning(str(base)) == []
-    assert time.monotonic() - began < 20
+    # Not a timing test: only that stopping does not hang (initdb alone took
+    # 24 s on a loaded 2-core machine).
+    assert time.monotonic() - began < 240
 
 
 async def test_devstack_reuses_its_data_and_stops_a_leftover_server(tmp_path: Path) -> None:
@@ -107,7 +112,7 @@ async def test_devstack_reuses_its_data_and_stops_a_leftover_server(tmp_path: Pa
     )
     try:
         assert killed.stdout is not None
-        line = await asyncio.wait_for(killed.stdout.readline(), 30)
+        line = await asyncio.wait_for(killed.stdout.readline(), 180)
         database_url, _, postgres_pid, nats_pid = line.decode().split()
         connection = await asyncpg.connect(database_url)
         try:
@@ -133,3 +138,38 @@ async def test_devstack_reuses_its_data_and_stops_a_leftover_server(tmp_path: Pa
     finally:
         # Should this test fail half-way, leave no server behind.
         await asyncio.to_thread(DevStack(base).stop_leftovers)
+
+
+async def test_a_killed_server_is_seen_and_started_again_on_its_port(tmp_path: Path) -> None:
+    """What `make run` does when the private PostgreSQL or NATS dies."""
+    stack = DevStack(tmp_path / "stack")
+    try:
+        database_url, nats_url = await stack.astart()
+        assert stack.dead_servers() == []
+        nats_pid, postgres_pid = stack.nats_pid, stack.postgres_pid
+        assert nats_pid is not None and postgres_pid is not None
+        os.kill(nats_pid, signal.SIGKILL)
+        os.kill(postgres_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while sorted(stack.dead_servers()) != ["NATS", "PostgreSQL"]:
+            assert time.monotonic() < deadline, stack.dead_servers()
+            await asyncio.sleep(0.1)
+
+        await asyncio.to_thread(stack.restart_nats)
+        await asyncio.to_thread(stack.restart_postgres)
+        assert stack.dead_servers() == []
+        assert stack.nats_pid != nats_pid and stack.postgres_pid != postgres_pid
+        # The same URLs (the same ports): clients reconnect.
+        connection = await asyncpg.connect(database_url)
+        try:
+            assert await connection.fetchval("select 1") == 1
+        finally:
+            await connection.close()
+        client = await nats.connect(nats_url)
+        try:
+            await client.jetstream().account_info()
+        finally:
+            await client.close()
+    finally:
+        await stack.astop()
+    assert _processes_mentioning(str(tmp_path / "stack")) == []
