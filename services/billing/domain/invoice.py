@@ -127,12 +127,16 @@ def _usage_description(name: str, price: UsagePrice, charge: UsageCharge) -> str
 
 
 def _fees_text(price: UsagePrice, fees: FeeCharge) -> str:
-    """2.9% of the amount + 0.3 × 4 transactions, 2 raised to the 0.5 minimum."""
-    count = "transaction" if fees.transactions == 1 else "transactions"
-    parts = [f"× {_fmt(price.rate)}% + {_fmt(price.fixed_fee)} × {fees.charged_transactions}"]
-    if fees.charged_transactions != fees.transactions:
-        parts.append(f"of {fees.transactions}")
-    text = " ".join(parts) + f" {count}"
+    """ "× 2.9% + 0.3 × 4 transactions, 2 raised to the 0.5 minimum"; "× 2.9%
+    + 0.3 × 3 of 4 transactions" with a free one; "× 2.9%, 4 transactions"
+    without a fixed fee."""
+    noun = "transaction" if fees.transactions == 1 else "transactions"
+    if price.fixed_fee:
+        some = fees.charged_transactions
+        counted = f"{some} of {fees.transactions}" if some != fees.transactions else f"{some}"
+        text = f"× {_fmt(price.rate)}% + {_fmt(price.fixed_fee)} × {counted} {noun}"
+    else:
+        text = f"× {_fmt(price.rate)}%, {fees.transactions} {noun}"
     if fees.raised_to_min and price.min_fee is not None:
         text += f", {fees.raised_to_min} raised to the {_fmt(price.min_fee)} minimum"
     if fees.lowered_to_max and price.max_fee is not None:

@@ -186,3 +186,18 @@ def test_fees_equal_the_sum_of_each_transactions_bounded_fee(
     assert Fraction(charge.amount) == oracle(transactions, price)
     assert charge.fees is not None
     assert charge.fees.transactions == len(transactions)
+
+
+@pytest.mark.parametrize(
+    ("fields", "described"),
+    [
+        ({"fixed_fee": D("0.3"), "free_transactions": 1}, "× 2.9% + 0.3 × 1 of 2 transactions"),
+        ({"max_fee": D(1)}, "× 2.9%, 2 transactions, 1 lowered to the 1 maximum"),
+    ],
+)
+def test_descriptions_of_free_transactions_and_no_fixed_fee(
+    fields: dict[str, object], described: str
+) -> None:
+    usage = [(fee(**fields), "payments", (D(100), D(5)))]
+    (line,) = build_invoice("USD", 0, "Payments", usage, START, END).lines
+    assert line.description == f"payments: 105 consumed, 0 free, 105 billable {described}"
