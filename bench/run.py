@@ -27,6 +27,7 @@ TARGETS = {
     "freshness_p99_ms": ("<=", 2_000),
     "freshness_burst_p99_ms": ("<=", 2_000),
     "query_usage_p99_ms": ("<=", 50),
+    "billing_scale_peak_rss_mb": ("<=", 500),
 }
 
 
@@ -59,11 +60,14 @@ async def one_run(events: int, billing: bool) -> dict[str, float]:
         figures = await ingest_bench.run(suite, events=events, cpu=cpu)
         if billing:
             try:
-                from bench import billing_bench
+                from bench import billing_bench, billing_scale
             except ImportError:
                 pass
             else:
                 figures.update(await billing_bench.run(suite))
+                # One tenant of 1,000,000 subscriptions (BENCH_SUBSCRIPTIONS=100000
+                # for a quick run): invoices per second, billing's peak RSS.
+                figures.update(await billing_scale.run(suite))
         return figures
     finally:
         suite.stop()
