@@ -45,7 +45,7 @@ $(STAMP): requirements/runtime.lock requirements/dev.lock $(if $(REBUILD_VENV),F
 	touch $(STAMP)
 
 # Kubernetes tooling (kubectl, Helm, schemas: about 420 MB), into the same venv:
-# only for what checks or tests tools/k8s_check.py (k8s-check, lint's mypy).
+# only for `make k8s-check`, which type-checks, runs and tests tools/k8s_check.py.
 $(K8S_STAMP): $(STAMP) requirements/k8s.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/k8s.lock
 	touch $(K8S_STAMP)
@@ -75,16 +75,18 @@ test-unit: $(STAMP)
 proto-lint:
 	npx --yes @bufbuild/buf@1.75.0 lint
 
-lint: $(STAMP) $(K8S_STAMP) proto-lint
+# tools/k8s_check.py imports the Kubernetes tooling: `make k8s-check` type-checks it.
+lint: $(STAMP) proto-lint
 	$(VENV)/bin/ruff check services tools tests bench
 	$(VENV)/bin/ruff format --check services tools tests bench
-	$(VENV)/bin/mypy services tools bench
+	$(VENV)/bin/mypy services tools bench --exclude '^tools/k8s_check\.py$$'
 
 # Renders deploy/k8s (kustomize overlays, Helm chart) offline and checks every
 # object against the Kubernetes 1.31 schemas and the services' settings; then
 # the tests of that check and of the shipped monitoring (which `make test`
 # skips without this tooling).
 k8s-check: $(K8S_STAMP)
+	$(VENV)/bin/mypy tools/k8s_check.py
 	$(PY) -m tools.k8s_check
 	$(PY) -m pytest -q -rfEs tests/deploy/test_k8s_check.py tests/deploy/test_monitoring.py
 
