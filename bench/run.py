@@ -27,6 +27,10 @@ TARGETS = {
     "freshness_p99_ms": ("<=", 2_000),
     "freshness_burst_p99_ms": ("<=", 2_000),
     "query_usage_p99_ms": ("<=", 50),
+    # Credits (bench/credits.py): a balance read at 1,000,000 events in the
+    # period, and an acknowledged event in the balance under 20,000 events/s.
+    "credit_balance_p99_ms": ("<=", 10),
+    "credit_reflect_p99_ms": ("<=", 1_000),
     "billing_scale_peak_rss_mb": ("<=", 500),
 }
 
@@ -68,6 +72,12 @@ async def one_run(events: int, billing: bool) -> dict[str, float]:
                 # One tenant of 1,000,000 subscriptions (BENCH_SUBSCRIPTIONS=100000
                 # for a quick run): invoices per second, billing's peak RSS.
                 figures.update(await billing_scale.run(suite))
+        if billing:
+            # Credit balances (bench/credits.py): a read at `events` events of
+            # one customer, and an event's reflection under 20,000 events/s.
+            from bench import credits as credits_bench
+
+            figures.update(await credits_bench.run(suite, events=events))
         return figures
     finally:
         suite.stop()

@@ -1,0 +1,309 @@
+"""Benchmark: credit balances (issue 13, step 5).
+
+One customer ("heavy") on a daily product whose tokens price draws credits
+has 1,000,000 events in its current period (sent backdated over the last 50
+minutes, one token each). Once meter has counted them and billing has settled
+the ledger, GetCreditBalance for that customer is timed (sequential calls:
+credit_balance_p50_ms / _p99_ms). Then, under a paced load of 20,000 events/s
+from other customers, a probe customer sends one event every 200 ms and the
+time from its ack until GetCreditBalance shows it is measured
+(credit_reflect_p99_ms; the load reached is credit_load_events_per_s).
+
+    python -m bench.credits [--events N]   (its own PostgreSQL, NATS and suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import grpc
+
+from tools.suite import Suite, create_tenant
+from usagebilling.billing.v1 import (
+    credit_pb2,
+    credit_pb2_grpc,
+    customer_pb2,
+    customer_pb2_grpc,
+    product_pb2,
+    product_pb2_grpc,
+    subscription_pb2,
+    subscription_pb2_grpc,
+)
+from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
+
+EVENTS = 1_000_000
+BATCH = 500
+CONCURRENCY = 16
+BALANCE_CALLS = 1_000
+LOAD_RATE = 20_000
+LOAD_SECONDS = 15.0
+LOAD_CUSTOMERS = 1_000
+PROBE_EVERY = 0.2
+PROBE_TIMEOUT = 60.0
+
+
+def _log(message: str) -> None:
+    print(f"credits_bench: {message}", file=sys.stderr, flush=True)
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _event(event_id: str, customer: str, when: datetime) -> ingest_pb2.Event:
+    message = ingest_pb2.Event(event_id=event_id, customer_id=customer, event_name="llm.call")
+    message.timestamp.FromDatetime(when)
+    message.metadata["tokens"].int_value = 1
+    return message
+
+
+async def _setup(suite: Suite, auth: Any, channel: Any, meter: Any) -> tuple[str, str]:
+    """Meter, credit type, product, and the two subscribed customers."""
+    meter_id = (
+        await meter.CreateMeter(
+            meter_pb2.CreateMeterRequest(
+                name="tokens",
+                event_name="llm.call",
+                aggregation=meter_pb2.AGGREGATION_SUM,
+                property="tokens",
+            ),
+            metadata=auth,
+        )
+    ).id
+    credits = credit_pb2_grpc.CreditServiceStub(channel)
+    type_id = (
+        await credits.CreateCreditType(
+            credit_pb2.CreateCreditTypeRequest(
+                name="tokens", kind=credit_pb2.CREDIT_UNIT_KIND_CUSTOM, precision=0
+            ),
+            metadata=auth,
+        )
+    ).id
+    product = await product_pb2_grpc.ProductServiceStub(channel).CreateProduct(
+        product_pb2.CreateProductRequest(
+            name="Tokens",
+            currency="USD",
+            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
+            usage_prices=[
+                product_pb2.UsagePrice(
+                    meter_id=meter_id,
+                    model=product_pb2.PRICE_MODEL_PER_UNIT,
+                    unit_price="0.000005",
+                    credit_type_id=type_id,
+                    credit_rate="1",
+                    overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
+                )
+            ],
+            included_credits=[
+                product_pb2.IncludedCredits(credit_type_id=type_id, amount="1000000000000")
+            ],
+        ),
+        metadata=auth,
+    )
+    start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+    for name in ("heavy", "probe"):
+        customer = await customer_pb2_grpc.CustomerServiceStub(channel).CreateCustomer(
+            customer_pb2.CreateCustomerRequest(external_id=name), metadata=auth
+        )
+        request = subscription_pb2.CreateSubscriptionRequest(
+            customer_id=customer.id, product_id=product.id
+        )
+        request.start_time.FromDatetime(start)
+        await subscription_pb2_grpc.SubscriptionServiceStub(channel).CreateSubscription(
+            request, metadata=auth
+        )
+    return meter_id, type_id
+
+
+async def _send_history(ingest: Any, auth: Any, events: int) -> None:
+    """`events` events of "heavy", spread over [now - 51 min, now - 1 min)."""
+    end = datetime.now(UTC) - timedelta(minutes=1)
+    step = timedelta(minutes=50) / events
+    limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def batch(first: int) -> None:
+        request = ingest_pb2.IngestEventsRequest(
+            events=[
+                _event(f"h{i}", "heavy", end - step * (i + 1))
+                for i in range(first, min(events, first + BATCH))
+            ]
+        )
+        async with limit:
+            await ingest.IngestEvents(request, metadata=auth, timeout=120)
+
+    await asyncio.gather(*(batch(first) for first in range(0, events, BATCH)))
+
+
+async def _counted(meter: Any, auth: Any, meter_id: str, customer: str, value: int) -> None:
+    request = meter_pb2.QueryUsageRequest(meter_id=meter_id, customer_id=customer)
+    request.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=2))
+    request.end_time.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    deadline = time.perf_counter() + 900
+    while time.perf_counter() < deadline:
+        answer = await meter.QueryUsage(request, metadata=auth, timeout=60)
+        if answer.rows and Decimal(answer.rows[0].value) >= value:
+            return
+        await asyncio.sleep(1)
+    raise RuntimeError(f"meter did not count {value} events of {customer} in 900 s")
+
+
+async def _paced(ingest: Any, auth: Any, rate: int, seconds: float) -> float:
+    """Sends `rate` events/s of other customers for `seconds`; returns the rate reached."""
+    calls = []
+    began = time.perf_counter()
+    for n in range(int(rate * seconds / BATCH)):
+        await asyncio.sleep(max(0.0, began + n * BATCH / rate - time.perf_counter()))
+        now = datetime.now(UTC)
+        request = ingest_pb2.IngestEventsRequest(
+            events=[_event(f"l{n}-{i}", f"load-{i % LOAD_CUSTOMERS}", now) for i in range(BATCH)]
+        )
+        calls.append(asyncio.ensure_future(ingest.IngestEvents(request, metadata=auth, timeout=60)))
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    # What ingest accepted, per second of the whole send (refused batches are
+    # the load this machine could not take: the figure says so).
+    accepted: int = sum(a.accepted_count for a in answers if not isinstance(a, BaseException))
+    if failed := sum(isinstance(a, BaseException) for a in answers):
+        _log(f"{failed} of {len(answers)} load batches failed")
+    return accepted / (time.perf_counter() - began)
+
+
+async def run(suite: Suite, *, events: int = EVENTS) -> dict[str, float]:
+    _, secret = create_tenant(suite, f"credits-bench-{uuid.uuid4().hex[:8]}")
+    auth = (("authorization", f"Bearer {secret}"),)
+    billing = grpc.aio.insecure_channel(suite.address("billing"))
+    ingest_channel = grpc.aio.insecure_channel(suite.address("ingest"))
+    meter_channel = grpc.aio.insecure_channel(suite.address("meter"))
+    try:
+        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+        meter = meter_pb2_grpc.MeterServiceStub(meter_channel)
+        credits = credit_pb2_grpc.CreditServiceStub(billing)
+        meter_id, type_id = await _setup(suite, auth, billing, meter)
+        began = time.perf_counter()
+        await _send_history(ingest, auth, events)
+        _log(f"{events} events sent in {time.perf_counter() - began:.0f} s")
+        await _counted(meter, auth, meter_id, "heavy", events)
+        _log("counted by meter")
+
+        async def balance(customer: str) -> credit_pb2.CreditBalance:
+            answer: credit_pb2.CreditBalance = await credits.GetCreditBalance(
+                credit_pb2.GetCreditBalanceRequest(customer_id=customer, credit_type_id=type_id),
+                metadata=auth,
+                timeout=30,
+            )
+            return answer
+
+        # Settled: the ledger has caught up with the history (settled_until
+        # within the last two minutes, every event drawn), so that the balance
+        # reads only the fresh minutes live.
+        expected = 1_000_000_000_000 - events
+        deadline = time.perf_counter() + 600
+        while True:
+            answer = await balance("heavy")
+            settled = answer.settled_until.ToDatetime(tzinfo=UTC)
+            recent = settled > datetime.now(UTC) - timedelta(minutes=2)
+            if answer.HasField("settled_until") and recent and answer.available == str(expected):
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"heavy's balance is {answer.available}, expected {expected}")
+            await asyncio.sleep(1)
+        samples = []
+        for _ in range(BALANCE_CALLS):
+            started = time.perf_counter()
+            await balance("heavy")
+            samples.append((time.perf_counter() - started) * 1000)
+        _log(
+            f"balance p50 {statistics.median(samples):.1f} ms, "
+            f"p99 {_percentile(samples, 0.99):.1f} ms over {len(samples)} calls"
+        )
+
+        # Reflection under load: a probe event every PROBE_EVERY seconds.
+        stop = asyncio.Event()
+        reflect: list[float] = []
+
+        async def probe() -> None:
+            n = 0
+            last = Decimal((await balance("probe")).available)
+            while not stop.is_set():
+                n += 1
+                await ingest.IngestEvents(
+                    ingest_pb2.IngestEventsRequest(
+                        events=[_event(f"p{n}", "probe", datetime.now(UTC))]
+                    ),
+                    metadata=auth,
+                    timeout=60,
+                )
+                acked = time.perf_counter()
+                while Decimal((await balance("probe")).available) != last - 1:
+                    if time.perf_counter() - acked > PROBE_TIMEOUT:
+                        raise RuntimeError(f"probe {n} not in the balance {PROBE_TIMEOUT} s on")
+                    await asyncio.sleep(0.01)
+                reflect.append((time.perf_counter() - acked) * 1000)
+                last -= 1
+                await asyncio.sleep(PROBE_EVERY)
+
+        prober = asyncio.ensure_future(probe())
+        reached = await _paced(ingest, auth, LOAD_RATE, LOAD_SECONDS)
+        stop.set()
+        await prober
+        figures = {
+            "credit_balance_p50_ms": statistics.median(samples),
+            "credit_balance_p99_ms": _percentile(samples, 0.99),
+            "credit_reflect_p50_ms": statistics.median(reflect),
+            "credit_reflect_p99_ms": _percentile(reflect, 0.99),
+            "credit_load_events_per_s": reached,
+        }
+        _log(", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
+        return figures
+    finally:
+        for channel in (billing, ingest_channel, meter_channel):
+            await channel.close(None)
+
+
+async def _standalone(events: int) -> dict[str, float]:
+    from tools.devstack import DEFAULT_BASE_DIR, DevStack
+
+    base = DEFAULT_BASE_DIR / "bench-credits"
+    shutil.rmtree(base, ignore_errors=True)
+    stack = DevStack(base)
+    database_url, nats_url = stack.start()
+    suite = Suite(
+        database_url,
+        nats_url,
+        base / "logs",
+        extra_env={
+            "USAGEBILLING_SCHEDULER_ENABLED": "false",
+            "USAGEBILLING_LOG_LEVEL": "warning",
+            "USAGEBILLING_INGEST_RATE_LIMIT": "0",
+        },
+    )
+    try:
+        suite.start()
+        return await run(suite, events=events)
+    finally:
+        suite.stop()
+        stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=EVENTS)
+    args = parser.parse_args()
+    figures = asyncio.run(_standalone(args.events))
+    for name, value in figures.items():
+        print(f"{name:<28}{value:>14,.1f}")
+
+
+if __name__ == "__main__":
+    main()
