@@ -5,6 +5,8 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.billing.domain import commitments
 from services.billing.domain.commitments import Commitment, validate_commitment
@@ -196,3 +198,20 @@ def test_limits_live_in_the_domain_and_name_the_field() -> None:
         check_limits(51, [])
     with pytest.raises(InvalidArgument, match=r"^usage_prices\[1\]\.tiers: at most 100, got 101"):
         check_limits(2, [1, 101])
+
+
+# --- properties -----------------------------------------------------------------
+
+bounds = st.integers(min_value=0, max_value=10**9)
+
+
+@given(bounds, bounds, st.integers(min_value=0, max_value=10**6), bounds)
+def test_a_commitment_bounds_the_total(fixed: int, usage: int, minimum: int, maximum: int) -> None:
+    if maximum and maximum < minimum:
+        minimum, maximum = maximum, minimum
+    lines = commitments.apply(Commitment(minimum, maximum), fixed, usage)
+    capped = usage + sum(a.amount_minor for a in lines if a.kind == "maximum")
+    total = fixed + usage + sum(a.amount_minor for a in lines)
+    assert capped == (min(usage, maximum) if maximum else usage)
+    assert total == max(fixed + capped, minimum)
+    assert all(a.amount_minor != 0 for a in lines)
