@@ -282,8 +282,13 @@ def _proto_line(line: dict[str, Any]) -> invoice_pb2.InvoiceLine:
         unit_price=line["unit_price"],
         amount_minor=line["amount_minor"],
         tiers=[invoice_pb2.InvoiceLineTier(**t) for t in line["tiers"]],
-        kind=LINE_KINDS.get(line.get("kind", ""), invoice_pb2.INVOICE_LINE_KIND_UNSPECIFIED),
+        kind=LINE_KINDS.get(_kind(line), invoice_pb2.INVOICE_LINE_KIND_UNSPECIFIED),
     )
+
+
+def _kind(line: dict[str, Any]) -> str:
+    # Lines stored before kinds existed were a fixed fee (no meter) or usage.
+    return str(line.get("kind") or ("usage" if line["meter_id"] else "fixed_fee"))
 
 
 def proto_invoice(record: InvoiceRecord) -> invoice_pb2.Invoice:

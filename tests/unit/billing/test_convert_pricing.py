@@ -7,6 +7,7 @@ from typing import Any
 from services.billing import convert
 from services.billing.domain.commitments import Commitment
 from services.billing.domain.pricing import PriceModel, Tier, UsagePrice
+from usagebilling.billing.v1 import invoice_pb2
 
 D = Decimal
 
@@ -64,3 +65,24 @@ def test_commitments_round_trip() -> None:
     assert stored == {"minimum_spend_minor": 10000, "maximum_spend_minor": 50000}
     assert convert.commitment_from_json(stored) == Commitment(10000, 50000)
     assert convert.commitment_from_json(None) is None
+
+
+def test_lines_stored_before_kinds_existed_get_one_from_meter_id() -> None:
+    old = {
+        "description": "Pro: fixed fee",
+        "meter_id": "",
+        "meter_name": "",
+        "quantity": "1",
+        "free_quantity": "0",
+        "billable_quantity": "1",
+        "unit_price": "19.99",
+        "amount_minor": 1999,
+        "tiers": [],
+    }
+    usage = {**old, "meter_id": "m", "description": "calls: ..."}
+    assert convert._proto_line(old).kind == invoice_pb2.INVOICE_LINE_KIND_FIXED_FEE
+    assert convert._proto_line(usage).kind == invoice_pb2.INVOICE_LINE_KIND_USAGE
+    assert (
+        convert._proto_line({**old, "kind": "minimum_spend"}).kind
+        == invoice_pb2.INVOICE_LINE_KIND_MINIMUM_SPEND
+    )

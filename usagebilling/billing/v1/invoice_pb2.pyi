@@ -135,7 +135,9 @@ class InvoiceLine(_message.Message):
     amount_minor: _builtins.int
     meter_name: _builtins.str
     kind: Global___InvoiceLineKind.ValueType
-    """What the line bills; UNSPECIFIED on invoices built before kinds existed."""
+    """What the line bills (on invoices built before kinds existed: FIXED_FEE
+    or USAGE, from meter_id).
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLineTier]: ...
     def __init__(
