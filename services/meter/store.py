@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +15,7 @@ import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
 from services.common.ids import parse_uuid
+from services.meter.domain import rollup
 from services.meter.domain.matching import FoldedEvent
 
 # The compact key of meter $2 of tenant $1 (meter_events holds keys, not ids).
@@ -76,18 +78,86 @@ class UsageGroup:
     count: int
 
 
-# How each aggregation is computed in SQL over the contributions; the pure
-# domain.aggregation.aggregate is the oracle these must agree with.
+# How each aggregation combines the parts of a window (buckets of the rollups,
+# raw rows of its partial minutes: columns _PARTS, or text_value for
+# UNIQUE_COUNT); the pure domain.aggregation.aggregate is the oracle these
+# must agree with. To add an aggregation: domain/rollup.py's docstring.
 SQL_AGGREGATES = {
-    "COUNT": "count(*)::numeric",
-    "SUM": "sum(value)",
-    "MIN": "min(value)",
-    "MAX": "max(value)",
-    "AVG": "sum(value)",  # divided exactly by n in the service (domain.average)
+    "COUNT": "sum(n)::numeric",
+    "SUM": "sum(total)",
+    "MIN": "min(lo)",
+    "MAX": "max(hi)",
+    "AVG": "sum(total)",  # divided exactly by n in the service (domain.average)
     "UNIQUE_COUNT": "count(DISTINCT text_value)::numeric",
     # Ties on time go to the greatest event_id by code point, as in the domain.
-    "LATEST": '(array_agg(value ORDER BY event_time DESC, event_id COLLATE "C" DESC))[1]',
+    "LATEST": (
+        '(array_agg(latest_value ORDER BY latest_time DESC, latest_event_id COLLATE "C" DESC))[1]'
+    ),
 }
+# A bucket's state, and a raw row read as a bucket of one event.
+_PARTS = "n, total, lo, hi, latest_time, latest_event_id, latest_value"
+_BUCKET_STATE = ", ".join(f"r.{c}" for c in _PARTS.split(", "))
+_RAW_STATE = "1::bigint, e.value, e.value, e.value, e.event_time, e.event_id, e.value"
+# Windows up to this many are cut into pieces on the event loop; more (up to
+# MAX_WINDOWS, ~0.5 s of CPU) in a worker thread.
+_PLAN_INLINE = 2_000
+
+
+# The rows of a fold, given in the COPY's order as arrays ($1..$8) ...
+_GIVEN = (
+    "SELECT * FROM unnest($1::integer[], $2::text[], $3::timestamptz[], $4::text[],"
+    " $5::numeric[], $6::text[], $7::jsonb[], $8::text[])"
+    f" AS u ({', '.join(FoldedEvent._fields)})"
+)
+# ... or those of them that were not stored before.
+_INSERTED = (
+    f"INSERT INTO meter.meter_events ({', '.join(FoldedEvent._fields)})"
+    f" {_GIVEN} ORDER BY 1, 2, 3, 4 ON CONFLICT DO NOTHING RETURNING *"
+)
+# Adds the rows `new` to the buckets of every grain (domain.rollup), one
+# aggregate per bucket, in key order; a bucket that exists combines the two
+# states. The statement's value is how many rows `new` holds.
+_ROLLUP = """
+WITH new AS ({new}),
+bucketed AS (
+    SELECT g.grain, date_trunc(g.unit, n.event_time, 'UTC') AS bucket_start,
+        n.meter_key, n.customer_id, coalesce(n.dims, '{{}}'::jsonb) AS dims,
+        n.event_time, n.event_id COLLATE "C" AS event_id, n.value, n.text_value
+    FROM new n CROSS JOIN (VALUES ('m'::"char", 'minute'), ('h'::"char", 'hour')) AS g (grain, unit)
+    WHERE n.skip_reason IS NULL
+), rolled AS (
+    INSERT INTO meter.usage_rollups AS r (meter_key, grain, customer_id, bucket_start, dims,
+        n, total, lo, hi, latest_time, latest_event_id, latest_value)
+    SELECT meter_key, grain, customer_id, bucket_start, dims,
+        count(*), sum(value), min(value), max(value),
+        (array_agg(event_time ORDER BY event_time DESC, event_id DESC))[1],
+        (array_agg(event_id ORDER BY event_time DESC, event_id DESC))[1],
+        (array_agg(value ORDER BY event_time DESC, event_id DESC))[1]
+    FROM bucketed GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET
+        n = r.n + EXCLUDED.n,
+        total = CASE WHEN r.total IS NULL THEN EXCLUDED.total
+            WHEN EXCLUDED.total IS NULL THEN r.total ELSE r.total + EXCLUDED.total END,
+        lo = least(r.lo, EXCLUDED.lo),
+        hi = greatest(r.hi, EXCLUDED.hi),
+        latest_time = greatest(r.latest_time, EXCLUDED.latest_time),
+        latest_event_id = CASE WHEN (EXCLUDED.latest_time, EXCLUDED.latest_event_id)
+            > (r.latest_time, r.latest_event_id) THEN EXCLUDED.latest_event_id
+            ELSE r.latest_event_id END,
+        latest_value = CASE WHEN (EXCLUDED.latest_time, EXCLUDED.latest_event_id)
+            > (r.latest_time, r.latest_event_id) THEN EXCLUDED.latest_value
+            ELSE r.latest_value END
+), distinct_values AS (
+    INSERT INTO meter.usage_rollup_values
+    SELECT DISTINCT meter_key, grain, customer_id, bucket_start, dims, text_value
+    FROM bucketed WHERE text_value IS NOT NULL ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM new
+"""
+# A fold that deadlocks with another is undone and tried again, this many
+# times in all (the consumer retries its batch after that).
+_FOLD_ATTEMPTS = 3
 
 
 # Rows read (through a cursor) and mapped between two turns of the event loop
@@ -215,7 +285,8 @@ class MeterStore:
 
     async def fold(self, rows: Sequence[FoldedEvent]) -> int:
         """Stores the contributions not stored before, in one transaction; a
-        repeat of (meter, event) is ignored. Returns how many were new."""
+        repeat of (meter, event) is ignored. Returns how many were new. The
+        same transaction adds exactly the new rows to the usage rollups."""
         if not rows:
             return 0
         # A customer's rows go in together, so that their usage query later
@@ -224,12 +295,14 @@ class MeterStore:
         for row in rows:
             by_customer[row.customer_id].append(row)
         rows = [row for group in by_customer.values() for row in group]
+        columns = [list(column) for column in zip(*rows, strict=True)]
         async with self.pool.acquire() as conn:
             # Almost always every row is new: COPY them, the cheapest write
-            # PostgreSQL has. The primary key still refuses a repeat (a
-            # redelivered message, a backfill overlapping the consumer); then
-            # the whole transaction is undone and the rows go in again through
-            # INSERT ... ON CONFLICT DO NOTHING, which skips the repeats.
+            # PostgreSQL has, and roll them all up. The primary key still
+            # refuses a repeat (a redelivered message, a backfill overlapping
+            # the consumer); then the whole transaction is undone and the rows
+            # go in again through INSERT ... ON CONFLICT DO NOTHING, which skips
+            # the repeats and rolls up only what it inserted (RETURNING).
             try:
                 async with conn.transaction():
                     await conn.copy_records_to_table(
@@ -238,20 +311,37 @@ class MeterStore:
                         columns=FoldedEvent._fields,
                         records=rows,
                     )
+                    await conn.execute(_ROLLUP.format(new=_GIVEN), *columns)
                 return len(rows)
             except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
                 pass
-            # Rows go in key order: concurrent folds lock rows in one order.
-            inserted = await conn.fetchval(
-                "WITH new AS (INSERT INTO meter.meter_events"
-                f" ({', '.join(FoldedEvent._fields)})"
-                " SELECT * FROM unnest($1::integer[], $2::text[], $3::timestamptz[],"
-                " $4::text[], $5::numeric[], $6::text[], $7::jsonb[], $8::text[])"
-                " ORDER BY 1, 2, 3, 4"
-                " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
-                *(list(column) for column in zip(*rows, strict=True)),
+            # Rows and buckets go in key order, so that concurrent folds lock
+            # them in one order; a deadlock all the same undoes the whole
+            # transaction, which is then tried again.
+            for attempt in range(_FOLD_ATTEMPTS):
+                try:
+                    async with conn.transaction():
+                        inserted = await conn.fetchval(_ROLLUP.format(new=_INSERTED), *columns)
+                    return int(inserted)
+                except asyncpg.DeadlockDetectedError:
+                    if attempt == _FOLD_ATTEMPTS - 1:
+                        raise
+            raise AssertionError("unreachable")
+
+    async def roll_up_stored(self, meter_key: int, start: datetime, end: datetime) -> None:
+        """Rolls up the meter's rows in [start, end) that were written to
+        meter_events directly (benches and tests that load rows in bulk), as the
+        fold would have; only for rows never rolled up, or they count twice."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                _ROLLUP.format(
+                    new="SELECT * FROM meter.meter_events"
+                    " WHERE meter_key = $1 AND event_time >= $2 AND event_time < $3"
+                ),
+                meter_key,
+                start,
+                end,
             )
-            return int(inserted)
 
     async def skipped_counts(self, tenant_id: str, meter_id: str) -> dict[str, int]:
         rows = await self.pool.fetch(
@@ -282,41 +372,115 @@ class MeterStore:
         limits) before PostgreSQL has sent them all. Close it (`aclosing`) when
         stopping early: it holds a pooled connection until closed.
 
+        Reads the rollups' buckets and the raw rows of the windows' partial
+        minutes (domain.rollup), so its cost follows the windows, not the events.
+
         Paging by customer: only customers whose id sorts bytewise (COLLATE "C")
         after `after_customer`, and of those only the first `customer_limit`
         that have usage in the range (all their rows, in the usual order)."""
-        args: list[Any] = [meter.tenant_id, meter.id, list(bounds), bounds[0], end]
+        pieces = (
+            rollup.plan(bounds, end)
+            if len(bounds) < _PLAN_INLINE
+            else await asyncio.to_thread(rollup.plan, bounds, end)
+        )
+        args: list[Any] = [meter.key]
 
         def arg(value: Any) -> str:
             args.append(value)
             return f"${len(args)}"
 
-        conditions = [
-            f"meter_key = {_KEY_OF}",
-            "event_time >= $4",
-            "event_time < $5",
-            "skip_reason IS NULL",
-        ]
-        if customer_id:
-            conditions.append(f"customer_id = {arg(customer_id)}")
-        if after_customer:
-            conditions.append(f'customer_id > {arg(after_customer)}::text COLLATE "C"')
-        for key, value in sorted(group_filter.items()):
-            conditions.append(f"coalesce(dims->>{arg(key)}, '') = {arg(value)}")
+        def customers(alias: str) -> list[str]:
+            out = []
+            if customer_id:
+                out.append(f"{alias}.customer_id = {arg(customer_id)}")
+            if after_customer:
+                out.append(f'{alias}.customer_id > {arg(after_customer)}::text COLLATE "C"')
+            return out
+
+        def conditions(alias: str) -> str:
+            out = customers(alias)
+            for key, value in sorted(group_filter.items()):
+                out.append(f"coalesce({alias}.dims->>{arg(key)}, '') = {arg(value)}")
+            return "".join(f" AND {c}" for c in out)
+
+        def given(grain: str) -> str:
+            p = pieces[grain]
+            return (
+                f"unnest({arg(p.windows)}::integer[], {arg(p.starts)}::timestamptz[],"
+                f" {arg(p.ends)}::timestamptz[]) AS p (w, lo, hi)"
+            )
+
+        unique = meter.aggregation == "UNIQUE_COUNT"
+        table = "meter.usage_rollup_values" if unique else "meter.usage_rollups"
+        state = "r.text_value" if unique else _BUCKET_STATE
+        raw_state = "e.text_value" if unique else _RAW_STATE
+
+        def scanned(grain: str) -> str:
+            # One scan of the range's buckets; width_bucket finds each one's piece.
+            p = pieces[grain]
+            return (
+                f"SELECT ({arg(p.windows)}::integer[])[x.i] AS w, r.customer_id, r.dims,"
+                f" {state} FROM {table} r CROSS JOIN LATERAL (SELECT width_bucket("
+                f"r.bucket_start, {arg(p.starts)}::timestamptz[]) AS i) AS x"
+                f" WHERE r.meter_key = $1 AND r.grain = '{grain}'"
+                f" AND r.bucket_start >= {arg(p.starts[0])} AND r.bucket_start < {arg(p.ends[-1])}"
+                f" AND r.bucket_start < ({arg(p.ends)}::timestamptz[])[x.i]{conditions('r')}"
+            )
+
+        def ranged(grain: str) -> str:
+            # One index range per piece (OFFSET 0: not flattened into a join
+            # that would scan more than the piece).
+            return (
+                f"SELECT p.w, r.* FROM {given(grain)} CROSS JOIN LATERAL (SELECT r.customer_id,"
+                f" r.dims, {state} FROM {table} r WHERE r.meter_key = $1"
+                f" AND r.grain = '{grain}' AND r.bucket_start >= p.lo AND r.bucket_start < p.hi"
+                f"{conditions('r')} OFFSET 0) AS r"
+            )
+
+        parts = []
+        if pieces["h"].windows:  # hour pieces are dense: only minutes lie between
+            parts.append(scanned("h"))
+        minutes = pieces["m"]
+        if minutes.windows:
+            covered = sum(
+                (b - a for a, b in zip(minutes.starts, minutes.ends, strict=True)), timedelta()
+            )
+            # Dense (MINUTE or HOUR windows): one scan; sparse (the edges of
+            # longer windows): a range each, so as not to read what lies between.
+            dense = minutes.ends[-1] - minutes.starts[0] <= 4 * covered
+            parts.append(scanned("m") if dense else ranged("m"))
+        if pieces[rollup.RAW].windows:
+            # A partial minute's rows, for the customers its minute's buckets
+            # name: each a range of meter_events' primary key (customer, time).
+            parts.append(
+                f"SELECT p.w, e.* FROM {given(rollup.RAW)}"
+                " CROSS JOIN LATERAL (SELECT DISTINCT m.customer_id FROM meter.usage_rollups m"
+                " WHERE m.meter_key = $1 AND m.grain = 'm'"
+                " AND m.bucket_start = date_trunc('minute', p.lo, 'UTC')"
+                f"{''.join(f' AND {c}' for c in customers('m'))} OFFSET 0) AS c"
+                " CROSS JOIN LATERAL (SELECT e.customer_id, coalesce(e.dims, '{}'::jsonb),"
+                f" {raw_state} FROM meter.meter_events e WHERE e.meter_key = $1"
+                " AND e.customer_id = c.customer_id AND e.event_time >= p.lo"
+                f" AND e.event_time < p.hi AND e.skip_reason IS NULL{conditions('e')}"
+                " OFFSET 0) AS e"
+            )
+        columns = (
+            "w, customer_id, dims, text_value" if unique else f"w, customer_id, dims, {_PARTS}"
+        )
+        paged = ""
         if customer_limit is not None:
-            # The first N customers with usage in the range (and the filter).
-            first = " AND ".join(conditions)
-            conditions.append(
-                "customer_id IN (SELECT DISTINCT customer_id FROM meter.meter_events"
-                f" WHERE {first} ORDER BY customer_id LIMIT {arg(customer_limit)})"
+            paged = (
+                " WHERE customer_id IN (SELECT DISTINCT customer_id FROM parts"
+                f" ORDER BY customer_id LIMIT {arg(customer_limit)})"
             )
         dims = [f"coalesce(dims->>{arg(key)}, '')" for key in group_by]
-        selected = ", ".join(["width_bucket(event_time, $3::timestamptz[])", "customer_id", *dims])
         keys = ", ".join(str(i) for i in range(1, 3 + len(dims)))
         query = (
-            f"SELECT {selected}, {SQL_AGGREGATES[meter.aggregation]} AS value, count(*) AS n"
-            f" FROM meter.meter_events WHERE {' AND '.join(conditions)}"
-            f" GROUP BY {keys} ORDER BY {keys}"
+            f"WITH parts ({columns}) AS ({' UNION ALL '.join(parts)})"
+            f" SELECT {', '.join(['w', 'customer_id', *dims])},"
+            f" {SQL_AGGREGATES[meter.aggregation]} AS value,"
+            f" {'count(*)' if unique else 'sum(n)'} AS n"
+            f" FROM parts{paged} GROUP BY {keys} ORDER BY {keys}"
         )
         # A cursor needs a transaction; a read-only one takes no locks to speak of.
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):

@@ -23,11 +23,13 @@ import asyncpg
 import grpc
 import pytest
 
+from services.common import db
 from services.common.auth import on_behalf_of
 from services.common.context import set_tenant
 from services.common.errors import ResourceExhausted
 from services.meter.api import MeterServicer
 from services.meter.domain.query import AnswerLimits
+from services.meter.domain.windows import MAX_TIME, MIN_TIME
 from services.meter.service import AnswerBudget, MeterService
 from services.meter.settings import DEFAULT_SERVICE_LIMITS, DEFAULT_TENANT_LIMITS
 from services.meter.store import YIELD_EVERY, MeterStore, UsageGroup
@@ -109,6 +111,12 @@ async def seed(suite: Suite) -> tuple[str, str, str]:
         )
     finally:
         await conn.close()
+    # Usage reads the rollups: add the rows to them as the fold would have.
+    pool = await db.create_pool(suite.database_url, min_size=1, max_size=1)
+    try:
+        await MeterStore(pool).roll_up_stored(key, MIN_TIME, MAX_TIME)
+    finally:
+        await pool.close()
     return tenant_id, secret, meter.id
 
 

@@ -1,0 +1,125 @@
+"""How a usage read is cut into pre-aggregated buckets and raw edges (pure).
+
+meter keeps, besides one row per (meter, event), buckets per (meter, customer,
+dimensions) and UTC minute and hour (meter.usage_rollups, maintained by the
+fold in the transaction that stores the rows). A window [start, end) is read as
+
+- raw edges: the sub-minute parts at either end, read from meter_events (at
+  most two partial minutes per window, so that any boundary, to the
+  microsecond, is exact: periods start to the second, zones such as LMT have
+  offsets like +0:19:32);
+- whole minutes up to the first whole hour, and from the last one;
+- whole hours.
+
+`plan` does the cutting; the store runs one SQL statement over the pieces.
+
+Where an aggregation lives (to add one, touch these three places):
+
+- its bucket state: columns of meter.usage_rollups (n, total, lo, hi, latest_*)
+  or a table of its own, as UNIQUE_COUNT keeps meter.usage_rollup_values (a
+  distinct count over a range is not a sum of the buckets' counts: it costs a
+  row per distinct value per bucket);
+- how a fold adds events to a bucket: store.py `_ROLLUP_UPSERT` (an aggregate
+  over the new rows, then the ON CONFLICT combine of two states);
+- how buckets and raw rows combine into a window's value: store.py
+  `SQL_AGGREGATES` (over the rows of `_PARTS`, where a raw row reads as a
+  bucket of one event).
+
+Each must agree with the pure oracle, domain.aggregation.aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
+
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+
+# The grains the store keeps buckets of, finest first, with their code in SQL.
+GRAINS: tuple[tuple[str, timedelta], ...] = (("m", MINUTE), ("h", HOUR))
+RAW = "r"
+
+
+def floor(ts: datetime, step: timedelta) -> datetime:
+    """The UTC instant at or before `ts` on a multiple of `step` (a minute or an
+    hour, which divide a UTC day)."""
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    # (Most bounds are on the grain already: plan may cut 100,000 windows.)
+    if step == MINUTE:
+        if not (ts.second or ts.microsecond):
+            return ts
+        return ts - timedelta(seconds=ts.second, microseconds=ts.microsecond)
+    if step == HOUR:
+        if not (ts.minute or ts.second or ts.microsecond):
+            return ts
+        return ts - timedelta(minutes=ts.minute, seconds=ts.second, microseconds=ts.microsecond)
+    midnight = ts.replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight + (ts - midnight) // step * step
+
+
+def ceil(ts: datetime, step: timedelta) -> datetime:
+    down = floor(ts, step)
+    return down if down == ts else down + step
+
+
+class Piece(NamedTuple):
+    """Part of window `window` (1-based): [start, end), read at `grain` ("r" for
+    raw rows, which lie within one minute)."""
+
+    window: int
+    grain: str
+    start: datetime
+    end: datetime
+
+
+def cut(window: int, start: datetime, end: datetime) -> list[Piece]:
+    """[start, end) as raw edges, whole minutes and whole hours, in order."""
+    first_minute, last_minute = ceil(start, MINUTE), floor(end, MINUTE)
+    if first_minute > last_minute:  # within one minute
+        return [Piece(window, RAW, start, end)]
+    pieces = []
+    if start < first_minute:
+        pieces.append(Piece(window, RAW, start, first_minute))
+    if first_minute < last_minute:
+        first_hour, last_hour = ceil(first_minute, HOUR), floor(last_minute, HOUR)
+        if first_hour >= last_hour:
+            pieces.append(Piece(window, "m", first_minute, last_minute))
+        else:
+            if first_minute < first_hour:
+                pieces.append(Piece(window, "m", first_minute, first_hour))
+            pieces.append(Piece(window, "h", first_hour, last_hour))
+            if last_hour < last_minute:
+                pieces.append(Piece(window, "m", last_hour, last_minute))
+    if last_minute < end:
+        pieces.append(Piece(window, RAW, last_minute, end))
+    return pieces
+
+
+@dataclass
+class Pieces:
+    """The pieces of one grain, as the store's SQL takes them: parallel lists,
+    ascending and disjoint (windows are)."""
+
+    windows: list[int] = field(default_factory=list)
+    starts: list[datetime] = field(default_factory=list)
+    ends: list[datetime] = field(default_factory=list)
+
+    def add(self, piece: Piece) -> None:
+        self.windows.append(piece.window)
+        self.starts.append(piece.start)
+        self.ends.append(piece.end)
+
+
+def plan(bounds: Sequence[datetime], end: datetime) -> dict[str, Pieces]:
+    """The pieces of the windows [bounds[i], bounds[i + 1]) and [bounds[-1], end)
+    (window i + 1), by grain: "m", "h" and RAW, each present."""
+    out = {grain: Pieces() for grain in (RAW, *(g for g, _ in GRAINS))}
+    ends = [*bounds[1:], end]
+    for i, (start, stop) in enumerate(zip(bounds, ends, strict=True)):
+        for piece in cut(i + 1, start, stop):
+            out[piece.grain].add(piece)
+    return out

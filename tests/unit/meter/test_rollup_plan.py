@@ -1,0 +1,61 @@
+"""domain.rollup: a window is cut into raw edges, whole minutes and whole hours
+that cover it exactly, each piece where its grain's buckets can answer it."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.meter.domain.rollup import HOUR, MINUTE, RAW, cut, floor, plan
+
+T0 = datetime(2024, 3, 31, 0, 0, tzinfo=UTC)
+instants = st.one_of(
+    st.integers(-(10**11), 10**11).map(lambda us: T0 + timedelta(microseconds=us)),
+    st.integers(-3000, 3000).map(lambda m: T0 + m * MINUTE),
+    st.integers(-50, 50).map(lambda h: T0 + h * HOUR),
+    st.sampled_from([datetime(2, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC)]),
+)
+
+
+@settings(deadline=None, max_examples=500)
+@given(a=instants, b=instants)
+def test_pieces_cover_the_window_exactly(a: datetime, b: datetime) -> None:
+    start, end = min(a, b), max(a, b) + timedelta(microseconds=1)
+    pieces = cut(7, start, end)
+    assert pieces[0].start == start and pieces[-1].end == end
+    for before, after in itertools.pairwise(pieces):
+        assert before.end == after.start
+    for p in pieces:
+        assert p.window == 7 and p.start < p.end
+        if p.grain == RAW:  # within one minute: its bucket names its customers
+            assert floor(p.start, MINUTE) == floor(p.end - timedelta(microseconds=1), MINUTE)
+        else:
+            step = MINUTE if p.grain == "m" else HOUR
+            assert floor(p.start, step) == p.start and floor(p.end, step) == p.end
+    assert sum(p.grain == RAW for p in pieces) <= 2
+    assert sum(p.grain == "h" for p in pieces) <= 1
+
+
+def test_an_odd_offset_day_reads_two_partial_minutes() -> None:
+    # A day in Amsterdam at +0:19:32 (1935): from 23:40:28 UTC to 23:40:28 UTC.
+    start = datetime(1935, 6, 1, 23, 40, 28, tzinfo=UTC)
+    pieces = cut(1, start, start + timedelta(days=1))
+    assert [(p.grain, p.start.time(), p.end.time()) for p in pieces] == [
+        (RAW, start.time(), datetime(1, 1, 1, 23, 41).time()),
+        ("m", datetime(1, 1, 1, 23, 41).time(), datetime(1, 1, 1, 0, 0).time()),
+        ("h", datetime(1, 1, 1, 0, 0).time(), datetime(1, 1, 1, 23, 0).time()),
+        ("m", datetime(1, 1, 1, 23, 0).time(), datetime(1, 1, 1, 23, 40).time()),
+        (RAW, datetime(1, 1, 1, 23, 40).time(), start.time()),
+    ]
+
+
+def test_plan_groups_pieces_by_grain_in_order() -> None:
+    bounds = [T0 + timedelta(seconds=30), T0 + HOUR + timedelta(seconds=30)]
+    pieces = plan(bounds, T0 + 3 * HOUR)
+    assert pieces[RAW].windows == [1, 1, 2]
+    assert pieces["m"].windows == [1, 2]
+    assert pieces["h"].windows == [2]
+    assert pieces["m"].starts == sorted(pieces["m"].starts)
