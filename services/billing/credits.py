@@ -659,16 +659,18 @@ class Credits:
     async def balance(
         self, tenant_id: str, customer_ref: str, type_id: str, now: datetime
     ) -> tuple[str, Balance]:
-        customer_id, external_id = await self._store.customer(
-            tenant_id, customer_ref, "customer_id"
+        # Independent reads go out together: the answer is on the request path.
+        (customer_id, external_id), kind = await asyncio.gather(
+            self._store.customer(tenant_id, customer_ref, "customer_id"),
+            self._store.get_credit_type(tenant_id, type_id),
         )
-        kind = await self._store.get_credit_type(tenant_id, type_id)
-        account = await self._store.account(tenant_id, customer_id, kind.id)
-        grants = await self._store.grants(tenant_id, customer_id, kind.id)
-        prices = [
-            p for _, _, p in await self.prices_of(tenant_id, customer_id)
-            if p.credit_type_id == kind.id
-        ]  # fmt: skip
+        account, grants, all_prices, period_start = await asyncio.gather(
+            self._store.account(tenant_id, customer_id, kind.id),
+            self._store.grants(tenant_id, customer_id, kind.id),
+            self.prices_of(tenant_id, customer_id),
+            self._period_start(tenant_id, customer_id, now),
+        )
+        prices = [p for _, _, p in all_prices if p.credit_type_id == kind.id]
         end = floor_minute(now) + MINUTE
         domain = [g.domain() for g in grants]
         settled = account.settled_until if account else None
@@ -684,13 +686,14 @@ class Credits:
                 state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
         assert start is not None
         live: list[Entry] = []
+        draws, overage = await asyncio.gather(
+            self._draws(tenant_id, external_id, prices, start, end, kind.precision),
+            self._store.overage_since(tenant_id, customer_id, kind.id, period_start),
+        )
         if start < end:
-            draws = await self._draws(tenant_id, external_id, prices, start, end, kind.precision)
             live, state = replay(domain, draws, state, start, end, kind.precision)
         total, listed = available(domain, state, now)
         expiries = [g.expires for g, _ in listed if g.expires is not None and g.open_at(now)]
-        period_start = await self._period_start(tenant_id, customer_id, now)
-        overage = await self._store.overage_since(tenant_id, customer_id, kind.id, period_start)
         overage += sum((e.uncovered for e in live if e.at >= period_start), Decimal(0))
         return customer_id, Balance(
             total, listed, min(expiries) if expiries else None, overage, settled
