@@ -38,6 +38,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 WORKDIR /app
 USER 10001:10001
+# The source revision, for usagebilling_build_info's label:
+#   docker build --build-arg REVISION=$(git rev-parse --short HEAD) ...
+ARG REVISION=unknown
+ENV USAGEBILLING_REVISION=${REVISION}
 # gRPC: ingest, meter, billing; Prometheus metrics.
 EXPOSE 50051 50052 50053 9090
 # No default service: the command says which one to run.

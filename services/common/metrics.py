@@ -149,9 +149,9 @@ def registry_of(service: str) -> CollectorRegistry:
 
 def set_build_info() -> None:
     """usagebilling_build_info: the revision is the image's (USAGEBILLING_REVISION,
-    set at build time), "unknown" in a checkout."""
+    from the Dockerfile's REVISION build argument), "unknown" in a checkout."""
     BUILD_INFO.labels(
-        VERSION, os.environ.get("USAGEBILLING_REVISION", "unknown"), platform.python_version()
+        VERSION, os.environ.get("USAGEBILLING_REVISION") or "unknown", platform.python_version()
     ).set(1)
 
 
