@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-billing", action="store_true")
+    # One customer's month at 100,000 to 10,000,000 events (bench/growth.py;
+    # BENCH_GROWTH_SIZES trims): once, on a stack of its own, after the runs.
+    parser.add_argument("--skip-growth", action="store_true")
     args = parser.parse_args()
     runs = []
     for i in range(args.runs):
@@ -124,10 +127,19 @@ def main() -> None:
         "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
         "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
     }
+    growth_figures: dict[str, float] = {}
+    if not args.skip_growth:
+        from bench import growth
+
+        growth_figures = asyncio.run(growth.standalone())
+        TARGETS.update(growth.targets(growth.sizes()))
+        summary["growth"] = growth_figures
     out = Path(DEFAULT_BASE_DIR) / "bench-summary.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(table(runs))
+    if growth_figures:
+        print("\n" + table([growth_figures]))
     print(f"\nwritten: {out}")
 
 

@@ -1,0 +1,291 @@
+"""Benchmark: usage reads as one customer's month grows (issue 16).
+
+One customer, on a monthly subscription whose period started 25 days ago (to
+the second, not on a minute), has 100,000, then 1,000,000, then 10,000,000
+events in its period, counted by two meters (COUNT and SUM), so 2 rows each.
+At each size, over real gRPC: QueryUsage for the period with no windows, DAY
+and HOUR windows, GetCustomerUsage and PreviewInvoice (billing asks meter for
+both meters), each timed REPEAT times; p50 and p99 in ms.
+
+Loading: rows are generated in PostgreSQL and go in through the fold's own
+rollup statement (MeterStore.insert_and_roll_up: the statement the fold runs
+over INSERT ... RETURNING), LOAD_CHUNK rows a statement: what the consumer
+would have written, without pushing 20 million rows through NATS first.
+
+    BENCH_GROWTH_SIZES=100000,1000000 python -m bench.run   (trims the sizes)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bench.stats import percentile
+from services.common import db
+from services.meter.store import MeterStore
+from tools.suite import Suite, create_tenant
+from usagebilling.billing.v1 import (
+    customer_pb2,
+    customer_pb2_grpc,
+    invoice_pb2,
+    invoice_pb2_grpc,
+    product_pb2,
+    product_pb2_grpc,
+    subscription_pb2,
+    subscription_pb2_grpc,
+)
+from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
+
+SIZES = (100_000, 1_000_000, 10_000_000)
+REPEAT = 100
+LOAD_CHUNK = 500_000
+CUSTOMER = "growth-customer"
+# The period: started this long ago, at an odd second.
+AGE = timedelta(days=25, seconds=17)
+
+# p99 targets (ms) at every size; and the largest size at most 1.5x the smallest.
+TARGETS = {"query_none": 10, "query_day": 10, "preview_invoice": 25}
+GROWTH_LIMIT = 1.5
+
+
+def _log(message: str) -> None:
+    print(f"growth: {message}", file=sys.stderr, flush=True)
+
+
+def _ts(when: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def sizes() -> list[int]:
+    raw = os.environ.get("BENCH_GROWTH_SIZES", "")
+    return [int(s) for s in raw.split(",") if s.strip()] if raw else list(SIZES)
+
+
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}m" if n >= 1_000_000 else f"{n // 1000}k"
+
+
+async def _timed(call: Callable[[], Awaitable[Any]], repeat: int) -> tuple[float, float]:
+    await call()  # warm
+    samples = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - began) * 1000)
+    return percentile(samples, 50), percentile(samples, 99)
+
+
+async def run(suite: Suite, growth_sizes: list[int] | None = None) -> dict[str, float]:
+    _, secret = await asyncio.to_thread(create_tenant, suite, f"growth-{uuid.uuid4().hex[:8]}")
+    md = (("authorization", f"Bearer {secret}"),)
+    channels = {s: grpc.aio.insecure_channel(suite.address(s)) for s in ("meter", "billing")}
+    pool = await db.create_pool(suite.database_url, min_size=1, max_size=2)
+    try:
+        return await _run(channels, md, MeterStore(pool), growth_sizes or sizes())
+    finally:
+        await pool.close()
+        for channel in channels.values():
+            await channel.close(None)
+
+
+async def _run(
+    channels: dict[str, grpc.aio.Channel], md: Any, store: MeterStore, growth_sizes: list[int]
+) -> dict[str, float]:
+    meters = meter_pb2_grpc.MeterServiceStub(channels["meter"])
+    products = product_pb2_grpc.ProductServiceStub(channels["billing"])
+    customers = customer_pb2_grpc.CustomerServiceStub(channels["billing"])
+    subscriptions = subscription_pb2_grpc.SubscriptionServiceStub(channels["billing"])
+    invoices = invoice_pb2_grpc.InvoiceServiceStub(channels["billing"])
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - AGE
+    span = now - timedelta(minutes=1) - start  # events up to a minute ago
+
+    calls = await meters.CreateMeter(
+        meter_pb2.CreateMeterRequest(
+            name="calls", event_name="api.call", aggregation=meter_pb2.AGGREGATION_COUNT
+        ),
+        metadata=md,
+    )
+    tokens = await meters.CreateMeter(
+        meter_pb2.CreateMeterRequest(
+            name="tokens",
+            event_name="api.call",
+            aggregation=meter_pb2.AGGREGATION_SUM,
+            property="tokens",
+        ),
+        metadata=md,
+    )
+    product = await products.CreateProduct(
+        product_pb2.CreateProductRequest(
+            name="API",
+            currency="USD",
+            billing_interval=product_pb2.BILLING_INTERVAL_MONTH,
+            fixed_price_minor=1000,
+            usage_prices=[
+                product_pb2.UsagePrice(
+                    meter_id=calls.id,
+                    model=product_pb2.PRICE_MODEL_PER_UNIT,
+                    unit_price="0.0001",
+                    free_threshold="1000",
+                ),
+                product_pb2.UsagePrice(
+                    meter_id=tokens.id,
+                    model=product_pb2.PRICE_MODEL_GRADUATED,
+                    tiers=[
+                        product_pb2.PriceTier(up_to="1000000", unit_price="0.00001"),
+                        product_pb2.PriceTier(up_to="", unit_price="0.000005", flat_price="1"),
+                    ],
+                ),
+            ],
+        ),
+        metadata=md,
+    )
+    customer = await customers.CreateCustomer(
+        customer_pb2.CreateCustomerRequest(external_id=CUSTOMER), metadata=md
+    )
+    subscription = await subscriptions.CreateSubscription(
+        subscription_pb2.CreateSubscriptionRequest(
+            customer_id=customer.id, product_id=product.id, start_time=_ts(start)
+        ),
+        metadata=md,
+    )
+    # (meter key, whether its rows hold the tokens or 1, as a COUNT's do)
+    keys = [
+        (await store.pool.fetchval("SELECT key FROM meter.meters WHERE id = $1", m.id), m == tokens)
+        for m in (calls, tokens)
+    ]
+
+    def query(window: meter_pb2.WindowSize.ValueType) -> Callable[[], Awaitable[Any]]:
+        request = meter_pb2.QueryUsageRequest(
+            meter_id=tokens.id,
+            customer_id=CUSTOMER,
+            start_time=_ts(start),
+            end_time=_ts(start + timedelta(days=30)),
+            window_size=window,
+        )
+        return lambda: meters.QueryUsage(request, metadata=md, timeout=60)
+
+    reads: dict[str, Callable[[], Awaitable[Any]]] = {
+        "query_none": query(meter_pb2.WINDOW_SIZE_NONE),
+        "query_day": query(meter_pb2.WINDOW_SIZE_DAY),
+        "query_hour": query(meter_pb2.WINDOW_SIZE_HOUR),
+        "customer_usage": lambda: invoices.GetCustomerUsage(
+            invoice_pb2.GetCustomerUsageRequest(customer_id=customer.id), metadata=md, timeout=60
+        ),
+        "preview_invoice": lambda: invoices.PreviewInvoice(
+            invoice_pb2.PreviewInvoiceRequest(subscription_id=subscription.id),
+            metadata=md,
+            timeout=60,
+        ),
+    }
+    figures: dict[str, float] = {}
+    loaded = 0
+    span_us = span // timedelta(microseconds=1)
+    for size in sorted(growth_sizes):
+        began = time.monotonic()
+        for low in range(loaded, size, LOAD_CHUNK):
+            high = min(size, low + LOAD_CHUNK)
+            for meter_key, valued in keys:
+                # Event i at a spot of its own in the period (a multiplicative
+                # hash spreads every size over the whole month), value 1..2000.
+                await store.insert_and_roll_up(
+                    "SELECT $1::integer, $2::text,"
+                    " $3::timestamptz + ((i * 1000003) % $6) * interval '1 microsecond',"
+                    " 'g' || i, CASE WHEN $7 THEN i % 2000 + 1 ELSE 1 END::numeric,"
+                    " NULL::text, NULL::jsonb, NULL::text"
+                    " FROM generate_series($4::bigint, $5::bigint - 1) AS i",
+                    meter_key,
+                    CUSTOMER,
+                    start,
+                    low,
+                    high,
+                    span_us,
+                    valued,
+                )
+        seconds = time.monotonic() - began
+        _log(
+            f"{size:,} events ({2 * (size - loaded):,} rows added) loaded in {seconds:.0f} s"
+            " through the fold's rollup statement (INSERT ... RETURNING, generated rows)"
+        )
+        loaded = size
+        await store.pool.execute("ANALYZE meter.meter_events, meter.usage_rollups")
+        answer = await reads["query_none"]()
+        # sum of i % 2000 + 1 over i < size
+        whole, rest = divmod(size, 2000)
+        expected = whole * 2000 * 2001 // 2 + rest * (rest + 1) // 2
+        if answer.rows[0].value != str(expected):
+            raise RuntimeError(f"tokens: {answer.rows[0].value} at {size:,} events")
+        label = _label(size)
+        # The machine's load as the reads ran: 2 cores, shared (tail latencies follow it).
+        figures[f"growth_{label}_load_avg"] = os.getloadavg()[0]
+        for name, call in reads.items():
+            p50, p99 = await _timed(call, REPEAT)
+            figures[f"growth_{label}_{name}_p50_ms"] = p50
+            figures[f"growth_{label}_{name}_p99_ms"] = p99
+            _log(f"{size:>12,} events  {name:<16} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms")
+    return figures
+
+
+def targets(growth_sizes: list[int]) -> dict[str, tuple[str, int]]:
+    """bench.run's TARGETS for the growth figures."""
+    out: dict[str, tuple[str, int]] = {}
+    for size in growth_sizes:
+        for name, limit in TARGETS.items():
+            out[f"growth_{_label(size)}_{name}_p99_ms"] = ("<=", limit)
+    return out
+
+
+def growth_ratios(figures: dict[str, float], growth_sizes: list[int]) -> dict[str, float]:
+    """The largest size's p99 over the smallest's, per read (target <= 1.5)."""
+    low, high = _label(min(growth_sizes)), _label(max(growth_sizes))
+    out = {}
+    for name in TARGETS:
+        base = figures.get(f"growth_{low}_{name}_p99_ms")
+        top = figures.get(f"growth_{high}_{name}_p99_ms")
+        if base and top is not None and low != high:
+            out[f"growth_{name}_p99_ratio_{high}_{low}"] = top / base
+    return out
+
+
+async def standalone() -> dict[str, float]:
+    """The growth figures (and ratios), on a private stack and suite of their own."""
+    import shutil
+
+    from tools.devstack import DEFAULT_BASE_DIR, DevStack
+
+    base = DEFAULT_BASE_DIR / "bench-growth"
+    shutil.rmtree(base, ignore_errors=True)
+    stack = DevStack(base)
+    database_url, nats_url = stack.start()
+    suite = Suite(
+        database_url,
+        nats_url,
+        base / "logs",
+        extra_env={"USAGEBILLING_SCHEDULER_ENABLED": "false", "USAGEBILLING_LOG_LEVEL": "warning"},
+    )
+    try:
+        suite.start()
+        chosen = sizes()
+        figures = await run(suite, chosen)
+        return figures | growth_ratios(figures, chosen)
+    finally:
+        suite.stop()
+        stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    for figure, value in asyncio.run(standalone()).items():
+        print(f"{figure:<44}{value:>10.2f}")
