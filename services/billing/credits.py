@@ -572,8 +572,10 @@ class Credits:
         """Grants due included credits, then settles every account; returns
         how many entries were recorded."""
         # One snapshot of the subscriptions for both: a subscription created
-        # in between would be settled before its included credits exist.
-        subscriptions = await self._billing.subscriptions(tenant_id)
+        # in between would be settled before its included credits exist. Only
+        # the subscriptions to products with credits are read.
+        credited = [pid for pid, c in (await self._store.product_credits(tenant_id)).items() if c]
+        subscriptions = await self._store.subscriptions_of(tenant_id, credited) if credited else []
         await self.grant_included(tenant_id, now, subscriptions)
         prices = await self.prices_of(tenant_id, subscriptions=subscriptions)
         accounts: dict[tuple[str, str], tuple[str, list[CreditPrice]]] = {}
@@ -608,6 +610,8 @@ class Credits:
         until = min(until or now, floor_minute(now - self._lag))
         async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
             grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
+            if account.settled_until == until and account.dirty_from is None:
+                return 0  # settled already this minute: the next closes at the minute's end
             start = self._start(account, grants, prices, until)
             if start is None or start >= until:
                 return 0
@@ -831,9 +835,10 @@ class Credits:
             )
             payload.entry.customer_id = customer_id
             payload.entry.credit_type_id = kind.id
-            # One message per fall: the id names the fall (the account's
-            # running balance changes with every entry).
-            msg_id = f"credit-low-{tenant_id}-{customer_id}-{kind.id}-{account.balance}"
+            # One message per fall: a fall after the balance was lifted again
+            # comes after the entry that lifted it, so the last entry names it.
+            last = await self._store.last_entry_id(tenant_id, customer_id, kind.id)
+            msg_id = f"credit-low-{tenant_id}-{customer_id}-{kind.id}-{last}"
             await self._js.publish(
                 f"{BILLING_SUBJECT_PREFIX}.credit.balance_low",
                 payload.SerializeToString(),

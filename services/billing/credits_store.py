@@ -19,6 +19,7 @@ import asyncpg
 
 from services.billing.domain.credits import DEFICIT, Entry, EntryKind, Grant, Rollover
 from services.billing.domain.money import minor_units
+from services.billing.store import SubscriptionRecord
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.ids import is_uuid, parse_uuid
 
@@ -300,6 +301,33 @@ class CreditStore:
             uuid.UUID(product_id) if product_id else None,
         )
         return {str(r["id"]): r["credits"] for r in rows}
+
+    async def subscriptions_of(
+        self, tenant_id: str, product_ids: Sequence[str]
+    ) -> list[SubscriptionRecord]:
+        """The subscriptions to these products (those with credits), not the
+        tenant's others: a tenant may have a million."""
+        rows = await self.pool.fetch(
+            "SELECT s.*, c.external_id FROM billing.subscriptions s"
+            " JOIN billing.customers c ON c.id = s.customer_id"
+            " WHERE s.tenant_id = $1 AND s.product_id = ANY($2::uuid[])"
+            " ORDER BY s.start_time, s.id",
+            tenant_id,
+            [uuid.UUID(p) for p in product_ids],
+        )
+        return [
+            SubscriptionRecord(
+                id=str(r["id"]),
+                tenant_id=r["tenant_id"],
+                customer_id=str(r["customer_id"]),
+                customer_external_id=r["external_id"],
+                product_id=str(r["product_id"]),
+                start_time=r["start_time"],
+                end_time=r["end_time"],
+                canceled_at=r["canceled_at"],
+            )
+            for r in rows
+        ]
 
     # Accounts and grants.
 
@@ -694,6 +722,16 @@ class CreditStore:
             "UPDATE billing.credit_ledger SET published_at = now() WHERE id = ANY($1::bigint[])",
             [int(i) for i in ids],
         )
+
+    async def last_entry_id(self, tenant_id: str, customer_id: str, type_id: str) -> int:
+        value = await self.pool.fetchval(
+            "SELECT coalesce(max(id), 0) FROM billing.credit_ledger WHERE tenant_id = $1"
+            " AND customer_id = $2 AND credit_type_id = $3",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+        )
+        return int(value)
 
     async def set_low_armed(
         self, tenant_id: str, customer_id: str, type_id: str, armed: bool

@@ -10,8 +10,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import grpc
+import nats
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from nats.errors import TimeoutError as NatsTimeout
 
 from tests.client import Client, event, eventually, status_of
 from tools.suite import SERVICES, Suite
@@ -231,3 +233,140 @@ async def test_usage_draws_the_balance_down_in_real_time(client: Client) -> None
     ]
     assert entries[-1].balance_after == "700"
     assert (await balance()).available == "700"
+
+
+async def test_balance_low_is_announced_once_per_fall_and_adjustments_credit(
+    suite: Suite, client: Client, new_tenant: Callable[[], tuple[str, str]]
+) -> None:
+    stub = credits_of(client)
+    meter_id, _, customer_id = await tokens_setup(client, "cus_low", rule=0)
+    kind = await client.call(
+        stub.CreateCreditType,
+        credit_pb2.CreateCreditTypeRequest(
+            name="low-tokens",
+            kind=credit_pb2.CREDIT_UNIT_KIND_CUSTOM,
+            precision=0,
+            low_balance_threshold="50",
+        ),
+    )
+    product = await client.call(
+        client.products.CreateProduct,
+        product_pb2.CreateProductRequest(
+            name="Low",
+            currency="USD",
+            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
+            usage_prices=[
+                product_pb2.UsagePrice(
+                    meter_id=meter_id,
+                    model=product_pb2.PRICE_MODEL_PER_UNIT,
+                    unit_price="0",
+                    credit_type_id=kind.id,
+                    credit_rate="1",
+                    overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
+                )
+            ],
+        ),
+    )
+    subscribe = subscription_pb2.CreateSubscriptionRequest(
+        customer_id=customer_id, product_id=product.id
+    )
+    subscribe.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    await client.call(client.subscriptions.CreateSubscription, subscribe)
+    adjust = credit_pb2.AdjustCreditsRequest(
+        customer_id="cus_low",
+        credit_type_id=kind.id,
+        amount="100",
+        reason="goodwill",
+        idempotency_key="adj-1",
+    )
+    entry = await client.call(stub.AdjustCredits, adjust)
+    assert (entry.kind, entry.amount, entry.description) == (
+        credit_pb2.CREDIT_ENTRY_KIND_ADJUSTED,
+        "100",
+        "goodwill",
+    )
+    assert (await client.call(stub.AdjustCredits, adjust)).id == entry.id  # idempotent
+    code, details = await refused(
+        stub.AdjustCredits(
+            credit_pb2.AdjustCreditsRequest(
+                customer_id="cus_low",
+                credit_type_id=kind.id,
+                amount="-5",
+                reason="x",
+                idempotency_key="adj-2",
+            ),
+            metadata=client.metadata,
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("amount"), details
+    effective = entry.effective_time.ToDatetime(tzinfo=UTC)
+    while datetime.now(UTC) < effective + timedelta(seconds=1):
+        await asyncio.sleep(0.5)
+
+    async def available() -> str:
+        answer = await client.call(
+            stub.GetCreditBalance,
+            credit_pb2.GetCreditBalanceRequest(customer_id="cus_low", credit_type_id=kind.id),
+        )
+        return str(answer.available)
+
+    # 100 -> 40: below 50, announced; -> 30: still below, not again.
+    await client.call(
+        client.ingest.IngestEvents,
+        ingest_pb2.IngestEventsRequest(
+            events=[event("l1", "cus_low", "llm.call", datetime.now(UTC), tokens=60)]
+        ),
+    )
+    assert await eventually(available, lambda v: v == "40", timeout=30) == "40"
+    await asyncio.sleep(3)
+    await client.call(
+        client.ingest.IngestEvents,
+        ingest_pb2.IngestEventsRequest(
+            events=[event("l2", "cus_low", "llm.call", datetime.now(UTC), tokens=10)]
+        ),
+    )
+    assert await eventually(available, lambda v: v == "30", timeout=30) == "30"
+    await asyncio.sleep(3)
+
+    async def lows() -> list[str]:
+        connection = await nats.connect(suite.nats_url)
+        try:
+            js = connection.jetstream()
+            sub = await js.pull_subscribe(
+                "usagebilling.billing.v1.credit.balance_low", stream="BILLING"
+            )
+            found = []
+            while True:
+                try:
+                    batch = await sub.fetch(100, timeout=1)
+                except (NatsTimeout, TimeoutError):
+                    break
+                for message in batch:
+                    payload = credit_pb2.CreditEvent.FromString(message.data)
+                    if payload.entry.customer_id == customer_id:
+                        assert payload.threshold == "50"
+                        assert message.headers is not None
+                        found.append(message.headers["Nats-Msg-Id"])
+                    await message.ack()
+            await sub.unsubscribe()
+            return found
+        finally:
+            await connection.close()
+
+    first = await eventually(lows, lambda f: len(f) >= 1, timeout=30)
+    assert len(first) == 1
+
+    # Another tenant cannot adjust this customer's credits or read its ledger.
+    other = Client({s: suite.address(s) for s in SERVICES}, new_tenant()[1])
+    try:
+        theirs = credits_of(other)
+        for call in (
+            theirs.AdjustCredits(adjust, metadata=other.metadata),
+            theirs.ListCreditLedger(
+                credit_pb2.ListCreditLedgerRequest(customer_id=customer_id),
+                metadata=other.metadata,
+            ),
+        ):
+            assert (await refused(call))[0] == grpc.StatusCode.NOT_FOUND
+    finally:
+        await other.close()

@@ -128,8 +128,10 @@ async def test_replicas_retries_crashes_and_late_events_converge(pool: Any, seed
 
     # Two replicas at once, several passes each.
     await asyncio.gather(passes(replicas[0], 3), passes(replicas[1], 3))
-    # Late events (within the window), and passes killed midway.
+    # Late events (within the window), and passes killed midway. An account is
+    # settled again when a minute closes: each round is a minute later.
     for round_ in range(4):
+        now += M
         for _ in range(10):
             when = start + timedelta(seconds=rng.randrange(0, 60 * 60 * 25))
             meter.events.append(("cus", when, D(rng.randint(1, 9))))
