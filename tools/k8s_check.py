@@ -56,6 +56,7 @@ import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
 
+from services.common import tracing
 from services.common.config import DEFAULT_PORTS, CommonSettings, EnvReader
 from tools import monitoring_check
 
@@ -67,7 +68,7 @@ CHART = K8S / "helm" / "usage-billing"
 SERVICES = tuple(DEFAULT_PORTS)
 # Read by every service once the metrics change lands in read_common; known
 # here already so that the check passes before and after it.
-EXTRA_KNOWN = frozenset({"USAGEBILLING_METRICS_PORT"})
+EXTRA_KNOWN = frozenset({"USAGEBILLING_METRICS_PORT"}) | tracing.VARIABLES
 DEFAULT_METRICS_PORT = 9090
 APP_UID = 10001
 # The chart's defaults require secrets to be chosen by whoever installs it.
@@ -76,6 +77,10 @@ HELM_DEFAULT_VALUES: dict[str, Any] = {
     "serviceTokens": {s: f"k8s-check-{s}-service-token" for s in ("ingest", "meter", "billing")},
     "nats": {"auth": {"passwords": {s: f"k8s-check-{s}" for s in ("ingest", "meter", "billing")}}},
     "postgres": {"password": "k8s-check"},
+}
+# Tracing on (off in the chart's value files), so that its settings are checked.
+TRACING_VALUES: dict[str, Any] = {
+    "tracing": {"otlpEndpoint": "http://otel-collector.monitoring:4317", "sampleRatio": "0.1"}
 }
 _WORKLOADS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
 _SERVICE_MODULE = re.compile(r"^services\.([a-z_]+)$")
@@ -243,6 +248,7 @@ def render_all() -> list[Rendering]:
         ("helm values.yaml", HELM_DEFAULT_VALUES),
         ("helm values-prod.yaml", prod),
         ("helm +values-tls.yaml", merge_values(prod, helm_values_file("values-tls.yaml"))),
+        ("helm +tracing", merge_values(prod, TRACING_VALUES)),
     ):
         rendering = Rendering(name, render_helm(values))
         rendering.problems += lint_helm(values) + check_values_schema(values)

@@ -105,6 +105,13 @@ USAGEBILLING_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 USAGEBILLING_SHUTDOWN_GRACE: {{ .Values.config.shutdownGrace | quote }}
 USAGEBILLING_AUTH_CACHE_TTL: {{ .Values.config.authCacheTTL | quote }}
 USAGEBILLING_METRICS_PORT: {{ .Values.metrics.port | quote }}
+{{- with .Values.tracing.otlpEndpoint }}
+# OpenTelemetry tracing (services/common/tracing.py): a new trace is kept with
+# this probability, a caller's decision is followed.
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
+OTEL_TRACES_SAMPLER: parentbased_traceidratio
+OTEL_TRACES_SAMPLER_ARG: {{ $.Values.tracing.sampleRatio | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* One service's own settings: (dict "root" $ "name" "ingest") */}}
@@ -293,6 +300,11 @@ grpc:
 - ports:
     - {port: 53, protocol: UDP}
     - {port: 53, protocol: TCP}
+{{- if .Values.tracing.otlpEndpoint }}
+# The OpenTelemetry collector (tracing.otlpEndpoint).
+- ports:
+    - port: {{ .Values.tracing.collectorPort }}
+{{- end }}
 - ports:
     - port: 5432
   {{- if .Values.postgres.inCluster }}
