@@ -18,6 +18,9 @@ TENANT_CALLS: dict[str, frozenset[str]] = {
     # billing prices invoices (services/billing/meter_client.py).
     "/usagebilling.meter.v1.MeterService/GetMeter": frozenset({"billing"}),
     "/usagebilling.meter.v1.MeterService/QueryUsage": frozenset({"billing"}),
+    # billing reports each tenant's oldest open period, which meter's
+    # retention keeps (services/billing/scheduler.py, services/meter/retention.py).
+    "/usagebilling.meter.v1.RetentionService/ReportOpenPeriods": frozenset({"billing"}),
     # ingest's fold-weight cache for its rate limit (services/ingest/meter_weights.py).
     "/usagebilling.meter.v1.MeterService/ListMeters": frozenset({"ingest"}),
     # meter's backfill of a new meter (services/meter/backfill.py).

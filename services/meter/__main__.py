@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from services.common import app, quarantine
+from services.common import app, partitions, quarantine
 from services.common.auth_client import billing_key_resolver
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
@@ -15,16 +15,23 @@ from services.meter.backfill import Backfiller
 from services.meter.consumer import EventConsumer
 from services.meter.domain.aggregation import MeterQuotas
 from services.meter.quarantine import FoldQuarantine
+from services.meter.retention import (
+    METER_EVENTS,
+    RetainingMeterStore,
+    Retention,
+    RetentionServicer,
+    RetentionStore,
+)
 from services.meter.service import AnswerBudget, MeterService
-from services.meter.store import MeterStore, QuarantineStore
-from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
+from services.meter.store import QuarantineStore
+from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc, retention_pb2, retention_pb2_grpc
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
-        store = MeterStore(runtime.pool)
+        store = RetainingMeterStore(runtime.pool)
         service = MeterService(
             store,
             MeterQuotas(
@@ -53,6 +60,13 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
             batch=settings.fetch_batch,
             max_deliveries=settings.max_deliveries,
         )
+        retention_store = RetentionStore(runtime.pool)
+        retention = Retention(
+            retention_store,
+            store,
+            keep=settings.retention,
+            backdate_window=settings.backdate_window,
+        )
         return app.Wiring(
             registrations=[
                 Registration.of(
@@ -68,11 +82,26 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                     ),
                 ),
                 quarantine.registration(fold_quarantine),
+                Registration.of(
+                    retention_pb2,
+                    "RetentionService",
+                    retention_pb2_grpc.add_RetentionServiceServicer_to_server,
+                    RetentionServicer(retention_store),
+                ),
             ],
             resolver=billing_key_resolver(
                 billing, settings.common.service_token, settings.common.auth_cache_ttl
             ),
-            background=[consumer.watch_lag, backfiller.resume, fold_quarantine.watch_depth],
+            background=[
+                consumer.watch_lag,
+                backfiller.resume,
+                fold_quarantine.watch_depth,
+                retention.run,
+                # meter_events' months, from the oldest an event may have on.
+                lambda: partitions.keep_ahead(
+                    runtime.pool, [METER_EVENTS], settings.backdate_window
+                ),
+            ],
             workers=[consumer],
             cleanup=[backfiller.stop, lambda: billing.close(None), lambda: ingest.close(None)],
         )

@@ -40,6 +40,10 @@ class MeterSettings:
     tenant_answer_limits: AnswerLimits
     service_answer_limits: AnswerLimits
     answer_budget_bytes: int
+    # Per-event rows older than this may be dropped (services.meter.retention),
+    # never what an open period, the backdating window or a backfill needs;
+    # None (USAGEBILLING_METER_RETENTION_DAYS=0, the default): kept forever.
+    retention: timedelta | None = None
 
 
 def read(reader: EnvReader) -> MeterSettings:
@@ -77,7 +81,11 @@ def read(reader: EnvReader) -> MeterSettings:
         minimum=1 * MIB,
         maximum=16 * 1024 * MIB,
     )
+    retention_days = reader.integer(
+        "USAGEBILLING_METER_RETENTION_DAYS", 0, minimum=0, maximum=36_500
+    )
     return MeterSettings(
+        retention=timedelta(days=retention_days) if retention_days else None,
         tenant_answer_limits=tenant,
         service_answer_limits=service,
         answer_budget_bytes=budget,
