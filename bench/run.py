@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import ingest_bench
+from bench import ingest_bench, storage
 from bench.stats import cpu_seconds
 from tools.devstack import DEFAULT_BASE_DIR, DevStack
 from tools.suite import Suite
@@ -62,6 +62,8 @@ async def one_run(events: int, billing: bool) -> dict[str, float]:
             return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
         figures = await ingest_bench.run(suite, events=events, cpu=cpu)
+        # Bytes per event of the log, meter's rows and rollups (bench/storage.py).
+        figures.update(await storage.run(database_url))
         if billing:
             try:
                 from bench import billing_bench, billing_scale
