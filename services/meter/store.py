@@ -160,6 +160,10 @@ SELECT count(*) FROM new
 _FOLD_ATTEMPTS = 3
 
 
+# Gauges, by the domain Aggregation's name (see held_usage).
+_GAUGES = frozenset({"TIME_WEIGHTED_AVG", "TIME_WEIGHTED_SUM"})
+
+
 # Rows read (through a cursor) and mapped between two turns of the event loop
 # when a usage answer is large (100,000 rows take about a second of CPU to map
 # and encode, in all): the consumer's folds and other calls run in between.
@@ -532,27 +536,34 @@ class MeterStore:
         SEATS_END and SEATS_MAX give the level, the others the exact integral
         in value x microseconds (domain.aggregation.held_value divides it).
 
-        A line (customer, dims, and text_value: a seat's item) steps by its
-        value minus its previous one at each event, in (event_time, event_id)
-        order; the steps of a query group add up to its level, which holds
-        from each change to the next and is cut at the windows' bounds. Reads
-        every row of the meter (and customer) before `end`, older than the
-        range too: a line's level at the range's start needs its last event
-        before it."""
+        A line (customer, dims, and text_value: a seat's item) holds each
+        event's value until its next event, in (event_time, event_id) order;
+        integrals and the level at a window's end add up over the lines of a
+        group, and SEATS_MAX takes the group's level (the lines' steps added
+        up in time order). Pieces are cut at the windows' bounds.
+
+        Reads the rows in the range, and each line's last row before it: one
+        index probe per customer for a gauge without dimensions, else a scan
+        of the rows before the range. Not from the rollups (their buckets do
+        not hold what a line's value is between events): the cost grows with
+        the events in the range."""
         args: list[Any] = [meter.tenant_id, meter.id, list(bounds), bounds[0], end]
 
         def arg(value: Any) -> str:
             args.append(value)
             return f"${len(args)}"
 
+        # A gauge without dimensions takes the fast path below.
+        fast = not meter.group_by and meter.aggregation in _GAUGES
         conditions = [f"meter_key = {_KEY_OF}", "event_time < $5", "skip_reason IS NULL"]
-        if customer_id:
-            conditions.append(f"customer_id = {arg(customer_id)}")
-        if after_customer:
-            conditions.append(f'customer_id > {arg(after_customer)}::text COLLATE "C"')
+        customer = arg(customer_id) if customer_id else ""
+        if customer:
+            conditions.append(f"customer_id = {customer}")
+        after = f'{arg(after_customer)}::text COLLATE "C"'
+        conditions.append(f"customer_id > {after}")
         for key, value in sorted(group_filter.items()):
             conditions.append(f"coalesce(dims->>{arg(key)}, '') = {arg(value)}")
-        if customer_limit is not None:
+        if customer_limit is not None and not fast:
             first = " AND ".join(conditions)
             conditions.append(
                 "customer_id IN (SELECT DISTINCT customer_id FROM meter.meter_events"
@@ -560,33 +571,100 @@ class MeterStore:
             )
         dims = [f"coalesce(dims->>{arg(key)}, '') AS g{i}" for i, key in enumerate(group_by)]
         group = ", ".join(["customer_id", *(f"g{i}" for i in range(len(group_by)))])
-        # extract(epoch ...) is numeric, exact to the microsecond.
-        integral = "sum(f * (extract(epoch FROM pb) - extract(epoch FROM pa)) * 1000000)"
-        value = {
-            "SEATS_END": "(array_agg(f ORDER BY pa DESC))[1]",
-            "SEATS_MAX": "max(f)",
-        }.get(meter.aggregation, integral)
+        # A line's key; a gauge without dimensions has one line per customer (so
+        # its rows come in the primary key's order, with nothing to sort).
+        line = "customer_id" if fast else "customer_id, dims, text_value"
+        where = " AND ".join(conditions)
+        columns = "customer_id, dims, text_value, event_time, event_id, value"
+        customers = ""  # a CTE of the customers read, on the fast path
+        if not fast:
+            # Each line's last row before the range: a scan of the rows before it.
+            events = (
+                f"(SELECT DISTINCT ON ({line}) {columns} FROM meter.meter_events"
+                f" WHERE {where} AND event_time < $4"
+                f" ORDER BY {line}, event_time DESC, event_id DESC)"
+                f" UNION ALL (SELECT {columns} FROM meter.meter_events"
+                f" WHERE {where} AND event_time >= $4)"
+            )
+        else:
+            # A gauge without dimensions: a line is a customer, and its last row
+            # before the range is one step back in the primary key's order; the
+            # customers are walked in that order too (one index probe each).
+            own = (
+                f"meter_key = {_KEY_OF} AND skip_reason IS NULL AND event_time < $5"
+                f" AND customer_id > {after}"
+            )
+            if customer_id:
+                customers = f"customers AS (SELECT {customer}::text AS customer_id),"
+            else:
+                limit = "" if customer_limit is None else f" LIMIT {arg(customer_limit)}"
+                customers = f"""
+                    walk AS (
+                        SELECT (SELECT min(customer_id) FROM meter.meter_events
+                            WHERE {own}) AS customer_id
+                        UNION ALL
+                        SELECT (SELECT min(customer_id) FROM meter.meter_events
+                            WHERE {own} AND customer_id > walk.customer_id)
+                        FROM walk WHERE walk.customer_id IS NOT NULL
+                    ), customers AS (
+                        SELECT customer_id FROM walk WHERE customer_id IS NOT NULL{limit}
+                    ),"""
+            events = (
+                f"(SELECT last.* FROM customers, LATERAL (SELECT {columns}"
+                f" FROM meter.meter_events e WHERE e.meter_key = {_KEY_OF}"
+                " AND e.customer_id = customers.customer_id AND e.skip_reason IS NULL"
+                " AND e.event_time < $4 ORDER BY e.event_time DESC, e.event_id DESC LIMIT 1)"
+                f" AS last) UNION ALL (SELECT {columns} FROM meter.meter_events WHERE {own}"
+                " AND event_time >= $4 AND customer_id IN (SELECT customer_id FROM customers))"
+            )
+        if meter.aggregation == "SEATS_MAX":
+            # The most at one instant needs the group's level: the lines' steps
+            # (value minus the line's previous value) added up in time order.
+            level = f"""
+                step AS (
+                    SELECT {", ".join(["customer_id", *dims])}, event_time,
+                        value - coalesce(lag(value) OVER (PARTITION BY {line}
+                            ORDER BY event_time, event_id), 0) AS d
+                    FROM ({events}) AS e
+                ), change AS (
+                    SELECT {group}, event_time AS t, sum(d) AS d
+                    FROM step GROUP BY {group}, event_time
+                ), level AS (
+                    SELECT {group}, t, sum(d) OVER (PARTITION BY {group} ORDER BY t) AS f,
+                        coalesce(lead(t) OVER (PARTITION BY {group} ORDER BY t), $5) AS t_next
+                    FROM change
+                )"""
+            value = "max(f)"
+        else:
+            # Integrals and the level at a window's end add up over lines: each
+            # line's value holds from its event to its next.
+            level = f"""
+                level AS (
+                    SELECT {", ".join(["customer_id", *dims])}, value AS f, event_time AS t,
+                        coalesce(lead(event_time) OVER (PARTITION BY {line}
+                            ORDER BY event_time, event_id), $5) AS t_next
+                    FROM ({events}) AS e
+                )"""
+            # extract(epoch ...) is numeric, exact to the microsecond.
+            value = (
+                "sum(f) FILTER (WHERE pb = coalesce(($3::timestamptz[])[w + 1], $5))"
+                if meter.aggregation == "SEATS_END"
+                else "sum(f * (extract(epoch FROM pb) - extract(epoch FROM pa)) * 1000000)"
+            )
+        # The windows a piece of level overlaps (one, without windows).
+        windows = (
+            "(VALUES (1)) AS x (w)"
+            if len(bounds) == 1
+            else "generate_series(width_bucket(greatest(t, $4), $3::timestamptz[]),"
+            " width_bucket(least(t_next, $5) - interval '1 microsecond', $3::timestamptz[])) AS w"
+        )
         query = f"""
-            WITH step AS (
-                SELECT {", ".join(["customer_id", *dims])}, event_time,
-                    value - coalesce(lag(value) OVER (PARTITION BY customer_id, dims, text_value
-                        ORDER BY event_time, event_id), 0) AS d
-                FROM meter.meter_events WHERE {" AND ".join(conditions)}
-            ), change AS (
-                SELECT {group}, event_time AS t, sum(d) AS d FROM step GROUP BY {group}, event_time
-            ), level AS (
-                SELECT {group}, t, sum(d) OVER (PARTITION BY {group} ORDER BY t) AS f,
-                    coalesce(lead(t) OVER (PARTITION BY {group} ORDER BY t), $5) AS t_next
-                FROM change
-            ), piece AS (
+            WITH RECURSIVE {customers} {level}, piece AS (
                 SELECT {group}, f, w,
                     greatest(t, ($3::timestamptz[])[w]) AS pa,
                     least(t_next, coalesce(($3::timestamptz[])[w + 1], $5)) AS pb
-                FROM level, generate_series(
-                    width_bucket(greatest(t, $4), $3::timestamptz[]),
-                    width_bucket(least(t_next, $5) - interval '1 microsecond', $3::timestamptz[])
-                ) AS w
-                WHERE t_next > $4 AND t < $5
+                FROM level, {windows}
+                WHERE t_next > $4 AND t_next > t
             )
             SELECT w, {group}, {value} AS value, count(*) AS n
             FROM piece GROUP BY w, {group} ORDER BY w, {group}
