@@ -114,26 +114,42 @@ _INSERTED = (
     f"INSERT INTO meter.meter_events ({', '.join(FoldedEvent._fields)})"
     f" {_GIVEN} ORDER BY 1, 2, 3, 4 ON CONFLICT DO NOTHING RETURNING *"
 )
-# Adds the rows `new` to the buckets of every grain (domain.rollup), one
-# aggregate per bucket, in key order; a bucket that exists combines the two
-# states. The statement's value is how many rows `new` holds.
+# Adds the rows `new` to the buckets of every grain (domain.rollup): one
+# aggregate per minute, the hours from those, upserted in key order; a bucket
+# that exists combines the two states. `{values}` is _VALUES when some row may
+# hold a text_value (UNIQUE_COUNT), else "". The statement's value is how many
+# rows `new` holds. (date_bin from year 1: floors, unlike date_trunc with a
+# zone, by arithmetic alone.)
 _ROLLUP = """
 WITH new AS ({new}),
-bucketed AS (
-    SELECT g.grain, date_trunc(g.unit, n.event_time, 'UTC') AS bucket_start,
-        n.meter_key, n.customer_id, coalesce(n.dims, '{{}}'::jsonb) AS dims,
+src AS (
+    SELECT n.meter_key, n.customer_id COLLATE "C" AS customer_id,
+        coalesce(n.dims, '{{}}'::jsonb) AS dims,
+        date_bin('1 minute', n.event_time, '0001-01-01 00:00:00+00') AS minute,
         n.event_time, n.event_id COLLATE "C" AS event_id, n.value, n.text_value
-    FROM new n CROSS JOIN (VALUES ('m'::"char", 'minute'), ('h'::"char", 'hour')) AS g (grain, unit)
-    WHERE n.skip_reason IS NULL
+    FROM new n WHERE n.skip_reason IS NULL
+), minutes AS (
+    SELECT meter_key, customer_id, dims, minute,
+        count(*) AS n, sum(value) AS total, min(value) AS lo, max(value) AS hi,
+        (array_agg(event_time ORDER BY event_time DESC, event_id DESC))[1] AS latest_time,
+        (array_agg(event_id ORDER BY event_time DESC, event_id DESC))[1] AS latest_event_id,
+        (array_agg(value ORDER BY event_time DESC, event_id DESC))[1] AS latest_value
+    FROM src GROUP BY 1, 2, 3, 4
+), buckets AS (
+    SELECT meter_key, 'm'::"char" AS grain, customer_id, minute AS bucket_start, dims,
+        n, total, lo, hi, latest_time, latest_event_id, latest_value
+    FROM minutes
+    UNION ALL
+    SELECT meter_key, 'h', customer_id, date_bin('1 hour', minute, '0001-01-01 00:00:00+00'),
+        dims, sum(n), sum(total), min(lo), max(hi),
+        (array_agg(latest_time ORDER BY latest_time DESC, latest_event_id DESC))[1],
+        (array_agg(latest_event_id ORDER BY latest_time DESC, latest_event_id DESC))[1],
+        (array_agg(latest_value ORDER BY latest_time DESC, latest_event_id DESC))[1]
+    FROM minutes GROUP BY 1, 3, 4, 5
 ), rolled AS (
     INSERT INTO meter.usage_rollups AS r (meter_key, grain, customer_id, bucket_start, dims,
         n, total, lo, hi, latest_time, latest_event_id, latest_value)
-    SELECT meter_key, grain, customer_id, bucket_start, dims,
-        count(*), sum(value), min(value), max(value),
-        (array_agg(event_time ORDER BY event_time DESC, event_id DESC))[1],
-        (array_agg(event_id ORDER BY event_time DESC, event_id DESC))[1],
-        (array_agg(value ORDER BY event_time DESC, event_id DESC))[1]
-    FROM bucketed GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+    SELECT * FROM buckets ORDER BY 1, 2, 3, 4, 5
     ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET
         n = r.n + EXCLUDED.n,
         total = CASE WHEN r.total IS NULL THEN EXCLUDED.total
@@ -147,14 +163,19 @@ bucketed AS (
         latest_value = CASE WHEN (EXCLUDED.latest_time, EXCLUDED.latest_event_id)
             > (r.latest_time, r.latest_event_id) THEN EXCLUDED.latest_value
             ELSE r.latest_value END
-), distinct_values AS (
-    INSERT INTO meter.usage_rollup_values
-    SELECT DISTINCT meter_key, grain, customer_id, bucket_start, dims, text_value
-    FROM bucketed WHERE text_value IS NOT NULL ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT DO NOTHING
-)
+){values}
 SELECT count(*) FROM new
 """
+# UNIQUE_COUNT's distinct values per bucket.
+_VALUES = """, distinct_values AS (
+    INSERT INTO meter.usage_rollup_values
+    SELECT DISTINCT s.meter_key, g.grain, s.customer_id,
+        date_bin(g.step, s.event_time, '0001-01-01 00:00:00+00'), s.dims, s.text_value
+    FROM src s CROSS JOIN (VALUES ('m'::"char", interval '1 minute'), ('h', interval '1 hour'))
+        AS g (grain, step)
+    WHERE s.text_value IS NOT NULL ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT DO NOTHING
+)"""
 # A fold that deadlocks with another is undone and tried again, this many
 # times in all (the consumer retries its batch after that).
 _FOLD_ATTEMPTS = 3
@@ -300,6 +321,10 @@ class MeterStore:
             by_customer[row.customer_id].append(row)
         rows = [row for group in by_customer.values() for row in group]
         columns = [list(column) for column in zip(*rows, strict=True)]
+        # The rows that count (not skipped), and whether any is UNIQUE_COUNT's.
+        kept = [row for row in rows if row.skip_reason is None]
+        counted = [list(column) for column in zip(*kept, strict=True)]
+        values = _VALUES if any(row.text_value is not None for row in kept) else ""
         async with self.pool.acquire() as conn:
             # Almost always every row is new: COPY them, the cheapest write
             # PostgreSQL has, and roll them all up. The primary key still
@@ -315,7 +340,8 @@ class MeterStore:
                         columns=FoldedEvent._fields,
                         records=rows,
                     )
-                    await conn.execute(_ROLLUP.format(new=_GIVEN), *columns)
+                    if counted:
+                        await conn.execute(_ROLLUP.format(new=_GIVEN, values=values), *counted)
                 return len(rows)
             except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
                 pass
@@ -325,7 +351,9 @@ class MeterStore:
             for attempt in range(_FOLD_ATTEMPTS):
                 try:
                     async with conn.transaction():
-                        inserted = await conn.fetchval(_ROLLUP.format(new=_INSERTED), *columns)
+                        inserted = await conn.fetchval(
+                            _ROLLUP.format(new=_INSERTED, values=values), *columns
+                        )
                     return int(inserted)
                 except asyncpg.DeadlockDetectedError:
                     if attempt == _FOLD_ATTEMPTS - 1:
@@ -340,7 +368,8 @@ class MeterStore:
             await conn.execute(
                 _ROLLUP.format(
                     new="SELECT * FROM meter.meter_events"
-                    " WHERE meter_key = $1 AND event_time >= $2 AND event_time < $3"
+                    " WHERE meter_key = $1 AND event_time >= $2 AND event_time < $3",
+                    values=_VALUES,
                 ),
                 meter_key,
                 start,
@@ -353,7 +382,9 @@ class MeterStore:
         over INSERT ... RETURNING. For benches that load millions of rows."""
         async with self.pool.acquire() as conn:
             inserted = await conn.fetchval(
-                _ROLLUP.format(new=f"INSERT INTO meter.meter_events {select} RETURNING *"),
+                _ROLLUP.format(
+                    new=f"INSERT INTO meter.meter_events {select} RETURNING *", values=_VALUES
+                ),
                 *args,
                 timeout=3600,
             )
