@@ -156,3 +156,12 @@ async def test_storage_seats_and_a_minimum_commitment(client: Client) -> None:
         ]
     ), second.lines
     assert second.total_minor == 10000
+
+    # --- the current period's preview: the levels now, held to the period's end ----------
+    preview = await client.call(
+        client.invoices.PreviewInvoice,
+        invoice_pb2.PreviewInvoiceRequest(subscription_id=subscription.id),
+    )
+    assert preview.period_start.ToDatetime(tzinfo=UTC) == p2[1]
+    # As period 2: 5 GB x 24 h and 2 seats, if nothing changes.
+    assert lines(preview) == lines(second), preview.lines
