@@ -80,6 +80,10 @@ AS_OF_SKEW: Final = timedelta(seconds=5)
 BATCH: Final = 1000
 # Subscriptions one run holds at once (a keyset page, see BillingStore.billing_state).
 SUBSCRIPTION_PAGE: Final = 2000
+# Periods priced (or drafts encoded) between two yields to the event loop: a
+# batch is seconds of CPU on a busy machine, and billing must go on answering
+# meanwhile (meter's tenant checks, WhoAmI, time out after 5 s).
+YIELD_EVERY: Final = 50
 # Meter calls (estimated) that one batch of a run may need; between batches a
 # run checks its time budget.
 BATCH_CALLS: Final = 400
@@ -210,7 +214,9 @@ class Invoicing:
         prices: dict[str, list[tuple[UsagePrice, str]]] = {}
         drafts: dict[tuple[str, datetime], InvoiceDraft] = {}
         failures: dict[tuple[str, datetime], PeriodFailure] = {}
-        for period in periods:
+        for n, period in enumerate(periods):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # see YIELD_EVERY
             product = period.product
             try:
                 if period.key in too_many:
@@ -480,7 +486,11 @@ class Invoicing:
         finalizes the due ones, records the failures and forgets those that
         succeeded now. Returns (invoice ids touched, failures)."""
         drafts, held = await self._price(tenant_id, batch, streams=streams)
-        contents = {key: convert.draft_json(draft) for key, draft in drafts.items()}
+        contents: dict[tuple[str, datetime], dict[str, Any]] = {}
+        for n, (key, draft) in enumerate(drafts.items()):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # see YIELD_EVERY
+            contents[key] = convert.draft_json(draft)
         touched: list[str] = []
         inserted = await self._store.insert_drafts(
             tenant_id,
