@@ -251,12 +251,20 @@ async def _run(
     sampler = asyncio.ensure_future(sample())
     began = time.monotonic()
     built: set[str] = set()
-    runs = 0
+    runs = retried = 0
     try:
         while True:
-            answer = await invoices.RunBillingCycle(
-                invoice_pb2.RunBillingCycleRequest(), metadata=md, timeout=3600
-            )
+            try:
+                answer = await invoices.RunBillingCycle(
+                    invoice_pb2.RunBillingCycleRequest(), metadata=md, timeout=3600
+                )
+            except grpc.aio.AioRpcError as exc:
+                # A run that meter failed (as a scheduler's would be, next tick): again.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or retried >= 5:
+                    raise
+                retried += 1
+                _log(f"a run failed ({exc.details()}); running again")
+                continue
             runs += 1
             built.update(answer.invoice_ids)
             if answer.failures:
@@ -291,7 +299,8 @@ async def _run(
         raise RuntimeError(f"expected {count} invoices totalling {expected}, found {got}")
     _log(
         f"{count:,} invoices built, finalized and published ({row['published']:,} published)"
-        f" in {runs} RunBillingCycle runs, {elapsed:.1f} s: {count / elapsed:,.0f} invoices/s;"
+        f" in {runs} RunBillingCycle runs ({retried} failed and rerun), {elapsed:.1f} s:"
+        f" {count / elapsed:,.0f} invoices/s;"
         f" totals exact ({expected:,} minor units)"
     )
     _log(
