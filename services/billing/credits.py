@@ -78,6 +78,8 @@ MAX_PRIORITY: Final = 1000
 CATCHUP: Final = 31
 CLOCK_SKEW: Final = timedelta(seconds=5)
 PUBLISH_BATCH: Final = 500
+# Entries of each per-replica cache of immutable records (emptied when full).
+CACHE_SIZE: Final = 100_000
 PUBLISH_TIMEOUT: Final = 10.0
 
 
@@ -312,6 +314,9 @@ class Credits:
         self._lag = lag
         self._recheck = recheck
         self._interval = interval.total_seconds()
+        # Never change once created (no API updates them): remembered per replica.
+        self._customers: dict[tuple[str, str], tuple[str, str]] = {}
+        self._types: dict[tuple[str, str], CreditTypeRecord] = {}
 
     # Credit types.
 
@@ -521,21 +526,9 @@ class Credits:
         credits = await self._store.product_credits(tenant_id)
         if not any(c.get("prices") for c in credits.values()):
             return []
-        found: list[tuple[str, str, CreditPrice]] = []
         if subscriptions is None:
             subscriptions = await self._billing.subscriptions(tenant_id, customer_id)
-        for s in subscriptions:
-            for meter_id, p in credits.get(s.product_id, {}).get("prices", {}).items():
-                price = CreditPrice(
-                    meter_id,
-                    p["credit_type_id"],
-                    Decimal(p["rate"]),
-                    Overage(p["overage_rule"]),
-                    floor_minute(s.start_time),
-                    None if s.end_time is None else ceil_minute(s.end_time),
-                )
-                found.append((s.customer_id, s.customer_external_id, price))
-        return found
+        return _prices(subscriptions, credits)
 
     async def _draws(
         self,
@@ -663,18 +656,23 @@ class Credits:
     async def balance(
         self, tenant_id: str, customer_ref: str, type_id: str, now: datetime
     ) -> tuple[str, Balance]:
-        # Independent reads go out together: the answer is on the request path.
+        # Independent reads go out together, and what never changes (a
+        # customer's ids, a credit type) is remembered: the answer is on the
+        # request path.
         (customer_id, external_id), kind = await asyncio.gather(
-            self._store.customer(tenant_id, customer_ref, "customer_id"),
-            self._store.get_credit_type(tenant_id, type_id),
+            self._customer(tenant_id, customer_ref), self._credit_type(tenant_id, type_id)
         )
-        account, grants, all_prices, period_start = await asyncio.gather(
+        account, grants, plans = await asyncio.gather(
             self._store.account(tenant_id, customer_id, kind.id),
             self._store.grants(tenant_id, customer_id, kind.id),
-            self.prices_of(tenant_id, customer_id),
-            self._period_start(tenant_id, customer_id, now),
+            self._store.customer_plans(tenant_id, customer_id),
         )
-        prices = [p for _, _, p in all_prices if p.credit_type_id == kind.id]
+        subscriptions = [s for s, _, _ in plans]
+        credits = {s.product_id: c for s, _, c in plans}
+        prices = [p for _, _, p in _prices(subscriptions, credits) if p.credit_type_id == kind.id]
+        period_start = _period_start(
+            [(s, i) for s, i, _ in plans if s.end_time is None or s.end_time > now], now
+        )
         end = floor_minute(now) + MINUTE
         domain = [g.domain() for g in grants]
         settled = account.settled_until if account else None
@@ -703,22 +701,23 @@ class Credits:
             total, listed, min(expiries) if expiries else None, overage, settled
         )
 
-    async def _period_start(self, tenant_id: str, customer_id: str, now: datetime) -> datetime:
-        """The start of the customer's current period (its latest active
-        subscription's); the start of time without one."""
-        active = [
-            s
-            for s in await self._billing.subscriptions(tenant_id, customer_id)
-            if s.end_time is None or s.end_time > now
-        ]
-        if not active:
-            return datetime(1970, 1, 1, tzinfo=UTC)
-        s = active[-1]
-        product = await self._billing.get_product(tenant_id, s.product_id)
-        start, _, _ = period_containing(
-            s.start_time, Interval[product.billing_interval], max(now, s.start_time)
-        )
-        return floor_minute(start)
+    async def _customer(self, tenant_id: str, ref: str) -> tuple[str, str]:
+        key = (tenant_id, ref)
+        if (found := self._customers.get(key)) is None:
+            found = await self._store.customer(tenant_id, ref, "customer_id")
+            if len(self._customers) >= CACHE_SIZE:
+                self._customers.clear()
+            self._customers[key] = found
+        return found
+
+    async def _credit_type(self, tenant_id: str, type_id: str) -> CreditTypeRecord:
+        key = (tenant_id, type_id)
+        if (found := self._types.get(key)) is None:
+            found = await self._store.get_credit_type(tenant_id, type_id)
+            if len(self._types) >= CACHE_SIZE:
+                self._types.clear()
+            self._types[key] = found
+        return found
 
     # Invoices.
 
@@ -874,6 +873,36 @@ class Credits:
             except Exception as exc:
                 log.error("credit_tick_failed", error=repr(exc))
             await asyncio.sleep(self._interval)
+
+
+def _period_start(active: Sequence[tuple[SubscriptionRecord, str]], now: datetime) -> datetime:
+    """The start of the customer's current period (its latest active
+    subscription's, at the whole minute); the start of time without one."""
+    if not active:
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    s, interval = active[-1]
+    start, _, _ = period_containing(s.start_time, Interval[interval], max(now, s.start_time))
+    return floor_minute(start)
+
+
+def _prices(
+    subscriptions: Sequence[SubscriptionRecord], credits: dict[str, Any]
+) -> list[tuple[str, str, CreditPrice]]:
+    """(customer id, external id, price) of each subscription's usage price
+    that draws credits; `credits` by product id."""
+    found: list[tuple[str, str, CreditPrice]] = []
+    for s in subscriptions:
+        for meter_id, p in (credits.get(s.product_id) or {}).get("prices", {}).items():
+            price = CreditPrice(
+                meter_id,
+                p["credit_type_id"],
+                Decimal(p["rate"]),
+                Overage(p["overage_rule"]),
+                floor_minute(s.start_time),
+                None if s.end_time is None else ceil_minute(s.end_time),
+            )
+            found.append((s.customer_id, s.customer_external_id, price))
+    return found
 
 
 def _periods(

@@ -315,19 +315,22 @@ class CreditStore:
             tenant_id,
             [uuid.UUID(p) for p in product_ids],
         )
-        return [
-            SubscriptionRecord(
-                id=str(r["id"]),
-                tenant_id=r["tenant_id"],
-                customer_id=str(r["customer_id"]),
-                customer_external_id=r["external_id"],
-                product_id=str(r["product_id"]),
-                start_time=r["start_time"],
-                end_time=r["end_time"],
-                canceled_at=r["canceled_at"],
-            )
-            for r in rows
-        ]
+        return [_subscription(r) for r in rows]
+
+    async def customer_plans(
+        self, tenant_id: str, customer_id: str
+    ) -> list[tuple[SubscriptionRecord, str, dict[str, Any]]]:
+        """The customer's subscriptions, each with its product's billing
+        interval and credits, in one query (the balance is on the request path)."""
+        rows = await self.pool.fetch(
+            "SELECT s.*, c.external_id, p.billing_interval, p.credits"
+            " FROM billing.subscriptions s JOIN billing.customers c ON c.id = s.customer_id"
+            " JOIN billing.products p ON p.id = s.product_id"
+            " WHERE s.tenant_id = $1 AND s.customer_id = $2 ORDER BY s.start_time, s.id",
+            tenant_id,
+            uuid.UUID(customer_id),
+        )
+        return [(_subscription(r), r["billing_interval"], r["credits"]) for r in rows]
 
     # Accounts and grants.
 
@@ -746,6 +749,19 @@ class CreditStore:
             armed,
         )
         return bool(status.endswith(" 1"))
+
+
+def _subscription(r: asyncpg.Record) -> SubscriptionRecord:
+    return SubscriptionRecord(
+        id=str(r["id"]),
+        tenant_id=r["tenant_id"],
+        customer_id=str(r["customer_id"]),
+        customer_external_id=r["external_id"],
+        product_id=str(r["product_id"]),
+        start_time=r["start_time"],
+        end_time=r["end_time"],
+        canceled_at=r["canceled_at"],
+    )
 
 
 def _account(r: asyncpg.Record) -> AccountRecord:
