@@ -13,6 +13,7 @@ from services.billing.credits_api import CreditCatalog, CreditProductServicer, C
 from services.billing.credits_store import CreditStore
 from services.billing.invoicing import Invoicing
 from services.billing.meter_client import CHANNEL_OPTIONS, MeterClient
+from services.billing.open_periods import OpenPeriodsReporter
 from services.billing.scheduler import Scheduler
 from services.billing.store import BillingStore
 from services.common import app
@@ -61,6 +62,7 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
             run_budget=settings.run_budget,
             credits=credits,
         )
+        reporter = OpenPeriodsReporter(store, meter_channel, settings.common.service_token)
         scheduler = Scheduler(store, invoicing, settings.scheduler_interval)
         return app.Wiring(
             registrations=[
@@ -110,7 +112,8 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
             # billing owns the keys: it reads them from its own schema.
             resolver=accounts,
             # Credits settle every second whatever the scheduler does: balances are real time.
-            background=([scheduler.run] if settings.scheduler_enabled else []) + [credits.run],
+            background=([scheduler.run] if settings.scheduler_enabled else [])
+            + [credits.run, reporter.run],
             cleanup=[lambda: meter_channel.close(None)],
         )
 

@@ -1,12 +1,15 @@
 """Tells meter, per tenant, where the tenant's oldest open billing period
 starts (RetentionService.ReportOpenPeriods), so that meter's retention never
-drops the per-event rows a period still to be invoiced needs. Called after each
-tenant's cycle (services.billing.scheduler), at most once per REPORT_EVERY per
-tenant: the answer moves only as periods are invoiced."""
+drops the per-event rows a period still to be invoiced needs. Every billing
+replica reports every tenant each REPORT_EVERY (a report is idempotent, and
+cheap next to a cycle): the answer moves only as periods are invoiced, and a
+new subscription that starts in the past is reported within REPORT_EVERY,
+while meter keeps at least the backdating window and a week anyway."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import asyncio
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
@@ -47,6 +50,15 @@ class OpenPeriodsReporter:
         self._stub = retention_pb2_grpc.RetentionServiceStub(channel)
         self._service_token = service_token
         self._reported: dict[str, datetime] = {}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                for tenant_id in await self._store.tenant_ids():
+                    await self.report(tenant_id, datetime.now(UTC))
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("open_periods_not_reported", error=repr(exc))
+            await asyncio.sleep(REPORT_EVERY.total_seconds())
 
     async def report(self, tenant_id: str, now: datetime) -> None:
         """Reports the tenant's oldest open period, unless it did so lately. A
