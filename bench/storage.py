@@ -121,6 +121,7 @@ def main() -> None:
     PostgreSQL (see load) and prints the bytes per event."""
     import argparse
     import asyncio
+    import shutil
     from pathlib import Path
 
     from tools.devstack import DEFAULT_BASE_DIR, DevStack
@@ -131,7 +132,9 @@ def main() -> None:
     # over 6 days are as dense as make bench's 1,000,000 over 30.
     parser.add_argument("--days", type=float, default=6)
     args = parser.parse_args()
-    stack = DevStack(Path(DEFAULT_BASE_DIR) / "bench-storage")
+    base = Path(DEFAULT_BASE_DIR) / "bench-storage"
+    shutil.rmtree(base, ignore_errors=True)  # a database of its own each time
+    stack = DevStack(base)
     database_url, _ = stack.start()
     try:
         asyncio.run(load(database_url, args.events, args.days))
@@ -139,6 +142,7 @@ def main() -> None:
             print(f"{name:<32}{value:>14,.1f}")
     finally:
         stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
