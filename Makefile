@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 # Any Python 3.11 or newer: `make PYTHON=python3.12 run`. Default python3.11, or
 # python3 where there is no python3.11.
-PYTHON ?= $(shell python3.11 -c '' >/dev/null 2>&1 && echo python3.11 || echo python3)
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell python3.11 -c '' >/dev/null 2>&1 && echo python3.11 || echo python3)
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
 # Three pinned locks (requirements/*.in -> *.lock, `make lock`): runtime (what the
