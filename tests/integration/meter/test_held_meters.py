@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.common.context import set_tenant
 from services.common.errors import InvalidArgument
-from tests.integration.meter.harness import Meters, ev
+from tests.integration.meter.harness import Meters, RowTuple, ev, row_tuples
+from usagebilling.meter.v1 import meter_pb2
 
 JUNE = datetime(2024, 6, 1, tzinfo=UTC)
 JULY = datetime(2024, 7, 1, tzinfo=UTC)
@@ -99,3 +101,52 @@ async def test_create_meter_names_the_field(
             property=prop,
             operation_property=operation_property,
         )
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "prop", "group_by"),
+    [
+        ("TIME_WEIGHTED_SUM", "gb", ()),  # the fast path: a line per customer
+        ("TIME_WEIGHTED_AVG", "gb", ("region",)),
+        ("SEATS_PRORATED", "user_id", ()),
+    ],
+)
+async def test_pages_by_customer_hold_what_one_answer_holds(
+    meters: Meters, aggregation: str, prop: str, group_by: tuple[str, ...]
+) -> None:
+    tenant = meters.new_tenant()
+    created = await meters.create(
+        tenant, event_name="held", aggregation=aggregation, property=prop, group_by=group_by
+    )
+    customers = ["b", "B", "a", "é", "A", "c"]  # bytewise: A B a b c é
+    await meters.send(
+        tenant,
+        [
+            ev(f"{c}-{i}", c, JUNE + (i - 1) * 30 * DAY + DAY * n, "held",
+               gb=n + i, user_id=f"u{i}", operation="add", region=["eu", "us"][i])
+            for n, c in enumerate(customers)
+            for i in range(2)
+        ]
+        # Only after the range: no row, no page slot.
+        + [ev("late", "Aa", JULY + DAY, "held", gb=1, user_id="u", operation="add")],
+    )  # fmt: skip
+    request = meter_pb2.QueryUsageRequest(
+        meter_id=created.id, window_size=meter_pb2.WINDOW_SIZE_DAY, group_by=list(group_by)
+    )
+    request.start_time.FromDatetime(JUNE)
+    request.end_time.FromDatetime(JUNE + 10 * DAY)
+    whole = await meters.query_request(tenant, request)
+    assert {row[0] for row in whole} == set(customers)
+    paged: list[RowTuple] = []
+    seen: list[set[str]] = []
+    while True:
+        request.page_size = 4
+        set_tenant(tenant)
+        response = await meters.servicer.QueryUsage(request, None)
+        paged += row_tuples(response.rows)
+        seen.append({r.customer_id for r in response.rows})
+        if not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+    assert sorted(paged) == whole
+    assert seen[0] == {"A", "B", "a", "b"}
