@@ -11,12 +11,15 @@ idempotent anyway). One tenant's failure never stops the others."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from services.billing.invoicing import Invoicing
 from services.billing.store import BillingStore
+from services.common import context as call_context
+from services.common import tracing
 from services.common.logs import get_logger
 
 log = get_logger(__name__)
@@ -47,7 +50,14 @@ class Scheduler:
         """One pass over every tenant; returns how many invoices it touched."""
         touched = 0
         for tenant_id in self.order(await self._store.tenant_ids()):
-            with structlog.contextvars.bound_contextvars(tenant_id=tenant_id):
+            # One request id and one trace per tenant's run: meter's log lines
+            # and spans for the calls it makes are found by them.
+            request_id = uuid.uuid4().hex
+            call_context.set_request_id(request_id)
+            with (
+                structlog.contextvars.bound_contextvars(tenant_id=tenant_id, request_id=request_id),
+                tracing.span("billing cycle", **{"usagebilling.tenant_id": tenant_id}),
+            ):
                 touched += await self._run_tenant(tenant_id)
         return touched
 

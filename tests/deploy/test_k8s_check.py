@@ -190,7 +190,9 @@ def test_every_real_rendering_passes(renderings: list[Rendering]) -> None:
         "helm values.yaml",
         "helm values-prod.yaml",
         "helm +values-tls.yaml",
+        "helm +tracing",
     ]
+    assert k8s_check.check_monitoring_shipped(renderings) == []
     for rendering in renderings:
         problems, apps = k8s_check.check_objects(rendering.objects)
         assert rendering.problems + problems == [], rendering.name
