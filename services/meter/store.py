@@ -425,11 +425,14 @@ class MeterStore:
         Paging by customer: only customers whose id sorts bytewise (COLLATE "C")
         after `after_customer`, and of those only the first `customer_limit`
         that have usage in the range (all their rows, in the usual order)."""
-        pieces = (
-            rollup.plan(bounds, end)
-            if len(bounds) < _PLAN_INLINE
-            else await asyncio.to_thread(rollup.plan, bounds, end)
-        )
+        uniform = rollup.uniform_grain(bounds, end)
+        if uniform is not None:  # every bucket of one grain lies in one window
+            pieces = {grain: rollup.Pieces() for grain in (rollup.RAW, "m", "h")}
+            pieces[uniform] = rollup.Pieces(list(range(1, len(bounds) + 1)), list(bounds), [])
+        elif len(bounds) < _PLAN_INLINE:
+            pieces = rollup.plan(bounds, end)
+        else:
+            pieces = await asyncio.to_thread(rollup.plan, bounds, end)
         args: list[Any] = [meter.key]
 
         def arg(value: Any) -> str:
@@ -465,6 +468,14 @@ class MeterStore:
         def scanned(grain: str) -> str:
             # One scan of the range's buckets; width_bucket finds each one's piece.
             p = pieces[grain]
+            if grain == uniform:  # the pieces are the windows, back to back
+                return (
+                    f"SELECT width_bucket(r.bucket_start, {arg(p.starts)}::timestamptz[]) AS w,"
+                    f" r.customer_id, r.dims, {state} FROM {table} r"
+                    f" WHERE r.meter_key = $1 AND r.grain = '{grain}'"
+                    f" AND r.bucket_start >= {arg(p.starts[0])} AND r.bucket_start < {arg(end)}"
+                    f"{conditions('r')}"
+                )
             return (
                 f"SELECT ({arg(p.windows)}::integer[])[x.i] AS w, r.customer_id, r.dims,"
                 f" {state} FROM {table} r CROSS JOIN LATERAL (SELECT width_bucket("
@@ -488,7 +499,9 @@ class MeterStore:
         if pieces["h"].windows:  # hour pieces are dense: only minutes lie between
             parts.append(scanned("h"))
         minutes = pieces["m"]
-        if minutes.windows:
+        if uniform == "m":
+            parts.append(scanned("m"))
+        elif minutes.windows:
             covered = sum(
                 (b - a for a, b in zip(minutes.starts, minutes.ends, strict=True)), timedelta()
             )

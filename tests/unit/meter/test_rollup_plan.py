@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.meter.domain.rollup import HOUR, MINUTE, RAW, cut, floor, plan
+from services.meter.domain.rollup import HOUR, MINUTE, RAW, cut, floor, plan, uniform_grain
 
 T0 = datetime(2024, 3, 31, 0, 0, tzinfo=UTC)
 instants = st.one_of(
@@ -59,3 +59,14 @@ def test_plan_groups_pieces_by_grain_in_order() -> None:
     assert pieces["m"].windows == [1, 2]
     assert pieces["h"].windows == [2]
     assert pieces["m"].starts == sorted(pieces["m"].starts)
+
+
+def test_windows_on_a_grain_are_read_without_cutting() -> None:
+    hours = [T0 + h * HOUR for h in range(3)]
+    assert uniform_grain(hours, T0 + 3 * HOUR) == "h"
+    minutes = [T0 + m * MINUTE for m in range(100)]
+    assert uniform_grain(minutes, T0 + 100 * MINUTE) == "m"
+    # Kathmandu's days start at :15: cutting reads fewer buckets than all minutes.
+    days = [T0 + timedelta(minutes=15) + d * timedelta(days=1) for d in range(3)]
+    assert uniform_grain(days, days[-1] + timedelta(days=1)) is None
+    assert uniform_grain([T0 + timedelta(seconds=30)], T0 + HOUR) is None
