@@ -60,7 +60,8 @@ def _route_standard_logging(level: int, renderer: Any, use_json: bool) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    # Libraries' own chatter (access logs, connection notices) only from warning up.
+    root.setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings"
 
 
