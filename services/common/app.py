@@ -189,7 +189,11 @@ def main(argv: list[str], settings: CommonSettings, migrations: Path, wire: Wire
     if command == "migrate":
         asyncio.run(migrate_only(settings, migrations))
     elif command == "serve":
-        asyncio.run(serve(settings, migrations, wire))
+        try:
+            asyncio.run(serve(settings, migrations, wire))
+        except ConfigError as exc:  # found only when serving starts (a busy port)
+            print(exc, file=sys.stderr)
+            raise SystemExit(2) from exc
     else:
         print(f"usage: python -m services.{settings.service} [serve|migrate]", file=sys.stderr)
         raise SystemExit(2)

@@ -26,6 +26,8 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
+from services.common.config import ConfigError
+
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Kept equal to pyproject.toml's version (tests/unit/common/test_metrics.py).
@@ -159,5 +161,12 @@ def serve(service: str, host: str, port: int) -> None:
     """Serves `service`'s /metrics on host:port from a daemon thread; port 0
     disables it."""
     set_build_info()
-    if port:
+    if not port:
+        return
+    try:
         start_http_server(port, addr=host, registry=registry_of(service))
+    except OSError as exc:
+        # One line naming the setting, not a traceback (a port another program holds).
+        raise ConfigError(
+            f"USAGEBILLING_METRICS_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from exc
