@@ -19,13 +19,18 @@ Where an aggregation lives (to add one, touch these three places):
   or a table of its own, as UNIQUE_COUNT keeps meter.usage_rollup_values (a
   distinct count over a range is not a sum of the buckets' counts: it costs a
   row per distinct value per bucket);
-- how a fold adds events to a bucket: store.py `_ROLLUP_UPSERT` (an aggregate
-  over the new rows, then the ON CONFLICT combine of two states);
+- how a fold adds events to a bucket: store.py `_ROLLUP` (an aggregate over
+  the new rows per minute, the combine of minutes into hours, and the ON
+  CONFLICT combine of a stored bucket with the new one: one rule, three uses);
 - how buckets and raw rows combine into a window's value: store.py
   `SQL_AGGREGATES` (over the rows of `_PARTS`, where a raw row reads as a
   bucket of one event).
 
-Each must agree with the pure oracle, domain.aggregation.aggregate.
+Each must agree with the pure oracle, domain.aggregation.aggregate. The held
+aggregations (gauges, seats: a level carries from one event to the next, across
+buckets) are not pre-aggregated yet: MeterStore.held_usage reads the rows; a
+bucket state for them would hold each line's level at the bucket's end and its
+integral over the bucket.
 """
 
 from __future__ import annotations
