@@ -16,3 +16,6 @@ mapfile -t files < <(find protos -name '*.proto' | sort)
   "${files[@]}"
 # Make every generated folder a regular package.
 find "$out/usagebilling" -type d -exec touch {}/__init__.py \;
+# The OpenAPI document of the HTTP/JSON API, from the same protos and their
+# comments: the services serve it, and proto-check finds it drifted too.
+"$py" -m tools.openapi --out "$out/usagebilling/openapi.json"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
-from services.common.config import DEFAULT_METRICS_PORTS
+from services.common.config import DEFAULT_HTTP_PORTS, DEFAULT_METRICS_PORTS
 from tools.devstack import DEFAULT_BASE_DIR, DevStack, free_port, port_busy
 from tools.suite import DEFAULT_PORTS, SERVICES, Suite, create_tenant, key_works
 
@@ -110,19 +110,22 @@ def _grpc_ports() -> dict[str, int]:
     return ports
 
 
-def _metrics_ports(taken: set[int]) -> tuple[dict[str, int], list[str]]:
+def _metrics_ports(
+    taken: set[int], defaults: dict[str, int] = DEFAULT_METRICS_PORTS, what: str = "metrics"
+) -> tuple[dict[str, int], list[str]]:
     """9091/9092/9093 where free (they are also Pushgateway's, Kafka's and
-    Alertmanager's defaults), else a free port; and a note for each moved one."""
+    Alertmanager's defaults), else a free port; and a note for each moved one.
+    The HTTP/JSON ports likewise (8081-8083)."""
     ports: dict[str, int] = {}
     notes = []
     for service in ("ingest", "meter", "billing"):
-        default = DEFAULT_METRICS_PORTS[service]
+        default = defaults[service]
         port = default
         if default in taken or port_busy(default):
             port = free_port()
             while port in taken:
                 port = free_port()
-            notes.append(f"{service} metrics: {default} is in use, took {port}")
+            notes.append(f"{service} {what}: {default} is in use, took {port}")
         taken.add(port)
         ports[service] = port
     return ports, notes
@@ -149,6 +152,7 @@ def _write_env(run_dir: Path, suite: Suite, api_key: str) -> Path:
         "USAGEBILLING_API_KEY": api_key,
         **{f"USAGEBILLING_{s.upper()}_ADDR": suite.address(s) for s in SERVICES},
         **{f"USAGEBILLING_{s.upper()}_PORT": str(suite.ports[s]) for s in SERVICES},
+        **{f"USAGEBILLING_{s.upper()}_HTTP_URL": suite.http_url(s) for s in SERVICES},
         **{
             f"USAGEBILLING_{s.upper()}_METRICS_URL": f"http://127.0.0.1:{suite.metrics_ports[s]}/metrics"
             for s in SERVICES
@@ -161,14 +165,16 @@ def _write_env(run_dir: Path, suite: Suite, api_key: str) -> Path:
 
 def _banner(suite: Suite, tenant_id: str, api_key: str, env_path: Path, notes: list[str]) -> str:
     endpoints = "\n".join(
-        f"  {s:<8} {suite.address(s)}    metrics http://127.0.0.1:{suite.metrics_ports[s]}/metrics"
+        f"  {s:<8} {suite.address(s)}    HTTP/JSON {suite.http_url(s)}"
+        f"    metrics http://127.0.0.1:{suite.metrics_ports[s]}/metrics"
         for s in ("ingest", "meter", "billing")
     )
     moved = "".join(f"  ({note})\n" for note in notes)
     return f"""
 usage-billing is running.
 
-Endpoints (gRPC, plaintext; health and reflection on each):
+Endpoints (gRPC, plaintext; health and reflection on each; HTTP/JSON in the
+Connect protocol, OpenAPI at /openapi.json):
 {endpoints}
 {moved}
 Admin token:   {suite.admin_token}
@@ -350,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         lock = _lock(run_dir)
         ports = _grpc_ports()
         metrics_ports, notes = _metrics_ports(set(ports.values()))
+        http_ports, http_notes = _metrics_ports(
+            {*ports.values(), *metrics_ports.values()}, DEFAULT_HTTP_PORTS, "HTTP"
+        )
+        notes += http_notes
         database_url, nats_url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
         if not (database_url and nats_url):
             stack = DevStack(run_dir)
@@ -361,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             _token(run_dir, "USAGEBILLING_ADMIN_TOKEN", "admin-token"),
             ports,
             metrics_ports=metrics_ports,
+            http_ports=http_ports,
             # One token per service (<run_dir>/<service>-token unless
             # USAGEBILLING_<SERVICE>_TOKEN is set): each acts for tenants only on
             # the methods services/common/service_identity.py gives it.

@@ -45,6 +45,8 @@ class Suite:
     metrics_ports: dict[str, int] = field(
         default_factory=lambda: {s: free_port() for s in SERVICES}
     )
+    # HTTP/JSON (Connect) ports, services/common/http_gateway.py.
+    http_ports: dict[str, int] = field(default_factory=lambda: {s: free_port() for s in SERVICES})
     # service -> its own token, the bearer it presents when it calls another
     # service for a tenant (one each: least privilege between services).
     service_tokens: dict[str, str] = field(
@@ -71,6 +73,9 @@ class Suite:
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
+
+    def http_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.http_ports[service]}"
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("USAGEBILLING_")}
@@ -113,6 +118,7 @@ class Suite:
         self._logs[service] = log
         env = self.service_env(service)
         env["USAGEBILLING_METRICS_PORT"] = str(self.metrics_ports[service])
+        env.setdefault("USAGEBILLING_HTTP_PORT", str(self.http_ports[service]))
         module = (
             ["tools.launch", f"services.{service}"]
             if self.die_with_parent

@@ -8,8 +8,9 @@ from typing import Any
 from services.billing import convert
 from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog
+from services.billing.domain.fields import check_text
 from services.billing.invoicing import Invoicing
-from services.billing.store import BillingStore
+from services.billing.store import BillingStore, CustomerRecord
 from services.common.context import current_api_key_id, current_tenant
 from services.common.errors import InvalidArgument
 from services.common.paging import fetch_page
@@ -35,6 +36,20 @@ def _required(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(f"{field}: required")
     return value
+
+
+async def _customer_named(
+    store: BillingStore, customer_id: str, id_field: str, external_id: str
+) -> CustomerRecord:
+    """The customer named by exactly one of its id and its external_id."""
+    if customer_id and external_id:
+        raise InvalidArgument(f"{id_field}, external_id: set one of the two, not both")
+    if external_id:
+        check_text("external_id", external_id, required=True)
+        return await store.get_customer_by_external_id(current_tenant(), external_id)
+    if not customer_id:
+        raise InvalidArgument(f"{id_field}, external_id: one of the two is required")
+    return await store.get_customer(current_tenant(), customer_id)
 
 
 class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
@@ -93,7 +108,7 @@ class CustomerServicer(customer_pb2_grpc.CustomerServiceServicer):
     async def GetCustomer(
         self, request: customer_pb2.GetCustomerRequest, context: Any
     ) -> customer_pb2.Customer:
-        record = await self._store.get_customer(current_tenant(), _required(request.id, "id"))
+        record = await _customer_named(self._store, request.id, "id", request.external_id)
         return convert.proto_customer(record)
 
     async def ListCustomers(
@@ -266,9 +281,17 @@ class InvoiceServicer(invoice_pb2_grpc.InvoiceServiceServicer):
     async def GetCustomerUsage(
         self, request: invoice_pb2.GetCustomerUsageRequest, context: Any
     ) -> invoice_pb2.GetCustomerUsageResponse:
-        usage = await self._invoicing.customer_usage(current_tenant(), request.customer_id, _now())
+        customer_id = request.customer_id
+        if not customer_id and not request.external_id:
+            raise InvalidArgument("customer_id, external_id: one of the two is required")
+        if request.external_id:
+            named = await _customer_named(
+                self._store, customer_id, "customer_id", request.external_id
+            )
+            customer_id = named.id
+        usage = await self._invoicing.customer_usage(current_tenant(), customer_id, _now())
         return invoice_pb2.GetCustomerUsageResponse(
-            customer_id=request.customer_id,
+            customer_id=customer_id,
             subscription_id=usage.subscription.id,
             period_start=convert.to_timestamp(usage.period_start),
             period_end=convert.to_timestamp(usage.period_end),

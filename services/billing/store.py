@@ -305,6 +305,17 @@ class BillingStore:
     async def get_customer(self, tenant_id: str, customer_id: str) -> CustomerRecord:
         return _customer(await self._by_id("customers", tenant_id, customer_id, "customer_id"))
 
+    async def get_customer_by_external_id(self, tenant_id: str, external_id: str) -> CustomerRecord:
+        """The customer whose events carry `external_id`; NotFound naming external_id."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM billing.customers WHERE tenant_id = $1 AND external_id = $2",
+            tenant_id,
+            external_id,
+        )
+        if row is None:
+            raise NotFound(f"external_id: no customer with external_id {external_id!r}")
+        return _customer(row)
+
     async def list_customers(
         self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[CustomerRecord]:

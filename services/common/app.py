@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from services.common import db, jetstream, logs, metrics, paging, tls, tracing
+from services.common import db, http_gateway, jetstream, logs, metrics, paging, tls, tracing
 from services.common import readiness as readiness_watch
 from services.common.auth import Authenticator, KeyResolver
 from services.common.config import CommonSettings, ConfigError
@@ -44,6 +44,9 @@ class Worker(Protocol):
 class Wiring:
     registrations: list[Registration]
     resolver: KeyResolver
+    # POST routes of the HTTP gateway beyond the RPCs (ingest's Dodo-shaped
+    # /events/ingest), each given the gateway to call the RPCs through.
+    http_routes: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     # Long-running loops (relay, scheduler, gauges); cancelled on shutdown
     # after the gRPC server stopped taking calls.
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
@@ -115,12 +118,21 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
         Authenticator(settings.admin_token_sha256, settings.caller_token_sha256, wiring.resolver),
         tls=settings.tls,
     )
+    gateway = None
+    if settings.http_port:
+        gateway = http_gateway.Gateway(
+            [r.service_name for r in wiring.registrations], settings.host, settings.http_port
+        )
+        gateway.add_routes(wiring.http_routes)
+        server.add_local_socket(gateway.grpc_target)
     # Not ready until the first round of checks passes (at once, as both were
     # just reached); liveness is SERVING from the start.
     readiness = await readiness_watch.create(
         settings.service, settings.database_url, nc, settings.readiness, server.set_ready
     )
     await server.start(ready=False)
+    if gateway is not None:
+        await gateway.start()
     metrics.serve(settings.service, settings.host, settings.metrics_port)
     _tune_garbage_collector()
     tasks = [asyncio.create_task(run()) for run in [readiness.run, *wiring.background]]
@@ -136,6 +148,8 @@ async def serve(settings: CommonSettings, migrations: Path, wire: Wire) -> None:
     log.info("serving", service=settings.service, address=server.address)
     await stop.wait()
     log.info("stopping", service=settings.service)
+    if gateway is not None:
+        await _bounded(gateway.stop(), "http_stop", settings.shutdown_grace.total_seconds() + 1)
     await server.stop(settings.shutdown_grace.total_seconds())
     for worker in wiring.workers:
         await worker.stop()

@@ -106,6 +106,8 @@ class EnvReader:
 DEFAULT_PORTS = {"ingest": 50051, "meter": 50052, "billing": 50053}
 # Distinct by default so that the three can share one machine; 0 turns it off.
 DEFAULT_METRICS_PORTS = {"ingest": 9091, "meter": 9092, "billing": 9093}
+# HTTP/JSON (services/common/http_gateway.py): distinct likewise; 0 turns it off.
+DEFAULT_HTTP_PORTS = {"ingest": 8081, "meter": 8082, "billing": 8083}
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class CommonSettings:
     readiness: readiness_settings.ReadinessSettings
     # gRPC and NATS TLS (services/common/tls.py); all off when unset.
     tls: tls_settings.TlsSettings
+    # The HTTP/JSON port (Connect protocol) beside gRPC; 0: none.
+    http_port: int = 0
 
 
 # The tokens are random secrets; a short one is a mistake (or a guessable word).
@@ -246,4 +250,7 @@ def read_common(reader: EnvReader, service: str) -> CommonSettings:
         ),
         readiness=readiness_settings.read(reader),
         tls=tls_settings.read(reader),
+        http_port=reader.integer(
+            "USAGEBILLING_HTTP_PORT", DEFAULT_HTTP_PORTS[service], maximum=65535
+        ),
     )

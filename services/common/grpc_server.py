@@ -642,6 +642,11 @@ class GrpcServer:
         else:
             self.port = self.server.add_secure_port(self.address, credentials)
 
+    def add_local_socket(self, target: str) -> None:
+        """Also listens on a private Unix socket (`unix:/path`), plaintext:
+        the HTTP gateway's way in (services/common/http_gateway.py)."""
+        self.server.add_insecure_port(target)
+
     async def start(self, *, ready: bool = True) -> None:
         """Starts serving. "liveness" is SERVING from now on (until graceful
         shutdown); readiness starts as `ready` and follows set_ready."""

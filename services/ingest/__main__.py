@@ -9,6 +9,7 @@ from services.common import app, partitions, quarantine
 from services.common.auth_client import billing_key_resolver
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
+from services.ingest import dodo
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
 from services.ingest.domain.rate_limit import RateLimiter
@@ -74,6 +75,7 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
                 lambda: partitions.keep_ahead(runtime.pool, [EVENT_LOG], settings.backdate_window),
             ],
             cleanup=[lambda: billing.close(None), close_meter],
+            http_routes={dodo.PATH: dodo.handler},
         )
 
     return wire

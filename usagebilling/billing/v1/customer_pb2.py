@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&usagebilling/billing/v1/customer.proto\x12\x17usagebilling.billing.v1\"H\n\x08\x43ustomer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\"I\n\x15\x43reateCustomerRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\" \n\x12GetCustomerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"=\n\x14ListCustomersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"f\n\x15ListCustomersResponse\x12\x34\n\tcustomers\x18\x01 \x03(\x0b\x32!.usagebilling.billing.v1.Customer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xc5\x02\n\x0f\x43ustomerService\x12\x63\n\x0e\x43reateCustomer\x12..usagebilling.billing.v1.CreateCustomerRequest\x1a!.usagebilling.billing.v1.Customer\x12]\n\x0bGetCustomer\x12+.usagebilling.billing.v1.GetCustomerRequest\x1a!.usagebilling.billing.v1.Customer\x12n\n\rListCustomers\x12-.usagebilling.billing.v1.ListCustomersRequest\x1a..usagebilling.billing.v1.ListCustomersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&usagebilling/billing/v1/customer.proto\x12\x17usagebilling.billing.v1\"H\n\x08\x43ustomer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\"I\n\x15\x43reateCustomerRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\"5\n\x12GetCustomerRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x02 \x01(\t\"=\n\x14ListCustomersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"f\n\x15ListCustomersResponse\x12\x34\n\tcustomers\x18\x01 \x03(\x0b\x32!.usagebilling.billing.v1.Customer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xc5\x02\n\x0f\x43ustomerService\x12\x63\n\x0e\x43reateCustomer\x12..usagebilling.billing.v1.CreateCustomerRequest\x1a!.usagebilling.billing.v1.Customer\x12]\n\x0bGetCustomer\x12+.usagebilling.billing.v1.GetCustomerRequest\x1a!.usagebilling.billing.v1.Customer\x12n\n\rListCustomers\x12-.usagebilling.billing.v1.ListCustomersRequest\x1a..usagebilling.billing.v1.ListCustomersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATECUSTOMERREQUEST']._serialized_start=141
   _globals['_CREATECUSTOMERREQUEST']._serialized_end=214
   _globals['_GETCUSTOMERREQUEST']._serialized_start=216
-  _globals['_GETCUSTOMERREQUEST']._serialized_end=248
-  _globals['_LISTCUSTOMERSREQUEST']._serialized_start=250
-  _globals['_LISTCUSTOMERSREQUEST']._serialized_end=311
-  _globals['_LISTCUSTOMERSRESPONSE']._serialized_start=313
-  _globals['_LISTCUSTOMERSRESPONSE']._serialized_end=415
-  _globals['_CUSTOMERSERVICE']._serialized_start=418
-  _globals['_CUSTOMERSERVICE']._serialized_end=743
+  _globals['_GETCUSTOMERREQUEST']._serialized_end=269
+  _globals['_LISTCUSTOMERSREQUEST']._serialized_start=271
+  _globals['_LISTCUSTOMERSREQUEST']._serialized_end=332
+  _globals['_LISTCUSTOMERSRESPONSE']._serialized_start=334
+  _globals['_LISTCUSTOMERSRESPONSE']._serialized_end=436
+  _globals['_CUSTOMERSERVICE']._serialized_start=439
+  _globals['_CUSTOMERSERVICE']._serialized_end=764
 # @@protoc_insertion_point(module_scope)

@@ -74,18 +74,27 @@ Global___CreateCustomerRequest: _TypeAlias = CreateCustomerRequest  # noqa: Y015
 
 @_typing.final
 class GetCustomerRequest(_message.Message):
+    """Names the customer by exactly one of id and external_id (both or neither:
+    INVALID_ARGUMENT naming them).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The customer's id (Customer.id)."""
+    external_id: _builtins.str
+    """The customer's external_id, the customer_id its usage events carry."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_id", b"external_id", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -451,15 +451,22 @@ class GetCustomerUsageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """The customer's id (Customer.id); or leave it empty and set external_id
+    (exactly one of the two, else INVALID_ARGUMENT naming them).
+    """
+    external_id: _builtins.str
+    """The customer's external_id, the customer_id its usage events carry."""
     def __init__(
         self,
         *,
         customer_id: _builtins.str = ...,
+        external_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "external_id", b"external_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

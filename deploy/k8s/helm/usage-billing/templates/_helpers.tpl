@@ -105,6 +105,7 @@ USAGEBILLING_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 USAGEBILLING_SHUTDOWN_GRACE: {{ .Values.config.shutdownGrace | quote }}
 USAGEBILLING_AUTH_CACHE_TTL: {{ .Values.config.authCacheTTL | quote }}
 USAGEBILLING_METRICS_PORT: {{ .Values.metrics.port | quote }}
+USAGEBILLING_HTTP_PORT: {{ .Values.http.port | quote }}
 {{- with .Values.tracing.otlpEndpoint }}
 # OpenTelemetry tracing (services/common/tracing.py): a new trace is kept with
 # this probability, a caller's decision is followed.
