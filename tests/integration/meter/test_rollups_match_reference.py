@@ -13,16 +13,21 @@ the consumer, concurrently), every bucket equals what the stored rows add up to.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.common import db
+from services.meter.__main__ import MIGRATIONS
 from services.meter.domain.matching import FoldedEvent
 from services.meter.domain.reference import aggregate_events
 from services.meter.domain.windows import WindowSize
-from services.meter.store import MeterRecord
 from tests.integration.meter.harness import Ev, Meters, Raw, ev, reference_tuples
 from tests.integration.meter.test_query_matches_reference import (
     Meter,
@@ -205,11 +210,11 @@ FROM meter.usage_rollup_values WHERE meter_key = $1
 """
 
 
-async def assert_buckets_match_rows(meters: Meters, record: MeterRecord) -> None:
-    async with meters.store.pool.acquire() as conn:
+async def assert_buckets_match_rows(pool: asyncpg.Pool, key: int) -> None:
+    async with pool.acquire() as conn:
         for stored, recomputed in ((STORED, RECOMPUTED), (VALUES_STORED, VALUES_RECOMPUTED)):
-            assert sorted(repr(tuple(r)) for r in await conn.fetch(stored, record.key)) == sorted(
-                repr(tuple(r)) for r in await conn.fetch(recomputed, record.key)
+            assert sorted(repr(tuple(r)) for r in await conn.fetch(stored, key)) == sorted(
+                repr(tuple(r)) for r in await conn.fetch(recomputed, key)
             )
 
 
@@ -250,10 +255,10 @@ async def test_overlapping_concurrent_folds_count_each_row_once(
     )
     slices.append(rows)
     await asyncio.gather(*(meters.store.fold(s) for s in slices))
-    await assert_buckets_match_rows(meters, record)
+    await assert_buckets_match_rows(meters.store.pool, record.key)
     # A further redelivery of everything changes nothing.
     assert await meters.store.fold(rows) == 0
-    await assert_buckets_match_rows(meters, record)
+    await assert_buckets_match_rows(meters.store.pool, record.key)
 
 
 async def test_a_range_reads_buckets_and_raw_edges_exactly(meters: Meters) -> None:
@@ -268,3 +273,55 @@ async def test_a_range_reads_buckets_and_raw_edges_exactly(meters: Meters) -> No
     end = datetime(2025, 3, 1, 12, 44, 2, 1, tzinfo=UTC)
     expected = sum(i for i, e in enumerate(events) if start <= e.raw.timestamp < end)
     assert await meters.total(tenant, created.id, start, end, "c") == str(expected)
+
+
+async def test_the_migration_rolls_up_the_rows_stored_before_it(
+    stack_urls: tuple[str, str], tmp_path: Path
+) -> None:
+    """Migration 0006 on a database whose meter_events already hold rows: its
+    buckets are what those rows add up to, as the fold would have made them."""
+    admin = await asyncpg.connect(stack_urls[0])
+    name = f"rollup_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        dsn = stack_urls[0].rsplit("/", 1)[0] + f"/{name}"
+        pool = await db.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            before = tmp_path / "before"
+            before.mkdir()
+            for path in sorted(MIGRATIONS.glob("*.sql")):
+                if path.name < "0006":
+                    shutil.copy(path, before / path.name)
+            await db.migrate(pool, "meter", before)
+            # (As the meter of that time: later migrations add columns.)
+            key = await pool.fetchval(
+                "INSERT INTO meter.meters (tenant_id, name, event_name, aggregation, property,"
+                " group_by) VALUES ('t', 'm', 'e', 'UNIQUE_COUNT', 'v', '{region}') RETURNING key"
+            )
+            t0 = datetime(2024, 3, 31, 0, 59, 58, tzinfo=UTC)
+            await pool.copy_records_to_table(
+                "meter_events",
+                schema_name="meter",
+                columns=FoldedEvent._fields,
+                records=[
+                    FoldedEvent(
+                        key,
+                        f"c{i % 3}",
+                        t0 + timedelta(seconds=i * 0.7),
+                        f"e{i}",
+                        None,
+                        f"v{i % 5}",
+                        {"region": "eu"} if i % 2 else None,
+                        "missing_property" if i % 7 == 0 else None,
+                    )
+                    for i in range(200)
+                ],
+            )
+            await db.migrate(pool, "meter", MIGRATIONS)
+            await assert_buckets_match_rows(pool, key)
+            assert await pool.fetchval("SELECT count(*) FROM meter.usage_rollups") > 0
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
