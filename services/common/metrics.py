@@ -26,8 +26,6 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
-from services.common.config import ConfigError
-
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Kept equal to pyproject.toml's version (tests/unit/common/test_metrics.py).
@@ -166,6 +164,9 @@ def serve(service: str, host: str, port: int) -> None:
     try:
         start_http_server(port, addr=host, registry=registry_of(service))
     except OSError as exc:
+        # Imported here: config imports readiness, which imports this module.
+        from services.common.config import ConfigError
+
         # One line naming the setting, not a traceback (a port another program holds).
         raise ConfigError(
             f"USAGEBILLING_METRICS_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
