@@ -88,6 +88,8 @@ class Suite:
             USAGEBILLING_INGEST_ADDR=self.address("ingest"),
             USAGEBILLING_METER_ADDR=self.address("meter"),
             USAGEBILLING_BILLING_ADDR=self.address("billing"),
+            # The dev stack's webhooks may reach receivers on this machine.
+            USAGEBILLING_WEBHOOK_ALLOWED_CIDRS="127.0.0.0/8,::1/128",
             PYTHONUNBUFFERED="1",
         )
         for service, port in self.ports.items():

@@ -16,6 +16,9 @@ from services.billing.meter_client import CHANNEL_OPTIONS, MeterClient
 from services.billing.open_periods import OpenPeriodsReporter
 from services.billing.scheduler import Scheduler
 from services.billing.store import BillingStore
+from services.billing.webhooks import Webhooks
+from services.billing.webhooks_api import WebhookServicer
+from services.billing.webhooks_store import WebhookStore
 from services.common import app
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
@@ -32,6 +35,8 @@ from usagebilling.billing.v1 import (
     subscription_pb2_grpc,
     tenant_pb2,
     tenant_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -64,6 +69,8 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
         )
         reporter = OpenPeriodsReporter(store, meter_channel, settings.common.service_token)
         scheduler = Scheduler(store, invoicing, settings.scheduler_interval)
+        webhook_store = WebhookStore(runtime.pool)
+        webhooks = Webhooks(webhook_store, runtime.js, settings.webhooks)
         return app.Wiring(
             registrations=[
                 Registration.of(
@@ -108,12 +115,18 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
                     invoice_pb2_grpc.add_InvoiceServiceServicer_to_server,
                     api.InvoiceServicer(invoicing, store),
                 ),
+                Registration.of(
+                    webhook_pb2,
+                    "WebhookService",
+                    webhook_pb2_grpc.add_WebhookServiceServicer_to_server,
+                    WebhookServicer(webhook_store, settings.webhooks),
+                ),
             ],
             # billing owns the keys: it reads them from its own schema.
             resolver=accounts,
             # Credits settle every second whatever the scheduler does: balances are real time.
             background=([scheduler.run] if settings.scheduler_enabled else [])
-            + [credits.run, reporter.run],
+            + [credits.run, reporter.run, webhooks.run],
             cleanup=[lambda: meter_channel.close(None)],
         )
 

@@ -7,7 +7,35 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from services.billing.domain import webhooks as webhook_rules
+from services.billing.domain.webhooks import Network, Policy
 from services.common.config import CommonSettings, EnvReader, read_common
+
+
+def _webhooks(reader: EnvReader) -> Policy:
+    schedule = webhook_rules.DEFAULT_SCHEDULE
+    allowlist: tuple[Network, ...] = ()
+    if text := reader.text("USAGEBILLING_WEBHOOK_SCHEDULE"):
+        try:
+            schedule = webhook_rules.parse_schedule(text)
+        except webhook_rules.WebhookRuleError as exc:
+            reader.errors.append(f"USAGEBILLING_WEBHOOK_SCHEDULE: {exc}")
+    try:
+        allowlist = webhook_rules.parse_allowlist(reader.text("USAGEBILLING_WEBHOOK_ALLOWED_CIDRS"))
+    except webhook_rules.WebhookRuleError as exc:
+        reader.errors.append(f"USAGEBILLING_WEBHOOK_ALLOWED_CIDRS: {exc}")
+    return Policy(
+        schedule=schedule,
+        timeout=reader.duration(
+            "USAGEBILLING_WEBHOOK_TIMEOUT", timedelta(seconds=15), maximum=timedelta(minutes=5)
+        ),
+        disable_after=reader.duration("USAGEBILLING_WEBHOOK_DISABLE_AFTER", timedelta(days=5)),
+        allow_private=reader.boolean("USAGEBILLING_WEBHOOK_ALLOW_PRIVATE", False),
+        allowlist=allowlist,
+        max_in_flight=reader.integer(
+            "USAGEBILLING_WEBHOOK_MAX_IN_FLIGHT", 64, minimum=1, maximum=10_000
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -21,6 +49,9 @@ class BillingSettings:
     catchup_periods: int
     # How long one run for one tenant works before it stops at a batch boundary.
     run_budget: timedelta
+    # Webhook deliveries (services/billing/webhooks.py) and usage alerts.
+    webhooks: Policy
+    alert_interval: timedelta
 
 
 def read(reader: EnvReader) -> BillingSettings:
@@ -38,6 +69,10 @@ def read(reader: EnvReader) -> BillingSettings:
         ),
         run_budget=reader.duration(
             "USAGEBILLING_BILLING_RUN_BUDGET", timedelta(seconds=10), maximum=timedelta(minutes=10)
+        ),
+        webhooks=_webhooks(reader),
+        alert_interval=reader.duration(
+            "USAGEBILLING_ALERT_INTERVAL", timedelta(seconds=1), maximum=timedelta(minutes=10)
         ),
     )
 

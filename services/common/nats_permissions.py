@@ -6,8 +6,9 @@ deployment's NATS authorization must match (README, "Security model").
   stream; it cannot read the stream back or publish billing messages.
 - meter consumes EVENTS (consumer create/info, pull requests, acks) and
   manages the stream's configuration; it publishes no message of its own.
-- billing publishes billing messages (usagebilling.billing.v1.>) and manages
-  the BILLING stream; it cannot publish events nor read them.
+- billing publishes billing messages (usagebilling.billing.v1.>), manages
+  the BILLING stream and consumes it (webhook deliveries); it cannot publish
+  events nor read them.
 
 Every service gets JetStream's answers in its own inboxes (`_INBOX.<service>.>`,
 services/common/jetstream.connect sets the prefix), so none can read another's
@@ -51,7 +52,16 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "subscribe": [f"{inbox_prefix('meter')}.>"],
     },
     "billing": {
-        "publish": [f"{BILLING_SUBJECT_PREFIX}.>", *_manage_stream(BILLING_STREAM)],
+        "publish": [
+            f"{BILLING_SUBJECT_PREFIX}.>",
+            *_manage_stream(BILLING_STREAM),
+            # Webhooks read the stream back (services/billing/webhooks.py).
+            f"{_JS}.CONSUMER.INFO.{BILLING_STREAM}.>",
+            f"{_JS}.CONSUMER.CREATE.{BILLING_STREAM}.>",
+            f"{_JS}.CONSUMER.DURABLE.CREATE.{BILLING_STREAM}.>",
+            f"{_JS}.CONSUMER.MSG.NEXT.{BILLING_STREAM}.>",
+            f"$JS.ACK.{BILLING_STREAM}.>",
+        ],
         "subscribe": [f"{inbox_prefix('billing')}.>"],
     },
 }

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -157,3 +158,18 @@ def address_allowed(address: str, allow: Sequence[Network]) -> bool:
     if any(ip in net for net in allow):
         return True
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the settings say about deliveries."""
+
+    schedule: tuple[timedelta, ...]
+    timeout: timedelta
+    disable_after: timedelta
+    allow_private: bool
+    allowlist: tuple[Network, ...]
+    max_in_flight: int
+
+    def allowed(self, address: str) -> bool:
+        return self.allow_private or address_allowed(address, self.allowlist)
