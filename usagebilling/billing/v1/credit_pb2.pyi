@@ -28,6 +28,9 @@ class _CreditUnitKind:
 class _CreditUnitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CreditUnitKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CREDIT_UNIT_KIND_UNSPECIFIED: _CreditUnitKind.ValueType  # 0
+    """Never set by the server; refused (INVALID_ARGUMENT) where a value is
+    required.
+    """
     CREDIT_UNIT_KIND_CUSTOM: _CreditUnitKind.ValueType  # 1
     """A unit of the tenant's own, such as tokens, with 0 to 3 decimals."""
     CREDIT_UNIT_KIND_CURRENCY: _CreditUnitKind.ValueType  # 2
@@ -37,6 +40,9 @@ class CreditUnitKind(_CreditUnitKind, metaclass=_CreditUnitKindEnumTypeWrapper):
     """What a credit type counts."""
 
 CREDIT_UNIT_KIND_UNSPECIFIED: CreditUnitKind.ValueType  # 0
+"""Never set by the server; refused (INVALID_ARGUMENT) where a value is
+required.
+"""
 CREDIT_UNIT_KIND_CUSTOM: CreditUnitKind.ValueType  # 1
 """A unit of the tenant's own, such as tokens, with 0 to 3 decimals."""
 CREDIT_UNIT_KIND_CURRENCY: CreditUnitKind.ValueType  # 2
@@ -50,6 +56,9 @@ class _OverageRule:
 class _OverageRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OverageRule.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     OVERAGE_RULE_UNSPECIFIED: _OverageRule.ValueType  # 0
+    """Never set by the server; refused (INVALID_ARGUMENT) where a value is
+    required.
+    """
     OVERAGE_RULE_FORGIVE: _OverageRule.ValueType  # 1
     """Not billed: the usage is free (the application is expected to stop at zero)."""
     OVERAGE_RULE_BILL: _OverageRule.ValueType  # 2
@@ -61,6 +70,9 @@ class OverageRule(_OverageRule, metaclass=_OverageRuleEnumTypeWrapper):
     """What happens to usage that the balance does not cover."""
 
 OVERAGE_RULE_UNSPECIFIED: OverageRule.ValueType  # 0
+"""Never set by the server; refused (INVALID_ARGUMENT) where a value is
+required.
+"""
 OVERAGE_RULE_FORGIVE: OverageRule.ValueType  # 1
 """Not billed: the usage is free (the application is expected to stop at zero)."""
 OVERAGE_RULE_BILL: OverageRule.ValueType  # 2
@@ -76,6 +88,7 @@ class _CreditEntryKind:
 class _CreditEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CreditEntryKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CREDIT_ENTRY_KIND_UNSPECIFIED: _CreditEntryKind.ValueType  # 0
+    """Never set by the server."""
     CREDIT_ENTRY_KIND_GRANTED: _CreditEntryKind.ValueType  # 1
     """Credits put into the balance by a grant (amount > 0); also, amount 0,
     the part of a grant that repays a deficit when it opens.
@@ -104,6 +117,7 @@ class CreditEntryKind(_CreditEntryKind, metaclass=_CreditEntryKindEnumTypeWrappe
     """The kinds of ledger entries."""
 
 CREDIT_ENTRY_KIND_UNSPECIFIED: CreditEntryKind.ValueType  # 0
+"""Never set by the server."""
 CREDIT_ENTRY_KIND_GRANTED: CreditEntryKind.ValueType  # 1
 """Credits put into the balance by a grant (amount > 0); also, amount 0,
 the part of a grant that repays a deficit when it opens.
@@ -177,9 +191,11 @@ class CreditType(_message.Message):
     LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     name: _builtins.str
     """Unique per tenant, 1 to 255 characters."""
     kind: Global___CreditUnitKind.ValueType
+    """A custom unit or a currency."""
     precision: _builtins.int
     """Decimals of an amount: 0 to 3 for CUSTOM, the currency's minor units for CURRENCY."""
     currency: _builtins.str
@@ -189,7 +205,9 @@ class CreditType(_message.Message):
     (empty: never); armed again when a grant lifts the balance above it.
     """
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the type was created."""
+
     def __init__(
         self,
         *,
@@ -344,14 +362,17 @@ class CreditGrant(_message.Message):
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
     PERIOD_START_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     customer_id: _builtins.str
     """The customer's id (not the external id)."""
     credit_type_id: _builtins.str
+    """The credit type granted (CreditType.id)."""
     amount: _builtins.str
     """A positive decimal at the type's precision."""
     priority: _builtins.int
     """Grants that expire at the same time are drawn in descending priority."""
     description: _builtins.str
+    """Free text (why the grant was made)."""
     source: _builtins.str
     """"api", "product" (included in a subscription's period) or "rollover"."""
     price_minor: _builtins.int
@@ -513,6 +534,7 @@ class GrantBalance(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
+    """The grant (CreditGrant.id)."""
     remaining: _builtins.str
     """What is left of it now."""
     @_builtins.property
@@ -556,7 +578,9 @@ class CreditBalance(_message.Message):
     AS_OF_FIELD_NUMBER: _builtins.int
     SETTLED_UNTIL_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """The customer's id (not the external id)."""
     credit_type_id: _builtins.str
+    """The credit type (CreditType.id)."""
     available: _builtins.str
     """Credits available now: open grants minus any deficit (may be negative
     under DEFICIT). Always the sum of the ledger up to now plus the usage
@@ -624,9 +648,13 @@ class CreditLedgerEntry(_message.Message):
     CREDITS_UNCOVERED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     customer_id: _builtins.str
+    """The customer's id (not the external id)."""
     credit_type_id: _builtins.str
+    """The credit type (CreditType.id)."""
     kind: Global___CreditEntryKind.ValueType
+    """What changed the balance."""
     amount: _builtins.str
     """Signed change of the balance."""
     balance_after: _builtins.str
@@ -818,6 +846,7 @@ class CreditEvent(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """The tenant the entry belongs to."""
     balance: _builtins.str
     """For balance_low: the balance and the threshold it fell below."""
     threshold: _builtins.str

@@ -20,6 +20,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Customer(_message.Message):
+    """A customer of the tenant: whom usage is attributed to and invoices are for."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -27,10 +29,13 @@ class Customer(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     external_id: _builtins.str
     """The customer_id that usage events carry; unique per tenant."""
     name: _builtins.str
+    """A display name, printed on invoices."""
     email: _builtins.str
+    """Where the customer's invoices go (informational)."""
     def __init__(
         self,
         *,
@@ -49,14 +54,21 @@ Global___Customer: _TypeAlias = Customer  # noqa: Y015
 
 @_typing.final
 class CreateCustomerRequest(_message.Message):
+    """The customer to create."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     external_id: _builtins.str
+    """Required: the customer_id its usage events carry; unique per tenant; at
+    most 255 characters.
+    """
     name: _builtins.str
+    """Optional display name."""
     email: _builtins.str
+    """Optional email address."""
     def __init__(
         self,
         *,
@@ -102,12 +114,16 @@ Global___GetCustomerRequest: _TypeAlias = GetCustomerRequest  # noqa: Y015
 
 @_typing.final
 class ListCustomersRequest(_message.Message):
+    """A page of the tenant's customers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Customers per page (default 100, at most 1000)."""
     page_token: _builtins.str
+    """Empty for the first page; then the previous answer's next_page_token."""
     def __init__(
         self,
         *,
@@ -124,13 +140,18 @@ Global___ListCustomersRequest: _TypeAlias = ListCustomersRequest  # noqa: Y015
 
 @_typing.final
 class ListCustomersResponse(_message.Message):
+    """One page of customers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def customers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Customer]: ...
+    def customers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Customer]:
+        """In creation order."""
+
     def __init__(
         self,
         *,

@@ -57,19 +57,23 @@ class CustomerServiceServicer:
     """
 
     def CreateCustomer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates a customer; its external_id must be unique per tenant
+        (ALREADY_EXISTS otherwise).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetCustomer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns one customer, by its id or by its external_id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListCustomers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists the tenant's customers in creation order, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,8 +34,13 @@ class CustomerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CustomerServiceAsyncStub: ...
     CreateCustomer: _grpc.UnaryUnaryMultiCallable[_customer_pb2.CreateCustomerRequest, _customer_pb2.Customer]
+    """Creates a customer; its external_id must be unique per tenant
+    (ALREADY_EXISTS otherwise).
+    """
     GetCustomer: _grpc.UnaryUnaryMultiCallable[_customer_pb2.GetCustomerRequest, _customer_pb2.Customer]
+    """Returns one customer, by its id or by its external_id."""
     ListCustomers: _grpc.UnaryUnaryMultiCallable[_customer_pb2.ListCustomersRequest, _customer_pb2.ListCustomersResponse]
+    """Lists the tenant's customers in creation order, a page at a time."""
 
 @_typing.type_check_only
 class CustomerServiceAsyncStub(CustomerServiceStub):
@@ -43,8 +48,13 @@ class CustomerServiceAsyncStub(CustomerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateCustomer: _aio.UnaryUnaryMultiCallable[_customer_pb2.CreateCustomerRequest, _customer_pb2.Customer]  # type: ignore[assignment]
+    """Creates a customer; its external_id must be unique per tenant
+    (ALREADY_EXISTS otherwise).
+    """
     GetCustomer: _aio.UnaryUnaryMultiCallable[_customer_pb2.GetCustomerRequest, _customer_pb2.Customer]  # type: ignore[assignment]
+    """Returns one customer, by its id or by its external_id."""
     ListCustomers: _aio.UnaryUnaryMultiCallable[_customer_pb2.ListCustomersRequest, _customer_pb2.ListCustomersResponse]  # type: ignore[assignment]
+    """Lists the tenant's customers in creation order, a page at a time."""
 
 class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
     """CustomerService manages the tenant's customers."""
@@ -54,20 +64,25 @@ class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _customer_pb2.CreateCustomerRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]: ...
+    ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]:
+        """Creates a customer; its external_id must be unique per tenant
+        (ALREADY_EXISTS otherwise).
+        """
 
     @_abc_1.abstractmethod
     def GetCustomer(
         self,
         request: _customer_pb2.GetCustomerRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]: ...
+    ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]:
+        """Returns one customer, by its id or by its external_id."""
 
     @_abc_1.abstractmethod
     def ListCustomers(
         self,
         request: _customer_pb2.ListCustomersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_customer_pb2.ListCustomersResponse, _abc.Awaitable[_customer_pb2.ListCustomersResponse]]: ...
+    ) -> _typing.Union[_customer_pb2.ListCustomersResponse, _abc.Awaitable[_customer_pb2.ListCustomersResponse]]:
+        """Lists the tenant's customers in creation order, a page at a time."""
 
 def add_CustomerServiceServicer_to_server(servicer: CustomerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

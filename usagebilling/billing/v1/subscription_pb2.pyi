@@ -26,22 +26,31 @@ class _SubscriptionStatus:
 class _SubscriptionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SubscriptionStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SUBSCRIPTION_STATUS_UNSPECIFIED: _SubscriptionStatus.ValueType  # 0
+    """Never set by the server."""
     SUBSCRIPTION_STATUS_ACTIVE: _SubscriptionStatus.ValueType  # 1
+    """Billed every period."""
     SUBSCRIPTION_STATUS_CANCELING: _SubscriptionStatus.ValueType  # 2
     """Ends at the end of the current period."""
     SUBSCRIPTION_STATUS_CANCELED: _SubscriptionStatus.ValueType  # 3
+    """Ended: no later period is billed."""
 
-class SubscriptionStatus(_SubscriptionStatus, metaclass=_SubscriptionStatusEnumTypeWrapper): ...
+class SubscriptionStatus(_SubscriptionStatus, metaclass=_SubscriptionStatusEnumTypeWrapper):
+    """Where a subscription is in its life."""
 
 SUBSCRIPTION_STATUS_UNSPECIFIED: SubscriptionStatus.ValueType  # 0
+"""Never set by the server."""
 SUBSCRIPTION_STATUS_ACTIVE: SubscriptionStatus.ValueType  # 1
+"""Billed every period."""
 SUBSCRIPTION_STATUS_CANCELING: SubscriptionStatus.ValueType  # 2
 """Ends at the end of the current period."""
 SUBSCRIPTION_STATUS_CANCELED: SubscriptionStatus.ValueType  # 3
+"""Ended: no later period is billed."""
 Global___SubscriptionStatus: _TypeAlias = SubscriptionStatus  # noqa: Y015
 
 @_typing.final
 class Subscription(_message.Message):
+    """A customer on a product: billed every period of the product's interval."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -54,20 +63,29 @@ class Subscription(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     COMMITMENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     customer_id: _builtins.str
     """The billing customer id (Customer.id)."""
     product_id: _builtins.str
+    """The product whose prices apply."""
     status: Global___SubscriptionStatus.ValueType
+    """Active, canceling or canceled."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Billing periods are anchored on start_time."""
 
     @_builtins.property
-    def current_period_start(self) -> _timestamp_pb2.Timestamp: ...
+    def current_period_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period that contains now (or the last one, once ended)."""
+
     @_builtins.property
-    def current_period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def current_period_end(self) -> _timestamp_pb2.Timestamp:
+        """End (exclusive) of that period."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ends or ended; unset while active."""
+
     @_builtins.property
     def commitment(self) -> _product_pb2.Commitment:
         """The subscription's own spend commitment, which replaces the product's
@@ -97,6 +115,8 @@ Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
 
 @_typing.final
 class CreateSubscriptionRequest(_message.Message):
+    """The subscription to create."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
@@ -104,7 +124,9 @@ class CreateSubscriptionRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     COMMITMENT_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """Required: the billing customer id (Customer.id)."""
     product_id: _builtins.str
+    """Required: the product (Product.id)."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Default: now. Within 1827 days (about five years) of now, either way;
@@ -139,10 +161,13 @@ Global___CreateSubscriptionRequest: _TypeAlias = CreateSubscriptionRequest  # no
 
 @_typing.final
 class GetSubscriptionRequest(_message.Message):
+    """The subscription to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Required: Subscription.id."""
     def __init__(
         self,
         *,
@@ -158,11 +183,14 @@ Global___GetSubscriptionRequest: _TypeAlias = GetSubscriptionRequest  # noqa: Y0
 
 @_typing.final
 class CancelSubscriptionRequest(_message.Message):
+    """The subscription to cancel, and when."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     IMMEDIATELY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Required: Subscription.id."""
     immediately: _builtins.bool
     """End now, with a final invoice for the part of the period served, instead
     of at the end of the current period.

@@ -57,19 +57,22 @@ class SubscriptionServiceServicer:
     """
 
     def CreateSubscription(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Subscribes a customer to a product from start_time on.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSubscription(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns one subscription with its current period.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelSubscription(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Ends a subscription at the end of its period, or at once (immediately).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,8 +34,11 @@ class SubscriptionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SubscriptionServiceAsyncStub: ...
     CreateSubscription: _grpc.UnaryUnaryMultiCallable[_subscription_pb2.CreateSubscriptionRequest, _subscription_pb2.Subscription]
+    """Subscribes a customer to a product from start_time on."""
     GetSubscription: _grpc.UnaryUnaryMultiCallable[_subscription_pb2.GetSubscriptionRequest, _subscription_pb2.Subscription]
+    """Returns one subscription with its current period."""
     CancelSubscription: _grpc.UnaryUnaryMultiCallable[_subscription_pb2.CancelSubscriptionRequest, _subscription_pb2.Subscription]
+    """Ends a subscription at the end of its period, or at once (immediately)."""
 
 @_typing.type_check_only
 class SubscriptionServiceAsyncStub(SubscriptionServiceStub):
@@ -43,8 +46,11 @@ class SubscriptionServiceAsyncStub(SubscriptionServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSubscription: _aio.UnaryUnaryMultiCallable[_subscription_pb2.CreateSubscriptionRequest, _subscription_pb2.Subscription]  # type: ignore[assignment]
+    """Subscribes a customer to a product from start_time on."""
     GetSubscription: _aio.UnaryUnaryMultiCallable[_subscription_pb2.GetSubscriptionRequest, _subscription_pb2.Subscription]  # type: ignore[assignment]
+    """Returns one subscription with its current period."""
     CancelSubscription: _aio.UnaryUnaryMultiCallable[_subscription_pb2.CancelSubscriptionRequest, _subscription_pb2.Subscription]  # type: ignore[assignment]
+    """Ends a subscription at the end of its period, or at once (immediately)."""
 
 class SubscriptionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SubscriptionService puts customers on products."""
@@ -54,20 +60,23 @@ class SubscriptionServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _subscription_pb2.CreateSubscriptionRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_subscription_pb2.Subscription, _abc.Awaitable[_subscription_pb2.Subscription]]: ...
+    ) -> _typing.Union[_subscription_pb2.Subscription, _abc.Awaitable[_subscription_pb2.Subscription]]:
+        """Subscribes a customer to a product from start_time on."""
 
     @_abc_1.abstractmethod
     def GetSubscription(
         self,
         request: _subscription_pb2.GetSubscriptionRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_subscription_pb2.Subscription, _abc.Awaitable[_subscription_pb2.Subscription]]: ...
+    ) -> _typing.Union[_subscription_pb2.Subscription, _abc.Awaitable[_subscription_pb2.Subscription]]:
+        """Returns one subscription with its current period."""
 
     @_abc_1.abstractmethod
     def CancelSubscription(
         self,
         request: _subscription_pb2.CancelSubscriptionRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_subscription_pb2.Subscription, _abc.Awaitable[_subscription_pb2.Subscription]]: ...
+    ) -> _typing.Union[_subscription_pb2.Subscription, _abc.Awaitable[_subscription_pb2.Subscription]]:
+        """Ends a subscription at the end of its period, or at once (immediately)."""
 
 def add_SubscriptionServiceServicer_to_server(servicer: SubscriptionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -18,12 +18,16 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Tenant(_message.Message):
+    """An isolated account: its customers, meters, products and events are its own."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     name: _builtins.str
+    """A display name."""
     def __init__(
         self,
         *,
@@ -40,6 +44,8 @@ Global___Tenant: _TypeAlias = Tenant  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):
+    """A tenant's API key, the bearer its applications send."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -48,11 +54,15 @@ class ApiKey(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID); what RevokeApiKey takes."""
     tenant_id: _builtins.str
+    """The tenant the key acts for."""
     secret: _builtins.str
     """Only set in the response of CreateApiKey; stored as a hash."""
     description: _builtins.str
+    """What the key is for (free text)."""
     revoked: _builtins.bool
+    """True once revoked: the key is refused."""
     def __init__(
         self,
         *,
@@ -72,10 +82,13 @@ Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
 
 @_typing.final
 class CreateTenantRequest(_message.Message):
+    """The tenant to create."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Required display name."""
     def __init__(
         self,
         *,
@@ -91,12 +104,16 @@ Global___CreateTenantRequest: _TypeAlias = CreateTenantRequest  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):
+    """A new key for a tenant."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """Required: the tenant the key acts for."""
     description: _builtins.str
+    """Optional: what the key is for."""
     def __init__(
         self,
         *,
@@ -113,10 +130,13 @@ Global___CreateApiKeyRequest: _TypeAlias = CreateApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class RevokeApiKeyRequest(_message.Message):
+    """The key to revoke."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Required: the key's id (ApiKey.id), not its secret."""
     def __init__(
         self,
         *,
@@ -132,6 +152,8 @@ Global___RevokeApiKeyRequest: _TypeAlias = RevokeApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class WhoAmIRequest(_message.Message):
+    """No fields: the caller is known from its bearer."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -147,12 +169,16 @@ Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
 
 @_typing.final
 class WhoAmIResponse(_message.Message):
+    """Who the caller is."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """The tenant the key belongs to."""
     api_key_id: _builtins.str
+    """The key's id (empty for a service token)."""
     def __init__(
         self,
         *,

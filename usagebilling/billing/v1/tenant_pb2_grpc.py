@@ -59,7 +59,8 @@ class TenantServiceServicer:
     """
 
     def CreateTenant(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates a tenant (admin token).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -72,7 +73,8 @@ class TenantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Revokes a key: within USAGEBILLING_AUTH_CACHE_TTL every service refuses it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -220,7 +222,8 @@ class AuthServiceServicer:
     """
 
     def WhoAmI(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The tenant and key behind the caller's API key.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

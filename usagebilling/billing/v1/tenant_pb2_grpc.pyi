@@ -36,9 +36,11 @@ class TenantServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TenantServiceAsyncStub: ...
     CreateTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.CreateTenantRequest, _tenant_pb2.Tenant]
+    """Creates a tenant (admin token)."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.CreateApiKeyRequest, _tenant_pb2.ApiKey]
     """The secret of the new key is shown only in this response."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.RevokeApiKeyRequest, _tenant_pb2.ApiKey]
+    """Revokes a key: within USAGEBILLING_AUTH_CACHE_TTL every service refuses it."""
 
 @_typing.type_check_only
 class TenantServiceAsyncStub(TenantServiceStub):
@@ -48,9 +50,11 @@ class TenantServiceAsyncStub(TenantServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.CreateTenantRequest, _tenant_pb2.Tenant]  # type: ignore[assignment]
+    """Creates a tenant (admin token)."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_tenant_pb2.CreateApiKeyRequest, _tenant_pb2.ApiKey]  # type: ignore[assignment]
     """The secret of the new key is shown only in this response."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_tenant_pb2.RevokeApiKeyRequest, _tenant_pb2.ApiKey]  # type: ignore[assignment]
+    """Revokes a key: within USAGEBILLING_AUTH_CACHE_TTL every service refuses it."""
 
 class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
     """TenantService manages tenants and their API keys. Every RPC needs the admin
@@ -62,7 +66,8 @@ class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _tenant_pb2.CreateTenantRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tenant_pb2.Tenant, _abc.Awaitable[_tenant_pb2.Tenant]]: ...
+    ) -> _typing.Union[_tenant_pb2.Tenant, _abc.Awaitable[_tenant_pb2.Tenant]]:
+        """Creates a tenant (admin token)."""
 
     @_abc_1.abstractmethod
     def CreateApiKey(
@@ -77,7 +82,8 @@ class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _tenant_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tenant_pb2.ApiKey, _abc.Awaitable[_tenant_pb2.ApiKey]]: ...
+    ) -> _typing.Union[_tenant_pb2.ApiKey, _abc.Awaitable[_tenant_pb2.ApiKey]]:
+        """Revokes a key: within USAGEBILLING_AUTH_CACHE_TTL every service refuses it."""
 
 def add_TenantServiceServicer_to_server(servicer: TenantServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -94,6 +100,7 @@ class AuthServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.WhoAmIRequest, _tenant_pb2.WhoAmIResponse]
+    """The tenant and key behind the caller's API key."""
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -106,6 +113,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     WhoAmI: _aio.UnaryUnaryMultiCallable[_tenant_pb2.WhoAmIRequest, _tenant_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """The tenant and key behind the caller's API key."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService tells a caller which tenant its API key belongs to; the other
@@ -120,6 +128,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _tenant_pb2.WhoAmIRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tenant_pb2.WhoAmIResponse, _abc.Awaitable[_tenant_pb2.WhoAmIResponse]]: ...
+    ) -> _typing.Union[_tenant_pb2.WhoAmIResponse, _abc.Awaitable[_tenant_pb2.WhoAmIResponse]]:
+        """The tenant and key behind the caller's API key."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -37,6 +37,7 @@ class QuarantinedMessage(_message.Message):
     id: _builtins.str
     """A UUID."""
     tenant_id: _builtins.str
+    """The tenant whose events it holds."""
     stage: _builtins.str
     """"relay" (ingest) or "fold" (meter)."""
     reason: _builtins.str
@@ -50,9 +51,13 @@ class QuarantinedMessage(_message.Message):
         """The events it holds."""
 
     @_builtins.property
-    def quarantine_time(self) -> _timestamp_pb2.Timestamp: ...
+    def quarantine_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was set aside."""
+
     @_builtins.property
-    def last_attempt_time(self) -> _timestamp_pb2.Timestamp: ...
+    def last_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the stage last tried it."""
+
     def __init__(
         self,
         *,
@@ -76,6 +81,8 @@ Global___QuarantinedMessage: _TypeAlias = QuarantinedMessage  # noqa: Y015
 
 @_typing.final
 class ListQuarantinedRequest(_message.Message):
+    """A page of quarantined messages."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
@@ -86,6 +93,7 @@ class ListQuarantinedRequest(_message.Message):
     page_size: _builtins.int
     """Default 100, at most 1000."""
     page_token: _builtins.str
+    """Empty for the first page; then the previous answer's next_page_token."""
     def __init__(
         self,
         *,
@@ -103,13 +111,18 @@ Global___ListQuarantinedRequest: _TypeAlias = ListQuarantinedRequest  # noqa: Y0
 
 @_typing.final
 class ListQuarantinedResponse(_message.Message):
+    """One page of quarantined messages."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuarantinedMessage]: ...
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuarantinedMessage]:
+        """Oldest first."""
+
     def __init__(
         self,
         *,
@@ -126,6 +139,8 @@ Global___ListQuarantinedResponse: _TypeAlias = ListQuarantinedResponse  # noqa: 
 
 @_typing.final
 class ReplayQuarantinedRequest(_message.Message):
+    """The messages to process again."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
@@ -148,6 +163,8 @@ Global___ReplayQuarantinedRequest: _TypeAlias = ReplayQuarantinedRequest  # noqa
 
 @_typing.final
 class ReplayQuarantinedResponse(_message.Message):
+    """What the replay did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLAYED_IDS_FIELD_NUMBER: _builtins.int
@@ -176,6 +193,8 @@ Global___ReplayQuarantinedResponse: _TypeAlias = ReplayQuarantinedResponse  # no
 
 @_typing.final
 class DiscardQuarantinedRequest(_message.Message):
+    """The messages to drop for good."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
@@ -198,10 +217,13 @@ Global___DiscardQuarantinedRequest: _TypeAlias = DiscardQuarantinedRequest  # no
 
 @_typing.final
 class DiscardQuarantinedResponse(_message.Message):
+    """What was dropped."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DISCARDED_COUNT_FIELD_NUMBER: _builtins.int
     discarded_count: _builtins.int
+    """How many of the ids were found and dropped."""
     def __init__(
         self,
         *,

@@ -37,9 +37,15 @@ class Value(_message.Message):
     INT_VALUE_FIELD_NUMBER: _builtins.int
     BOOL_VALUE_FIELD_NUMBER: _builtins.int
     string_value: _builtins.str
+    """Text; a numeric string ("12.5") also counts as a number for SUM, MAX and
+    the like.
+    """
     number_value: _builtins.float
+    """A number; read as the decimal of its shortest repr."""
     int_value: _builtins.int
+    """A whole number (JSON: a string or a number)."""
     bool_value: _builtins.bool
+    """true or false."""
     def __init__(
         self,
         *,

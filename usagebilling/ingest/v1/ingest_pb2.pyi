@@ -53,10 +53,21 @@ class Event(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Required, unique per tenant, at most 255 characters: an event sent again
+    with the same id is a duplicate (counted once).
+    """
     customer_id: _builtins.str
+    """Required: the customer's external_id (Customer.external_id), at most 255
+    characters.
+    """
     event_name: _builtins.str
+    """Required: what meters select on (Meter.event_name), at most 255 characters."""
     @_builtins.property
-    def timestamp(self) -> _timestamp_pb2.Timestamp: ...
+    def timestamp(self) -> _timestamp_pb2.Timestamp:
+        """When it happened; default: when ingest received it. No older than
+        USAGEBILLING_BACKDATE_WINDOW, nor far in the future.
+        """
+
     @_builtins.property
     def metadata(self) -> _containers.MessageMap[_builtins.str, _value_pb2.Value]:
         """At most 50 keys of at most 100 characters (no NUL); each value follows
@@ -91,7 +102,9 @@ class IngestEventsRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """1 to 1000 events."""
+
     def __init__(
         self,
         *,
@@ -107,15 +120,21 @@ Global___IngestEventsRequest: _TypeAlias = IngestEventsRequest  # noqa: Y015
 
 @_typing.final
 class IngestEventsResponse(_message.Message):
+    """What became of each event of a batch."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
     accepted_count: _builtins.int
+    """Events stored now."""
     duplicate_count: _builtins.int
+    """Events whose event_id was already stored (not counted again)."""
     @_builtins.property
-    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventRejection]: ...
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventRejection]:
+        """Events refused alone (the others stored), with why."""
+
     def __init__(
         self,
         *,
@@ -141,8 +160,11 @@ class EventRejection(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
+    """Its index in the request's events."""
     event_id: _builtins.str
+    """Its event_id as sent."""
     reason: _builtins.str
+    """Why, naming the field or metadata key."""
     def __init__(
         self,
         *,
@@ -160,10 +182,13 @@ Global___EventRejection: _TypeAlias = EventRejection  # noqa: Y015
 
 @_typing.final
 class GetEventRequest(_message.Message):
+    """The event to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Required: the event_id it was sent with."""
     def __init__(
         self,
         *,
@@ -179,6 +204,8 @@ Global___GetEventRequest: _TypeAlias = GetEventRequest  # noqa: Y015
 
 @_typing.final
 class ListEventsRequest(_message.Message):
+    """A page of stored events, filtered."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
@@ -188,13 +215,21 @@ class ListEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """Optional: only this customer's (external id)."""
     event_name: _builtins.str
+    """Optional: only events of this name."""
     page_size: _builtins.int
+    """Default 100, at most 1000."""
     page_token: _builtins.str
+    """Empty for the first page; then the previous answer's next_page_token."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional: only events at or after this time."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional: only events before this time."""
+
     def __init__(
         self,
         *,
@@ -215,13 +250,18 @@ Global___ListEventsRequest: _TypeAlias = ListEventsRequest  # noqa: Y015
 
 @_typing.final
 class ListEventsResponse(_message.Message):
+    """One page of events."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """Newest first."""
+
     def __init__(
         self,
         *,
@@ -238,17 +278,25 @@ Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
 
 @_typing.final
 class ReplayEventsRequest(_message.Message):
+    """The events to stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_NAMES_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def event_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The event names to replay."""
+
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Events at or after this time."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Events before this time."""
+
     def __init__(
         self,
         *,
@@ -275,8 +323,11 @@ class EventBatch(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """The tenant that sent them."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """The events one call accepted, as stored."""
+
     def __init__(
         self,
         *,
