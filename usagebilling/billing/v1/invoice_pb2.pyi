@@ -27,16 +27,25 @@ class _InvoiceStatus:
 class _InvoiceStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InvoiceStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     INVOICE_STATUS_UNSPECIFIED: _InvoiceStatus.ValueType  # 0
+    """Never set by the server."""
     INVOICE_STATUS_DRAFT: _InvoiceStatus.ValueType  # 1
+    """Built, still priced again until it is finalized (after the grace period)."""
     INVOICE_STATUS_FINALIZED: _InvoiceStatus.ValueType  # 2
+    """Numbered and final: never changed again, only voided."""
     INVOICE_STATUS_VOID: _InvoiceStatus.ValueType  # 3
+    """Voided by VoidInvoice; kept, with its number."""
 
-class InvoiceStatus(_InvoiceStatus, metaclass=_InvoiceStatusEnumTypeWrapper): ...
+class InvoiceStatus(_InvoiceStatus, metaclass=_InvoiceStatusEnumTypeWrapper):
+    """Where an invoice is in its life."""
 
 INVOICE_STATUS_UNSPECIFIED: InvoiceStatus.ValueType  # 0
+"""Never set by the server."""
 INVOICE_STATUS_DRAFT: InvoiceStatus.ValueType  # 1
+"""Built, still priced again until it is finalized (after the grace period)."""
 INVOICE_STATUS_FINALIZED: InvoiceStatus.ValueType  # 2
+"""Numbered and final: never changed again, only voided."""
 INVOICE_STATUS_VOID: InvoiceStatus.ValueType  # 3
+"""Voided by VoidInvoice; kept, with its number."""
 Global___InvoiceStatus: _TypeAlias = InvoiceStatus  # noqa: Y015
 
 class _InvoiceLineKind:
@@ -46,6 +55,7 @@ class _InvoiceLineKind:
 class _InvoiceLineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InvoiceLineKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     INVOICE_LINE_KIND_UNSPECIFIED: _InvoiceLineKind.ValueType  # 0
+    """Never set by the server."""
     INVOICE_LINE_KIND_FIXED_FEE: _InvoiceLineKind.ValueType  # 1
     """The product's fixed fee (prorated for a period cut short)."""
     INVOICE_LINE_KIND_USAGE: _InvoiceLineKind.ValueType  # 2
@@ -63,6 +73,7 @@ class InvoiceLineKind(_InvoiceLineKind, metaclass=_InvoiceLineKindEnumTypeWrappe
     """What an invoice line bills."""
 
 INVOICE_LINE_KIND_UNSPECIFIED: InvoiceLineKind.ValueType  # 0
+"""Never set by the server."""
 INVOICE_LINE_KIND_FIXED_FEE: InvoiceLineKind.ValueType  # 1
 """The product's fixed fee (prorated for a period cut short)."""
 INVOICE_LINE_KIND_USAGE: InvoiceLineKind.ValueType  # 2
@@ -89,9 +100,13 @@ class InvoiceLineTier(_message.Message):
     FLAT_PRICE_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     up_to: _builtins.str
+    """The tier's inclusive upper bound; empty: none."""
     quantity: _builtins.str
+    """Units priced in this tier."""
     unit_price: _builtins.str
+    """The tier's price per unit, in major units."""
     flat_price: _builtins.str
+    """The tier's flat price, in major units; empty: none."""
     amount: _builtins.str
     """The exact amount of this tier, a decimal string in major units."""
     def __init__(
@@ -113,6 +128,10 @@ Global___InvoiceLineTier: _TypeAlias = InvoiceLineTier  # noqa: Y015
 
 @_typing.final
 class InvoiceLine(_message.Message):
+    """One charge of an invoice: the fixed fee, one usage price, or a commitment
+    adjustment.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DESCRIPTION_FIELD_NUMBER: _builtins.int
@@ -126,20 +145,33 @@ class InvoiceLine(_message.Message):
     TIERS_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     description: _builtins.str
+    """Human-readable, such as "api-calls: 2500 consumed, 1000 free, 1500 billable
+    x 0.02".
+    """
     meter_id: _builtins.str
     """Empty on the fixed-fee line."""
     quantity: _builtins.str
+    """Usage consumed in the period (a decimal string)."""
     free_quantity: _builtins.str
+    """The part of it that was free (free_threshold)."""
     billable_quantity: _builtins.str
+    """The part of it that was billed."""
     unit_price: _builtins.str
+    """The price per unit, where the model has one."""
     amount_minor: _builtins.int
+    """The line's amount in minor units of the invoice's currency (negative for a
+    cap).
+    """
     meter_name: _builtins.str
+    """The meter's name at the time the line was priced."""
     kind: Global___InvoiceLineKind.ValueType
     """What the line bills (on invoices built before kinds existed: FIXED_FEE
     or USAGE, from meter_id).
     """
     @_builtins.property
-    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLineTier]: ...
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLineTier]:
+        """GRADUATED and VOLUME: the tiers the quantity fell in."""
+
     def __init__(
         self,
         *,
@@ -164,6 +196,8 @@ Global___InvoiceLine: _TypeAlias = InvoiceLine  # noqa: Y015
 
 @_typing.final
 class Invoice(_message.Message):
+    """A customer's bill for one period of one subscription."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -182,28 +216,45 @@ class Invoice(_message.Message):
     REPLACES_INVOICE_ID_FIELD_NUMBER: _builtins.int
     REPLACED_BY_INVOICE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     number: _builtins.str
     """Per-tenant sequential number such as INV-000042, set at finalization."""
     customer_id: _builtins.str
+    """The billing customer id (Customer.id)."""
     subscription_id: _builtins.str
+    """The subscription billed."""
     currency: _builtins.str
+    """The product's ISO 4217 currency."""
     status: Global___InvoiceStatus.ValueType
+    """Draft, finalized or void."""
     subtotal_minor: _builtins.int
+    """The sum of the lines, in minor units."""
     total_minor: _builtins.int
+    """What the customer owes, in minor units."""
     replaces_invoice_id: _builtins.str
     """On a corrected invoice: the voided invoice it replaces."""
     replaced_by_invoice_id: _builtins.str
     """On a voided invoice: the corrected invoice issued for the same period."""
     @_builtins.property
-    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The period billed: from here (inclusive)."""
+
     @_builtins.property
-    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """To here (exclusive)."""
+
     @_builtins.property
-    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLine]: ...
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLine]:
+        """The charges, fixed fee first."""
+
     @_builtins.property
-    def finalize_time(self) -> _timestamp_pb2.Timestamp: ...
+    def finalize_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was finalized; unset on a draft."""
+
     @_builtins.property
-    def void_time(self) -> _timestamp_pb2.Timestamp: ...
+    def void_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was voided; unset unless VOID."""
+
     def __init__(
         self,
         *,
@@ -233,10 +284,13 @@ Global___Invoice: _TypeAlias = Invoice  # noqa: Y015
 
 @_typing.final
 class PreviewInvoiceRequest(_message.Message):
+    """The subscription whose current period to preview."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
+    """Required: Subscription.id."""
     def __init__(
         self,
         *,
@@ -252,6 +306,8 @@ Global___PreviewInvoiceRequest: _TypeAlias = PreviewInvoiceRequest  # noqa: Y015
 
 @_typing.final
 class RunBillingCycleRequest(_message.Message):
+    """One run of the billing cycle for the caller's tenant."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AS_OF_FIELD_NUMBER: _builtins.int
@@ -276,6 +332,8 @@ Global___RunBillingCycleRequest: _TypeAlias = RunBillingCycleRequest  # noqa: Y0
 
 @_typing.final
 class RunBillingCycleResponse(_message.Message):
+    """What one run did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INVOICE_IDS_FIELD_NUMBER: _builtins.int
@@ -322,6 +380,7 @@ class BillingFailure(_message.Message):
     PERIOD_END_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
+    """The subscription whose period is held."""
     reason: _builtins.str
     """Why, in words a person can act on (for example an amount beyond the
     int64 range of minor units, naming the line by its usage_prices index
@@ -330,9 +389,13 @@ class BillingFailure(_message.Message):
     (usagebilling_billing_failures_total) once per period, not per run.
     """
     @_builtins.property
-    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The held period: from here (inclusive)."""
+
     @_builtins.property
-    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """To here (exclusive)."""
+
     def __init__(
         self,
         *,
@@ -351,10 +414,13 @@ Global___BillingFailure: _TypeAlias = BillingFailure  # noqa: Y015
 
 @_typing.final
 class GetInvoiceRequest(_message.Message):
+    """The invoice to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Required: Invoice.id."""
     def __init__(
         self,
         *,
@@ -370,6 +436,8 @@ Global___GetInvoiceRequest: _TypeAlias = GetInvoiceRequest  # noqa: Y015
 
 @_typing.final
 class ListInvoicesRequest(_message.Message):
+    """A page of the tenant's invoices, filtered."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
@@ -377,9 +445,13 @@ class ListInvoicesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """Optional: only this customer's (Customer.id)."""
     subscription_id: _builtins.str
+    """Optional: only this subscription's."""
     page_size: _builtins.int
+    """Default 100, at most 1000."""
     page_token: _builtins.str
+    """Empty for the first page; then the previous answer's next_page_token."""
     def __init__(
         self,
         *,
@@ -398,13 +470,18 @@ Global___ListInvoicesRequest: _TypeAlias = ListInvoicesRequest  # noqa: Y015
 
 @_typing.final
 class ListInvoicesResponse(_message.Message):
+    """One page of invoices."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INVOICES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]: ...
+    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]:
+        """Newest period first."""
+
     def __init__(
         self,
         *,
@@ -421,6 +498,8 @@ Global___ListInvoicesResponse: _TypeAlias = ListInvoicesResponse  # noqa: Y015
 
 @_typing.final
 class VoidInvoiceRequest(_message.Message):
+    """The invoice to void."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -448,6 +527,8 @@ Global___VoidInvoiceRequest: _TypeAlias = VoidInvoiceRequest  # noqa: Y015
 
 @_typing.final
 class GetCustomerUsageRequest(_message.Message):
+    """The customer whose current usage to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
@@ -485,11 +566,17 @@ class MeterUsage(_message.Message):
     CHARGEABLE_FIELD_NUMBER: _builtins.int
     AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     meter_id: _builtins.str
+    """The meter (Meter.id)."""
     meter_name: _builtins.str
+    """The meter's name."""
     consumed: _builtins.str
+    """Usage so far in the period (a decimal string)."""
     free: _builtins.str
+    """The part of it that is free."""
     chargeable: _builtins.str
+    """The part of it that will be billed."""
     amount_minor: _builtins.int
+    """Its price so far, in minor units of the currency."""
     def __init__(
         self,
         *,
@@ -510,6 +597,8 @@ Global___MeterUsage: _TypeAlias = MeterUsage  # noqa: Y015
 
 @_typing.final
 class GetCustomerUsageResponse(_message.Message):
+    """A customer's usage in its current period, per meter of its product."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
@@ -519,14 +608,23 @@ class GetCustomerUsageResponse(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     USAGES_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """The customer's id (Customer.id), whichever way it was named."""
     subscription_id: _builtins.str
+    """The subscription whose period this is."""
     currency: _builtins.str
+    """The product's currency."""
     @_builtins.property
-    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The current period: from here (inclusive)."""
+
     @_builtins.property
-    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """To here (exclusive)."""
+
     @_builtins.property
-    def usages(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeterUsage]: ...
+    def usages(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeterUsage]:
+        """One entry per usage price of the product."""
+
     def __init__(
         self,
         *,
@@ -556,8 +654,11 @@ class InvoiceFinalized(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     INVOICE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """The invoice's tenant."""
     @_builtins.property
-    def invoice(self) -> Global___Invoice: ...
+    def invoice(self) -> Global___Invoice:
+        """The invoice as finalized."""
+
     def __init__(
         self,
         *,
@@ -586,8 +687,11 @@ class InvoiceVoided(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     INVOICE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """The invoice's tenant."""
     @_builtins.property
-    def invoice(self) -> Global___Invoice: ...
+    def invoice(self) -> Global___Invoice:
+        """The invoice as voided."""
+
     def __init__(
         self,
         *,

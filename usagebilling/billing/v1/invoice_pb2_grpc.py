@@ -92,7 +92,8 @@ class InvoiceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetInvoice(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns one invoice.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -113,7 +114,9 @@ class InvoiceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCustomerUsage(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A customer's usage and its price so far in the current period of its
+        subscription, by the customer's id or external_id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

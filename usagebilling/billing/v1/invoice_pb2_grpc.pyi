@@ -45,6 +45,7 @@ class InvoiceServiceStub:
     underbill) and listed in failures; the call still answers OK.
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]
+    """Returns one invoice."""
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.ListInvoicesRequest, _invoice_pb2.ListInvoicesResponse]
     """Newest period first."""
     VoidInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]
@@ -52,6 +53,9 @@ class InvoiceServiceStub:
     asked, issues a corrected invoice for its period.
     """
     GetCustomerUsage: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]
+    """A customer's usage and its price so far in the current period of its
+    subscription, by the customer's id or external_id.
+    """
 
 @_typing.type_check_only
 class InvoiceServiceAsyncStub(InvoiceServiceStub):
@@ -70,6 +74,7 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     underbill) and listed in failures; the call still answers OK.
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
+    """Returns one invoice."""
     ListInvoices: _aio.UnaryUnaryMultiCallable[_invoice_pb2.ListInvoicesRequest, _invoice_pb2.ListInvoicesResponse]  # type: ignore[assignment]
     """Newest period first."""
     VoidInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
@@ -77,6 +82,9 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     asked, issues a corrected invoice for its period.
     """
     GetCustomerUsage: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]  # type: ignore[assignment]
+    """A customer's usage and its price so far in the current period of its
+    subscription, by the customer's id or external_id.
+    """
 
 class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InvoiceService builds, finalizes and serves invoices."""
@@ -109,7 +117,8 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _invoice_pb2.GetInvoiceRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_invoice_pb2.Invoice, _abc.Awaitable[_invoice_pb2.Invoice]]: ...
+    ) -> _typing.Union[_invoice_pb2.Invoice, _abc.Awaitable[_invoice_pb2.Invoice]]:
+        """Returns one invoice."""
 
     @_abc_1.abstractmethod
     def ListInvoices(
@@ -134,6 +143,9 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _invoice_pb2.GetCustomerUsageRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_invoice_pb2.GetCustomerUsageResponse, _abc.Awaitable[_invoice_pb2.GetCustomerUsageResponse]]: ...
+    ) -> _typing.Union[_invoice_pb2.GetCustomerUsageResponse, _abc.Awaitable[_invoice_pb2.GetCustomerUsageResponse]]:
+        """A customer's usage and its price so far in the current period of its
+        subscription, by the customer's id or external_id.
+        """
 
 def add_InvoiceServiceServicer_to_server(servicer: InvoiceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,18 +27,35 @@ class _BillingInterval:
 class _BillingIntervalEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BillingInterval.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BILLING_INTERVAL_UNSPECIFIED: _BillingInterval.ValueType  # 0
+    """Refused (INVALID_ARGUMENT naming billing_interval)."""
     BILLING_INTERVAL_DAY: _BillingInterval.ValueType  # 1
+    """One day."""
     BILLING_INTERVAL_WEEK: _BillingInterval.ValueType  # 2
+    """Seven days."""
     BILLING_INTERVAL_MONTH: _BillingInterval.ValueType  # 3
+    """One calendar month (a start on the 31st ends on the last day of shorter
+    months).
+    """
     BILLING_INTERVAL_YEAR: _BillingInterval.ValueType  # 4
+    """One calendar year."""
 
-class BillingInterval(_BillingInterval, metaclass=_BillingIntervalEnumTypeWrapper): ...
+class BillingInterval(_BillingInterval, metaclass=_BillingIntervalEnumTypeWrapper):
+    """How long a billing period is; periods are anchored on the subscription's
+    start_time.
+    """
 
 BILLING_INTERVAL_UNSPECIFIED: BillingInterval.ValueType  # 0
+"""Refused (INVALID_ARGUMENT naming billing_interval)."""
 BILLING_INTERVAL_DAY: BillingInterval.ValueType  # 1
+"""One day."""
 BILLING_INTERVAL_WEEK: BillingInterval.ValueType  # 2
+"""Seven days."""
 BILLING_INTERVAL_MONTH: BillingInterval.ValueType  # 3
+"""One calendar month (a start on the 31st ends on the last day of shorter
+months).
+"""
 BILLING_INTERVAL_YEAR: BillingInterval.ValueType  # 4
+"""One calendar year."""
 Global___BillingInterval: _TypeAlias = BillingInterval  # noqa: Y015
 
 class _PriceModel:
@@ -48,6 +65,7 @@ class _PriceModel:
 class _PriceModelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PriceModel.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PRICE_MODEL_UNSPECIFIED: _PriceModel.ValueType  # 0
+    """Refused (INVALID_ARGUMENT naming usage_prices[i].model)."""
     PRICE_MODEL_PER_UNIT: _PriceModel.ValueType  # 1
     """(quantity - free_threshold)+ x unit_price."""
     PRICE_MODEL_GRADUATED: _PriceModel.ValueType  # 2
@@ -63,9 +81,11 @@ class _PriceModelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PriceModel
     UsagePrice.rate for the exact rules.
     """
 
-class PriceModel(_PriceModel, metaclass=_PriceModelEnumTypeWrapper): ...
+class PriceModel(_PriceModel, metaclass=_PriceModelEnumTypeWrapper):
+    """How a usage price turns a period's quantity into an amount."""
 
 PRICE_MODEL_UNSPECIFIED: PriceModel.ValueType  # 0
+"""Refused (INVALID_ARGUMENT naming usage_prices[i].model)."""
 PRICE_MODEL_PER_UNIT: PriceModel.ValueType  # 1
 """(quantity - free_threshold)+ x unit_price."""
 PRICE_MODEL_GRADUATED: PriceModel.ValueType  # 2
@@ -98,7 +118,9 @@ class PriceTier(_message.Message):
     up_to: _builtins.str
     """Inclusive upper bound of the tier; empty means no upper bound."""
     unit_price: _builtins.str
+    """Price per unit in the tier, in major units."""
     flat_price: _builtins.str
+    """A flat price for reaching the tier, in major units; optional."""
     def __init__(
         self,
         *,
@@ -142,14 +164,19 @@ class UsagePrice(_message.Message):
     CREDIT_RATE_FIELD_NUMBER: _builtins.int
     OVERAGE_RULE_FIELD_NUMBER: _builtins.int
     meter_id: _builtins.str
+    """Required: the meter whose usage is priced (Meter.id); one price per meter."""
     model: Global___PriceModel.ValueType
+    """Required: the price model; its fields below, the others empty."""
     unit_price: _builtins.str
+    """PER_UNIT: the price per unit, in major units."""
     free_threshold: _builtins.str
     """Units free in each period; applies before any model. For PERCENTAGE, an
     amount in major units on which no percentage is charged.
     """
     package_size: _builtins.str
+    """PACKAGE: units per package, positive."""
     package_price: _builtins.str
+    """PACKAGE: the price of one package, in major units."""
     rate: _builtins.str
     """PERCENTAGE: the rate in percent, within [0, 100] ("2.9" is 2.9%).
 
@@ -205,7 +232,9 @@ class UsagePrice(_message.Message):
     overage_rule: _credit_pb2.OverageRule.ValueType
     """Required with credit_type_id: what happens to usage beyond the balance."""
     @_builtins.property
-    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceTier]: ...
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceTier]:
+        """GRADUATED and VOLUME: the tiers, in ascending up_to, the last without one."""
+
     def __init__(
         self,
         *,
@@ -312,6 +341,8 @@ Global___Commitment: _TypeAlias = Commitment  # noqa: Y015
 
 @_typing.final
 class Product(_message.Message):
+    """What customers subscribe to: its prices per billing period."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -323,13 +354,19 @@ class Product(_message.Message):
     COMMITMENT_FIELD_NUMBER: _builtins.int
     INCLUDED_CREDITS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by billing (a UUID)."""
     name: _builtins.str
+    """The product's name, printed on invoices."""
     currency: _builtins.str
     """ISO 4217 code, such as USD."""
     billing_interval: Global___BillingInterval.ValueType
+    """The length of its billing periods."""
     fixed_price_minor: _builtins.int
+    """A fixed fee per period, in minor units of currency."""
     @_builtins.property
-    def usage_prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePrice]: ...
+    def usage_prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePrice]:
+        """The prices of metered usage, one per meter."""
+
     @_builtins.property
     def commitment(self) -> Global___Commitment:
         """The product's spend commitment; unset: none. A subscription may set its
@@ -421,10 +458,13 @@ Global___CreateProductRequest: _TypeAlias = CreateProductRequest  # noqa: Y015
 
 @_typing.final
 class GetProductRequest(_message.Message):
+    """The product to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Required: Product.id."""
     def __init__(
         self,
         *,
@@ -440,12 +480,16 @@ Global___GetProductRequest: _TypeAlias = GetProductRequest  # noqa: Y015
 
 @_typing.final
 class ListProductsRequest(_message.Message):
+    """A page of the tenant's products."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Default 100, at most 1000."""
     page_token: _builtins.str
+    """Empty for the first page; then the previous answer's next_page_token."""
     def __init__(
         self,
         *,
@@ -462,13 +506,18 @@ Global___ListProductsRequest: _TypeAlias = ListProductsRequest  # noqa: Y015
 
 @_typing.final
 class ListProductsResponse(_message.Message):
+    """One page of products."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PRODUCTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def products(self) -> _containers.RepeatedCompositeFieldContainer[Global___Product]: ...
+    def products(self) -> _containers.RepeatedCompositeFieldContainer[Global___Product]:
+        """In creation order."""
+
     def __init__(
         self,
         *,

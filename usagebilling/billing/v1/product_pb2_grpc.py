@@ -57,19 +57,23 @@ class ProductServiceServicer:
     """
 
     def CreateProduct(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates a product: a currency, a billing interval, a fixed price and usage
+        prices.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetProduct(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns one product.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListProducts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists the tenant's products in creation order, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,8 +34,13 @@ class ProductServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ProductServiceAsyncStub: ...
     CreateProduct: _grpc.UnaryUnaryMultiCallable[_product_pb2.CreateProductRequest, _product_pb2.Product]
+    """Creates a product: a currency, a billing interval, a fixed price and usage
+    prices.
+    """
     GetProduct: _grpc.UnaryUnaryMultiCallable[_product_pb2.GetProductRequest, _product_pb2.Product]
+    """Returns one product."""
     ListProducts: _grpc.UnaryUnaryMultiCallable[_product_pb2.ListProductsRequest, _product_pb2.ListProductsResponse]
+    """Lists the tenant's products in creation order, a page at a time."""
 
 @_typing.type_check_only
 class ProductServiceAsyncStub(ProductServiceStub):
@@ -43,8 +48,13 @@ class ProductServiceAsyncStub(ProductServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateProduct: _aio.UnaryUnaryMultiCallable[_product_pb2.CreateProductRequest, _product_pb2.Product]  # type: ignore[assignment]
+    """Creates a product: a currency, a billing interval, a fixed price and usage
+    prices.
+    """
     GetProduct: _aio.UnaryUnaryMultiCallable[_product_pb2.GetProductRequest, _product_pb2.Product]  # type: ignore[assignment]
+    """Returns one product."""
     ListProducts: _aio.UnaryUnaryMultiCallable[_product_pb2.ListProductsRequest, _product_pb2.ListProductsResponse]  # type: ignore[assignment]
+    """Lists the tenant's products in creation order, a page at a time."""
 
 class ProductServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProductService manages what things cost."""
@@ -54,20 +64,25 @@ class ProductServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _product_pb2.CreateProductRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_product_pb2.Product, _abc.Awaitable[_product_pb2.Product]]: ...
+    ) -> _typing.Union[_product_pb2.Product, _abc.Awaitable[_product_pb2.Product]]:
+        """Creates a product: a currency, a billing interval, a fixed price and usage
+        prices.
+        """
 
     @_abc_1.abstractmethod
     def GetProduct(
         self,
         request: _product_pb2.GetProductRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_product_pb2.Product, _abc.Awaitable[_product_pb2.Product]]: ...
+    ) -> _typing.Union[_product_pb2.Product, _abc.Awaitable[_product_pb2.Product]]:
+        """Returns one product."""
 
     @_abc_1.abstractmethod
     def ListProducts(
         self,
         request: _product_pb2.ListProductsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_product_pb2.ListProductsResponse, _abc.Awaitable[_product_pb2.ListProductsResponse]]: ...
+    ) -> _typing.Union[_product_pb2.ListProductsResponse, _abc.Awaitable[_product_pb2.ListProductsResponse]]:
+        """Lists the tenant's products in creation order, a page at a time."""
 
 def add_ProductServiceServicer_to_server(servicer: ProductServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

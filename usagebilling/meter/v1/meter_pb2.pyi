@@ -28,13 +28,21 @@ class _Aggregation:
 class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregation.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     AGGREGATION_UNSPECIFIED: _Aggregation.ValueType  # 0
+    """Refused (INVALID_ARGUMENT naming aggregation)."""
     AGGREGATION_COUNT: _Aggregation.ValueType  # 1
+    """The number of matching events."""
     AGGREGATION_SUM: _Aggregation.ValueType  # 2
+    """The exact sum of `property`."""
     AGGREGATION_MAX: _Aggregation.ValueType  # 3
+    """The largest value of `property`."""
     AGGREGATION_MIN: _Aggregation.ValueType  # 4
+    """The smallest value of `property`."""
     AGGREGATION_AVG: _Aggregation.ValueType  # 5
+    """The mean of `property`."""
     AGGREGATION_UNIQUE_COUNT: _Aggregation.ValueType  # 6
+    """The number of distinct values of `property`."""
     AGGREGATION_LATEST: _Aggregation.ValueType  # 7
+    """The value of `property` on the latest event (by timestamp)."""
     AGGREGATION_TIME_WEIGHTED_AVG: _Aggregation.ValueType  # 8
     """Gauges: a reading (`property`, a number) holds from its event's time until
     the next reading of the same line: a customer and the meter's group_by
@@ -74,16 +82,25 @@ class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregati
     the window counts 0.5), to 50 significant digits as AVG.
     """
 
-class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper): ...
+class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper):
+    """How a meter turns the matching events of a window into one value."""
 
 AGGREGATION_UNSPECIFIED: Aggregation.ValueType  # 0
+"""Refused (INVALID_ARGUMENT naming aggregation)."""
 AGGREGATION_COUNT: Aggregation.ValueType  # 1
+"""The number of matching events."""
 AGGREGATION_SUM: Aggregation.ValueType  # 2
+"""The exact sum of `property`."""
 AGGREGATION_MAX: Aggregation.ValueType  # 3
+"""The largest value of `property`."""
 AGGREGATION_MIN: Aggregation.ValueType  # 4
+"""The smallest value of `property`."""
 AGGREGATION_AVG: Aggregation.ValueType  # 5
+"""The mean of `property`."""
 AGGREGATION_UNIQUE_COUNT: Aggregation.ValueType  # 6
+"""The number of distinct values of `property`."""
 AGGREGATION_LATEST: Aggregation.ValueType  # 7
+"""The value of `property` on the latest event (by timestamp)."""
 AGGREGATION_TIME_WEIGHTED_AVG: Aggregation.ValueType  # 8
 """Gauges: a reading (`property`, a number) holds from its event's time until
 the next reading of the same line: a customer and the meter's group_by
@@ -131,14 +148,21 @@ class _Conjunction:
 class _ConjunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Conjunction.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CONJUNCTION_UNSPECIFIED: _Conjunction.ValueType  # 0
+    """Taken as AND."""
     CONJUNCTION_AND: _Conjunction.ValueType  # 1
+    """Every condition and nested filter holds."""
     CONJUNCTION_OR: _Conjunction.ValueType  # 2
+    """At least one of them holds."""
 
-class Conjunction(_Conjunction, metaclass=_ConjunctionEnumTypeWrapper): ...
+class Conjunction(_Conjunction, metaclass=_ConjunctionEnumTypeWrapper):
+    """How a filter joins its conditions and nested filters."""
 
 CONJUNCTION_UNSPECIFIED: Conjunction.ValueType  # 0
+"""Taken as AND."""
 CONJUNCTION_AND: Conjunction.ValueType  # 1
+"""Every condition and nested filter holds."""
 CONJUNCTION_OR: Conjunction.ValueType  # 2
+"""At least one of them holds."""
 Global___Conjunction: _TypeAlias = Conjunction  # noqa: Y015
 
 class _Operator:
@@ -148,34 +172,63 @@ class _Operator:
 class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operator.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     OPERATOR_UNSPECIFIED: _Operator.ValueType  # 0
+    """Refused (INVALID_ARGUMENT naming the condition's operator)."""
     OPERATOR_EQUALS: _Operator.ValueType  # 1
+    """The value equals `value` (1, 1.0 and "1.00" are equal)."""
     OPERATOR_NOT_EQUALS: _Operator.ValueType  # 2
+    """The value differs from `value`, or the key is missing."""
     OPERATOR_GREATER_THAN: _Operator.ValueType  # 3
+    """Both numbers and the value is greater."""
     OPERATOR_GREATER_THAN_OR_EQUALS: _Operator.ValueType  # 4
+    """Both numbers and the value is greater or equal."""
     OPERATOR_LESS_THAN: _Operator.ValueType  # 5
+    """Both numbers and the value is less."""
     OPERATOR_LESS_THAN_OR_EQUALS: _Operator.ValueType  # 6
+    """Both numbers and the value is less or equal."""
     OPERATOR_CONTAINS: _Operator.ValueType  # 7
+    """A string value holding `value` as a substring (case-sensitive)."""
     OPERATOR_DOES_NOT_CONTAIN: _Operator.ValueType  # 8
+    """Not a string holding `value` as a substring."""
     OPERATOR_IN: _Operator.ValueType  # 9
+    """The value equals one of `values`."""
     OPERATOR_NOT_IN: _Operator.ValueType  # 10
+    """The value equals none of `values`."""
     OPERATOR_EXISTS: _Operator.ValueType  # 11
+    """The event has the key."""
     OPERATOR_NOT_EXISTS: _Operator.ValueType  # 12
+    """The event lacks the key."""
 
-class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper): ...
+class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
+    """A condition's test of one metadata value; numbers compare numerically
+    (numeric strings included).
+    """
 
 OPERATOR_UNSPECIFIED: Operator.ValueType  # 0
+"""Refused (INVALID_ARGUMENT naming the condition's operator)."""
 OPERATOR_EQUALS: Operator.ValueType  # 1
+"""The value equals `value` (1, 1.0 and "1.00" are equal)."""
 OPERATOR_NOT_EQUALS: Operator.ValueType  # 2
+"""The value differs from `value`, or the key is missing."""
 OPERATOR_GREATER_THAN: Operator.ValueType  # 3
+"""Both numbers and the value is greater."""
 OPERATOR_GREATER_THAN_OR_EQUALS: Operator.ValueType  # 4
+"""Both numbers and the value is greater or equal."""
 OPERATOR_LESS_THAN: Operator.ValueType  # 5
+"""Both numbers and the value is less."""
 OPERATOR_LESS_THAN_OR_EQUALS: Operator.ValueType  # 6
+"""Both numbers and the value is less or equal."""
 OPERATOR_CONTAINS: Operator.ValueType  # 7
+"""A string value holding `value` as a substring (case-sensitive)."""
 OPERATOR_DOES_NOT_CONTAIN: Operator.ValueType  # 8
+"""Not a string holding `value` as a substring."""
 OPERATOR_IN: Operator.ValueType  # 9
+"""The value equals one of `values`."""
 OPERATOR_NOT_IN: Operator.ValueType  # 10
+"""The value equals none of `values`."""
 OPERATOR_EXISTS: Operator.ValueType  # 11
+"""The event has the key."""
 OPERATOR_NOT_EXISTS: Operator.ValueType  # 12
+"""The event lacks the key."""
 Global___Operator: _TypeAlias = Operator  # noqa: Y015
 
 class _WindowSize:
@@ -185,20 +238,33 @@ class _WindowSize:
 class _WindowSizeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WindowSize.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WINDOW_SIZE_UNSPECIFIED: _WindowSize.ValueType  # 0
+    """Taken as NONE."""
     WINDOW_SIZE_NONE: _WindowSize.ValueType  # 1
+    """One window: the whole range."""
     WINDOW_SIZE_MINUTE: _WindowSize.ValueType  # 2
+    """One window per minute."""
     WINDOW_SIZE_HOUR: _WindowSize.ValueType  # 3
+    """One window per hour."""
     WINDOW_SIZE_DAY: _WindowSize.ValueType  # 4
+    """One window per day, in time_zone."""
     WINDOW_SIZE_MONTH: _WindowSize.ValueType  # 5
+    """One window per calendar month, in time_zone."""
 
-class WindowSize(_WindowSize, metaclass=_WindowSizeEnumTypeWrapper): ...
+class WindowSize(_WindowSize, metaclass=_WindowSizeEnumTypeWrapper):
+    """The windows a usage query is cut into."""
 
 WINDOW_SIZE_UNSPECIFIED: WindowSize.ValueType  # 0
+"""Taken as NONE."""
 WINDOW_SIZE_NONE: WindowSize.ValueType  # 1
+"""One window: the whole range."""
 WINDOW_SIZE_MINUTE: WindowSize.ValueType  # 2
+"""One window per minute."""
 WINDOW_SIZE_HOUR: WindowSize.ValueType  # 3
+"""One window per hour."""
 WINDOW_SIZE_DAY: WindowSize.ValueType  # 4
+"""One window per day, in time_zone."""
 WINDOW_SIZE_MONTH: WindowSize.ValueType  # 5
+"""One window per calendar month, in time_zone."""
 Global___WindowSize: _TypeAlias = WindowSize  # noqa: Y015
 
 class _BackfillState:
@@ -208,16 +274,25 @@ class _BackfillState:
 class _BackfillStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BackfillState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BACKFILL_STATE_UNSPECIFIED: _BackfillState.ValueType  # 0
+    """No backfill state recorded for the meter."""
     BACKFILL_STATE_RUNNING: _BackfillState.ValueType  # 1
+    """Stored events are still being counted: usage may be short."""
     BACKFILL_STATE_DONE: _BackfillState.ValueType  # 2
+    """Every stored event was counted."""
     BACKFILL_STATE_FAILED: _BackfillState.ValueType  # 3
+    """The backfill stopped; see the meter service's log."""
 
-class BackfillState(_BackfillState, metaclass=_BackfillStateEnumTypeWrapper): ...
+class BackfillState(_BackfillState, metaclass=_BackfillStateEnumTypeWrapper):
+    """Whether a new meter has counted the events stored before it was created."""
 
 BACKFILL_STATE_UNSPECIFIED: BackfillState.ValueType  # 0
+"""No backfill state recorded for the meter."""
 BACKFILL_STATE_RUNNING: BackfillState.ValueType  # 1
+"""Stored events are still being counted: usage may be short."""
 BACKFILL_STATE_DONE: BackfillState.ValueType  # 2
+"""Every stored event was counted."""
 BACKFILL_STATE_FAILED: BackfillState.ValueType  # 3
+"""The backfill stopped; see the meter service's log."""
 Global___BackfillState: _TypeAlias = BackfillState  # noqa: Y015
 
 @_typing.final
@@ -233,6 +308,7 @@ class Condition(_message.Message):
     key: _builtins.str
     """Required; at most 100 characters (ingest's longest metadata key)."""
     operator: Global___Operator.ValueType
+    """Required: the test."""
     @_builtins.property
     def value(self) -> _value_pb2.Value:
         """For every operator but IN, NOT_IN, EXISTS and NOT_EXISTS. A string value
@@ -274,10 +350,15 @@ class Filter(_message.Message):
     CONDITIONS_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
     conjunction: Global___Conjunction.ValueType
+    """How the conditions and nested filters are joined."""
     @_builtins.property
-    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]: ...
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]:
+        """Conditions on the event's metadata."""
+
     @_builtins.property
-    def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Filter]: ...
+    def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Filter]:
+        """Nested filters."""
+
     def __init__(
         self,
         *,
@@ -295,6 +376,8 @@ Global___Filter: _TypeAlias = Filter  # noqa: Y015
 
 @_typing.final
 class Meter(_message.Message):
+    """Turns a tenant's events of one name into usage: which events count, and how."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -333,25 +416,41 @@ class Meter(_message.Message):
     SKIPPED_EVENTS_FIELD_NUMBER: _builtins.int
     OPERATION_PROPERTY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Assigned by meter (a UUID)."""
     name: _builtins.str
+    """Unique among the tenant's meters."""
     event_name: _builtins.str
+    """The events it counts (Event.event_name)."""
     aggregation: Global___Aggregation.ValueType
+    """How matching events become a value."""
     property: _builtins.str
     """The metadata key to aggregate; required for all but AGGREGATION_COUNT."""
     measurement_unit: _builtins.str
+    """What the value measures, such as "calls" (informational)."""
     description: _builtins.str
+    """Free text."""
     archived: _builtins.bool
+    """True once archived: no new events count."""
     backfill_state: Global___BackfillState.ValueType
+    """Whether the events stored before it were counted yet."""
     operation_property: _builtins.str
     """Seat meters only: the metadata key of the operation ("add" or "remove")."""
     @_builtins.property
-    def filter(self) -> Global___Filter: ...
+    def filter(self) -> Global___Filter:
+        """Only events matching it count; unset: every event of event_name."""
+
     @_builtins.property
-    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Metadata keys usage can be grouped by in QueryUsage."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
     @_builtins.property
-    def archive_time(self) -> _timestamp_pb2.Timestamp: ...
+    def archive_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was archived; unset while active."""
+
     @_builtins.property
     def skipped_events(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Matching events that did not count, by reason ("missing_property": the event
@@ -392,6 +491,8 @@ Global___Meter: _TypeAlias = Meter  # noqa: Y015
 
 @_typing.final
 class CreateMeterRequest(_message.Message):
+    """The meter to create."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -408,6 +509,7 @@ class CreateMeterRequest(_message.Message):
     event_name: _builtins.str
     """Required; at most 255 characters."""
     aggregation: Global___Aggregation.ValueType
+    """Required: how matching events become a value."""
     property: _builtins.str
     """At most 255 characters."""
     measurement_unit: _builtins.str
@@ -450,10 +552,13 @@ Global___CreateMeterRequest: _TypeAlias = CreateMeterRequest  # noqa: Y015
 
 @_typing.final
 class GetMeterRequest(_message.Message):
+    """The meter to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Required: Meter.id."""
     def __init__(
         self,
         *,
@@ -469,12 +574,16 @@ Global___GetMeterRequest: _TypeAlias = GetMeterRequest  # noqa: Y015
 
 @_typing.final
 class ListMetersRequest(_message.Message):
+    """A page of the tenant's meters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Default 100, at most 1000."""
     page_token: _builtins.str
+    """Empty for the first page; then the previous answer's next_page_token."""
     def __init__(
         self,
         *,
@@ -491,13 +600,18 @@ Global___ListMetersRequest: _TypeAlias = ListMetersRequest  # noqa: Y015
 
 @_typing.final
 class ListMetersResponse(_message.Message):
+    """One page of meters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def meters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Meter]: ...
+    def meters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Meter]:
+        """The tenant's meters."""
+
     def __init__(
         self,
         *,
@@ -514,10 +628,13 @@ Global___ListMetersResponse: _TypeAlias = ListMetersResponse  # noqa: Y015
 
 @_typing.final
 class ArchiveMeterRequest(_message.Message):
+    """The meter to archive."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Required: Meter.id."""
     def __init__(
         self,
         *,
@@ -533,6 +650,8 @@ Global___ArchiveMeterRequest: _TypeAlias = ArchiveMeterRequest  # noqa: Y015
 
 @_typing.final
 class QueryUsageRequest(_message.Message):
+    """A meter's usage over a range, in windows, per customer and group."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -566,6 +685,7 @@ class QueryUsageRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     meter_id: _builtins.str
+    """Required: Meter.id."""
     customer_id: _builtins.str
     """Empty: one row per customer."""
     window_size: Global___WindowSize.ValueType
@@ -592,7 +712,9 @@ class QueryUsageRequest(_message.Message):
         """
 
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The end of the range (exclusive); see start_time."""
+
     @_builtins.property
     def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """At most 10 keys, distinct, each one of the meter's group_by."""
@@ -627,6 +749,8 @@ Global___QueryUsageRequest: _TypeAlias = QueryUsageRequest  # noqa: Y015
 
 @_typing.final
 class QueryUsageResponse(_message.Message):
+    """The usage rows of a query (or of one page of it)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ROWS_FIELD_NUMBER: _builtins.int
@@ -658,6 +782,8 @@ Global___QueryUsageResponse: _TypeAlias = QueryUsageResponse  # noqa: Y015
 
 @_typing.final
 class UsageRow(_message.Message):
+    """The value of one window, customer and group."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -686,14 +812,21 @@ class UsageRow(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """The customer (external id, as events carry it)."""
     value: _builtins.str
     """A decimal string."""
     @_builtins.property
-    def window_start(self) -> _timestamp_pb2.Timestamp: ...
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """The window: from here (inclusive)."""
+
     @_builtins.property
-    def window_end(self) -> _timestamp_pb2.Timestamp: ...
+    def window_end(self) -> _timestamp_pb2.Timestamp:
+        """To here (exclusive)."""
+
     @_builtins.property
-    def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The group_by keys asked for and their values."""
+
     def __init__(
         self,
         *,

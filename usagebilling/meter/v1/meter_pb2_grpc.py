@@ -80,7 +80,8 @@ class MeterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetMeter(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns one meter, with its backfill state and skipped events.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

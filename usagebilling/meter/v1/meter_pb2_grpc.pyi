@@ -43,6 +43,7 @@ class MeterServiceStub:
     share. A request over a size limit below is INVALID_ARGUMENT naming the field.
     """
     GetMeter: _grpc.UnaryUnaryMultiCallable[_meter_pb2.GetMeterRequest, _meter_pb2.Meter]
+    """Returns one meter, with its backfill state and skipped events."""
     ListMeters: _grpc.UnaryUnaryMultiCallable[_meter_pb2.ListMetersRequest, _meter_pb2.ListMetersResponse]
     """A page holds at most page_size meters (default 100, at most 1000) and stops
     before the meter that would take its encoded size past 1 MiB (it always
@@ -84,6 +85,7 @@ class MeterServiceAsyncStub(MeterServiceStub):
     share. A request over a size limit below is INVALID_ARGUMENT naming the field.
     """
     GetMeter: _aio.UnaryUnaryMultiCallable[_meter_pb2.GetMeterRequest, _meter_pb2.Meter]  # type: ignore[assignment]
+    """Returns one meter, with its backfill state and skipped events."""
     ListMeters: _aio.UnaryUnaryMultiCallable[_meter_pb2.ListMetersRequest, _meter_pb2.ListMetersResponse]  # type: ignore[assignment]
     """A page holds at most page_size meters (default 100, at most 1000) and stops
     before the meter that would take its encoded size past 1 MiB (it always
@@ -133,7 +135,8 @@ class MeterServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _meter_pb2.GetMeterRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_meter_pb2.Meter, _abc.Awaitable[_meter_pb2.Meter]]: ...
+    ) -> _typing.Union[_meter_pb2.Meter, _abc.Awaitable[_meter_pb2.Meter]]:
+        """Returns one meter, with its backfill state and skipped events."""
 
     @_abc_1.abstractmethod
     def ListMeters(
