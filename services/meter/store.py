@@ -15,7 +15,9 @@ import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
 from services.common.ids import parse_uuid
+from services.meter import held
 from services.meter.domain import rollup
+from services.meter.domain.aggregation import HELD
 from services.meter.domain.matching import FoldedEvent
 
 # The compact key of meter $2 of tenant $1 (meter_events holds keys, not ids).
@@ -194,6 +196,21 @@ YIELD_EVERY = 500
 class MeterStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # Whether a meter key is a held aggregation's (a meter's aggregation
+        # never changes): the fold steps those rows (services/meter/held.py).
+        self._held_keys: dict[int, bool] = {}
+
+    async def _held_rows(self, conn: Any, rows: Sequence[FoldedEvent]) -> list[FoldedEvent]:
+        unknown = {row.meter_key for row in rows} - self._held_keys.keys()
+        if unknown:
+            found = await conn.fetch(
+                "SELECT key, aggregation = ANY($2::text[]) FROM meter.meters"
+                " WHERE key = ANY($1::integer[])",
+                list(unknown),
+                [a.name for a in HELD],
+            )
+            self._held_keys.update((r[0], r[1]) for r in found)
+        return [row for row in rows if self._held_keys.get(row.meter_key)]
 
     async def create_meter(
         self,
@@ -326,6 +343,7 @@ class MeterStore:
         counted = [list(column) for column in zip(*kept, strict=True)]
         values = _VALUES if any(row.text_value is not None for row in kept) else ""
         async with self.pool.acquire() as conn:
+            stepped = await self._held_rows(conn, kept)
             # Almost always every row is new: COPY them, the cheapest write
             # PostgreSQL has, and roll them all up. The primary key still
             # refuses a repeat (a redelivered message, a backfill overlapping
@@ -342,6 +360,7 @@ class MeterStore:
                     )
                     if counted:
                         await conn.execute(_ROLLUP.format(new=_GIVEN, values=values), *counted)
+                    await held.fold(conn, stepped)
                 return len(rows)
             except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
                 pass
@@ -354,6 +373,7 @@ class MeterStore:
                         inserted = await conn.fetchval(
                             _ROLLUP.format(new=_INSERTED, values=values), *columns
                         )
+                        await held.fold(conn, stepped)  # only the rows not stepped before
                     return int(inserted)
                 except asyncpg.DeadlockDetectedError:
                     if attempt == _FOLD_ATTEMPTS - 1:
@@ -375,6 +395,8 @@ class MeterStore:
                 start,
                 end,
             )
+            if await self._held_rows(conn, [FoldedEvent(meter_key, "", start, "", *[None] * 4)]):
+                await held.fold_stored(conn, meter_key, start, end)
 
     async def insert_and_roll_up(self, select: str, *args: Any) -> int:
         """Inserts the rows that `select` yields (meter_events' columns, none
@@ -590,7 +612,25 @@ class MeterStore:
         index probe per customer for a gauge without dimensions, else a scan
         of the rows before the range. Not from the rollups (their buckets do
         not hold what a line's value is between events): the cost grows with
-        the events in the range."""
+        the events in the range.
+
+        All but SEATS_MAX read the pre-aggregated steps instead (held.usage)."""
+        if meter.aggregation != "SEATS_MAX":
+            async for found in held.usage(
+                self.pool,
+                meter.key,
+                meter.aggregation,
+                customer_id=customer_id,
+                bounds=bounds,
+                end=end,
+                group_by=group_by,
+                group_filter=group_filter,
+                after_customer=after_customer,
+                customer_limit=customer_limit,
+                yield_every=YIELD_EVERY,
+            ):
+                yield [UsageGroup(*g) for g in found]
+            return
         args: list[Any] = [meter.tenant_id, meter.id, list(bounds), bounds[0], end]
 
         def arg(value: Any) -> str:

@@ -1,0 +1,269 @@
+"""meter's SQL for the held aggregations' pre-aggregation (migration 0009):
+each event's step (its value minus its line's previous value) kept on its row,
+and per bucket n, d = sum of steps, m = sum of step * t (t in microseconds since
+1970), so that a window [a, b) reads
+
+    integral = level(a-) * (b - a) + b * d - m    (d, m over the steps in [a, b))
+    level at b- = level(a-) + d
+
+with level(a-) the sum of every step before a: day buckets, then the hours,
+minutes and raw rows up to a (domain.rollup cuts the pieces, as for `usage`).
+The oracle is domain.gauges; SEATS_MAX (the most the level reaches inside a
+window) is not a function of d and m, and stays on MeterStore.held_usage's raw
+path.
+
+Exactly once: the fold gives the steps only to its rows whose step is still
+NULL (rows it inserted; a redelivered row was stepped by the fold that stored
+it), under a per-(meter, customer) advisory lock taken, in key order, in a
+statement before, so that concurrent folds of one line see each other's rows
+(the statement's snapshot is taken after the lock). A late event also changes
+the step of its line's next stored event: the difference goes to that event's
+buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from services.meter.domain import rollup
+from services.meter.domain.matching import FoldedEvent
+
+_DAY = timedelta(days=1)
+_MICROS = "(extract(epoch FROM {t}) * 1000000)"  # numeric: exact to the microsecond
+
+# One advisory lock per (meter, customer) of the rows, taken in key order
+# (OFFSET 0: sorted before the locks are taken).
+LOCK = """
+SELECT count(pg_advisory_xact_lock(k, h)) FROM (
+    SELECT DISTINCT k, hashtext(c) AS h FROM unnest($1::integer[], $2::text[]) AS u (k, c)
+    ORDER BY 1, 2 OFFSET 0) AS s
+"""
+
+# The given rows (keys $1..$4) that are stored and have no step yet.
+GIVEN = """
+SELECT e.* FROM unnest($1::integer[], $2::text[], $3::timestamptz[], $4::text[])
+    AS g (meter_key, customer_id, event_time, event_id)
+JOIN meter.meter_events e USING (meter_key, customer_id, event_time, event_id)
+WHERE e.step IS NULL AND e.skip_reason IS NULL
+"""
+
+# A line's stored neighbours of each new row (the previous and the next row
+# with a step), the steps of the new rows and of the next rows whose previous
+# row is now a new one, and the buckets' changes.
+_LINE = (
+    "e.meter_key = s.meter_key AND e.customer_id = s.customer_id"
+    " AND coalesce(e.dims::text, '') = s.dk AND coalesce(e.text_value, '') = s.item"
+    " AND e.step IS NOT NULL"
+)
+_COLUMNS = "e.meter_key, e.customer_id, e.event_time, e.event_id, e.value, e.dims, e.step"
+FOLD = f"""
+WITH new AS (
+    SELECT n.*, coalesce(n.dims::text, '') AS dk, coalesce(n.text_value, '') AS item
+    FROM ({{new}}) AS n
+), stored AS (
+    SELECT DISTINCT ON (meter_key, customer_id, event_time, event_id) * FROM (
+        SELECT s.dk, s.item, p.* FROM new s CROSS JOIN LATERAL (
+            SELECT {_COLUMNS} FROM meter.meter_events e WHERE {_LINE}
+                AND (e.event_time, e.event_id) < (s.event_time, s.event_id)
+            ORDER BY e.event_time DESC, e.event_id DESC LIMIT 1) AS p
+        UNION ALL
+        SELECT s.dk, s.item, p.* FROM new s CROSS JOIN LATERAL (
+            SELECT {_COLUMNS} FROM meter.meter_events e WHERE {_LINE}
+                AND (e.event_time, e.event_id) > (s.event_time, s.event_id)
+            ORDER BY e.event_time, e.event_id LIMIT 1) AS p
+    ) AS x
+), relevant AS (
+    SELECT meter_key, customer_id, dk, item, dims, event_time, event_id, value,
+        NULL::numeric AS old, true AS is_new FROM new
+    UNION ALL
+    SELECT meter_key, customer_id, dk, item, dims, event_time, event_id, value,
+        step, false FROM stored
+), stepped AS (
+    SELECT *, value - coalesce(lag(value) OVER w, 0) AS step, lag(is_new) OVER w AS after_new
+    FROM relevant
+    WINDOW w AS (PARTITION BY meter_key, customer_id, dk, item ORDER BY event_time, event_id)
+), changed AS (
+    SELECT meter_key, customer_id, dims, event_time, event_id, step, is_new,
+        CASE WHEN is_new THEN step ELSE step - old END AS delta
+    FROM stepped WHERE is_new OR after_new
+), updated AS (
+    UPDATE meter.meter_events e SET step = c.step FROM changed c
+    WHERE e.meter_key = c.meter_key AND e.customer_id = c.customer_id
+        AND e.event_time = c.event_time AND e.event_id = c.event_id
+), buckets AS (
+    SELECT c.meter_key, g.grain, c.customer_id,
+        date_bin(g.step, c.event_time, '0001-01-01 00:00:00+00') AS bucket_start,
+        coalesce(c.dims, '{{{{}}}}'::jsonb) AS dims, count(*) FILTER (WHERE c.is_new) AS n,
+        sum(c.delta) AS d, sum(c.delta * {_MICROS.format(t="c.event_time")}) AS m
+    FROM changed c CROSS JOIN (VALUES ('m'::"char", interval '1 minute'),
+        ('h', interval '1 hour'), ('d', interval '1 day')) AS g (grain, step)
+    GROUP BY 1, 2, 3, 4, 5
+)
+INSERT INTO meter.held_rollups AS r SELECT * FROM buckets ORDER BY 1, 2, 3, 4, 5
+ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET
+    n = r.n + EXCLUDED.n, d = r.d + EXCLUDED.d, m = r.m + EXCLUDED.m
+"""
+
+
+async def fold(conn: Any, rows: Sequence[FoldedEvent]) -> None:
+    """Steps the held meters' `rows` (in the caller's transaction, after they
+    were inserted; those stored before are left as they are)."""
+    if not rows:
+        return
+    keys = [row.meter_key for row in rows]
+    customers = [row.customer_id for row in rows]
+    await conn.execute(LOCK, keys, customers)
+    await conn.execute(
+        FOLD.format(new=GIVEN),
+        keys,
+        customers,
+        [row.event_time for row in rows],
+        [row.event_id for row in rows],
+    )
+
+
+async def fold_stored(conn: Any, meter_key: int, start: datetime, end: datetime) -> None:
+    """Steps the meter's rows in [start, end) that have none (rows loaded in
+    bulk), as the fold would have."""
+    customers = await conn.fetch(
+        "SELECT DISTINCT customer_id FROM meter.meter_events"
+        " WHERE meter_key = $1 AND event_time >= $2 AND event_time < $3 AND step IS NULL",
+        meter_key,
+        start,
+        end,
+    )
+    ids = [r[0] for r in customers]
+    await conn.execute(LOCK, [meter_key] * len(ids), ids)
+    await conn.execute(
+        FOLD.format(
+            new="SELECT * FROM meter.meter_events WHERE meter_key = $1 AND event_time >= $2"
+            " AND event_time < $3 AND step IS NULL AND skip_reason IS NULL"
+        ),
+        meter_key,
+        start,
+        end,
+    )
+
+
+async def usage(
+    pool: asyncpg.Pool,
+    meter_key: int,
+    aggregation: str,
+    *,
+    customer_id: str,
+    bounds: Sequence[datetime],
+    end: datetime,
+    group_by: Sequence[str],
+    group_filter: dict[str, str],
+    after_customer: str,
+    customer_limit: int | None,
+    yield_every: int,
+) -> AsyncGenerator[list[tuple[int, str, tuple[str, ...], Decimal | None, int]], None]:
+    """(window, customer, dims, value, events so far) of each window that has a
+    value, in (window, customer, dims) order: the exact integral in value x
+    microseconds, or SEATS_END's level. See the module's docstring."""
+    pieces = rollup.plan(bounds, end)
+    day = rollup.floor(bounds[0], _DAY)
+    for piece in rollup.cut(0, day, bounds[0]) if day < bounds[0] else []:
+        pieces[piece.grain].add(piece)  # window 0: the level before the range
+    args: list[Any] = [meter_key]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    def customers(alias: str) -> str:
+        out = ""
+        if customer_id:
+            out += f" AND {alias}.customer_id = {arg(customer_id)}"
+        if after_customer:
+            out += f' AND {alias}.customer_id > {arg(after_customer)}::text COLLATE "C"'
+        return out
+
+    def conditions(alias: str) -> str:
+        out = customers(alias)
+        for key, value in sorted(group_filter.items()):
+            out += f" AND coalesce({alias}.dims->>{arg(key)}, '') = {arg(value)}"
+        return out
+
+    def given(grain: str) -> str:
+        p = pieces[grain]
+        return (
+            f"unnest({arg(p.windows)}::integer[], {arg(p.starts)}::timestamptz[],"
+            f" {arg(p.ends)}::timestamptz[]) AS p (w, lo, hi)"
+        )
+
+    parts = [
+        "SELECT 0, r.customer_id, r.dims, r.n, r.d, r.m FROM meter.held_rollups r"
+        f" WHERE r.meter_key = $1 AND r.grain = 'd' AND r.bucket_start < {arg(day)}"
+        f"{conditions('r')}"
+    ]
+    for grain in ("h", "m"):
+        if pieces[grain].windows:
+            parts.append(
+                f"SELECT p.w, r.* FROM {given(grain)} CROSS JOIN LATERAL (SELECT r.customer_id,"
+                " r.dims, r.n, r.d, r.m FROM meter.held_rollups r WHERE r.meter_key = $1"
+                f" AND r.grain = '{grain}' AND r.bucket_start >= p.lo AND r.bucket_start < p.hi"
+                f"{conditions('r')} OFFSET 0) AS r"
+            )
+    if pieces[rollup.RAW].windows:
+        micros = _MICROS.format(t="e.event_time")
+        parts.append(
+            f"SELECT p.w, e.* FROM {given(rollup.RAW)}"
+            " CROSS JOIN LATERAL (SELECT DISTINCT m.customer_id FROM meter.held_rollups m"
+            " WHERE m.meter_key = $1 AND m.grain = 'm'"
+            f" AND m.bucket_start = date_trunc('minute', p.lo, 'UTC'){customers('m')}"
+            " OFFSET 0) AS c"
+            " CROSS JOIN LATERAL (SELECT e.customer_id, coalesce(e.dims, '{}'::jsonb),"
+            f" 1::bigint, e.step, e.step * {micros} FROM meter.meter_events e"
+            " WHERE e.meter_key = $1 AND e.customer_id = c.customer_id AND e.event_time >= p.lo"
+            f" AND e.event_time < p.hi AND e.step IS NOT NULL{conditions('e')} OFFSET 0) AS e"
+        )
+    dims = [f"coalesce(dims->>{arg(key)}, '') AS g{i}" for i, key in enumerate(group_by)]
+    group = ", ".join(["customer_id", *(f"g{i}" for i in range(len(group_by)))])
+    on = " AND ".join(
+        f"p.{c} = x.{c}" for c in ["w", "customer_id", *(f"g{i}" for i in range(len(group_by)))]
+    )
+    paged = ""
+    if customer_limit is not None:
+        paged = (
+            " WHERE customer_id IN (SELECT DISTINCT customer_id FROM per"
+            f" ORDER BY customer_id LIMIT {arg(customer_limit)})"
+        )
+    if aggregation == "SEATS_END":
+        value = "f0 + d"
+    else:
+        b, e = arg(list(bounds)), arg(end)
+        start_us = _MICROS.format(t=f"({b}::timestamptz[])[w]")
+        end_us = _MICROS.format(t=f"coalesce(({b}::timestamptz[])[w + 1], {e}::timestamptz)")
+        value = f"f0 * ({end_us} - {start_us}) + {end_us} * d - m"
+    query = f"""
+        WITH parts (w, customer_id, dims, n, d, m) AS ({" UNION ALL ".join(parts)}),
+        per AS (
+            SELECT w, {", ".join(["customer_id", *dims])}, sum(n) AS n, sum(d) AS d, sum(m) AS m
+            FROM parts GROUP BY w, {group}
+        ), grp AS (SELECT DISTINCT {group} FROM per{paged}),
+        grid AS (
+            SELECT x.w, {", ".join(f"x.{c}" for c in group.split(", "))},
+                coalesce(p.n, 0) AS n, coalesce(p.d, 0) AS d, coalesce(p.m, 0) AS m
+            FROM (SELECT grp.*, s.w FROM grp CROSS JOIN generate_series(0, {len(bounds)}) AS s (w))
+                AS x LEFT JOIN per p ON {on}
+        ), run AS (
+            SELECT *, sum(d) OVER g - d AS f0, sum(n) OVER g AS seen FROM grid
+            WINDOW g AS (PARTITION BY {group} ORDER BY w)
+        )
+        SELECT w, {group}, {value} AS value, seen FROM run
+        WHERE w >= 1 AND seen > 0 ORDER BY w, {group}
+    """
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        cursor = await conn.cursor(query, *args)
+        while rows := await cursor.fetch(yield_every):
+            yield [
+                (r[0], r[1], tuple(r[2 : 2 + len(group_by)]), r["value"], r["seen"]) for r in rows
+            ]
+            del rows
