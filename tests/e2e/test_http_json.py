@@ -351,6 +351,14 @@ async def test_error_codes_mapped(http: Http, suite: Suite) -> None:
         },
     )
     assert (status, answer["code"]) == (429, "resource_exhausted"), answer
+    # DEADLINE_EXCEEDED: Connect's connect-timeout-ms becomes the gRPC deadline.
+    status, answer, _ = await http.raw(
+        "billing",
+        "/" + BILLING + "InvoiceService/RunBillingCycle",
+        "{}",
+        {**JSON, "Authorization": f"Bearer {http.key}", "connect-timeout-ms": "1"},
+    )
+    assert (status, answer["code"]) == (504, "deadline_exceeded"), answer
     # No Authorization header: refused before the body is read.
     status, answer, _ = await http.raw("billing", "/" + BILLING + "AuthService/WhoAmI", "{", JSON)
     assert (status, answer["code"]) == (401, "unauthenticated")
