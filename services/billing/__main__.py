@@ -8,6 +8,9 @@ from pathlib import Path
 from services.billing import api
 from services.billing import settings as billing_settings
 from services.billing.accounts import Accounts
+from services.billing.alerts import Alerts
+from services.billing.alerts_api import UsageAlertServicer
+from services.billing.alerts_store import AlertStore
 from services.billing.credits import Credits, MinuteUsage
 from services.billing.credits_api import CreditCatalog, CreditProductServicer, CreditServicer
 from services.billing.credits_store import CreditStore
@@ -23,6 +26,8 @@ from services.common import app
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from usagebilling.billing.v1 import (
+    alert_pb2,
+    alert_pb2_grpc,
     credit_pb2,
     credit_pb2_grpc,
     customer_pb2,
@@ -71,6 +76,8 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
         scheduler = Scheduler(store, invoicing, settings.scheduler_interval)
         webhook_store = WebhookStore(runtime.pool)
         webhooks = Webhooks(webhook_store, runtime.js, settings.webhooks)
+        alert_store = AlertStore(runtime.pool)
+        alerts = Alerts(alert_store, store, meters, runtime.js, settings.alert_interval)
         return app.Wiring(
             registrations=[
                 Registration.of(
@@ -121,12 +128,18 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
                     webhook_pb2_grpc.add_WebhookServiceServicer_to_server,
                     WebhookServicer(webhook_store, settings.webhooks),
                 ),
+                Registration.of(
+                    alert_pb2,
+                    "UsageAlertService",
+                    alert_pb2_grpc.add_UsageAlertServiceServicer_to_server,
+                    UsageAlertServicer(alert_store, store, meters),
+                ),
             ],
             # billing owns the keys: it reads them from its own schema.
             resolver=accounts,
             # Credits settle every second whatever the scheduler does: balances are real time.
             background=([scheduler.run] if settings.scheduler_enabled else [])
-            + [credits.run, reporter.run, webhooks.run],
+            + [credits.run, reporter.run, webhooks.run, alerts.run],
             cleanup=[lambda: meter_channel.close(None)],
         )
 

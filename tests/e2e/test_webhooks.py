@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,23 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from tests.client import Client, eventually, status_of
+from tests.client import Client, event, eventually, status_of
 from tools.devstack import DevStack, free_port
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.billing.v1 import (
+    alert_pb2,
+    alert_pb2_grpc,
     credit_pb2,
     credit_pb2_grpc,
     customer_pb2,
     invoice_pb2,
+    product_pb2,
+    subscription_pb2,
     webhook_pb2_grpc,
 )
 from usagebilling.billing.v1 import webhook_pb2 as pb
+from usagebilling.ingest.v1 import ingest_pb2
+from usagebilling.meter.v1 import meter_pb2
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -417,3 +424,89 @@ async def test_an_endpoint_failing_too_long_is_disabled_and_announced(
     message = json.loads(watcher.received[0].body)
     assert message["type"] == "webhook.endpoint_disabled"
     assert message["data"]["endpoint"]["id"] == dead.endpoint.id
+
+
+async def test_an_alert_fires_once_per_period_within_seconds(
+    hooks_suite: Suite, tenant: Tenant, receivers: list[Receiver]
+) -> None:
+    c = tenant.client
+    alerts = alert_pb2_grpc.UsageAlertServiceStub(c.channels["billing"])
+    meter = await c.call(
+        c.meter.CreateMeter,
+        meter_pb2.CreateMeterRequest(
+            name="calls", event_name="api.call", aggregation=meter_pb2.AGGREGATION_COUNT
+        ),
+    )
+    product = await c.call(
+        c.products.CreateProduct,
+        product_pb2.CreateProductRequest(
+            name="API",
+            currency="USD",
+            billing_interval=product_pb2.BILLING_INTERVAL_MONTH,
+            usage_prices=[
+                product_pb2.UsagePrice(
+                    meter_id=meter.id, model=product_pb2.PRICE_MODEL_PER_UNIT, unit_price="0.02"
+                )
+            ],
+        ),
+    )
+    customer = await c.call(
+        c.customers.CreateCustomer,
+        customer_pb2.CreateCustomerRequest(external_id="cus_a", name="A"),
+    )
+    request = subscription_pb2.CreateSubscriptionRequest(
+        customer_id=customer.id, product_id=product.id
+    )
+    request.start_time.FromDatetime(datetime.now(UTC) - timedelta(days=1))
+    await c.call(c.subscriptions.CreateSubscription, request)
+    for bad, field_name in [
+        (alert_pb2.CreateUsageAlertRequest(meter_id=meter.id), "threshold"),
+        (alert_pb2.CreateUsageAlertRequest(meter_id=meter.id, quantity="-1"), "quantity"),
+        (alert_pb2.CreateUsageAlertRequest(meter_id=meter.id, quantity="x"), "quantity"),
+        (alert_pb2.CreateUsageAlertRequest(meter_id=str(uuid.uuid4()), quantity="1"), "meter_id"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await c.call(alerts.CreateUsageAlert, bad)
+        assert status_of(error.value) == grpc.StatusCode.INVALID_ARGUMENT
+        assert (error.value.details() or "").startswith(f"{field_name}:")
+    r = await receiver(receivers)
+    hook = await endpoint(tenant, r.url, "usage.threshold_reached")
+    alert = await c.call(
+        alerts.CreateUsageAlert,
+        alert_pb2.CreateUsageAlertRequest(
+            meter_id=meter.id, customer_id=customer.id, quantity="10"
+        ),
+    )
+    listed = await c.call(alerts.ListUsageAlerts, alert_pb2.ListUsageAlertsRequest())
+    assert [a.id for a in listed.alerts] == [alert.id]
+
+    async def send(first: int, count: int) -> None:
+        now = datetime.now(UTC)
+        answer = await c.call(
+            c.ingest.IngestEvents,
+            ingest_pb2.IngestEventsRequest(
+                events=[event(f"e{first + i}", "cus_a", "api.call", now) for i in range(count)]
+            ),
+        )
+        assert answer.accepted_count == count
+
+    await send(0, 9)
+    await asyncio.sleep(4)
+    assert not r.received  # 9 < 10
+    await send(9, 1)  # the crossing event
+    acked = time.monotonic()
+    await eventually(lambda: asyncio.sleep(0, r.received), lambda got: len(got) >= 1, 30)
+    took = r.received[0].at - acked
+    print(f"usage.threshold_reached delivered {took:.2f} s after the crossing event's ack")
+    assert took < 15
+    await send(10, 5)  # over it again in the same period: no second message
+    await asyncio.sleep(4)
+    assert len(r.received) == 1
+    message = Webhook(hook.secret).verify(r.received[0].body, r.received[0].headers)
+    assert message["type"] == "usage.threshold_reached"
+    data = message["data"]
+    assert data["customer_id"] == customer.id and data["alert"]["id"] == alert.id
+    assert data["customer_external_id"] == "cus_a" and float(data["usage"]) >= 10
+    await c.call(alerts.DeleteUsageAlert, alert_pb2.DeleteUsageAlertRequest(id=alert.id))
+    listed = await c.call(alerts.ListUsageAlerts, alert_pb2.ListUsageAlertsRequest())
+    assert not listed.alerts

@@ -70,8 +70,9 @@ class UsageAlertServiceServicer:
 
     def CreateUsageAlert(self, request, context):
         """Creates an alert. INVALID_ARGUMENT naming meter_id when the tenant has no
-        such meter, customer_id when no such customer, threshold when neither or
-        both of quantity and amount_minor are set or either is not positive.
+        such meter, threshold when neither or both of quantity and amount_minor
+        are set, quantity or amount_minor when not positive; NOT_FOUND naming
+        customer_id when the tenant has no such customer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

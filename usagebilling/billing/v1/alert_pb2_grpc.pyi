@@ -42,8 +42,9 @@ class UsageAlertServiceStub:
     def __new__(cls, channel: _aio.Channel) -> UsageAlertServiceAsyncStub: ...
     CreateUsageAlert: _grpc.UnaryUnaryMultiCallable[_alert_pb2.CreateUsageAlertRequest, _alert_pb2.UsageAlert]
     """Creates an alert. INVALID_ARGUMENT naming meter_id when the tenant has no
-    such meter, customer_id when no such customer, threshold when neither or
-    both of quantity and amount_minor are set or either is not positive.
+    such meter, threshold when neither or both of quantity and amount_minor
+    are set, quantity or amount_minor when not positive; NOT_FOUND naming
+    customer_id when the tenant has no such customer.
     """
     ListUsageAlerts: _grpc.UnaryUnaryMultiCallable[_alert_pb2.ListUsageAlertsRequest, _alert_pb2.ListUsageAlertsResponse]
     """The tenant's alerts in creation order, paged."""
@@ -64,8 +65,9 @@ class UsageAlertServiceAsyncStub(UsageAlertServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateUsageAlert: _aio.UnaryUnaryMultiCallable[_alert_pb2.CreateUsageAlertRequest, _alert_pb2.UsageAlert]  # type: ignore[assignment]
     """Creates an alert. INVALID_ARGUMENT naming meter_id when the tenant has no
-    such meter, customer_id when no such customer, threshold when neither or
-    both of quantity and amount_minor are set or either is not positive.
+    such meter, threshold when neither or both of quantity and amount_minor
+    are set, quantity or amount_minor when not positive; NOT_FOUND naming
+    customer_id when the tenant has no such customer.
     """
     ListUsageAlerts: _aio.UnaryUnaryMultiCallable[_alert_pb2.ListUsageAlertsRequest, _alert_pb2.ListUsageAlertsResponse]  # type: ignore[assignment]
     """The tenant's alerts in creation order, paged."""
@@ -89,8 +91,9 @@ class UsageAlertServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_alert_pb2.UsageAlert, _abc.Awaitable[_alert_pb2.UsageAlert]]:
         """Creates an alert. INVALID_ARGUMENT naming meter_id when the tenant has no
-        such meter, customer_id when no such customer, threshold when neither or
-        both of quantity and amount_minor are set or either is not positive.
+        such meter, threshold when neither or both of quantity and amount_minor
+        are set, quantity or amount_minor when not positive; NOT_FOUND naming
+        customer_id when the tenant has no such customer.
         """
 
     @_abc_1.abstractmethod
