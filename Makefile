@@ -55,10 +55,12 @@ $(K8S_STAMP): $(STAMP) requirements/k8s.lock
 proto: $(STAMP)
 	tools/gen_protos.sh
 
-# Fails when the committed generated code differs from what protos/ generates.
+# Fails when the committed generated code (usagebilling/, with openapi.json,
+# and docs/reference.md) differs from what protos/ generates.
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d); tools/gen_protos.sh $$tmp; \
-	if diff -r -x __pycache__ $$tmp/usagebilling usagebilling; then echo "generated code is up to date"; \
+	if diff -r -x __pycache__ $$tmp/usagebilling usagebilling && diff $$tmp/docs/reference.md docs/reference.md; \
+	then echo "generated code is up to date"; \
 	else echo "generated code drifted from protos/: run 'make proto' and commit"; rm -rf $$tmp; exit 1; fi; \
 	rm -rf $$tmp
 

@@ -19,3 +19,6 @@ find "$out/usagebilling" -type d -exec touch {}/__init__.py \;
 # The OpenAPI document of the HTTP/JSON API, from the same protos and their
 # comments: the services serve it, and proto-check finds it drifted too.
 "$py" -m tools.openapi --out "$out/usagebilling/openapi.json"
+# The same as a readable reference (proto-check compares it too).
+mkdir -p "$out/docs"
+"$py" -m tools.openapi --markdown --out "$out/docs/reference.md"

@@ -7,7 +7,9 @@ every RPC, message and field commented). Written by tools/gen_protos.sh to
 usagebilling/openapi.json, where the services serve it (GET /openapi.json) and
 `make proto-check` (run by `make test`) finds drift.
 
-    python -m tools.openapi [--out PATH]     (default: standard output)
+    python -m tools.openapi [--markdown] [--out PATH]     (default: standard output)
+
+With --markdown: the same as a readable reference, docs/reference.md.
 """
 
 from __future__ import annotations
@@ -421,11 +423,77 @@ def render() -> str:
     return json.dumps(Builder(descriptor_set()).build(), indent=2, ensure_ascii=False) + "\n"
 
 
+def _type_of(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        return f"[{name.rsplit('.', 1)[-1]}](#{name.replace('.', '').lower()})"
+    if "anyOf" in schema:
+        return " or ".join(_type_of(s) for s in schema["anyOf"])
+    kind = schema.get("type", "")
+    if kind == "array":
+        return f"list of {_type_of(schema['items'])}"
+    if kind == "object" and "additionalProperties" in schema:
+        return f"map of {_type_of(schema['additionalProperties'])}"
+    if isinstance(kind, list):
+        kind = " or ".join(kind)
+    return f"{kind} ({schema['format']})" if "format" in schema else str(kind)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def render_markdown() -> str:
+    """docs/reference.md: every RPC and message with the proto comments."""
+    document = Builder(descriptor_set()).build()
+    out = [
+        "# API reference (generated)",
+        "",
+        "Generated from the comments in `protos/` by `python -m tools.openapi --markdown`"
+        " (`make proto`); `make proto-check` (run by `make test`) fails when it drifts."
+        " Over HTTP/JSON each RPC is `POST /<package.Service>/<Method>`"
+        " ([api.md](api.md#httpjson)); over gRPC, the same method.",
+        "",
+        "## RPCs",
+    ]
+    by_tag: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for path, item in document["paths"].items():
+        operation = item["post"]
+        by_tag.setdefault(operation["tags"][0], []).append((path, operation))
+    for tag in sorted(by_tag):
+        out += ["", f"### {tag}"]
+        for path, operation in by_tag[tag]:
+            body = operation["requestBody"]["content"]
+            request = next(iter(body.values()))["schema"]
+            answer = next(iter(operation["responses"]["200"]["content"].values()))["schema"]
+            out += [
+                "",
+                f"#### `{path}`",
+                "",
+                f"{_type_of(request)} → {_type_of(answer)}",
+                "",
+                operation["description"],
+            ]
+    out += ["", "## Messages and enums"]
+    for name, schema in document["components"]["schemas"].items():
+        out += ["", f"### {name}", ""]
+        if description := schema.get("description"):
+            out += [description, ""]
+        if schema.get("properties"):
+            out += ["| field | type | description |", "|---|---|---|"]
+            for field, spec in schema["properties"].items():
+                out.append(
+                    f"| `{field}` | {_type_of(spec)} | {_cell(spec.get('description', ''))} |"
+                )
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write here (default: standard output)")
+    parser.add_argument("--markdown", action="store_true", help="docs/reference.md instead")
     args = parser.parse_args(argv)
-    text = render()
+    text = render_markdown() if args.markdown else render()
     if args.out is None:
         sys.stdout.write(text)
     else:
