@@ -61,6 +61,7 @@ class TwoMeters(Suite):
         env["USAGEBILLING_METER_PORT"] = str(self.ports[REPLICA])
         # Not the default 9092: another process on this machine may hold it.
         env["USAGEBILLING_METRICS_PORT"] = str(free_port())
+        env["USAGEBILLING_HTTP_PORT"] = str(free_port())
         log = self._logs.get(REPLICA) or open(self.log_dir / f"{REPLICA}.log", "ab")  # noqa: SIM115
         self._logs[REPLICA] = log
         self.processes[REPLICA] = subprocess.Popen(
