@@ -19,6 +19,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.billing.alerts_store import AlertRecord, AlertStore
+from services.billing.convert import price_from_json
+from services.billing.domain.alerts import reached
+from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, period_containing
 from services.billing.meter_client import Meters
 from services.billing.store import BillingStore, SubscriptionRecord
@@ -79,7 +82,6 @@ class Alerts:
     async def check(self, alert: AlertRecord, now: datetime) -> int:
         """Fires the alert for each watched subscription over its threshold
         in its current period; returns how many fired."""
-        assert alert.quantity is not None
         fired = 0
         products = {p.id: p for p in await self._billing.products_of(alert.tenant_id)}
         for subscription in await self._watched(alert):
@@ -98,7 +100,10 @@ class Alerts:
             usage = await self._meters.consumed(
                 alert.tenant_id, alert.meter_id, subscription.customer_external_id, start, end
             )
-            if usage < alert.quantity:
+            prices = [p for p in product.usage_prices if p.get("meter_id") == alert.meter_id]
+            price = price_from_json(prices[0]) if prices else None
+            digits = minor_units(product.currency)
+            if not reached(usage, alert.quantity, alert.amount_minor, price, digits):
                 continue
             payload = alert_pb2.UsageThresholdReached(
                 tenant_id=alert.tenant_id,

@@ -85,10 +85,9 @@ class AlertStore:
             raise NotFound(f"id: no usage alert {alert_id!r}")
 
     async def all_alerts(self) -> list[AlertRecord]:
-        """Every tenant's alerts that can fire (a quantity threshold)."""
+        """Every tenant's alerts."""
         rows = await self.pool.fetch(
-            "SELECT * FROM billing.usage_alerts WHERE quantity IS NOT NULL"
-            " ORDER BY tenant_id, created_at"
+            "SELECT * FROM billing.usage_alerts ORDER BY tenant_id, created_at"
         )
         return [_alert(r) for r in rows]
 

@@ -42,9 +42,11 @@ class UsageAlert(_message.Message):
     quantity: _builtins.str
     """The threshold as a quantity of the meter (a decimal string), or empty."""
     amount_minor: _builtins.int
-    """The threshold as an amount in minor units of the subscription's currency
-    (the usage priced by the subscription's price for the meter), or 0.
-    Not evaluated yet: alerts with an amount are stored but do not fire.
+    """The threshold as an amount in minor units of the subscription's currency,
+    or 0: the period's usage priced by the product's price for the meter
+    (free threshold and price model applied; before commitments, credits
+    and rounding). Never reached for a PERCENTAGE price with a
+    transaction_key (a total cannot price it).
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
