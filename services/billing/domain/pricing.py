@@ -468,5 +468,11 @@ def parse_decimal(
         last_digit = value.adjusted() - len(value.as_tuple().digits) + 1
         if value.adjusted() >= MAX_INTEGER_DIGITS or last_digit < -MAX_FRACTION_DIGITS:
             raise InvalidArgument(f"{field}: {text!r} is out of range")
+        # Stored, returned and printed in plain notation: a short "1e131071" would
+        # be 131,072 digits in every answer and on every invoice line.
+        if len(plain(value)) > MAX_DECIMAL_TEXT:
+            raise InvalidArgument(
+                f"{field}: {text!r} is out of range (over {MAX_DECIMAL_TEXT} characters in full)"
+            )
     # "-0" would print as "-0" on an invoice.
     return value.copy_abs() if value.is_zero() else value

@@ -180,7 +180,8 @@ def test_validation_does_not_sort_the_callers_tiers() -> None:
         ("0.000125", D("0.000125")),
         ("2.5e3", D(2500)),
         ("1E-3", D("0.001")),
-        ("1e400", D("1e400")),  # finite as a decimal, unlike float("1e400")
+        ("1e99", D("1e99")),  # 100 digits in plain notation: the most
+        ("1e-98", D("1e-98")),  # "0." and 98 digits: 100 characters
         (".5", D("0.5")),
         ("5.", D(5)),
         ("-1.5", D("-1.5")),  # the sign is validate_usage_price's business
@@ -239,6 +240,14 @@ def test_parse_decimal_refuses_what_is_not_a_plain_decimal(text: str) -> None:
 def test_parse_decimal_refuses_absurd_sizes(text: str) -> None:
     with pytest.raises(InvalidArgument, match=r"^free_threshold: "):
         parse_decimal(text, "free_threshold")
+
+
+@pytest.mark.parametrize("text", ["1e100", "1e-99", "1e131071", "-1e-16383"])
+def test_parse_decimal_refuses_short_texts_that_print_long(text: str) -> None:
+    # Stored, returned and printed in plain notation: "1e131071" would be 131,072
+    # digits in every GetProduct and on every invoice line.
+    with pytest.raises(InvalidArgument, match=r"^rate: .* is out of range"):
+        parse_decimal(text, "rate")
 
 
 @pytest.mark.parametrize(
