@@ -401,8 +401,8 @@ Global___Product: _TypeAlias = Product  # noqa: Y015
 class CreateProductRequest(_message.Message):
     """Every bad field is INVALID_ARGUMENT naming it (usage_prices[2].tiers[1].up_to,
     commitment.maximum_spend_minor, ...). Decimal strings: plain notation, at
-    most 100 characters, within PostgreSQL numeric's range (131,072 integer
-    and 16,383 fraction digits).
+    most 100 characters, and at most 100 characters written out in full, as
+    they are returned and printed ("1e99" is accepted, "1e100" is not).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
