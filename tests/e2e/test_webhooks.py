@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import nats
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from standardwebhooks.webhooks import Webhook
 
 from tests.client import Client, event, eventually, status_of
@@ -523,3 +523,28 @@ async def test_an_alert_fires_once_per_period_within_seconds(
         await c.call(alerts.DeleteUsageAlert, alert_pb2.DeleteUsageAlertRequest(id=a.id))
     listed = await c.call(alerts.ListUsageAlerts, alert_pb2.ListUsageAlertsRequest())
     assert not listed.alerts
+
+
+async def test_webhook_endpoints_over_http_json(hooks_suite: Suite, tenant: Tenant) -> None:
+    _, secret = create_tenant(hooks_suite, "http")
+    base = hooks_suite.http_url("billing") + "/usagebilling.billing.v1.WebhookService/"
+    headers = {"authorization": f"Bearer {secret}", "content-type": "application/json"}
+    async with ClientSession() as session:
+        async with session.post(
+            base + "CreateWebhookEndpoint",
+            json={"url": "http://127.0.0.1:9/hook", "eventTypes": ["invoice.finalized"]},
+            headers=headers,
+        ) as answer:
+            assert answer.status == 200, await answer.text()
+            created = await answer.json()
+        assert created["secret"].startswith("whsec_")
+        async with session.post(
+            base + "CreateWebhookEndpoint",
+            json={"url": "http://10.0.0.1/", "eventTypes": ["invoice.finalized"]},
+            headers=headers,
+        ) as answer:
+            error = await answer.json()
+        assert error["code"] == "invalid_argument" and error["message"].startswith("url:")
+        async with session.post(base + "ListWebhookEndpoints", json={}, headers=headers) as answer:
+            listed = await answer.json()
+        assert [e["id"] for e in listed["endpoints"]] == [created["endpoint"]["id"]]
