@@ -2,7 +2,7 @@
 else needs to run), drives it from this process, stops all it started, and
 writes .run/bench-summary.json plus a table.
 
-    python -m bench.run [--events N] [--runs N] [--skip-billing]
+    python -m bench.run [--events N] [--runs N] [--skip-billing] [--skip-growth] [--skip-scale]
 """
 
 from __future__ import annotations
@@ -66,14 +66,11 @@ async def one_run(events: int, billing: bool) -> dict[str, float]:
         figures.update(await storage.run(database_url))
         if billing:
             try:
-                from bench import billing_bench, billing_scale
+                from bench import billing_bench
             except ImportError:
                 pass
             else:
                 figures.update(await billing_bench.run(suite))
-                # One tenant of 1,000,000 subscriptions (BENCH_SUBSCRIPTIONS=100000
-                # for a quick run): invoices per second, billing's peak RSS.
-                figures.update(await billing_scale.run(suite))
         if billing:
             # Credit balances (bench/credits.py): a read at `events` events of
             # one customer, and an event's reflection under 20,000 events/s.
@@ -118,6 +115,9 @@ def main() -> None:
     # One customer's month at 100,000 to 10,000,000 events (bench/growth.py;
     # BENCH_GROWTH_SIZES trims): once, on a stack of its own, after the runs.
     parser.add_argument("--skip-growth", action="store_true")
+    # One tenant of 1,000,000 subscriptions (bench/billing_scale.py;
+    # BENCH_SUBSCRIPTIONS=100000 for a quick run): once, after the runs.
+    parser.add_argument("--skip-scale", action="store_true")
     args = parser.parse_args()
     runs = []
     for i in range(args.runs):
@@ -136,12 +136,19 @@ def main() -> None:
         growth_figures = asyncio.run(growth.standalone())
         TARGETS.update(growth.targets(growth.sizes()))
         summary["growth"] = growth_figures
+    scale_figures: dict[str, float] = {}
+    if not args.skip_scale and not args.skip_billing:
+        from bench import billing_scale
+
+        scale_figures = asyncio.run(billing_scale.standalone())
+        summary["billing_scale"] = scale_figures
     out = Path(DEFAULT_BASE_DIR) / "bench-summary.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(table(runs))
-    if growth_figures:
-        print("\n" + table([growth_figures]))
+    for once in (growth_figures, scale_figures):
+        if once:
+            print("\n" + table([once]))
     print(f"\nwritten: {out}")
 
 
