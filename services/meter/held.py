@@ -44,17 +44,27 @@ SELECT count(pg_advisory_xact_lock(k, h)) FROM (
     ORDER BY 1, 2 OFFSET 0) AS s
 """
 
+# Rows not stored yet, given as arrays ($1..$8; i: the row's place in the fold).
+UNSTORED = """
+SELECT meter_key, customer_id COLLATE "C" AS customer_id, event_time,
+    event_id COLLATE "C" AS event_id, value, text_value, dims, i
+FROM unnest($1::integer[], $2::text[], $3::timestamptz[], $4::text[], $5::numeric[],
+    $6::text[], $7::jsonb[], $8::integer[])
+    AS u (meter_key, customer_id, event_time, event_id, value, text_value, dims, i)
+"""
 # The given rows (keys $1..$4) that are stored and have no step yet.
 GIVEN = """
-SELECT e.* FROM unnest($1::integer[], $2::text[], $3::timestamptz[], $4::text[])
+SELECT e.*, 0 AS i FROM unnest($1::integer[], $2::text[], $3::timestamptz[], $4::text[])
     AS g (meter_key, customer_id, event_time, event_id)
 JOIN meter.meter_events e USING (meter_key, customer_id, event_time, event_id)
 WHERE e.step IS NULL AND e.skip_reason IS NULL
 """
 
-# A line's stored neighbours of each new row (the previous and the next row
-# with a step), the steps of the new rows and of the next rows whose previous
-# row is now a new one, and the buckets' changes.
+# Per line, the stored rows (those with a step) that may neighbour a new row:
+# from the one before its first new row to the one after its last (one probe
+# each, and a range that is empty unless rows came late); then the steps of the
+# new rows and of the stored rows whose previous row is now a new one, and the
+# buckets' changes.
 _LINE = (
     "e.meter_key = s.meter_key AND e.customer_id = s.customer_id"
     " AND coalesce(e.dims::text, '') = s.dk AND coalesce(e.text_value, '') = s.item"
@@ -65,36 +75,47 @@ FOLD = f"""
 WITH new AS (
     SELECT n.*, coalesce(n.dims::text, '') AS dk, coalesce(n.text_value, '') AS item
     FROM ({{new}}) AS n
-), stored AS (
+), lines AS (  -- each line's first and last new row
+    SELECT meter_key, customer_id, dk, item,
+        (array_agg(event_time ORDER BY event_time, event_id))[1] AS ft,
+        (array_agg(event_id ORDER BY event_time, event_id))[1] AS fid,
+        (array_agg(event_time ORDER BY event_time DESC, event_id DESC))[1] AS lt,
+        (array_agg(event_id ORDER BY event_time DESC, event_id DESC))[1] AS lid
+    FROM new GROUP BY 1, 2, 3, 4
+), stored AS (  -- the stored rows from the first one's previous to the last one's next
     SELECT DISTINCT ON (meter_key, customer_id, event_time, event_id) * FROM (
-        SELECT s.dk, s.item, p.* FROM new s CROSS JOIN LATERAL (
+        SELECT s.dk, s.item, p.* FROM lines s CROSS JOIN LATERAL (
             SELECT {_COLUMNS} FROM meter.meter_events e WHERE {_LINE}
-                AND (e.event_time, e.event_id) < (s.event_time, s.event_id)
+                AND (e.event_time, e.event_id) < (s.ft, s.fid)
             ORDER BY e.event_time DESC, e.event_id DESC LIMIT 1) AS p
         UNION ALL
-        SELECT s.dk, s.item, p.* FROM new s CROSS JOIN LATERAL (
+        SELECT s.dk, s.item, p.* FROM lines s CROSS JOIN LATERAL (
             SELECT {_COLUMNS} FROM meter.meter_events e WHERE {_LINE}
-                AND (e.event_time, e.event_id) > (s.event_time, s.event_id)
+                AND (e.event_time, e.event_id) > (s.lt, s.lid)
             ORDER BY e.event_time, e.event_id LIMIT 1) AS p
+        UNION ALL
+        SELECT s.dk, s.item, p.* FROM lines s CROSS JOIN LATERAL (
+            SELECT {_COLUMNS} FROM meter.meter_events e WHERE {_LINE}
+                AND e.event_time >= s.ft AND e.event_time <= s.lt) AS p
     ) AS x
 ), relevant AS (
     SELECT meter_key, customer_id, dk, item, dims, event_time, event_id, value,
-        NULL::numeric AS old, true AS is_new FROM new
+        NULL::numeric AS old, true AS is_new, i FROM new
     UNION ALL
     SELECT meter_key, customer_id, dk, item, dims, event_time, event_id, value,
-        step, false FROM stored
+        step, false, NULL::integer FROM stored
 ), stepped AS (
     SELECT *, value - coalesce(lag(value) OVER w, 0) AS step, lag(is_new) OVER w AS after_new
     FROM relevant
     WINDOW w AS (PARTITION BY meter_key, customer_id, dk, item ORDER BY event_time, event_id)
 ), changed AS (
-    SELECT meter_key, customer_id, dims, event_time, event_id, step, is_new,
+    SELECT meter_key, customer_id, dims, event_time, event_id, step, is_new, i,
         CASE WHEN is_new THEN step ELSE step - old END AS delta
     FROM stepped WHERE is_new OR after_new
 ), updated AS (
     UPDATE meter.meter_events e SET step = c.step FROM changed c
     WHERE e.meter_key = c.meter_key AND e.customer_id = c.customer_id
-        AND e.event_time = c.event_time AND e.event_id = c.event_id
+        AND e.event_time = c.event_time AND e.event_id = c.event_id{{updated}}
 ), buckets AS (
     SELECT c.meter_key, g.grain, c.customer_id,
         date_bin(g.step, c.event_time, '0001-01-01 00:00:00+00') AS bucket_start,
@@ -103,11 +124,41 @@ WITH new AS (
     FROM changed c CROSS JOIN (VALUES ('m'::"char", interval '1 minute'),
         ('h', interval '1 hour'), ('d', interval '1 day')) AS g (grain, step)
     GROUP BY 1, 2, 3, 4, 5
+), written AS (
+    INSERT INTO meter.held_rollups AS r SELECT * FROM buckets ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET
+        n = r.n + EXCLUDED.n, d = r.d + EXCLUDED.d, m = r.m + EXCLUDED.m
 )
-INSERT INTO meter.held_rollups AS r SELECT * FROM buckets ORDER BY 1, 2, 3, 4, 5
-ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET
-    n = r.n + EXCLUDED.n, d = r.d + EXCLUDED.d, m = r.m + EXCLUDED.m
+SELECT i, step FROM changed WHERE is_new
 """
+
+
+async def steps_before_copy(
+    conn: Any, rows: Sequence[FoldedEvent], places: Sequence[int]
+) -> dict[int, Decimal]:
+    """The fold's usual path (in its transaction, before it COPYs `rows`, none
+    stored yet): the steps of the held meters' rows (at `places` in `rows`), by
+    place, for the COPY to write; their buckets, and the steps of the stored
+    rows that late ones now precede, are written here. Should a row turn out to
+    be stored already, the COPY fails and the transaction undoes all of it."""
+    if not places:
+        return {}
+    held = [rows[i] for i in places]
+    keys = [row.meter_key for row in held]
+    customers = [row.customer_id for row in held]
+    await conn.execute(LOCK, keys, customers)
+    found = await conn.fetch(
+        FOLD.format(new=UNSTORED, updated=" AND NOT c.is_new"),
+        keys,
+        customers,
+        [row.event_time for row in held],
+        [row.event_id for row in held],
+        [row.value for row in held],
+        [row.text_value for row in held],
+        [row.dims for row in held],
+        list(places),
+    )
+    return {r[0]: r[1] for r in found}
 
 
 async def fold(conn: Any, rows: Sequence[FoldedEvent]) -> None:
@@ -119,7 +170,7 @@ async def fold(conn: Any, rows: Sequence[FoldedEvent]) -> None:
     customers = [row.customer_id for row in rows]
     await conn.execute(LOCK, keys, customers)
     await conn.execute(
-        FOLD.format(new=GIVEN),
+        FOLD.format(new=GIVEN, updated=""),
         keys,
         customers,
         [row.event_time for row in rows],
@@ -142,7 +193,8 @@ async def fold_stored(conn: Any, meter_key: int, start: datetime, end: datetime)
     await conn.execute(
         FOLD.format(
             new="SELECT * FROM meter.meter_events WHERE meter_key = $1 AND event_time >= $2"
-            " AND event_time < $3 AND step IS NULL AND skip_reason IS NULL"
+            " AND event_time < $3 AND step IS NULL AND skip_reason IS NULL",
+            updated="",
         ),
         meter_key,
         start,

@@ -344,6 +344,11 @@ class MeterStore:
         values = _VALUES if any(row.text_value is not None for row in kept) else ""
         async with self.pool.acquire() as conn:
             stepped = await self._held_rows(conn, kept)
+            places = [  # where `stepped` lies in `rows`
+                i
+                for i, row in enumerate(rows)
+                if row.skip_reason is None and self._held_keys.get(row.meter_key)
+            ]
             # Almost always every row is new: COPY them, the cheapest write
             # PostgreSQL has, and roll them all up. The primary key still
             # refuses a repeat (a redelivered message, a backfill overlapping
@@ -352,15 +357,18 @@ class MeterStore:
             # the repeats and rolls up only what it inserted (RETURNING).
             try:
                 async with conn.transaction():
+                    # Gauges' and seats' rows go in with their steps.
+                    steps = await held.steps_before_copy(conn, rows, places)
                     await conn.copy_records_to_table(
                         "meter_events",
                         schema_name="meter",
-                        columns=FoldedEvent._fields,
-                        records=rows,
+                        columns=(*FoldedEvent._fields, "step") if steps else FoldedEvent._fields,
+                        records=[(*row, steps.get(i)) for i, row in enumerate(rows)]
+                        if steps
+                        else rows,
                     )
                     if counted:
                         await conn.execute(_ROLLUP.format(new=_GIVEN, values=values), *counted)
-                    await held.fold(conn, stepped)
                 return len(rows)
             except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
                 pass
