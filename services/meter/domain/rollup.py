@@ -28,9 +28,9 @@ Where an aggregation lives (to add one, touch these three places):
 
 Each must agree with the pure oracle, domain.aggregation.aggregate. The held
 aggregations (gauges, seats: a level carries from one event to the next, across
-buckets) are not pre-aggregated yet: MeterStore.held_usage reads the rows; a
-bucket state for them would hold each line's level at the bucket's end and its
-integral over the bucket.
+buckets) keep buckets of their own, of steps (services/meter/held.py, same
+pieces plus day buckets for the level before a range); SEATS_MAX reads the rows
+(MeterStore.held_usage).
 """
 
 from __future__ import annotations
