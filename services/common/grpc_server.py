@@ -91,6 +91,14 @@ STREAM_IDLE_SECONDS = 30.0
 # A budgeted call at least this large is followed by a full garbage collection.
 COLLECT_AFTER_BYTES = 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+# A call waits in gRPC core until the event loop takes it (one at a time,
+# between turns of the loop), so under load above capacity the backlog is
+# there, before any interceptor. Core's default cancels a call after 30 s of
+# that, with a bare CANCELLED, whatever its deadline, and unlogged (make
+# bench's paced phase on a busy machine). Past any sensible deadline instead:
+# the caller's deadline decides (DEADLINE_EXCEEDED); core's limits on how many
+# calls wait still apply.
+MAX_UNTAKEN_SECONDS = 3600
 
 # The methods whose requests may be large (a batch of events): a unary call
 # takes room in the server's RequestBudget before its request is read, a
@@ -624,6 +632,7 @@ class GrpcServer:
                 # callers' round_robin finds replicas added since
                 # (services/common/channels.py). Calls in flight finish first.
                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                ("grpc.server_max_unrequested_time_in_server", MAX_UNTAKEN_SECONDS),
             ],
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
