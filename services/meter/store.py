@@ -409,7 +409,8 @@ class MeterStore:
     async def insert_and_roll_up(self, select: str, *args: Any) -> int:
         """Inserts the rows that `select` yields (meter_events' columns, none
         stored before) and rolls them up, in one statement: the fold's rollup
-        over INSERT ... RETURNING. For benches that load millions of rows."""
+        over INSERT ... RETURNING. For benches that load millions of rows (not
+        of held meters: their steps stay unset; roll_up_stored sets them)."""
         async with self.pool.acquire() as conn:
             inserted = await conn.fetchval(
                 _ROLLUP.format(
