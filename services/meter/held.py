@@ -219,10 +219,16 @@ async def usage(
     """(window, customer, dims, value, events so far) of each window that has a
     value, in (window, customer, dims) order: the exact integral in value x
     microseconds, or SEATS_END's level. See the module's docstring."""
-    pieces = rollup.plan(bounds, end)
     day = rollup.floor(bounds[0], _DAY)
+    # Window 0: the level before the range; its pieces first, so that each
+    # grain's pieces ascend (as scanned() needs).
+    pieces = {grain: rollup.Pieces() for grain in (rollup.RAW, "m", "h")}
     for piece in rollup.cut(0, day, bounds[0]) if day < bounds[0] else []:
-        pieces[piece.grain].add(piece)  # window 0: the level before the range
+        pieces[piece.grain].add(piece)
+    for grain, more in rollup.plan(bounds, end).items():
+        pieces[grain].windows += more.windows
+        pieces[grain].starts += more.starts
+        pieces[grain].ends += more.ends
     args: list[Any] = [meter_key]
 
     def arg(value: Any) -> str:
@@ -256,7 +262,19 @@ async def usage(
         f"{conditions('r')}"
     ]
     for grain in ("h", "m"):
-        if pieces[grain].windows:
+        p = pieces[grain]
+        covered = sum((b - a for a, b in zip(p.starts, p.ends, strict=True)), timedelta())
+        if p.windows and p.ends[-1] - p.starts[0] <= 4 * covered:
+            # Dense (HOUR or MINUTE windows): one scan, width_bucket finds the piece.
+            parts.append(
+                f"SELECT ({arg(p.windows)}::integer[])[x.i], r.customer_id, r.dims, r.n, r.d,"
+                " r.m FROM meter.held_rollups r CROSS JOIN LATERAL (SELECT width_bucket("
+                f"r.bucket_start, {arg(p.starts)}::timestamptz[]) AS i) AS x"
+                f" WHERE r.meter_key = $1 AND r.grain = '{grain}'"
+                f" AND r.bucket_start >= {arg(p.starts[0])} AND r.bucket_start < {arg(p.ends[-1])}"
+                f" AND r.bucket_start < ({arg(p.ends)}::timestamptz[])[x.i]{conditions('r')}"
+            )
+        elif p.windows:
             parts.append(
                 f"SELECT p.w, r.* FROM {given(grain)} CROSS JOIN LATERAL (SELECT r.customer_id,"
                 " r.dims, r.n, r.d, r.m FROM meter.held_rollups r WHERE r.meter_key = $1"
