@@ -33,7 +33,7 @@ from services.common.partitions import MonthlyTable
 from services.meter import convert
 from services.meter.domain.matching import FoldedEvent
 from services.meter.domain.retention import HELD_AGGREGATIONS, keep_from
-from services.meter.store import MeterStore
+from services.meter.store import MeterStore, seal_before
 from usagebilling.meter.v1 import retention_pb2, retention_pb2_grpc
 
 log = get_logger(__name__)
@@ -95,6 +95,8 @@ class RetentionStore:
             done = await conn.fetchval("SELECT dropped_before FROM meter.retention")
             if done is not None and done >= before:
                 return []
+            # The days whose usage is read from their rows get buckets first.
+            await seal_before(conn, before)
             dropped = []
             for name in await partitions.existing(conn, METER_EVENTS):
                 if name in (_RETIRED, f"{METER_EVENTS.table}_default"):

@@ -26,6 +26,21 @@ Where an aggregation lives (to add one, touch these three places):
   `SQL_AGGREGATES` (over the rows of `_PARTS`, where a raw row reads as a
   bucket of one event).
 
+Gates: buckets only where they pay. A bucket per event costs a write per
+event and saves no read, and most customers send a few events an hour. So the
+buckets are gated per (meter, customer) by meter.usage_gates (migration 0010):
+
+- a UTC day's rows go into hour buckets once the day holds `Gates.day` rows;
+  below that, a read takes the day's raw rows (fewer than `Gates.day`);
+- an hour of such a day goes into minute buckets once it holds `Gates.hour`
+  rows; below that, a read takes the raw rows of its part of the hour.
+
+When a fold takes a day (hour) over its gate, it builds that day's hour (that
+hour's minute) buckets from the stored rows, its own included; afterwards each
+fold adds its rows to them. Either every row of a day (hour) is in the buckets
+or none is: the read relies on it. `crossings` classifies a fold's days and
+hours; the store's SQL does the rest.
+
 Each must agree with the pure oracle, domain.aggregation.aggregate. The held
 aggregations (gauges, seats: a level carries from one event to the next, across
 buckets) keep buckets of their own, of steps (services/meter/held.py, same
@@ -35,13 +50,16 @@ pieces plus day buckets for the level before a range); SEATS_MAX reads the rows
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
+from services.meter.domain.matching import FoldedEvent
+
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 
 # The grains the store keeps buckets of, finest first, with their code in SQL.
 GRAINS: tuple[tuple[str, timedelta], ...] = (("m", MINUTE), ("h", HOUR))
@@ -145,3 +163,56 @@ def plan(bounds: Sequence[datetime], end: datetime) -> dict[str, Pieces]:
         for piece in cut(i + 1, start, stop):
             out[piece.grain].add(piece)
     return out
+
+
+class Gates(NamedTuple):
+    """How many counted rows a customer's UTC day must hold before it is kept in
+    hour buckets, and an hour of such a day before it is kept in minute buckets.
+    Below them a read takes raw rows: fewer than `day` per day of the range and
+    fewer than `hour` per partial hour. A gate row keeps the threshold it was
+    made with, so changing these affects only days (hours) not yet seen."""
+
+    day: int = 64
+    hour: int = 120
+
+
+# (meter_key, customer_id, UTC day or hour start): what a gate row is kept per.
+GateKey = tuple[int, str, datetime]
+
+
+def gate_keys(rows: Sequence[FoldedEvent], step: timedelta) -> list[GateKey]:
+    """The gate of each of `rows` (in order): its (meter, customer, UTC day or
+    hour start) for `step` DAY or HOUR."""
+    # (Every row of every fold passes here: a date or an hour is cheap to take
+    # and to hash; a start datetime is made once per distinct one.)
+    starts: dict[object, datetime] = {}
+    keys: list[GateKey] = []
+    append = keys.append
+    for row in rows:
+        ts = row.event_time
+        if ts.tzinfo is not UTC:
+            ts = ts.astimezone(UTC)
+        part: object = ts.date() if step == DAY else (ts.date(), ts.hour)
+        start = starts.get(part)
+        if start is None:
+            start = starts[part] = floor(ts, step)
+        append((row.meter_key, row.customer_id, start))
+    return keys
+
+
+def crossings(
+    added: Mapping[GateKey, int], after: Iterable[tuple[int, str, datetime, int, int]]
+) -> tuple[set[GateKey], set[GateKey]]:
+    """The gates a fold's rows were already past (their rows go into the
+    buckets), and those the fold takes past (build their buckets from every
+    stored row), from what the fold `added` per gate and each gate's
+    (meter_key, customer_id, start, n, roll_from) after its upsert."""
+    past: set[GateKey] = set()
+    crossed: set[GateKey] = set()
+    for meter_key, customer_id, start, n, roll_from in after:
+        key = (meter_key, customer_id, start)
+        if n - added[key] >= roll_from:
+            past.add(key)
+        elif n >= roll_from:
+            crossed.add(key)
+    return past, crossed

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from services.common import db
 from services.meter.__main__ import MIGRATIONS
+from services.meter.domain import rollup
 from services.meter.domain.matching import FoldedEvent
 from services.meter.domain.reference import aggregate_events
 from services.meter.domain.windows import WindowSize
@@ -64,6 +65,12 @@ seconds = st.one_of(
     st.integers(-3, 3).map(lambda h: h * 3600),
 )
 micros = st.one_of(st.just(0), st.integers(0, 999_999))
+
+# Gate thresholds (domain.rollup.Gates) that put days and hours on every side
+# of their gates: everything pre-aggregated, nothing, and a mix.
+gate_sizes = st.sampled_from(
+    [rollup.Gates(1, 1), rollup.Gates(10**9, 10**9), rollup.Gates(3, 2), rollup.Gates(8, 4)]
+)
 
 
 @st.composite
@@ -136,14 +143,16 @@ def scenarios(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example],
 )
-@given(scenario=scenarios())
+@given(scenario=scenarios(), gates=gate_sizes)
 async def test_rollups_agree_with_the_reference_at_any_boundary(
     meters: Meters,
     scenario: tuple[
         Meter, list[Ev], list[list[Ev]], list[tuple[datetime, datetime, WindowSize, str, str]]
     ],
+    gates: rollup.Gates,
 ) -> None:
     meter, events, deliveries, queries = scenario
+    meters.store.gates = gates
     tenant = meters.new_tenant()
     created = await meters.create(
         tenant,
@@ -178,18 +187,27 @@ async def test_rollups_agree_with_the_reference_at_any_boundary(
         assert got == reference_tuples(expected), (start, end, size, tz, customer)
 
 
-# The buckets that the stored (not skipped) rows of meter $1 add up to; the
-# migration's backfill computes the same.
-RECOMPUTED = """
+# The buckets that the stored (not skipped) rows of meter $1 add up to, at the
+# grains their gates are past (hours: the row's day is; minutes: its hour is);
+# the migrations' backfill makes every gate past.
+_PAST = """
+    AND CASE g.grain WHEN 'h' THEN EXISTS (SELECT 1 FROM meter.usage_gates d
+        WHERE d.meter_key = e.meter_key AND d.customer_id = e.customer_id AND d.grain = 'd'
+        AND d.start = date_trunc('day', e.event_time, 'UTC') AND d.n >= d.roll_from)
+    ELSE EXISTS (SELECT 1 FROM meter.usage_gates h
+        WHERE h.meter_key = e.meter_key AND h.customer_id = e.customer_id AND h.grain = 'h'
+        AND h.start = date_trunc('hour', e.event_time, 'UTC') AND h.n >= h.roll_from) END
+"""
+RECOMPUTED = f"""
 SELECT g.grain, e.customer_id, date_trunc(g.unit, e.event_time, 'UTC') AS bucket_start,
-       coalesce(e.dims, '{}') AS dims, count(*) AS n, sum(e.value) AS total,
+       coalesce(e.dims, '{{}}') AS dims, count(*) AS n, sum(e.value) AS total,
        min(e.value) AS lo, max(e.value) AS hi,
        (array_agg(e.event_time ORDER BY e.event_time DESC, e.event_id DESC))[1] AS latest_time,
        (array_agg(e.event_id ORDER BY e.event_time DESC, e.event_id DESC))[1] AS latest_event_id,
        (array_agg(e.value ORDER BY e.event_time DESC, e.event_id DESC))[1] AS latest_value
 FROM meter.meter_events e
 CROSS JOIN (VALUES ('m'::"char", 'minute'), ('h'::"char", 'hour')) AS g (grain, unit)
-WHERE e.meter_key = $1 AND e.skip_reason IS NULL
+WHERE e.meter_key = $1 AND e.skip_reason IS NULL {_PAST}
 GROUP BY 1, 2, 3, 4
 """
 STORED = """
@@ -197,22 +215,40 @@ SELECT grain, customer_id, bucket_start, dims, n, total, lo, hi, latest_time,
        latest_event_id, latest_value
 FROM meter.usage_rollups WHERE meter_key = $1
 """
-VALUES_RECOMPUTED = """
+VALUES_RECOMPUTED = f"""
 SELECT DISTINCT g.grain, e.customer_id, date_trunc(g.unit, e.event_time, 'UTC'),
-       coalesce(e.dims, '{}')::text, e.text_value
+       coalesce(e.dims, '{{}}')::text, e.text_value
 FROM meter.meter_events e
 CROSS JOIN (VALUES ('m'::"char", 'minute'), ('h'::"char", 'hour')) AS g (grain, unit)
-WHERE e.meter_key = $1 AND e.skip_reason IS NULL AND e.text_value IS NOT NULL
+WHERE e.meter_key = $1 AND e.skip_reason IS NULL AND e.text_value IS NOT NULL {_PAST}
 """
 VALUES_STORED = """
 SELECT grain, customer_id, bucket_start, dims::text, text_value
 FROM meter.usage_rollup_values WHERE meter_key = $1
 """
+# Every gate counts its day's (hour's) rows; hour gates lie in days past theirs.
+GATES_RECOMPUTED = """
+SELECT e.meter_key, e.customer_id, g.grain, date_trunc(g.unit, e.event_time, 'UTC'), count(*)
+FROM meter.meter_events e
+CROSS JOIN (VALUES ('d'::"char", 'day'), ('h'::"char", 'hour')) AS g (grain, unit)
+WHERE e.meter_key = $1 AND e.skip_reason IS NULL AND (g.grain = 'd' OR EXISTS (
+    SELECT 1 FROM meter.usage_gates d WHERE d.meter_key = e.meter_key
+    AND d.customer_id = e.customer_id AND d.grain = 'd'
+    AND d.start = date_trunc('day', e.event_time, 'UTC') AND d.n >= d.roll_from))
+GROUP BY 1, 2, 3, 4
+"""
+GATES_STORED = """
+SELECT meter_key, customer_id, grain, start, n FROM meter.usage_gates WHERE meter_key = $1
+"""
 
 
 async def assert_buckets_match_rows(pool: asyncpg.Pool, key: int) -> None:
     async with pool.acquire() as conn:
-        for stored, recomputed in ((STORED, RECOMPUTED), (VALUES_STORED, VALUES_RECOMPUTED)):
+        for stored, recomputed in (
+            (STORED, RECOMPUTED),
+            (VALUES_STORED, VALUES_RECOMPUTED),
+            (GATES_STORED, GATES_RECOMPUTED),
+        ):
             assert sorted(repr(tuple(r)) for r in await conn.fetch(stored, key)) == sorted(
                 repr(tuple(r)) for r in await conn.fetch(recomputed, key)
             )
@@ -229,6 +265,7 @@ async def test_overlapping_concurrent_folds_count_each_row_once(
         tenant, aggregation=aggregation, property="v", group_by=["region"]
     )
     record = await meters.store.get_meter(tenant, created.id)
+    meters.store.gates = data.draw(gate_sizes)
     anchor = data.draw(st.sampled_from(ANCHORS))
     events = data.draw(crowded_events(anchor))
     rows = [
