@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, defaultdict
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -229,6 +229,14 @@ ORDER BY 1, 2, 4
 ON CONFLICT (meter_key, customer_id, grain, start) DO UPDATE SET n = g.n + EXCLUDED.n
 RETURNING meter_key, customer_id, start, n, roll_from
 """
+# Which of the gates $1..$3 of grain $4 are past.
+_PAST = """
+SELECT g.meter_key, g.customer_id, g.start
+FROM unnest($1::integer[], $2::text[], $3::timestamptz[]) AS k (meter_key, customer_id, start)
+JOIN meter.usage_gates g ON g.meter_key = k.meter_key AND g.customer_id = k.customer_id
+    AND g.grain = $4::"char" AND g.start = k.start
+WHERE g.n >= g.roll_from
+"""
 # A fold's rows that were not stored before (the path for repeats).
 _INSERTED = (
     f"INSERT INTO meter.meter_events ({_FIELDS})"
@@ -282,8 +290,8 @@ def _values(rows: Sequence[FoldedEvent]) -> str:
     return _VALUES if any(row.text_value is not None for row in rows) else ""
 
 
-def _key_columns(keys: set[rollup.GateKey]) -> list[list[Any]]:
-    """Gate keys as the arrays $1..$3 of _REBUILT, in key order."""
+def _key_columns(keys: Iterable[rollup.GateKey]) -> list[list[Any]]:
+    """Gate keys as the arrays $1..$3 of _REBUILT, _PAST and _GATES, in key order."""
     ordered = sorted(keys)
     return [[k[i] for k in ordered] for i in range(3)]
 
@@ -490,13 +498,11 @@ class MeterStore:
             return
         gates = self.gates
         day_keys = rollup.gate_keys(rows, rollup.DAY)
-        days = Counter(day_keys)
-        past_days, crossed_days = rollup.crossings(days, await self._gates(conn, "d", days))
+        past_days, crossed_days = await self._pass_gates(conn, "d", Counter(day_keys))
         dense = [r for r, k in zip(rows, day_keys, strict=True) if k in past_days]
         if dense:
             hour_keys = rollup.gate_keys(dense, rollup.HOUR)
-            hours = Counter(hour_keys)
-            past_hours, crossed_hours = rollup.crossings(hours, await self._gates(conn, "h", hours))
+            past_hours, crossed_hours = await self._pass_gates(conn, "h", Counter(hour_keys))
             fine = [k in past_hours for k in hour_keys]
             await conn.execute(
                 _ROLLUP.format(new=_GIVEN, values=_values(dense), gates=""),
@@ -517,22 +523,30 @@ class MeterStore:
                 gates.hour,
             )
 
-    async def _gates(
+    async def _pass_gates(
         self, conn: Any, grain: str, added: Mapping[rollup.GateKey, int]
-    ) -> list[tuple[int, str, datetime, int, int]]:
+    ) -> tuple[set[rollup.GateKey], set[rollup.GateKey]]:
+        """The gates of `grain` that the rows `added` (a count per gate) are
+        past, and those they take past (domain.rollup.crossings)."""
+        # A gate once past stays past: those are read without a lock, and not
+        # counted any further (concurrent folds of a busy customer's day would
+        # queue on its row). The others are counted under their row locks.
         keys = sorted(added)
-        return [
-            tuple(r)
-            for r in await conn.fetch(
-                _GATES,
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [k[2] for k in keys],
-                grain.encode(),
-                self.gates.day if grain == "d" else self.gates.hour,
-                [added[k] for k in keys],
-            )
-        ]
+        past = {
+            (r[0], r[1], r[2]) for r in await conn.fetch(_PAST, *_key_columns(keys), grain.encode())
+        }
+        keys = [k for k in keys if k not in past]
+        if not keys:
+            return past, set()
+        counted = await conn.fetch(
+            _GATES,
+            *_key_columns(keys),
+            grain.encode(),
+            self.gates.day if grain == "d" else self.gates.hour,
+            [added[k] for k in keys],
+        )
+        now_past, crossed = rollup.crossings(added, (tuple(r) for r in counted))
+        return past | now_past, crossed
 
     async def roll_up_stored(self, meter_key: int, start: datetime, end: datetime) -> None:
         """Rolls up the meter's rows in [start, end) that were written to

@@ -7,7 +7,8 @@
 -- day once it holds its roll_from rows. Below that, reads take the raw rows,
 -- which are then fewer than roll_from.
 --
--- n:         the day's (hour's) stored rows that count (skip_reason IS NULL).
+-- n:         the day's (hour's) stored rows that count (skip_reason IS NULL),
+--            counted until the gate is past (then a fold only reads it).
 -- roll_from: the threshold set when the row was made (a later release may use
 --            another); 0 when retention or a bulk load rolled the whole day.
 --            n >= roll_from: every row of the day (hour) is in the hour

@@ -226,7 +226,7 @@ VALUES_STORED = """
 SELECT grain, customer_id, bucket_start, dims::text, text_value
 FROM meter.usage_rollup_values WHERE meter_key = $1
 """
-# Every gate counts its day's (hour's) rows; hour gates lie in days past theirs.
+# A gate per day with rows, and per hour with rows in a day past its gate.
 GATES_RECOMPUTED = """
 SELECT e.meter_key, e.customer_id, g.grain, date_trunc(g.unit, e.event_time, 'UTC'), count(*)
 FROM meter.meter_events e
@@ -238,17 +238,21 @@ WHERE e.meter_key = $1 AND e.skip_reason IS NULL AND (g.grain = 'd' OR EXISTS (
 GROUP BY 1, 2, 3, 4
 """
 GATES_STORED = """
-SELECT meter_key, customer_id, grain, start, n FROM meter.usage_gates WHERE meter_key = $1
+SELECT meter_key, customer_id, grain, start, n, roll_from FROM meter.usage_gates
+WHERE meter_key = $1
 """
 
 
 async def assert_buckets_match_rows(pool: asyncpg.Pool, key: int) -> None:
     async with pool.acquire() as conn:
-        for stored, recomputed in (
-            (STORED, RECOMPUTED),
-            (VALUES_STORED, VALUES_RECOMPUTED),
-            (GATES_STORED, GATES_RECOMPUTED),
-        ):
+        # A gate below its threshold counts its rows exactly; one past it
+        # stops counting (the fold no longer locks it), at or above it.
+        rows = {tuple(r[:4]): r[4] for r in await conn.fetch(GATES_RECOMPUTED, key)}
+        gates = {tuple(r[:4]): (r[4], r[5]) for r in await conn.fetch(GATES_STORED, key)}
+        assert rows.keys() == gates.keys()
+        for gate, (n, roll_from) in gates.items():
+            assert n == rows[gate] if n < roll_from else roll_from <= n <= rows[gate], gate
+        for stored, recomputed in ((STORED, RECOMPUTED), (VALUES_STORED, VALUES_RECOMPUTED)):
             assert sorted(repr(tuple(r)) for r in await conn.fetch(stored, key)) == sorted(
                 repr(tuple(r)) for r in await conn.fetch(recomputed, key)
             )
