@@ -10,7 +10,13 @@ both meters), each timed REPEAT times; p50 and p99 in ms.
 Loading: rows are generated in PostgreSQL and go in through the fold's own
 rollup statement (MeterStore.insert_and_roll_up: the statement the fold runs
 over INSERT ... RETURNING), LOAD_CHUNK rows a statement: what the consumer
-would have written, without pushing 20 million rows through NATS first.
+would have written, without pushing 20 million rows through NATS first. Event
+i sits at frac(i * (sqrt(5) - 1) / 2) of the period (a Weyl sequence), so every
+size, and every prefix of the events, covers the whole period evenly: each
+size answers the same windows (26 DAY rows, 601 HOUR rows), and only the
+events behind them grow. After each load the tables are vacuumed, analyzed
+and checkpointed, so the reads meet a settled month (as a month written over
+weeks is), not the autovacuum and checkpoint a bulk load of minutes sets off.
 
     BENCH_GROWTH_SIZES=100000,1000000 python -m bench.run   (trims the sizes)
 """
@@ -24,6 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import grpc
@@ -46,7 +53,10 @@ from usagebilling.billing.v1 import (
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 
 SIZES = (100_000, 1_000_000, 10_000_000)
-REPEAT = 100
+# Samples per read and size: p99 is then the third slowest, not the second
+# (one scheduling hiccup on the shared machine decided it).
+REPEAT = 300
+WARM = 20
 LOAD_CHUNK = 500_000
 CUSTOMER = "growth-customer"
 # The period: started this long ago, at an odd second.
@@ -77,7 +87,10 @@ def _label(n: int) -> str:
 
 
 async def _timed(call: Callable[[], Awaitable[Any]], repeat: int) -> tuple[float, float]:
-    await call()  # warm
+    # Warm: the services' pooled connections each prepare the read and fill their
+    # catalog caches on first use (a pool of 10 takes 10 calls to warm).
+    for _ in range(WARM):
+        await call()
     samples = []
     for _ in range(repeat):
         began = time.perf_counter()
@@ -193,16 +206,19 @@ async def _run(
     figures: dict[str, float] = {}
     loaded = 0
     span_us = span // timedelta(microseconds=1)
+    # Event i at frac(i * GOLDEN) of the span: spread evenly at every size.
+    golden = Decimal(5).sqrt() / 2 - Decimal("0.5")
     for size in sorted(growth_sizes):
         began = time.monotonic()
         for low in range(loaded, size, LOAD_CHUNK):
             high = min(size, low + LOAD_CHUNK)
             for meter_key, valued in keys:
-                # Event i at a spot of its own in the period (a multiplicative
-                # hash spreads every size over the whole month), value 1..2000.
+                # Event i at frac(i * golden) of the period (see the module's
+                # docstring), value 1..2000.
                 await store.insert_and_roll_up(
                     "SELECT $1::integer, $2::text,"
-                    " $3::timestamptz + ((i * 1000003) % $6) * interval '1 microsecond',"
+                    " $3::timestamptz + floor((i * $8::numeric) % 1 * $6)"
+                    " * interval '1 microsecond',"
                     " 'g' || i, CASE WHEN $7 THEN i % 2000 + 1 ELSE 1 END::numeric,"
                     " NULL::text, NULL::jsonb, NULL::text"
                     " FROM generate_series($4::bigint, $5::bigint - 1) AS i",
@@ -213,6 +229,7 @@ async def _run(
                     high,
                     span_us,
                     valued,
+                    golden,
                 )
         seconds = time.monotonic() - began
         _log(
@@ -220,13 +237,23 @@ async def _run(
             " through the fold's rollup statement (INSERT ... RETURNING, generated rows)"
         )
         loaded = size
-        await store.pool.execute("ANALYZE meter.meter_events, meter.usage_rollups")
+        began = time.monotonic()
+        # Settled before the reads (see the module's docstring): otherwise
+        # autovacuum's pass over the rows just loaded (20,000,000 at the largest
+        # size) and the checkpoint of their WAL may share the 2 cores with them.
+        await store.pool.execute(
+            "VACUUM (ANALYZE) meter.meter_events, meter.usage_rollups, meter.usage_gates"
+        )
+        await store.pool.execute("CHECKPOINT")
+        _log(f"vacuumed, analyzed and checkpointed in {time.monotonic() - began:.0f} s")
         answer = await reads["query_none"]()
         # sum of i % 2000 + 1 over i < size
         whole, rest = divmod(size, 2000)
         expected = whole * 2000 * 2001 // 2 + rest * (rest + 1) // 2
         if answer.rows[0].value != str(expected):
             raise RuntimeError(f"tokens: {answer.rows[0].value} at {size:,} events")
+        day, hour = await reads["query_day"](), await reads["query_hour"]()
+        _log(f"answers: {len(day.rows)} DAY rows, {len(hour.rows)} HOUR rows")
         label = _label(size)
         # The machine's load as the reads ran: 2 cores, shared (tail latencies follow it).
         figures[f"growth_{label}_load_avg"] = os.getloadavg()[0]
