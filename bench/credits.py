@@ -9,22 +9,36 @@ from other customers, a probe customer sends one event every 200 ms and the
 time from its ack until GetCreditBalance shows it is measured
 (credit_reflect_p99_ms; the load reached is credit_load_events_per_s).
 
-    python -m bench.credits [--events N]   (its own PostgreSQL, NATS and suite)
+    python -m bench.credits [--events N] [--balance-calls N] [--load-seconds S]
+                            [--diagnose] [--profile DIR]   (its own PostgreSQL, NATS and suite)
+
+--diagnose loads pg_stat_statements and prints, per phase (balance, reflect),
+the statements that took PostgreSQL's time, and splits each probe's
+reflection into meter's part (ack until QueryUsage shows it) and the rest;
+--profile DIR records billing and meter with py-spy (PY_SPY or on PATH) per
+phase, as collapsed stacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 
 from tools.suite import Suite, create_tenant
@@ -188,7 +202,65 @@ async def _paced(ingest: Any, auth: Any, rate: int, seconds: float) -> float:
     return accepted / (time.perf_counter() - began)
 
 
-async def run(suite: Suite, *, events: int = EVENTS) -> dict[str, float]:
+class Diagnostics:
+    """Per phase: PostgreSQL's statements (pg_stat_statements, loaded by the
+    standalone stack) and, with a profile directory, py-spy of billing and meter."""
+
+    def __init__(self, suite: Suite, profile: Path | None) -> None:
+        self.suite = suite
+        self.profile = profile
+        self.meter_ms: list[float] = []
+
+    async def _stats(self, query: str) -> list[Any]:
+        conn = await asyncpg.connect(self.suite.database_url)
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            return list(await conn.fetch(query))
+        finally:
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def phase(self, name: str) -> AsyncIterator[None]:
+        await self._stats("SELECT pg_stat_statements_reset()")
+        spies = []
+        if self.profile is not None:
+            self.profile.mkdir(parents=True, exist_ok=True)
+            spy = os.environ.get("PY_SPY") or shutil.which("py-spy") or "py-spy"
+            for service in ("billing", "meter"):
+                out = self.profile / f"{name}-{service}.txt"
+                pid = str(self.suite.processes[service].pid)
+                command = [spy, "record", "--nonblocking", "--format", "raw", "-r", "200"]
+                spies.append(
+                    subprocess.Popen(
+                        [*command, "-o", str(out), "-p", pid],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+        try:
+            yield
+        finally:
+            for spy_process in spies:
+                spy_process.send_signal(signal.SIGINT)
+                spy_process.wait(30)
+            rows = await self._stats(
+                "SELECT calls, total_exec_time AS total, mean_exec_time AS mean, query"
+                " FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15"
+            )
+            _log(f"{name}: PostgreSQL's statements by total time (calls, total ms, mean ms):")
+            for r in rows:
+                text = " ".join(r["query"].split())[:150]
+                _log(f"  {r['calls']:>8} {r['total']:>10.1f} {r['mean']:>8.3f}  {text}")
+
+
+async def run(
+    suite: Suite,
+    *,
+    events: int = EVENTS,
+    balance_calls: int = BALANCE_CALLS,
+    load_seconds: float = LOAD_SECONDS,
+    diagnostics: Diagnostics | None = None,
+) -> dict[str, float]:
     _, secret = create_tenant(suite, f"credits-bench-{uuid.uuid4().hex[:8]}")
     auth = (("authorization", f"Bearer {secret}"),)
     billing = grpc.aio.insecure_channel(suite.address("billing"))
@@ -227,11 +299,13 @@ async def run(suite: Suite, *, events: int = EVENTS) -> dict[str, float]:
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"heavy's balance is {answer.available}, expected {expected}")
             await asyncio.sleep(1)
+        phase = diagnostics.phase if diagnostics else _no_phase
         samples = []
-        for _ in range(BALANCE_CALLS):
-            started = time.perf_counter()
-            await balance("heavy")
-            samples.append((time.perf_counter() - started) * 1000)
+        async with phase("balance"):
+            for _ in range(balance_calls):
+                started = time.perf_counter()
+                await balance("heavy")
+                samples.append((time.perf_counter() - started) * 1000)
         _log(
             f"balance p50 {statistics.median(samples):.1f} ms, "
             f"p99 {_percentile(samples, 0.99):.1f} ms over {len(samples)} calls"
@@ -253,7 +327,13 @@ async def run(suite: Suite, *, events: int = EVENTS) -> dict[str, float]:
         stop = asyncio.Event()
         reflect: list[float] = []
 
+        usage = meter_pb2.QueryUsageRequest(meter_id=meter_id, customer_id="probe")
+        usage.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=2))
+        usage.end_time.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+        skipped = 0
+
         async def probe() -> None:
+            nonlocal skipped
             n = 0
             last = Decimal((await balance("probe")).available)
             while not stop.is_set():
@@ -269,21 +349,32 @@ async def run(suite: Suite, *, events: int = EVENTS) -> dict[str, float]:
                 except grpc.aio.AioRpcError as exc:
                     # Refused under the load (not acknowledged): nothing to time.
                     _log(f"probe {n} not acknowledged: {exc.code().name}")
+                    skipped += 1
                     last = Decimal((await balance("probe")).available)
                     continue
                 acked = time.perf_counter()
+                counted = diagnostics is None
                 while Decimal((await balance("probe")).available) != last - 1:
                     if time.perf_counter() - acked > PROBE_TIMEOUT:
                         raise RuntimeError(f"probe {n} not in the balance {PROBE_TIMEOUT} s on")
+                    if not counted and diagnostics:
+                        # Meter's part of the reflection: its own answer counts the probe.
+                        answer = await meter.QueryUsage(usage, metadata=auth, timeout=30)
+                        if answer.rows and Decimal(answer.rows[0].value) >= n - skipped:
+                            diagnostics.meter_ms.append((time.perf_counter() - acked) * 1000)
+                            counted = True
                     await asyncio.sleep(0.01)
+                if not counted and diagnostics:
+                    diagnostics.meter_ms.append((time.perf_counter() - acked) * 1000)
                 reflect.append((time.perf_counter() - acked) * 1000)
                 last -= 1
                 await asyncio.sleep(PROBE_EVERY)
 
-        prober = asyncio.ensure_future(probe())
-        reached = await _paced(ingest, auth, LOAD_RATE, LOAD_SECONDS)
-        stop.set()
-        await prober
+        async with phase("reflect"):
+            prober = asyncio.ensure_future(probe())
+            reached = await _paced(ingest, auth, LOAD_RATE, load_seconds)
+            stop.set()
+            await prober
         figures = {
             "credit_balance_p50_ms": statistics.median(samples),
             "credit_balance_p99_ms": _percentile(samples, 0.99),
@@ -292,6 +383,9 @@ async def run(suite: Suite, *, events: int = EVENTS) -> dict[str, float]:
             "credit_reflect_p99_ms": _percentile(reflect, 0.99),
             "credit_load_events_per_s": reached,
         }
+        if diagnostics and diagnostics.meter_ms:
+            figures["credit_reflect_meter_p50_ms"] = statistics.median(diagnostics.meter_ms)
+            figures["credit_reflect_meter_p99_ms"] = _percentile(diagnostics.meter_ms, 0.99)
         _log(", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
         return figures
     finally:
@@ -299,12 +393,20 @@ async def run(suite: Suite, *, events: int = EVENTS) -> dict[str, float]:
             await channel.close(None)
 
 
-async def _standalone(events: int) -> dict[str, float]:
-    from tools.devstack import DEFAULT_BASE_DIR, DevStack
+@contextlib.asynccontextmanager
+async def _no_phase(name: str) -> AsyncIterator[None]:
+    yield
+
+
+async def _standalone(args: argparse.Namespace) -> dict[str, float]:
+    from tools.devstack import DEFAULT_BASE_DIR, DEFAULT_PG_SETTINGS, DevStack
 
     base = DEFAULT_BASE_DIR / "bench-credits"
     shutil.rmtree(base, ignore_errors=True)
-    stack = DevStack(base)
+    settings = dict(DEFAULT_PG_SETTINGS)
+    if args.diagnose or args.profile:
+        settings["shared_preload_libraries"] = "pg_stat_statements"
+    stack = DevStack(base, pg_settings=settings)
     database_url, nats_url = stack.start()
     suite = Suite(
         database_url,
@@ -318,7 +420,14 @@ async def _standalone(events: int) -> dict[str, float]:
     )
     try:
         suite.start()
-        return await run(suite, events=events)
+        diagnostics = Diagnostics(suite, args.profile) if args.diagnose or args.profile else None
+        return await run(
+            suite,
+            events=args.events,
+            balance_calls=args.balance_calls,
+            load_seconds=args.load_seconds,
+            diagnostics=diagnostics,
+        )
     finally:
         suite.stop()
         stack.stop()
@@ -328,8 +437,12 @@ async def _standalone(events: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=EVENTS)
+    parser.add_argument("--balance-calls", type=int, default=BALANCE_CALLS)
+    parser.add_argument("--load-seconds", type=float, default=LOAD_SECONDS)
+    parser.add_argument("--diagnose", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
-    figures = asyncio.run(_standalone(args.events))
+    figures = asyncio.run(_standalone(args))
     for name, value in figures.items():
         print(f"{name:<28}{value:>14,.1f}")
 
