@@ -112,6 +112,7 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
         def next_page(token: str) -> None:
             response.next_page_token = token
 
+        add = response.rows.add
         try:
             slices = self._service.query_usage(
                 current_tenant(), request, limits, hold, next_page_token=next_page
@@ -119,13 +120,16 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
             async with contextlib.aclosing(slices):
                 async for rows in slices:
                     for r in rows:
-                        response.rows.add(
+                        # An empty map is left unset: passing group={} costs as much
+                        # again as the rest of the row (a month of HOUR rows: 600).
+                        row = add(
                             window_start=stamp(r.window_start),
                             window_end=stamp(r.window_end),
                             customer_id=r.customer_id,
-                            group=r.group,
                             value=r.value,
                         )
+                        if r.group:
+                            row.group.update(r.group)
                     del rows
                     await asyncio.sleep(0)  # see store.YIELD_EVERY
         except BaseException:

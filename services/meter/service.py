@@ -9,8 +9,8 @@ import itertools
 import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.logs import get_logger
@@ -66,8 +66,10 @@ _SHORTEST = {
 MAX_REMEMBERED_METERS = 10_000
 
 
-@dataclass(frozen=True)
-class UsageRow:
+class UsageRow(NamedTuple):
+    """One row of an answer (a named tuple: a month of HOUR windows makes 600
+    a call, and a frozen dataclass takes three times as long to build)."""
+
     window_start: datetime
     window_end: datetime
     customer_id: str
@@ -235,14 +237,13 @@ class MeterService:
             async for groups in slices:
                 rows: list[UsageRow] = []
                 for g in groups:
+                    window = query.windows[g.window - 1]
                     row = UsageRow(
-                        window_start=query.windows[g.window - 1][0],
-                        window_end=query.windows[g.window - 1][1],
-                        customer_id=g.customer_id,
-                        group=dict(zip(query.group_by, g.dims, strict=True)),
-                        value=usage_value(
-                            aggregation, g.value, g.count, query.windows[g.window - 1]
-                        ),
+                        window[0],
+                        window[1],
+                        g.customer_id,
+                        dict(zip(query.group_by, g.dims, strict=True)),
+                        usage_value(aggregation, g.value, g.count, window),
                     )
                     size.add(row_bytes(row.customer_id, row.group, row.value))
                     rows.append(row)

@@ -1,3 +1,4 @@
+import random
 from decimal import Decimal
 
 import pytest
@@ -66,12 +67,36 @@ def test_to_number_keeps_doubles_and_int64_in_range() -> None:
         (Decimal("0E-7"), "0"),
         (Decimal("-2.50"), "-2.5"),
         (Decimal("100"), "100"),
+        (Decimal("10.5"), "10.5"),
+        (Decimal("-123.4560"), "-123.456"),
+        (Decimal("0.000001"), "0.000001"),
+        (Decimal("0.0000010"), "0.000001"),
+        (Decimal("1E-7"), "0.0000001"),
+        (Decimal("12E+1"), "120"),
         # Longer than the default 28-digit context: must not be rounded.
         (Decimal("1.2345678901234567890123456789012340"), "1.234567890123456789012345678901234"),
     ],
 )
 def test_format_decimal(number: Decimal, text: str) -> None:
     assert format_decimal(number) == text
+
+
+def test_format_decimal_matches_the_rebuild() -> None:
+    """The plain-text shortcut answers what trimming the coefficient's zeros
+    and formatting with "f" answers, over random signs, digits and exponents."""
+    rng = random.Random(7)
+    for _ in range(20_000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 40)))
+        number = Decimal(f"{rng.choice(['', '-'])}{digits}E{rng.randint(-45, 45)}")
+        if number.is_zero():
+            continue
+        sign, coefficient, exponent = number.as_tuple()
+        kept = list(coefficient)
+        assert isinstance(exponent, int)
+        while exponent < 0 and kept[-1] == 0:
+            kept.pop()
+            exponent += 1
+        assert format_decimal(number) == format(Decimal((sign, tuple(kept), exponent)), "f")
 
 
 def test_format_decimal_refuses_non_finite() -> None:
