@@ -107,41 +107,55 @@ _PLAN_INLINE = 2_000
 
 _FIELDS = ", ".join(FoldedEvent._fields)
 _ORIGIN = "'0001-01-01 00:00:00+00'"  # date_bin from year 1: floors by arithmetic alone
-# A fold's rows that go into buckets, given as arrays ($1..$8, in FoldedEvent's
-# order), with $9 `fine`: whether the row's hour is past its gate (its minute
-# bucket is kept too). `coarse`: the row goes into its hour bucket.
-_GIVEN = (
-    "new AS (SELECT *, true AS coarse FROM unnest($1::integer[], $2::text[],"
-    " $3::timestamptz[], $4::text[], $5::numeric[], $6::text[], $7::jsonb[], $8::text[],"
-    f" $9::boolean[]) AS u ({_FIELDS}, fine))"
-)
-# The stored rows of the customers' days (hours) that a fold took past their
-# gates ($1..$3: meter keys, customers, starts; $4: '1 day' or '1 hour'), to
-# build their buckets from: a day's hour buckets, and the minute buckets of its
-# hours holding $5 rows or more; an hour's minute buckets (its hour bucket has
-# them already).
+# The stored rows of the customers' days $1..$3 (meter keys, customers, UTC
+# days) that a fold took past a gate, to build their buckets from: minutes when
+# $4 (fine), hours when $5 (coarse), per day.
 _REBUILT = (
-    "keys AS (SELECT * FROM unnest($1::integer[], $2::text[], $3::timestamptz[])"
-    " AS k (meter_key, customer_id, start)),"
-    f" raw AS (SELECT e.* FROM keys k CROSS JOIN LATERAL (SELECT {_FIELDS} FROM"
-    " meter.meter_events e WHERE e.meter_key = k.meter_key AND e.customer_id = k.customer_id"
-    " AND e.event_time >= k.start AND e.event_time < k.start + $4::interval"
-    " AND e.skip_reason IS NULL) AS e),"
-    " new AS (SELECT r.*, {fine} AS fine, {coarse} AS coarse FROM raw r)"
+    "keys AS (SELECT * FROM unnest($1::integer[], $2::text[], $3::timestamptz[],"
+    " $4::boolean[], $5::boolean[]) AS k (meter_key, customer_id, day, fine, coarse)),"
+    f" new AS (SELECT e.*, k.fine, k.coarse FROM keys k CROSS JOIN LATERAL (SELECT {_FIELDS}"
+    " FROM meter.meter_events e WHERE e.meter_key = k.meter_key"
+    " AND e.customer_id = k.customer_id AND e.event_time >= k.day"
+    " AND e.event_time < k.day + interval '1 day' AND e.skip_reason IS NULL) AS e)"
 )
-_REBUILT_DAYS = _REBUILT.format(
-    fine=(
-        "count(*) OVER (PARTITION BY r.meter_key, r.customer_id,"
-        f" date_bin('1 hour', r.event_time, {_ORIGIN})) >= $5"
-    ),
-    coarse="true",
-)
-_REBUILT_HOURS = _REBUILT.format(fine="true", coarse="false")
+# A stored bucket (r) combined with new rows' (EXCLUDED): one rule for the fold's
+# buckets made in SQL (_ROLLUP) and in Python (domain.rollup.buckets, _UPSERT).
+_COMBINE = """ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET
+        n = r.n + EXCLUDED.n,
+        total = CASE WHEN r.total IS NULL THEN EXCLUDED.total
+            WHEN EXCLUDED.total IS NULL THEN r.total ELSE r.total + EXCLUDED.total END,
+        lo = least(r.lo, EXCLUDED.lo),
+        hi = greatest(r.hi, EXCLUDED.hi),
+        latest_time = greatest(r.latest_time, EXCLUDED.latest_time),
+        latest_event_id = CASE WHEN (EXCLUDED.latest_time, EXCLUDED.latest_event_id)
+            > (r.latest_time, r.latest_event_id) THEN EXCLUDED.latest_event_id
+            ELSE r.latest_event_id END,
+        latest_value = CASE WHEN (EXCLUDED.latest_time, EXCLUDED.latest_event_id)
+            > (r.latest_time, r.latest_event_id) THEN EXCLUDED.latest_value
+            ELSE r.latest_value END"""
+# The buckets of domain.rollup.buckets as arrays, upserted in key order.
+_UPSERT = f"""
+INSERT INTO meter.usage_rollups AS r (meter_key, grain, customer_id, bucket_start, dims,
+    n, total, lo, hi, latest_time, latest_event_id, latest_value)
+SELECT * FROM unnest($1::integer[], $2::"char"[], $3::text[], $4::timestamptz[], $5::jsonb[],
+    $6::bigint[], $7::numeric[], $8::numeric[], $9::numeric[], $10::timestamptz[], $11::text[],
+    $12::numeric[]) AS u (meter_key, grain, customer_id, bucket_start, dims)
+ORDER BY u.meter_key, u.grain, u.customer_id COLLATE "C", u.bucket_start, u.dims
+{_COMBINE}
+"""
+_UPSERT_VALUES = """
+INSERT INTO meter.usage_rollup_values
+SELECT * FROM unnest($1::integer[], $2::"char"[], $3::text[], $4::timestamptz[], $5::jsonb[],
+    $6::text[]) AS u (meter_key, grain, customer_id, bucket_start, dims, text_value)
+ORDER BY u.meter_key, u.grain, u.customer_id COLLATE "C", u.bucket_start, u.dims,
+    u.text_value COLLATE "C"
+ON CONFLICT DO NOTHING
+"""
 # Adds the rows `new` (its CTEs first) to the buckets: each row to its minute's
 # bucket when `fine`, to its hour's when `coarse` (domain.rollup); one aggregate
 # per minute, the hours from those, upserted in key order; a bucket that exists
 # combines the two states. `{values}` is _VALUES when some row may hold a
-# text_value (UNIQUE_COUNT), else ""; `{gates}` a _GATES_FROM_ROWS or "". The
+# text_value (UNIQUE_COUNT), else ""; `{gates}` _BULK_GATES or "". The
 # statement's value is how many rows `new` holds.
 _ROLLUP = """
 WITH {new},
@@ -174,22 +188,10 @@ src AS (
     INSERT INTO meter.usage_rollups AS r (meter_key, grain, customer_id, bucket_start, dims,
         n, total, lo, hi, latest_time, latest_event_id, latest_value)
     SELECT * FROM buckets ORDER BY 1, 2, 3, 4, 5
-    ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET
-        n = r.n + EXCLUDED.n,
-        total = CASE WHEN r.total IS NULL THEN EXCLUDED.total
-            WHEN EXCLUDED.total IS NULL THEN r.total ELSE r.total + EXCLUDED.total END,
-        lo = least(r.lo, EXCLUDED.lo),
-        hi = greatest(r.hi, EXCLUDED.hi),
-        latest_time = greatest(r.latest_time, EXCLUDED.latest_time),
-        latest_event_id = CASE WHEN (EXCLUDED.latest_time, EXCLUDED.latest_event_id)
-            > (r.latest_time, r.latest_event_id) THEN EXCLUDED.latest_event_id
-            ELSE r.latest_event_id END,
-        latest_value = CASE WHEN (EXCLUDED.latest_time, EXCLUDED.latest_event_id)
-            > (r.latest_time, r.latest_event_id) THEN EXCLUDED.latest_value
-            ELSE r.latest_value END
+{combine}
 ){values}{gates}
 SELECT count(*) FROM new
-"""
+""".replace("{combine}", _COMBINE.replace("{", "{{").replace("}", "}}"))
 # UNIQUE_COUNT's distinct values per bucket, for the same grains.
 _VALUES = """, distinct_values AS (
     INSERT INTO meter.usage_rollup_values
@@ -201,41 +203,33 @@ _VALUES = """, distinct_values AS (
     ORDER BY 1, 2, 3, 4, 5, 6
     ON CONFLICT DO NOTHING
 )"""
-# The gates of the hours a rebuilt day holds, made with threshold $5.
-_HOUR_GATES = """, hour_gates AS (
-    INSERT INTO meter.usage_gates (meter_key, customer_id, grain, start, n, roll_from)
-    SELECT meter_key, customer_id, 'h', date_bin('1 hour', minute, '0001-01-01 00:00:00+00'),
-        sum(n), $5
-    FROM minutes GROUP BY 1, 2, 4 ORDER BY 1, 2, 4
-)"""
-# Rows loaded in bulk: their days and hours are rolled whatever their size.
+# Rows loaded in bulk: their days are rolled at every grain whatever their size.
 _BULK_GATES = """, bulk_gates AS (
-    INSERT INTO meter.usage_gates AS g (meter_key, customer_id, grain, start, n, roll_from)
-    SELECT meter_key, customer_id, k.grain, date_bin(k.step, minute, '0001-01-01 00:00:00+00'),
-        sum(n), 0
-    FROM minutes CROSS JOIN (VALUES ('d'::"char", interval '1 day'), ('h', interval '1 hour'))
-        AS k (grain, step)
-    GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-    ON CONFLICT (meter_key, customer_id, grain, start) DO UPDATE SET n = g.n + EXCLUDED.n
+    INSERT INTO meter.usage_gates AS g (meter_key, customer_id, day, n, hours_from,
+        minutes_from)
+    SELECT meter_key, customer_id, date_bin('1 day', minute, '0001-01-01 00:00:00+00'),
+        sum(n), 0, 0
+    FROM minutes GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (meter_key, customer_id, day) DO UPDATE SET n = g.n + EXCLUDED.n
 )"""
-# Adds a fold's rows to the gates of one grain ($4: 'd' or 'h'), made with
-# threshold $5, in key order; returns each gate after (domain.rollup.crossings).
+# Adds a fold's rows to their days' gates ($1..$3 the days, $6 the rows of
+# each), made with thresholds $4 and $5, in key order; returns each gate after
+# (domain.rollup.crossings).
 _GATES = """
-INSERT INTO meter.usage_gates AS g (meter_key, customer_id, grain, start, n, roll_from)
-SELECT u.meter_key, u.customer_id, $4::"char", u.start, u.n, $5
+INSERT INTO meter.usage_gates AS g (meter_key, customer_id, day, n, hours_from, minutes_from)
+SELECT u.meter_key, u.customer_id, u.day, u.n, $4, $5
 FROM unnest($1::integer[], $2::text[], $3::timestamptz[], $6::bigint[])
-    AS u (meter_key, customer_id, start, n)
-ORDER BY 1, 2, 4
-ON CONFLICT (meter_key, customer_id, grain, start) DO UPDATE SET n = g.n + EXCLUDED.n
-RETURNING meter_key, customer_id, start, n, roll_from
+    AS u (meter_key, customer_id, day, n)
+ORDER BY 1, 2, 3
+ON CONFLICT (meter_key, customer_id, day) DO UPDATE SET n = g.n + EXCLUDED.n
+RETURNING meter_key, customer_id, day, n, hours_from, minutes_from
 """
-# Which of the gates $1..$3 of grain $4 are past.
+# Which of the days $1..$3 are past both gates.
 _PAST = """
-SELECT g.meter_key, g.customer_id, g.start
-FROM unnest($1::integer[], $2::text[], $3::timestamptz[]) AS k (meter_key, customer_id, start)
-JOIN meter.usage_gates g ON g.meter_key = k.meter_key AND g.customer_id = k.customer_id
-    AND g.grain = $4::"char" AND g.start = k.start
-WHERE g.n >= g.roll_from
+SELECT k.meter_key, k.customer_id, k.day
+FROM unnest($1::integer[], $2::text[], $3::timestamptz[]) AS k (meter_key, customer_id, day)
+WHERE EXISTS (SELECT FROM meter.usage_gates g WHERE g.meter_key = k.meter_key
+    AND g.customer_id = k.customer_id AND g.day = k.day AND g.n >= g.minutes_from)
 """
 # A fold's rows that were not stored before (the path for repeats).
 _INSERTED = (
@@ -260,38 +254,31 @@ YIELD_EVERY = 500
 
 
 async def seal_before(conn: Any, before: datetime) -> None:
-    """Pre-aggregates, at every grain, each customer's days and hours before
-    `before` that are below their gates, and makes those gates past (roll_from
-    0): for retention, in the transaction that then drops their rows."""
-    for grain, rebuilt, gates, extra in (
-        ("h", _REBUILT_HOURS, "", (rollup.HOUR,)),
-        ("d", _REBUILT_DAYS, _HOUR_GATES, (rollup.DAY, 0)),
-    ):
-        keys = await conn.fetch(
-            "SELECT meter_key, customer_id, start FROM meter.usage_gates"
-            " WHERE grain = $1 AND n < roll_from AND start < $2 ORDER BY 1, 2, 3",
-            grain.encode(),
-            before,
+    """Pre-aggregates, at every grain, each customer's days before `before` that
+    are below a gate, and makes them past both (thresholds 0): for retention,
+    in the transaction that then drops their rows."""
+    days = await conn.fetch(
+        "SELECT meter_key, customer_id, day, n < hours_from FROM meter.usage_gates"
+        " WHERE n < minutes_from AND day < $1 ORDER BY 1, 2, 3",
+        before,
+    )
+    if days:
+        await conn.execute(
+            _ROLLUP.format(new=_REBUILT, values=_VALUES, gates=""),
+            *[[d[i] for d in days] for i in range(3)],
+            [True] * len(days),
+            [d[3] for d in days],
+            timeout=3600,
         )
-        if keys:
-            await conn.execute(
-                _ROLLUP.format(new=rebuilt, values=_VALUES, gates=gates),
-                *[[k[i] for k in keys] for i in range(3)],
-                *extra,
-                timeout=3600,
-            )
     await conn.execute(
-        "UPDATE meter.usage_gates SET roll_from = 0 WHERE n < roll_from AND start < $1", before
+        "UPDATE meter.usage_gates SET hours_from = 0, minutes_from = 0"
+        " WHERE n < minutes_from AND day < $1",
+        before,
     )
 
 
-def _values(rows: Sequence[FoldedEvent]) -> str:
-    """_VALUES when some row may hold a text_value (UNIQUE_COUNT's), else ""."""
-    return _VALUES if any(row.text_value is not None for row in rows) else ""
-
-
 def _key_columns(keys: Iterable[rollup.GateKey]) -> list[list[Any]]:
-    """Gate keys as the arrays $1..$3 of _REBUILT, _PAST and _GATES, in key order."""
+    """Days as the arrays $1..$3 of _REBUILT, _PAST and _GATES, in key order."""
     ordered = sorted(keys)
     return [[k[i] for k in ordered] for i in range(3)]
 
@@ -489,71 +476,72 @@ class MeterStore:
             raise AssertionError("unreachable")
 
     async def _roll_up(self, conn: Any, rows: Sequence[FoldedEvent]) -> None:
-        """Adds the fold's stored `rows` (counted ones) to the gates, and to the
-        buckets where their day (hour) is past its gate; builds the buckets of
-        the days (hours) they take past it (domain.rollup, "Gates"). Each gate's
-        row lock, held to the commit, orders the folds of one customer's day, so
-        a day's buckets are built once, from every row stored before."""
+        """Adds the fold's stored `rows` (counted ones) to their days' gates, and
+        to the buckets of the grains their days are past; builds the buckets of
+        the grains it takes days past (domain.rollup, "Gates"). A gate's row
+        lock, held to the commit, orders the folds of one customer's day, so a
+        day's buckets are built once, from every row stored before."""
         if not rows:
             return
-        gates = self.gates
-        day_keys = rollup.gate_keys(rows, rollup.DAY)
-        past_days, crossed_days = await self._pass_gates(conn, "d", Counter(day_keys))
-        dense = [r for r, k in zip(rows, day_keys, strict=True) if k in past_days]
+        keys = rollup.gate_keys(rows)
+        levels = await self._pass_gates(conn, Counter(keys))
+        dense, fine = [], []
+        rebuilt: dict[rollup.GateKey, tuple[bool, bool]] = {}
+        for key, (before, after) in levels.items():
+            if before < after:  # build what the day newly needs, from its rows
+                rebuilt[key] = (after == rollup.MINUTES, before == rollup.ROWS)
+        for row, key in zip(rows, keys, strict=True):
+            before = levels[key][0]
+            if before != rollup.ROWS:
+                dense.append(row)
+                fine.append(before == rollup.MINUTES)
         if dense:
-            hour_keys = rollup.gate_keys(dense, rollup.HOUR)
-            past_hours, crossed_hours = await self._pass_gates(conn, "h", Counter(hour_keys))
-            fine = [k in past_hours for k in hour_keys]
+            # Aggregated here, from the rows in hand: the buckets go up, not the
+            # rows a second time (a third of the fold's cost at 300 rows a day).
+            added, values = rollup.buckets(dense, fine)
+            await conn.execute(_UPSERT, *[list(c) for c in zip(*added, strict=True)])
+            if values:
+                await conn.execute(_UPSERT_VALUES, *[list(c) for c in zip(*values, strict=True)])
+        if rebuilt:  # (after the gates' upsert: sees every earlier fold's rows)
+            ordered = sorted(rebuilt)
             await conn.execute(
-                _ROLLUP.format(new=_GIVEN, values=_values(dense), gates=""),
-                *[list(column) for column in zip(*dense, strict=True)],
-                fine,
-            )
-            if crossed_hours:  # (after the gates' upsert: sees every earlier fold's rows)
-                await conn.execute(
-                    _ROLLUP.format(new=_REBUILT_HOURS, values=_VALUES, gates=""),
-                    *_key_columns(crossed_hours),
-                    rollup.HOUR,
-                )
-        if crossed_days:
-            await conn.execute(
-                _ROLLUP.format(new=_REBUILT_DAYS, values=_VALUES, gates=_HOUR_GATES),
-                *_key_columns(crossed_days),
-                rollup.DAY,
-                gates.hour,
+                _ROLLUP.format(new=_REBUILT, values=_VALUES, gates=""),
+                *_key_columns(ordered),
+                [rebuilt[k][0] for k in ordered],
+                [rebuilt[k][1] for k in ordered],
             )
 
     async def _pass_gates(
-        self, conn: Any, grain: str, added: Mapping[rollup.GateKey, int]
-    ) -> tuple[set[rollup.GateKey], set[rollup.GateKey]]:
-        """The gates of `grain` that the rows `added` (a count per gate) are
-        past, and those they take past (domain.rollup.crossings)."""
-        # A gate once past stays past: those are read without a lock, and not
+        self, conn: Any, added: Mapping[rollup.GateKey, int]
+    ) -> dict[rollup.GateKey, tuple[int, int]]:
+        """Each day's level (domain.rollup) before and after the fold's rows
+        `added` (a count per day)."""
+        # A day past both gates stays so: those are read without a lock, and not
         # counted any further (concurrent folds of a busy customer's day would
         # queue on its row). The others are counted under their row locks.
         keys = sorted(added)
-        past = {
-            (r[0], r[1], r[2]) for r in await conn.fetch(_PAST, *_key_columns(keys), grain.encode())
+        levels = {
+            (r[0], r[1], r[2]): (rollup.MINUTES, rollup.MINUTES)
+            for r in await conn.fetch(_PAST, *_key_columns(keys))
         }
-        keys = [k for k in keys if k not in past]
-        if not keys:
-            return past, set()
-        counted = await conn.fetch(
-            _GATES,
-            *_key_columns(keys),
-            grain.encode(),
-            self.gates.day if grain == "d" else self.gates.hour,
-            [added[k] for k in keys],
-        )
-        now_past, crossed = rollup.crossings(added, (tuple(r) for r in counted))
-        return past | now_past, crossed
+        keys = [k for k in keys if k not in levels]
+        if keys:
+            counted = await conn.fetch(
+                _GATES,
+                *_key_columns(keys),
+                self.gates.hours,
+                self.gates.minutes,
+                [added[k] for k in keys],
+            )
+            levels.update(rollup.crossings(added, (tuple(r) for r in counted)))
+        return levels
 
     async def roll_up_stored(self, meter_key: int, start: datetime, end: datetime) -> None:
         """Rolls up the meter's rows in [start, end) that were written to
         meter_events directly (benches and tests that load rows in bulk), at
-        every grain whatever their number (their days' and hours' gates are made
-        past); only for rows never rolled up, in days the fold never wrote, or
-        they count twice."""
+        every grain whatever their number (their days' gates are made past);
+        only for rows never rolled up, in days the fold never wrote, or they
+        count twice."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 _ROLLUP.format(
@@ -723,28 +711,33 @@ class MeterStore:
                 " OFFSET 0) AS e"
             )
 
-        # The hours below their gates (in days past theirs) that the windows
-        # cut: their rows in the minute pieces and partial minutes, raw.
-        def below() -> str:
-            return "g.meter_key = $1 AND g.grain = 'h' AND g.n < g.roll_from" + "".join(
-                f" AND {c}" for c in customers("g")
-            )
+        # Days below a gate (domain.rollup, "Gates"), read from their rows: those
+        # below the hours' gate wholly, those past it but below the minutes'
+        # gate where the windows cut their hours (minute pieces, partial minutes).
+        def gated(level: str) -> str:
+            return f"g.meter_key = $1 AND {level}" + "".join(f" AND {c}" for c in customers("g"))
 
-        hour_rows = (
+        day_rows = (
             "CROSS JOIN LATERAL (SELECT e.* FROM meter.meter_events e WHERE e.meter_key = $1"
-            " AND e.customer_id = g.customer_id AND e.event_time >= greatest(g.start, {lo})"
-            " AND e.event_time < least(g.start + interval '1 hour', {hi})"
+            " AND e.customer_id = g.customer_id AND e.event_time >= greatest(g.day, {lo})"
+            " AND e.event_time < least(g.day + interval '1 day', {hi})"
             " AND e.skip_reason IS NULL{conditions} OFFSET 0) AS e"
         )
         fields = f"e.customer_id, coalesce(e.dims, '{{}}'::jsonb), {raw_state}"
-        if uniform == "m":
-            parts.append(
+
+        def whole_range(level: str) -> str:
+            return (
                 f"SELECT width_bucket(e.event_time, {arg(list(bounds))}::timestamptz[]) AS w,"
                 f" {fields} FROM meter.usage_gates g "
-                + hour_rows.format(lo=arg(bounds[0]), hi=arg(end), conditions=conditions("e"))
-                + f" WHERE {below()} AND g.start > {arg(bounds[0] - rollup.HOUR)}"
-                f" AND g.start < {arg(end)}"
+                + day_rows.format(lo=arg(bounds[0]), hi=arg(end), conditions=conditions("e"))
+                + f" WHERE {gated(level)} AND g.day > {arg(bounds[0] - rollup.DAY)}"
+                f" AND g.day < {arg(end)}"
             )
+
+        parts.append(whole_range("g.n < g.hours_from"))
+        hours_only = "g.n >= g.hours_from AND g.n < g.minutes_from"
+        if uniform == "m":
+            parts.append(whole_range(hours_only))
         elif uniform is None and (pieces["m"].windows or pieces[rollup.RAW].windows):
             cut = rollup.Pieces()
             for grain in ("m", rollup.RAW):
@@ -755,23 +748,10 @@ class MeterStore:
                 f"SELECT p.w, {fields} FROM unnest({arg(cut.windows)}::integer[],"
                 f" {arg(cut.starts)}::timestamptz[], {arg(cut.ends)}::timestamptz[])"
                 " AS p (w, lo, hi) CROSS JOIN LATERAL (SELECT g.* FROM meter.usage_gates g"
-                f" WHERE {below()} AND g.start > p.lo - interval '1 hour' AND g.start < p.hi"
-                " OFFSET 0) AS g "
-                + hour_rows.format(lo="p.lo", hi="p.hi", conditions=conditions("e"))
+                f" WHERE {gated(hours_only)} AND g.day > p.lo - interval '1 day'"
+                " AND g.day < p.hi OFFSET 0) AS g "
+                + day_rows.format(lo="p.lo", hi="p.hi", conditions=conditions("e"))
             )
-        parts.append(
-            # The customers' days below their gates: all their rows in the range.
-            f"SELECT width_bucket(e.event_time, {arg(list(bounds))}::timestamptz[]) AS w,"
-            f" e.customer_id, coalesce(e.dims, '{{}}'::jsonb), {raw_state}"
-            " FROM meter.usage_gates g CROSS JOIN LATERAL (SELECT e.* FROM meter.meter_events e"
-            " WHERE e.meter_key = $1 AND e.customer_id = g.customer_id"
-            f" AND e.event_time >= greatest(g.start, {arg(bounds[0])})"
-            f" AND e.event_time < least(g.start + interval '1 day', {arg(end)})"
-            f" AND e.skip_reason IS NULL{conditions('e')} OFFSET 0) AS e"
-            " WHERE g.meter_key = $1 AND g.grain = 'd' AND g.n < g.roll_from"
-            f" AND g.start > {arg(bounds[0] - rollup.DAY)} AND g.start < {arg(end)}"
-            f"{''.join(f' AND {c}' for c in customers('g'))}"
-        )
         columns = (
             "w, customer_id, dims, text_value" if unique else f"w, customer_id, dims, {_PARTS}"
         )

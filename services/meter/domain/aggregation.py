@@ -39,7 +39,7 @@ MAX_GROUP_BY = 10
 
 # Sums, minima and maxima are exact: an unbounded context that raises rather than
 # round (the `decimal` docs' recipe for exact arithmetic).
-_EXACT = Context(
+EXACT = Context(
     prec=MAX_PREC,
     Emax=MAX_EMAX,
     Emin=MIN_EMIN,
@@ -275,7 +275,7 @@ def _numbers(values: Sequence[Contribution]) -> list[Decimal]:
 
 
 def _exact_sum(numbers: Sequence[Decimal]) -> Decimal:
-    with localcontext(_EXACT):
+    with localcontext(EXACT):
         return sum(numbers, Decimal(0))
 
 

@@ -28,18 +28,19 @@ Where an aggregation lives (to add one, touch these three places):
 
 Gates: buckets only where they pay. A bucket per event costs a write per
 event and saves no read, and most customers send a few events an hour. So the
-buckets are gated per (meter, customer) by meter.usage_gates (migration 0010):
+buckets are gated per (meter, customer, UTC day) by meter.usage_gates
+(migration 0010), which counts the day's rows:
 
-- a UTC day's rows go into hour buckets once the day holds `Gates.day` rows;
-  below that, a read takes the day's raw rows (fewer than `Gates.day`);
-- an hour of such a day goes into minute buckets once it holds `Gates.hour`
-  rows; below that, a read takes the raw rows of its part of the hour.
+- from `Gates.hours` rows on, the day's rows go into hour buckets; below, a
+  read takes the day's raw rows (fewer than `Gates.hours`);
+- from `Gates.minutes` rows on, into minute buckets too; below, a read takes
+  the raw rows of the partial hours it cuts (fewer than `Gates.minutes`).
 
-When a fold takes a day (hour) over its gate, it builds that day's hour (that
-hour's minute) buckets from the stored rows, its own included; afterwards each
-fold adds its rows to them. Either every row of a day (hour) is in the buckets
-or none is: the read relies on it. `crossings` classifies a fold's days and
-hours; the store's SQL does the rest.
+When a fold takes a day past a gate, it builds that day's buckets of the new
+grain from the stored rows, its own included; afterwards each fold adds its
+rows to them. Either every row of a day is in a grain's buckets or none is:
+the read relies on it. `crossings` gives each day's level before and after a
+fold; the store's SQL does the rest.
 
 Each must agree with the pure oracle, domain.aggregation.aggregate. The held
 aggregations (gauges, seats: a level carries from one event to the next, across
@@ -53,8 +54,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from decimal import localcontext
+from typing import Any, NamedTuple
 
+from services.meter.domain.aggregation import EXACT
 from services.meter.domain.matching import FoldedEvent
 
 MINUTE = timedelta(minutes=1)
@@ -167,24 +170,31 @@ def plan(bounds: Sequence[datetime], end: datetime) -> dict[str, Pieces]:
 
 class Gates(NamedTuple):
     """How many counted rows a customer's UTC day must hold before it is kept in
-    hour buckets, and an hour of such a day before it is kept in minute buckets.
-    Below them a read takes raw rows: fewer than `day` per day of the range and
-    fewer than `hour` per partial hour. A gate row keeps the threshold it was
-    made with, so changing these affects only days (hours) not yet seen."""
+    hour buckets (`hours`), and in minute buckets too (`minutes`). Below them a
+    read takes raw rows: fewer than `hours` per day of the range, and fewer
+    than `minutes` per day for its partial hours. A gate keeps the thresholds it
+    was made with, so changing these affects only days not yet seen."""
 
-    day: int = 64
-    hour: int = 120
+    hours: int = 64
+    minutes: int = 1440
 
 
-# (meter_key, customer_id, UTC day or hour start): what a gate row is kept per.
+# A day's level: what its rows are pre-aggregated in (none, hours, both).
+ROWS, HOURS, MINUTES = 0, 1, 2
+
+# (meter_key, customer_id, UTC day): what a gate is kept per.
 GateKey = tuple[int, str, datetime]
 
 
-def gate_keys(rows: Sequence[FoldedEvent], step: timedelta) -> list[GateKey]:
-    """The gate of each of `rows` (in order): its (meter, customer, UTC day or
-    hour start) for `step` DAY or HOUR."""
-    # (Every row of every fold passes here: a date or an hour is cheap to take
-    # and to hash; a start datetime is made once per distinct one.)
+def level(n: int, hours_from: int, minutes_from: int) -> int:
+    """The level of a day holding `n` counted rows, with its gate's thresholds."""
+    return MINUTES if n >= minutes_from else HOURS if n >= hours_from else ROWS
+
+
+def gate_keys(rows: Sequence[FoldedEvent]) -> list[GateKey]:
+    """The day of each of `rows` (in order): its (meter, customer, UTC day)."""
+    # (Every row of every fold passes here: a date is cheap to take and to
+    # hash; a start datetime is made once per distinct one.)
     starts: dict[object, datetime] = {}
     keys: list[GateKey] = []
     append = keys.append
@@ -192,27 +202,98 @@ def gate_keys(rows: Sequence[FoldedEvent], step: timedelta) -> list[GateKey]:
         ts = row.event_time
         if ts.tzinfo is not UTC:
             ts = ts.astimezone(UTC)
-        part: object = ts.date() if step == DAY else (ts.date(), ts.hour)
-        start = starts.get(part)
+        date = ts.date()
+        start = starts.get(date)
         if start is None:
-            start = starts[part] = floor(ts, step)
+            start = starts[date] = floor(ts, DAY)
         append((row.meter_key, row.customer_id, start))
     return keys
 
 
 def crossings(
-    added: Mapping[GateKey, int], after: Iterable[tuple[int, str, datetime, int, int]]
-) -> tuple[set[GateKey], set[GateKey]]:
-    """The gates a fold's rows were already past (their rows go into the
-    buckets), and those the fold takes past (build their buckets from every
-    stored row), from what the fold `added` per gate and each gate's
-    (meter_key, customer_id, start, n, roll_from) after its upsert."""
-    past: set[GateKey] = set()
-    crossed: set[GateKey] = set()
-    for meter_key, customer_id, start, n, roll_from in after:
-        key = (meter_key, customer_id, start)
-        if n - added[key] >= roll_from:
-            past.add(key)
-        elif n >= roll_from:
-            crossed.add(key)
-    return past, crossed
+    added: Mapping[GateKey, int], after: Iterable[tuple[int, str, datetime, int, int, int]]
+) -> dict[GateKey, tuple[int, int]]:
+    """Each day's level before and after a fold, from what the fold `added` per
+    day and each gate's (meter_key, customer_id, day, n, hours_from,
+    minutes_from) after its upsert."""
+    levels = {}
+    for meter_key, customer_id, day, n, hours_from, minutes_from in after:
+        key = (meter_key, customer_id, day)
+        levels[key] = (
+            level(n - added[key], hours_from, minutes_from),
+            level(n, hours_from, minutes_from),
+        )
+    return levels
+
+
+# A bucket as meter.usage_rollups holds it: (meter_key, grain, customer_id,
+# bucket_start, dims, n, total, lo, hi, latest_time, latest_event_id,
+# latest_value); and a distinct value of UNIQUE_COUNT's in a bucket:
+# (meter_key, grain, customer_id, bucket_start, dims, text_value).
+Bucket = tuple[Any, ...]
+BucketValue = tuple[Any, ...]
+
+
+def buckets(
+    rows: Sequence[FoldedEvent], fine: Sequence[bool]
+) -> tuple[list[Bucket], list[BucketValue]]:
+    """What `rows` add to the buckets: each row to its UTC hour's, and to its
+    minute's where `fine`; per (meter, grain, customer, start, dims) the count,
+    the exact sum, min and max of the values (None where no value), and the
+    latest event (time, then event_id by code point, as the SQL's COLLATE "C").
+    Mirrors the fold's SQL aggregate (store._ROLLUP), which combines a stored
+    bucket with these; the oracle is domain.aggregation.aggregate."""
+    states: dict[tuple[Any, ...], list[Any]] = {}
+    dims_of: dict[tuple[Any, ...], dict[str, Any]] = {(): {}}
+    values: set[tuple[Any, ...]] = set()
+    with localcontext(EXACT):
+        for row, minute_too in zip(rows, fine, strict=True):
+            ts = row.event_time
+            if ts.tzinfo is not UTC:
+                ts = ts.astimezone(UTC)
+            dims: tuple[Any, ...] = ()
+            if row.dims:
+                dims = tuple(sorted(row.dims.items()))
+                dims_of.setdefault(dims, row.dims)
+            hour = (
+                row.meter_key,
+                b"h",
+                row.customer_id,
+                ts.replace(minute=0, second=0, microsecond=0),
+                dims,
+            )
+            keys = [hour]
+            if minute_too:
+                keys.append(
+                    (
+                        row.meter_key,
+                        b"m",
+                        row.customer_id,
+                        ts.replace(second=0, microsecond=0),
+                        dims,
+                    )
+                )
+            value = row.value
+            for key in keys:
+                state = states.get(key)
+                if state is None:
+                    states[key] = [1, value, value, value, row.event_time, row.event_id, value]
+                else:
+                    state[0] += 1
+                    if value is not None:
+                        if state[1] is None:
+                            state[1] = state[2] = state[3] = value
+                        else:
+                            state[1] += value
+                            if value < state[2]:
+                                state[2] = value
+                            if value > state[3]:
+                                state[3] = value
+                    if (row.event_time, row.event_id) > (state[4], state[5]):
+                        state[4], state[5], state[6] = row.event_time, row.event_id, value
+                if row.text_value is not None:
+                    values.add((*key, row.text_value))
+    return (
+        [(*key[:4], dims_of[key[4]], *state) for key, state in states.items()],
+        [(*v[:4], dims_of[v[4]], v[5]) for v in values],
+    )

@@ -66,10 +66,16 @@ seconds = st.one_of(
 )
 micros = st.one_of(st.just(0), st.integers(0, 999_999))
 
-# Gate thresholds (domain.rollup.Gates) that put days and hours on every side
-# of their gates: everything pre-aggregated, nothing, and a mix.
+# Gate thresholds (domain.rollup.Gates) that put days on every side of their
+# gates: everything pre-aggregated, nothing, hours only, and mixes.
 gate_sizes = st.sampled_from(
-    [rollup.Gates(1, 1), rollup.Gates(10**9, 10**9), rollup.Gates(3, 2), rollup.Gates(8, 4)]
+    [
+        rollup.Gates(1, 1),
+        rollup.Gates(10**9, 10**9),
+        rollup.Gates(1, 10**9),
+        rollup.Gates(2, 5),
+        rollup.Gates(6, 20),
+    ]
 )
 
 
@@ -188,15 +194,12 @@ async def test_rollups_agree_with_the_reference_at_any_boundary(
 
 
 # The buckets that the stored (not skipped) rows of meter $1 add up to, at the
-# grains their gates are past (hours: the row's day is; minutes: its hour is);
-# the migrations' backfill makes every gate past.
+# grains their day's gate is past; the migrations' backfill makes every gate past.
 _PAST = """
-    AND CASE g.grain WHEN 'h' THEN EXISTS (SELECT 1 FROM meter.usage_gates d
-        WHERE d.meter_key = e.meter_key AND d.customer_id = e.customer_id AND d.grain = 'd'
-        AND d.start = date_trunc('day', e.event_time, 'UTC') AND d.n >= d.roll_from)
-    ELSE EXISTS (SELECT 1 FROM meter.usage_gates h
-        WHERE h.meter_key = e.meter_key AND h.customer_id = e.customer_id AND h.grain = 'h'
-        AND h.start = date_trunc('hour', e.event_time, 'UTC') AND h.n >= h.roll_from) END
+    AND EXISTS (SELECT 1 FROM meter.usage_gates d
+        WHERE d.meter_key = e.meter_key AND d.customer_id = e.customer_id
+        AND d.day = date_trunc('day', e.event_time, 'UTC')
+        AND d.n >= CASE g.grain WHEN 'h' THEN d.hours_from ELSE d.minutes_from END)
 """
 RECOMPUTED = f"""
 SELECT g.grain, e.customer_id, date_trunc(g.unit, e.event_time, 'UTC') AS bucket_start,
@@ -226,29 +229,23 @@ VALUES_STORED = """
 SELECT grain, customer_id, bucket_start, dims::text, text_value
 FROM meter.usage_rollup_values WHERE meter_key = $1
 """
-# A gate per day with rows, and per hour with rows in a day past its gate.
+# A gate per day with rows.
 GATES_RECOMPUTED = """
-SELECT e.meter_key, e.customer_id, g.grain, date_trunc(g.unit, e.event_time, 'UTC'), count(*)
-FROM meter.meter_events e
-CROSS JOIN (VALUES ('d'::"char", 'day'), ('h'::"char", 'hour')) AS g (grain, unit)
-WHERE e.meter_key = $1 AND e.skip_reason IS NULL AND (g.grain = 'd' OR EXISTS (
-    SELECT 1 FROM meter.usage_gates d WHERE d.meter_key = e.meter_key
-    AND d.customer_id = e.customer_id AND d.grain = 'd'
-    AND d.start = date_trunc('day', e.event_time, 'UTC') AND d.n >= d.roll_from))
-GROUP BY 1, 2, 3, 4
+SELECT meter_key, customer_id, date_trunc('day', event_time, 'UTC'), count(*)
+FROM meter.meter_events WHERE meter_key = $1 AND skip_reason IS NULL
+GROUP BY 1, 2, 3
 """
 GATES_STORED = """
-SELECT meter_key, customer_id, grain, start, n, roll_from FROM meter.usage_gates
-WHERE meter_key = $1
+SELECT meter_key, customer_id, day, n, minutes_from FROM meter.usage_gates WHERE meter_key = $1
 """
 
 
 async def assert_buckets_match_rows(pool: asyncpg.Pool, key: int) -> None:
     async with pool.acquire() as conn:
-        # A gate below its threshold counts its rows exactly; one past it
-        # stops counting (the fold no longer locks it), at or above it.
-        rows = {tuple(r[:4]): r[4] for r in await conn.fetch(GATES_RECOMPUTED, key)}
-        gates = {tuple(r[:4]): (r[4], r[5]) for r in await conn.fetch(GATES_STORED, key)}
+        # A gate below its minutes' threshold counts its rows exactly; one past
+        # it stops counting (the fold no longer locks it), at or above it.
+        rows = {tuple(r[:3]): r[3] for r in await conn.fetch(GATES_RECOMPUTED, key)}
+        gates = {tuple(r[:3]): (r[3], r[4]) for r in await conn.fetch(GATES_STORED, key)}
         assert rows.keys() == gates.keys()
         for gate, (n, roll_from) in gates.items():
             assert n == rows[gate] if n < roll_from else roll_from <= n <= rows[gate], gate
