@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.stats import percentile
+from bench.stats import cpu_seconds, percentile
 from services.common import db
 from services.meter.store import MeterStore
 from tools.suite import Suite, create_tenant
@@ -86,26 +86,57 @@ def _label(n: int) -> str:
     return f"{n // 1_000_000}m" if n >= 1_000_000 else f"{n // 1000}k"
 
 
-async def _timed(call: Callable[[], Awaitable[Any]], repeat: int) -> tuple[float, float]:
+# CPU seconds so far of each process a read runs in (meter, billing, postgres
+# with its backends, this client): `{}` when not measured.
+Cpu = Callable[[], dict[str, float]]
+
+
+async def _timed(
+    call: Callable[[], Awaitable[Any]], repeat: int, cpu: Cpu
+) -> tuple[float, float, dict[str, float]]:
+    """p50 and p99 ms of `repeat` calls, and each process's CPU ms per call:
+    steadier than latency on the shared machine (a busy neighbour queues a
+    call, it does not make it cost more), so compare code by it."""
     # Warm: the services' pooled connections each prepare the read and fill their
     # catalog caches on first use (a pool of 10 takes 10 calls to warm).
     for _ in range(WARM):
         await call()
     samples = []
+    before = cpu()
     for _ in range(repeat):
         began = time.perf_counter()
         await call()
         samples.append((time.perf_counter() - began) * 1000)
-    return percentile(samples, 50), percentile(samples, 99)
+    after = cpu()
+    per_call = {name: (after[name] - before[name]) * 1000 / repeat for name in before}
+    return percentile(samples, 50), percentile(samples, 99), per_call
 
 
-async def run(suite: Suite, growth_sizes: list[int] | None = None) -> dict[str, float]:
+def suite_cpu(suite: Suite, postgres_pid: int | None) -> Cpu:
+    """The CPU seconds of meter, billing, PostgreSQL and this process."""
+    pids = {
+        "meter": suite.processes["meter"].pid,
+        "billing": suite.processes["billing"].pid,
+        "postgres": postgres_pid,
+    }
+
+    def cpu() -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in pids.items()} | {
+            "client": time.process_time()
+        }
+
+    return cpu
+
+
+async def run(
+    suite: Suite, growth_sizes: list[int] | None = None, cpu: Cpu = dict
+) -> dict[str, float]:
     _, secret = await asyncio.to_thread(create_tenant, suite, f"growth-{uuid.uuid4().hex[:8]}")
     md = (("authorization", f"Bearer {secret}"),)
     channels = {s: grpc.aio.insecure_channel(suite.address(s)) for s in ("meter", "billing")}
     pool = await db.create_pool(suite.database_url, min_size=1, max_size=2)
     try:
-        return await _run(channels, md, MeterStore(pool), growth_sizes or sizes())
+        return await _run(channels, md, MeterStore(pool), growth_sizes or sizes(), cpu)
     finally:
         await pool.close()
         for channel in channels.values():
@@ -113,7 +144,11 @@ async def run(suite: Suite, growth_sizes: list[int] | None = None) -> dict[str, 
 
 
 async def _run(
-    channels: dict[str, grpc.aio.Channel], md: Any, store: MeterStore, growth_sizes: list[int]
+    channels: dict[str, grpc.aio.Channel],
+    md: Any,
+    store: MeterStore,
+    growth_sizes: list[int],
+    cpu: Cpu,
 ) -> dict[str, float]:
     meters = meter_pb2_grpc.MeterServiceStub(channels["meter"])
     products = product_pb2_grpc.ProductServiceStub(channels["billing"])
@@ -258,10 +293,18 @@ async def _run(
         # The machine's load as the reads ran: 2 cores, shared (tail latencies follow it).
         figures[f"growth_{label}_load_avg"] = os.getloadavg()[0]
         for name, call in reads.items():
-            p50, p99 = await _timed(call, REPEAT)
+            p50, p99, per_call = await _timed(call, REPEAT, cpu)
             figures[f"growth_{label}_{name}_p50_ms"] = p50
             figures[f"growth_{label}_{name}_p99_ms"] = p99
-            _log(f"{size:>12,} events  {name:<16} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms")
+            spent = ""
+            if per_call:
+                # Server: meter, billing and PostgreSQL; the client apart.
+                client = per_call.pop("client")
+                figures[f"growth_{label}_{name}_server_cpu_ms"] = sum(per_call.values())
+                figures[f"growth_{label}_{name}_client_cpu_ms"] = client
+                parts = ", ".join(f"{n} {per_call[n]:.2f}" for n in sorted(per_call))
+                spent = f"  CPU ms a call: {parts}, client {client:.2f}"
+            _log(f"{size:>12,} events  {name:<16} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms{spent}")
     return figures
 
 
@@ -305,7 +348,7 @@ async def standalone() -> dict[str, float]:
     try:
         suite.start()
         chosen = sizes()
-        figures = await run(suite, chosen)
+        figures = await run(suite, chosen, suite_cpu(suite, stack.postgres_pid))
         return figures | growth_ratios(figures, chosen)
     finally:
         suite.stop()
