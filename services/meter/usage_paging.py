@@ -72,11 +72,13 @@ def usage_page(
     page_token when they cannot be served."""
     if page_size < 0:
         raise InvalidArgument("page_size: must not be negative")
-    digest = query_digest(tenant_id, meter_id, query)
     if page_size == 0:
         if page_token:
             raise InvalidArgument("page_size: required with page_token (customers per page)")
-        return UsagePage(None, "", digest)
+        # Unpaged: no token is made or read, so no digest (most reads, billing's
+        # per customer ones among them, are unpaged).
+        return UsagePage(None, "", "")
+    digest = query_digest(tenant_id, meter_id, query)
     cursor = decode_token(page_token, 2)
     after = ""
     if cursor is not None:
