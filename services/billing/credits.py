@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import decimal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -139,6 +139,16 @@ def annotate_lines(drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, Cr
                 )
             )
         drafts[key] = replace(draft, lines=tuple(lines))
+
+
+@dataclass(frozen=True)
+class _Hint:
+    """What an account's last balance needed: the meters it drew from (read
+    from meter at once the next time) and its period's start (the overage
+    since then is read with the account)."""
+
+    meters: tuple[str, ...]
+    period_start: datetime
 
 
 @dataclass(frozen=True)
@@ -263,6 +273,9 @@ def decorate_product(product: product_pb2.Product, credits: dict[str, Any]) -> N
 # --- meter: usage per minute ---
 
 
+Minutes = dict[datetime, Decimal]  # one customer's usage of one meter per minute
+
+
 class MinuteUsage:
     """Reads one customer's usage of one meter per minute from meter."""
 
@@ -272,7 +285,7 @@ class MinuteUsage:
 
     async def read(
         self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
-    ) -> dict[datetime, Decimal]:
+    ) -> Minutes:
         request = meter_pb2.QueryUsageRequest(
             meter_id=meter_id, customer_id=customer, window_size=meter_pb2.WINDOW_SIZE_MINUTE
         )
@@ -284,7 +297,7 @@ class MinuteUsage:
             )
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
-        found: dict[datetime, Decimal] = {}
+        found: Minutes = {}
         for row in answer.rows:
             value = Decimal(row.value)
             if value:
@@ -317,6 +330,8 @@ class Credits:
         # Never change once created (no API updates them): remembered per replica.
         self._customers: dict[tuple[str, str], tuple[str, str]] = {}
         self._types: dict[tuple[str, str], CreditTypeRecord] = {}
+        # Per account, what its last balance needed (a hint, checked each time).
+        self._hints: dict[tuple[str, str, str], _Hint] = {}
 
     # Credit types.
 
@@ -538,15 +553,32 @@ class Credits:
         start: datetime,
         end: datetime,
         precision: int,
+        read: Mapping[str, tuple[datetime, Minutes]] | None = None,
     ) -> list[Draw]:
-        draws: list[Draw] = []
+        """The draws of the prices' usage over [start, end). `read` holds
+        minutes already read per meter, each from a time to `end`: only what
+        they miss is asked of meter (the reads go out together)."""
+        wanted: list[tuple[CreditPrice, datetime, datetime]] = []
+        asks: dict[tuple[str, datetime, datetime], Any] = {}
         for price in prices:
             lo = max(start, price.start)
             hi = end if price.end is None else min(end, price.end)
             if lo >= hi:
                 continue
-            minutes = await self._usage.read(tenant_id, price.meter_id, external_id, lo, hi)
-            for minute, quantity in minutes.items():
+            wanted.append((price, lo, hi))
+            since = read[price.meter_id][0] if read and price.meter_id in read else hi
+            ask = (price.meter_id, lo, min(hi, since))
+            if lo < since and ask not in asks:
+                asks[ask] = self._usage.read(tenant_id, price.meter_id, external_id, *ask[1:])
+        # Every read is of one customer and meter, per minute: merged per meter.
+        minutes: dict[str, Minutes] = {m: dict(found) for m, (_, found) in (read or {}).items()}
+        for (meter_id, _, _), found in zip(asks, await asyncio.gather(*asks.values()), strict=True):
+            minutes.setdefault(meter_id, {}).update(found)
+        draws: list[Draw] = []
+        for price, lo, hi in wanted:
+            for minute, quantity in sorted(minutes.get(price.meter_id, {}).items()):
+                if not lo <= minute < hi:
+                    continue
                 draws.append(
                     Draw(
                         f"draw:{price.meter_id}:{minute.isoformat()}",
@@ -656,24 +688,43 @@ class Credits:
     async def balance(
         self, tenant_id: str, customer_ref: str, type_id: str, now: datetime
     ) -> tuple[str, Balance]:
-        # Independent reads go out together, and what never changes (a
-        # customer's ids, a credit type) is remembered: the answer is on the
-        # request path.
+        # On the request path: what never changes (a customer's ids, a credit
+        # type) is remembered, PostgreSQL is read in one statement, and meter's
+        # minutes since settlement's usual point are read at the same time
+        # (for the meters this account drew from last time; what the fresh
+        # state needs beyond that is read after it).
         (customer_id, external_id), kind = await asyncio.gather(
             self._customer(tenant_id, customer_ref), self._credit_type(tenant_id, type_id)
         )
-        account, grants, plans = await asyncio.gather(
-            self._store.account(tenant_id, customer_id, kind.id),
-            self._store.grants(tenant_id, customer_id, kind.id),
-            self._store.customer_plans(tenant_id, customer_id),
+        end = floor_minute(now) + MINUTE
+        key = (tenant_id, customer_id, kind.id)
+        hint = self._hints.get(key)
+        inputs = self._store.balance_inputs(
+            tenant_id, customer_id, kind.id, hint.period_start if hint else None
         )
+        early: dict[str, tuple[datetime, Minutes]] = {}
+        if hint and hint.meters:
+            # Settlement keeps settled_until at most a minute or so behind this.
+            since = min(floor_minute(now - self._lag) - MINUTE, end)
+            found, minutes = await asyncio.gather(
+                inputs,
+                asyncio.gather(
+                    *(self._usage.read(tenant_id, m, external_id, since, end) for m in hint.meters)
+                ),
+            )
+            early = {m: (since, read) for m, read in zip(hint.meters, minutes, strict=True)}
+        else:
+            found = await inputs
+        account, grants, plans = found.account, found.grants, found.plans
         subscriptions = [s for s, _, _ in plans]
         credits = {s.product_id: c for s, _, c in plans}
         prices = [p for _, _, p in _prices(subscriptions, credits) if p.credit_type_id == kind.id]
         period_start = _period_start(
             [(s, i) for s, i, _ in plans if s.end_time is None or s.end_time > now], now
         )
-        end = floor_minute(now) + MINUTE
+        if len(self._hints) >= CACHE_SIZE:
+            self._hints.clear()
+        self._hints[key] = _Hint(tuple(sorted({p.meter_id for p in prices})), period_start)
         domain = [g.domain() for g in grants]
         settled = account.settled_until if account else None
         state = dict(account.state) if account else {}
@@ -688,12 +739,15 @@ class Credits:
                 state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
         assert start is not None
         live: list[Entry] = []
-        draws, overage = await asyncio.gather(
-            self._draws(tenant_id, external_id, prices, start, end, kind.precision),
-            self._store.overage_since(tenant_id, customer_id, kind.id, period_start),
-        )
+        draws = self._draws(tenant_id, external_id, prices, start, end, kind.precision, early)
+        if found.overage is not None and hint and hint.period_start == period_start:
+            draws_found, overage = await draws, found.overage
+        else:  # read since another time (or not at all): read again
+            draws_found, overage = await asyncio.gather(
+                draws, self._store.overage_since(tenant_id, customer_id, kind.id, period_start)
+            )
         if start < end:
-            live, state = replay(domain, draws, state, start, end, kind.precision)
+            live, state = replay(domain, draws_found, state, start, end, kind.precision)
         total, listed = available(domain, state, now)
         expiries = [g.expires for g, _ in listed if g.expires is not None and g.open_at(now)]
         overage += sum((e.uncovered for e in live if e.at >= period_start), Decimal(0))

@@ -97,6 +97,14 @@ class AccountRecord:
 
 
 @dataclass(frozen=True)
+class BalanceInputs:
+    account: AccountRecord | None
+    grants: list[GrantRecord]
+    plans: list[tuple[SubscriptionRecord, str, dict[str, Any]]]
+    overage: Decimal | None  # since the time asked, when asked
+
+
+@dataclass(frozen=True)
 class LedgerRecord:
     id: str
     customer_id: str
@@ -185,6 +193,11 @@ def _ledger(r: asyncpg.Record) -> LedgerRecord:
         description=r["description"],
         created_at=r["created_at"],
     )
+
+
+def _json(data: Any) -> Any:
+    # jsonb inside a row value (balance_inputs) may come as its text.
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def _decimals(data: Any) -> dict[str, Decimal]:
@@ -331,6 +344,53 @@ class CreditStore:
             uuid.UUID(customer_id),
         )
         return [(_subscription(r), r["billing_interval"], r["credits"]) for r in rows]
+
+    async def balance_inputs(
+        self, tenant_id: str, customer_id: str, type_id: str, overage_since: datetime | None
+    ) -> BalanceInputs:
+        """What a balance reads from PostgreSQL, in one statement (one round
+        trip and one pooled connection: the balance is on the request path):
+        the account, its grants, the customer's plans (as customer_plans) and,
+        when `overage_since` is given, the overage entered since then."""
+        row = await self.pool.fetchrow(
+            "SELECT (SELECT a FROM billing.credit_accounts a WHERE a.tenant_id = $1"
+            " AND a.customer_id = $2 AND a.credit_type_id = $3) AS account,"
+            " ARRAY(SELECT g FROM billing.credit_grants g WHERE g.tenant_id = $1"
+            " AND g.customer_id = $2 AND g.credit_type_id = $3 ORDER BY g.seq) AS grants,"
+            " ARRAY(SELECT (s.id, s.tenant_id, s.customer_id, c.external_id, s.product_id,"
+            " s.start_time, s.end_time, s.canceled_at, p.billing_interval, p.credits)"
+            " FROM billing.subscriptions s JOIN billing.customers c ON c.id = s.customer_id"
+            " JOIN billing.products p ON p.id = s.product_id"
+            " WHERE s.tenant_id = $1 AND s.customer_id = $2 ORDER BY s.start_time, s.id) AS plans,"
+            " CASE WHEN $4::timestamptz IS NOT NULL THEN (SELECT coalesce(sum(uncovered), 0)"
+            " FROM billing.credit_ledger WHERE tenant_id = $1 AND customer_id = $2"
+            " AND credit_type_id = $3 AND kind = 'OVERAGE' AND effective_at >= $4) END AS overage",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            overage_since,
+        )
+        assert row is not None
+        plans = []
+        for s in row["plans"]:  # anonymous records: by position, as selected
+            record = SubscriptionRecord(
+                id=str(s[0]),
+                tenant_id=s[1],
+                customer_id=str(s[2]),
+                customer_external_id=s[3],
+                product_id=str(s[4]),
+                start_time=s[5],
+                end_time=s[6],
+                canceled_at=s[7],
+            )
+            plans.append((record, s[8], _json(s[9])))
+        account = row["account"]
+        return BalanceInputs(
+            None if account is None else _account(account),
+            [_grant(g) for g in row["grants"]],
+            plans,
+            row["overage"],
+        )
 
     # Accounts and grants.
 

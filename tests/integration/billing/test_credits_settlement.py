@@ -194,3 +194,33 @@ async def test_a_grant_found_late_resettles_from_its_time(pool: Any) -> None:
     assert after == expected
     # Period 1: 100 - 30 = 70 left, 35 rolled into period 2 (100 + 35).
     assert sum(expected.values()) == D(135)
+
+
+async def test_the_balance_reads_every_unsettled_minute_whatever_it_read_first(pool: Any) -> None:
+    """The balance reads meter's latest minutes together with the account (for
+    the meters of its last answer) and what the account needs beyond them
+    after: with an account settled long ago, just now, or not yet, the answer
+    is what the domain says from all the events."""
+    tenant, customer_id, type_id, meter_id, start = await _setup(pool)
+    meter = MinuteMeter()
+    store = CreditStore(pool)
+    credits = Credits(store, BillingStore(pool), meter, lag=timedelta(0), recheck=M)  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    for when, value in [(start + timedelta(hours=2), 30), (now - 20 * M, 5), (now - 10 * M, 7)]:
+        meter.events.append(("cus", when, D(value)))
+
+    async def check() -> None:
+        grants = [g.domain() for g in await store.grants(tenant, customer_id, type_id)]
+        expected = _oracle(grants, meter, meter_id, start, floor_minute(now) + M)
+        for _ in range(2):  # without, then with what the first answer left behind
+            _, balance = await credits.balance(tenant, "cus", type_id, now)
+            assert balance.available == available(grants, expected, now)[0]
+
+    await credits.grant_included(tenant, now, await BillingStore(pool).subscriptions(tenant, ""))
+    await check()  # never settled: from the grants' time
+    await credits.settle_tenant(tenant, now - 15 * M)
+    meter.events.append(("cus", now - timedelta(seconds=30), D(4)))
+    await check()  # settled 15 minutes ago: the minutes between are read after
+    await credits.settle_tenant(tenant, now)
+    meter.events.append(("cus", now, D(2)))
+    await check()  # settled this minute
