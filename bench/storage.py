@@ -9,8 +9,9 @@ as in production between vacuums; no VACUUM FULL first).
   idempotency key: kept forever.
 - meter_rows: meter.meter_events, a row per (meter, event): what retention
   drops (USAGEBILLING_METER_RETENTION_DAYS).
-- meter_rollups: meter.usage_rollups and usage_rollup_values: kept. Their size
-  follows the busy (meter, customer, minute) buckets, not the events.
+- meter_rollups: meter.usage_rollups, usage_rollup_values and usage_gates
+  (a row per meter, customer and day): kept. Their size follows the busy
+  (meter, customer, minute) buckets of the days past their gates, not the events.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import asyncpg
 TABLES = {
     "ingest_log": ("ingest.events", "ingest.event_ids"),
     "meter_rows": ("meter.meter_events",),
-    "meter_rollups": ("meter.usage_rollups", "meter.usage_rollup_values"),
+    "meter_rollups": ("meter.usage_rollups", "meter.usage_rollup_values", "meter.usage_gates"),
 }
 
 # Every leaf of a table's partition tree, or the table itself when it is not
