@@ -462,12 +462,18 @@ class Credits:
         return next(e for e in entries if e.grant_id == record.id)
 
     async def grant_included(
-        self, tenant_id: str, now: datetime, subscriptions: Sequence[SubscriptionRecord]
+        self,
+        tenant_id: str,
+        now: datetime,
+        subscriptions: Sequence[SubscriptionRecord],
+        credits: dict[str, Any] | None = None,
     ) -> int:
         """Grants every product's included credits for each period of each
         subscription that has started by `now` (at most CATCHUP periods per
-        subscription and type per pass); once each, by source key."""
-        credits = await self._store.product_credits(tenant_id)
+        subscription and type per pass); once each, by source key. `credits`:
+        the products' credits, when read already."""
+        if credits is None:
+            credits = await self._store.product_credits(tenant_id)
         if not any(c.get("included") for c in credits.values()):
             return 0
         products = {p.id: p for p in await self._billing.products_of(tenant_id)}
@@ -535,10 +541,12 @@ class Credits:
         customer_id: str = "",
         *,
         subscriptions: Sequence[SubscriptionRecord] | None = None,
+        credits: dict[str, Any] | None = None,
     ) -> list[tuple[str, str, CreditPrice]]:
         """(customer id, external id, price) for every subscription's usage price
         that draws credits (of one customer, or all, or of `subscriptions`)."""
-        credits = await self._store.product_credits(tenant_id)
+        if credits is None:
+            credits = await self._store.product_credits(tenant_id)
         if not any(c.get("prices") for c in credits.values()):
             return []
         if subscriptions is None:
@@ -599,19 +607,27 @@ class Credits:
         # One snapshot of the subscriptions for both: a subscription created
         # in between would be settled before its included credits exist. Only
         # the subscriptions to products with credits are read.
-        credited = [pid for pid, c in (await self._store.product_credits(tenant_id)).items() if c]
+        credits = await self._store.product_credits(tenant_id)
+        credited = [pid for pid, c in credits.items() if c]
         subscriptions = await self._store.subscriptions_of(tenant_id, credited) if credited else []
-        await self.grant_included(tenant_id, now, subscriptions)
-        prices = await self.prices_of(tenant_id, subscriptions=subscriptions)
+        await self.grant_included(tenant_id, now, subscriptions, credits)
+        prices = await self.prices_of(tenant_id, subscriptions=subscriptions, credits=credits)
         accounts: dict[tuple[str, str], tuple[str, list[CreditPrice]]] = {}
         for customer_id, external_id, price in prices:
             key = (customer_id, price.credit_type_id)
             accounts.setdefault(key, (external_id, []))[1].append(price)
-        for key in await self._store.accounts(tenant_id):
+        marks = await self._store.account_marks(tenant_id)
+        for key in marks:
             accounts.setdefault(key, ("", []))
         types = await self._store.credit_types(tenant_id)
+        until = floor_minute(now - self._lag)
         recorded = 0
         for (customer_id, type_id), (external_id, account_prices) in accounts.items():
+            if marks.get((customer_id, type_id)) == (until, None):
+                # Settled this minute already and not dirtied since (as read
+                # without the lock: settle_account checks again under it), so
+                # a pass takes no lock for the accounts it has nothing to do for.
+                continue
             if not external_id:
                 _, external_id = await self._store.customer(tenant_id, customer_id, "customer_id")
             recorded += await self.settle_account(

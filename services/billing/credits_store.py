@@ -435,6 +435,21 @@ class CreditStore:
         )
         return [(str(r["customer_id"]), str(r["credit_type_id"])) for r in rows]
 
+    async def account_marks(
+        self, tenant_id: str
+    ) -> dict[tuple[str, str], tuple[datetime | None, datetime | None]]:
+        """(settled_until, dirty_from) by (customer id, credit type id) of every
+        account the tenant has."""
+        rows = await self.pool.fetch(
+            "SELECT customer_id, credit_type_id, settled_until, dirty_from"
+            " FROM billing.credit_accounts WHERE tenant_id = $1",
+            tenant_id,
+        )
+        return {
+            (str(r["customer_id"]), str(r["credit_type_id"])): (r["settled_until"], r["dirty_from"])
+            for r in rows
+        }
+
     async def grant_by_key(self, tenant_id: str, source_key: str) -> GrantRecord | None:
         row = await self.pool.fetchrow(
             "SELECT * FROM billing.credit_grants WHERE tenant_id = $1 AND source_key = $2",
