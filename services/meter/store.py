@@ -109,14 +109,16 @@ _FIELDS = ", ".join(FoldedEvent._fields)
 _ORIGIN = "'0001-01-01 00:00:00+00'"  # date_bin from year 1: floors by arithmetic alone
 # The stored rows of the customers' days $1..$3 (meter keys, customers, UTC
 # days) that a fold took past a gate, to build their buckets from: minutes when
-# $4 (fine), hours when $5 (coarse), per day.
+# $4 (fine), hours when $5 (coarse), per day. A UTC day is interval '24 hours'
+# here and in `usage`: timestamptz + '1 day' is a calendar day in the session's
+# TimeZone (the server's default: 23 or 25 hours across its DST changes).
 _REBUILT = (
     "keys AS (SELECT * FROM unnest($1::integer[], $2::text[], $3::timestamptz[],"
     " $4::boolean[], $5::boolean[]) AS k (meter_key, customer_id, day, fine, coarse)),"
     f" new AS (SELECT e.*, k.fine, k.coarse FROM keys k CROSS JOIN LATERAL (SELECT {_FIELDS}"
     " FROM meter.meter_events e WHERE e.meter_key = k.meter_key"
     " AND e.customer_id = k.customer_id AND e.event_time >= k.day"
-    " AND e.event_time < k.day + interval '1 day' AND e.skip_reason IS NULL) AS e)"
+    " AND e.event_time < k.day + interval '24 hours' AND e.skip_reason IS NULL) AS e)"
 )
 # A stored bucket (r) combined with new rows' (EXCLUDED): one rule for the fold's
 # buckets made in SQL (_ROLLUP) and in Python (domain.rollup.buckets, _UPSERT).
@@ -720,7 +722,7 @@ class MeterStore:
         day_rows = (
             "CROSS JOIN LATERAL (SELECT e.* FROM meter.meter_events e WHERE e.meter_key = $1"
             " AND e.customer_id = g.customer_id AND e.event_time >= greatest(g.day, {lo})"
-            " AND e.event_time < least(g.day + interval '1 day', {hi})"
+            " AND e.event_time < least(g.day + interval '24 hours', {hi})"
             " AND e.skip_reason IS NULL{conditions} OFFSET 0) AS e"
         )
         fields = f"e.customer_id, coalesce(e.dims, '{{}}'::jsonb), {raw_state}"
@@ -748,7 +750,7 @@ class MeterStore:
                 f"SELECT p.w, {fields} FROM unnest({arg(cut.windows)}::integer[],"
                 f" {arg(cut.starts)}::timestamptz[], {arg(cut.ends)}::timestamptz[])"
                 " AS p (w, lo, hi) CROSS JOIN LATERAL (SELECT g.* FROM meter.usage_gates g"
-                f" WHERE {gated(hours_only)} AND g.day > p.lo - interval '1 day'"
+                f" WHERE {gated(hours_only)} AND g.day > p.lo - interval '24 hours'"
                 " AND g.day < p.hi OFFSET 0) AS g "
                 + day_rows.format(lo="p.lo", hi="p.hi", conditions=conditions("e"))
             )
