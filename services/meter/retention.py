@@ -95,16 +95,26 @@ class RetentionStore:
             done = await conn.fetchval("SELECT dropped_before FROM meter.retention")
             if done is not None and done >= before:
                 return []
-            # The days whose usage is read from their rows get buckets first.
-            await seal_before(conn, before)
-            dropped = []
+            going = []
             for name in await partitions.existing(conn, METER_EVENTS):
                 if name in (_RETIRED, f"{METER_EVENTS.table}_default"):
                     continue
                 month = datetime.strptime(name[-7:], "%Y_%m").replace(tzinfo=UTC)
                 if partitions.next_month(month) <= before:
-                    await conn.execute(f"DROP TABLE meter.{name}")
-                    dropped.append(name)
+                    going.append(name)
+            # No fold writes the rows going while they are sealed: SHARE waits
+            # for the folds in flight (their rows and gates then committed, so
+            # the seal sees them) and holds off new ones until the months are
+            # gone (reads go on). A fold's row below its day's gate is in no
+            # bucket: sealed without it, it would be dropped uncounted.
+            for table in [*(f"meter.{name}" for name in going), METER_EVENTS.default]:
+                await conn.execute(f"LOCK TABLE {table} IN SHARE MODE")
+            # The days whose usage is read from their rows get buckets first.
+            await seal_before(conn, before)
+            dropped = []
+            for name in going:
+                await conn.execute(f"DROP TABLE meter.{name}")
+                dropped.append(name)
             await conn.execute(f"DELETE FROM {METER_EVENTS.default} WHERE event_time < $1", before)
             await conn.execute(f"DROP TABLE IF EXISTS meter.{_RETIRED}")
             await conn.execute(
