@@ -15,20 +15,44 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from services.common import db, partitions
+from services.common.context import set_tenant
 from services.meter.__main__ import MIGRATIONS
 from services.meter.domain import rollup
+from services.meter.domain.aggregation import Aggregation, MeterSpec
 from services.meter.domain.matching import FoldedEvent
+from services.meter.domain.reference import RawEvent, aggregate_events
+from services.meter.domain.windows import WindowSize
 from services.meter.retention import METER_EVENTS, RetentionStore
 from services.meter.store import MeterRecord, MeterStore
+from tests.integration.meter.harness import (
+    Ev,
+    Meters,
+    Raw,
+    RowTuple,
+    ev,
+    reference_tuples,
+    row_tuples,
+)
+from tests.integration.meter.test_query_matches_reference import (
+    Meter,
+    filters,
+    property_values,
+    raw_values,
+    strings,
+)
 from tests.integration.meter.test_rollups_match_reference import assert_buckets_match_rows
+from usagebilling.meter.v1 import meter_pb2
 
 
 def row(
@@ -209,5 +233,433 @@ async def test_retention_seals_the_rows_of_a_fold_in_flight(fresh_db: str) -> No
         assert await total(store, meter, datetime(2026, 1, 1, tzinfo=UTC), before) == expected, (
             outcomes
         )
+    finally:
+        await pool.close()
+
+
+# -- Folds of one customer day that meet at its gate ---------------------------
+
+
+@pytest.mark.parametrize("crossing_first", [True, False])
+@pytest.mark.parametrize("aggregation", ["SUM", "UNIQUE_COUNT", "LATEST"])
+async def test_two_replicas_fold_one_day_while_one_crosses(
+    meters: Meters, aggregation: str, crossing_first: bool
+) -> None:
+    """Two replicas (stores on one pool) fold rows of one customer day at once;
+    one of the folds takes the day past a gate (or past both), the other not.
+    The first holds the gate's row lock (paused after its writes) while the
+    second's rows are stored and wait at the gate."""
+    tenant = meters.new_tenant()
+    created = await meters.create(tenant, aggregation=aggregation, property="v")
+    record = await meters.store.get_meter(tenant, created.id)
+    day = datetime(2025, 1, 1, tzinfo=UTC)
+    unique = aggregation == "UNIQUE_COUNT"
+
+    def rows(prefix: str, n: int, at: datetime) -> list[FoldedEvent]:
+        return [
+            row(
+                record.key,
+                "c",
+                at + timedelta(seconds=7 * i),
+                f"{prefix}{i}",
+                None if unique else i + 1,
+                f"u{i % 3}{prefix}" if unique else None,
+            )
+            for i in range(n)
+        ]
+
+    for gates, (first_n, small_n, big_n) in (
+        (rollup.Gates(4, 8), (2, 1, 3)),  # ROWS -> HOURS beside ROWS
+        (rollup.Gates(4, 8), (5, 1, 3)),  # HOURS -> MINUTES beside HOURS
+        (rollup.Gates(3, 6), (1, 1, 6)),  # ROWS -> MINUTES beside ROWS
+    ):
+        one, two = MeterStore(meters.store.pool), MeterStore(meters.store.pool)
+        one.gates = two.gates = meters.store.gates = gates
+        day += rollup.DAY
+        await one.fold(rows("a", first_n, day + timedelta(hours=3)))
+        crossing = rows("x", big_n, day + timedelta(hours=5, seconds=1))
+        beside = rows("y", small_n, day + timedelta(hours=5, seconds=2))
+        first, second = (crossing, beside) if crossing_first else (beside, crossing)
+        entered, release = paused_after_roll_up(one)
+        held = asyncio.create_task(one.fold(first))
+        await entered.wait()
+        waiting = asyncio.create_task(two.fold(second))
+        await waiting_on_a_lock(meters.store.pool)
+        release.set()
+        assert await held == len(first)
+        assert await waiting == len(second)
+        await assert_buckets_match_rows(meters.store.pool, record.key)
+        stored = [*rows("a", first_n, day + timedelta(hours=3)), *crossing, *beside]
+        got = await meters.query(tenant, created.id, day, day + rollup.DAY, window="MINUTE")
+        expected = aggregate_events(
+            [
+                RawEvent(
+                    r.event_id,
+                    "c",
+                    "api.call",
+                    r.event_time,
+                    {"v": r.text_value if unique else r.value},  # type: ignore[dict-item]
+                )
+                for r in stored
+            ],
+            MeterSpec("api.call", Aggregation[aggregation], "v", None, ()),
+            day,
+            day + rollup.DAY,
+            WindowSize.MINUTE,
+            "UTC",
+            None,
+        )
+        assert got == reference_tuples(expected), gates
+
+
+async def test_a_redelivery_that_crosses_takes_the_insert_path(meters: Meters) -> None:
+    """A redelivered batch (COPY refused, INSERT ... ON CONFLICT) that also
+    holds new rows taking the day past both gates: the repeats count once."""
+    tenant = meters.new_tenant()
+    created = await meters.create(tenant, aggregation="SUM", property="v", group_by=["region"])
+    meters.store.gates = rollup.Gates(3, 5)
+    t0 = datetime(2025, 2, 1, 23, 59, 59, 999_999, tzinfo=UTC)  # 1 µs before midnight
+    events = [
+        ev(f"e{i}", "c", t0 + timedelta(microseconds=1, minutes=i), v=i, region="eu")
+        for i in range(8)
+    ]
+    events.append(ev("last", "c", t0, v=100, region="us"))
+    assert await meters.send(tenant, events[:2]) == 2  # ROWS
+    assert await meters.send(tenant, [events[1], events[0], *events[2:6]]) == 4  # -> MINUTES
+    assert await meters.send(tenant, events) == 3  # on the INSERT path again
+    record = await meters.store.get_meter(tenant, created.id)
+    await assert_buckets_match_rows(meters.store.pool, record.key)
+    start = datetime(2025, 2, 1, tzinfo=UTC)
+    for window, tz in (("NONE", "UTC"), ("HOUR", "Asia/Kathmandu"), ("DAY", "UTC")):
+        got = await meters.query(
+            tenant,
+            created.id,
+            start,
+            start + 2 * rollup.DAY,
+            window=window,
+            tz=tz,
+            group_by=["region"],
+        )
+        expected = aggregate_events(
+            [e.raw for e in events],
+            MeterSpec("api.call", Aggregation.SUM, "v", None, ("region",)),
+            start,
+            start + 2 * rollup.DAY,
+            WindowSize[window],
+            tz,
+            None,
+            ("region",),
+        )
+        assert got == reference_tuples(expected), window
+
+
+# -- Reads over days of every level (property) ---------------------------------
+
+# Meters of every aggregation; a filter on one in five (most reject most events).
+property_meters = st.builds(
+    Meter,
+    st.sampled_from(list(Aggregation)),
+    st.one_of(st.none(), st.none(), st.none(), st.none(), filters()),
+    st.lists(st.sampled_from(["region", "tier"]), unique=True).map(tuple),
+)
+
+CUSTOMERS = ["c1", "C1", "é", "e\u0301", "c2"]
+GATE_SIZES = [
+    rollup.Gates(2, 4),
+    rollup.Gates(3, 7),
+    rollup.Gates(1, 3),
+    rollup.Gates(4, 4),
+    rollup.Gates(3, 10**9),
+    rollup.Gates(1, 1),
+]
+ZONES = ["UTC", "Asia/Kathmandu", "America/St_Johns", "Australia/Lord_Howe", "Europe/Berlin"]
+DAY_ANCHORS = [
+    datetime(2024, 3, 31, tzinfo=UTC),  # Europe/Berlin springs forward at 01:00
+    datetime(2024, 11, 3, tzinfo=UTC),  # America/St_Johns falls back
+    datetime(2025, 1, 1, tzinfo=UTC),
+]
+# Where in its UTC day an event falls: on midnight, its last microsecond, round
+# hours and minutes, or anywhere.
+in_day = st.one_of(
+    st.sampled_from([timedelta(0), rollup.DAY - timedelta(microseconds=1)]),
+    st.integers(0, 23).map(lambda h: timedelta(hours=h)),
+    st.integers(0, 1439).map(lambda m: timedelta(minutes=m)),
+    st.integers(0, 86_399_999_999).map(lambda us: timedelta(microseconds=us)),
+)
+
+
+@st.composite
+def dense_days(draw: st.DrawFn, anchor: datetime) -> list[Ev]:
+    """Customers whose UTC days (the anchor's, the one before and after) hold
+    from 0 to 9 events: with small gates, days of every level side by side."""
+    events: list[Ev] = []
+    times: list[datetime] = []
+    customers = draw(st.lists(st.sampled_from(CUSTOMERS), min_size=1, max_size=4, unique=True))
+    for customer in customers:
+        for day in (-1, 0, 1):
+            for _ in range(draw(st.sampled_from([1, 3, 2, 4, 0, 5, 8]))):
+                if times and draw(st.integers(0, 4)) == 0:
+                    when = draw(st.sampled_from(times))  # a tie: LATEST by event_id
+                else:
+                    when = anchor + day * rollup.DAY + draw(in_day)
+                times.append(when)
+                metadata: dict[str, Raw] = {}
+                for key, values in (
+                    ("v", property_values),
+                    ("region", raw_values),
+                    ("tier", strings),
+                ):
+                    if draw(st.integers(0, 5)) > 0:
+                        metadata[key] = draw(values)
+                event_id = f"{len(events)}{draw(st.sampled_from(['a', 'B', 'é', '']))}"
+                events.append(ev(event_id, customer, when, **metadata))
+    return events
+
+
+@dataclass(frozen=True)
+class Read:
+    start: datetime
+    end: datetime
+    window: WindowSize
+    tz: str
+    customer: str
+    group_by: tuple[str, ...]
+    group_filter: dict[str, str]
+    page_size: int
+
+
+@st.composite
+def reads(draw: st.DrawFn, anchor: datetime, meter: Meter) -> Read:
+    edges = st.one_of(
+        st.integers(-2, 2).map(lambda d: d * rollup.DAY),  # UTC midnights
+        st.integers(-48, 48).map(
+            lambda h: timedelta(hours=h, minutes=draw(st.sampled_from([0, 15, 30, 45])))
+        ),
+        st.integers(-2 * 86_400, 2 * 86_400).map(lambda s: timedelta(seconds=s)),
+        st.integers(-2 * 86_400_000_000, 2 * 86_400_000_000).map(
+            lambda us: timedelta(microseconds=us)
+        ),
+    )
+    a, b = draw(edges), draw(edges)
+    start, end = anchor + min(a, b), anchor + max(a, b)
+    if start == end:
+        end += timedelta(hours=1)
+    window = draw(st.sampled_from(list(WindowSize)))
+    if window is WindowSize.MINUTE and end - start > timedelta(hours=30):
+        window = WindowSize.HOUR  # (keeps the answer small)
+    dims = list(meter.group_by)
+    group_filter: dict[str, str] = (
+        draw(st.dictionaries(st.sampled_from(dims), strings, max_size=len(dims)))
+        if bool(dims) and draw(st.booleans())
+        else {}
+    )
+    return Read(
+        start=start,
+        end=end,
+        window=window,
+        tz=draw(st.sampled_from(ZONES)),
+        customer=draw(st.sampled_from(["", "", "", "c1", "C1", "é", "e\u0301"])),
+        group_by=tuple(draw(st.permutations(dims))[: draw(st.integers(0, len(dims)))]),
+        group_filter=group_filter,
+        page_size=draw(st.sampled_from([0, 0, 1, 2])),
+    )
+
+
+async def read_all_pages(meters: Meters, tenant: str, meter_id: str, q: Read) -> list[RowTuple]:
+    request = meter_pb2.QueryUsageRequest(
+        meter_id=meter_id,
+        customer_id=q.customer,
+        window_size=meter_pb2.WindowSize.Value(q.window.value),
+        time_zone=q.tz,
+        group_by=list(q.group_by),
+        group_filter=q.group_filter,
+        page_size=q.page_size,
+    )
+    request.start_time.FromDatetime(q.start)
+    request.end_time.FromDatetime(q.end)
+    rows: list[RowTuple] = []
+    seen: set[str] = set()
+    for _ in range(20):
+        set_tenant(tenant)
+        answer = await meters.servicer.QueryUsage(request, None)
+        page = {r.customer_id for r in answer.rows}
+        assert not page & seen, "a customer in two pages"
+        if q.page_size:
+            assert len(page) <= q.page_size
+        seen |= page
+        rows += row_tuples(answer.rows)
+        if not answer.next_page_token:
+            return sorted(rows)
+        request.page_token = answer.next_page_token
+    raise AssertionError("more pages than customers")
+
+
+@settings(
+    max_examples=45,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example],
+)
+@given(data=st.data())
+async def test_days_of_every_level_read_exactly(meters: Meters, data: st.DataObject) -> None:
+    anchor = data.draw(st.sampled_from(DAY_ANCHORS))
+    meter = data.draw(property_meters)
+    gates = data.draw(st.sampled_from(GATE_SIZES))
+    events = data.draw(dense_days(anchor))
+    arrival = data.draw(st.permutations(events))
+    deliveries: list[list[Ev]] = []
+    while arrival:
+        size = data.draw(st.integers(1, len(arrival)))
+        deliveries.append(arrival[:size])
+        arrival = arrival[size:]
+    if bool(deliveries) and data.draw(st.booleans()):
+        # A redelivery with new rows: the INSERT path, perhaps crossing a gate.
+        deliveries.insert(
+            data.draw(st.integers(1, len(deliveries))),
+            [*deliveries[0], *data.draw(st.sampled_from(deliveries))],
+        )
+    meters.store.gates = gates
+    tenant = meters.new_tenant()
+    created = await meters.create(
+        tenant,
+        aggregation=meter.aggregation.name,
+        property=meter.spec().property,
+        filter=meter.filter,
+        group_by=meter.group_by,
+    )
+    # Two at a time, as the consumer's two fold workers.
+    for i in range(0, len(deliveries), 2):
+        await asyncio.gather(*(meters.send(tenant, d) for d in deliveries[i : i + 2]))
+    record = await meters.store.get_meter(tenant, created.id)
+    await assert_buckets_match_rows(meters.store.pool, record.key)
+    levels = {
+        rollup.level(*g)
+        for g in await meters.store.pool.fetch(
+            "SELECT n, hours_from, minutes_from FROM meter.usage_gates WHERE meter_key = $1",
+            record.key,
+        )
+    }
+    event(f"levels: {sorted(levels)}")
+    for q in data.draw(st.lists(reads(anchor, meter), min_size=1, max_size=3)):
+        got = await read_all_pages(meters, tenant, created.id, q)
+        expected = aggregate_events(
+            [e.raw for e in events],
+            meter.spec(),
+            q.start,
+            q.end,
+            q.window,
+            q.tz,
+            q.customer,
+            q.group_by,
+            q.group_filter,
+        )
+        assert got == reference_tuples(expected), q
+
+
+# -- Retention's seal over days of every level ---------------------------------
+
+
+async def test_a_dropped_month_reads_as_before_at_every_level(fresh_db: str) -> None:
+    """February holds customer days below both gates, between them and past
+    both (and rows on UTC midnight and in its last microsecond); retention
+    seals and drops it. Reads whose bounds are whole minutes (the raw rows of
+    partial minutes are gone with the month) answer as the oracle, before and
+    after: windows that cut hours (Asia/Kathmandu), minutes, days, group-by,
+    pages of one customer."""
+    pool = await db.create_pool(fresh_db, min_size=1, max_size=4)
+    try:
+        await db.migrate(pool, "meter", MIGRATIONS)
+        jan, apr = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
+        for m in partitions.months(jan, apr):
+            await partitions.ensure_month(pool, METER_EVENTS, m)
+        meters = Meters(MeterStore(pool))
+        meters.store.gates = rollup.Gates(3, 6)
+        tenant = meters.new_tenant()
+        feb = datetime(2026, 2, 10, tzinfo=UTC)
+        events = [ev("a0", "a", feb + timedelta(hours=9, seconds=13), v=1, region="eu")]
+        events += [
+            ev(
+                f"b{i}",
+                "B",
+                feb + rollup.DAY + timedelta(hours=9 + i, seconds=7 * i),
+                v=i,
+                region=r,
+            )
+            for i, r in enumerate(["eu", "us", "eu", "us"])
+        ]  # HOURS
+        events += [
+            ev(f"c{i}", "é", feb + 2 * rollup.DAY + timedelta(minutes=37 * i, seconds=i), v=-i)
+            for i in range(7)
+        ]  # MINUTES
+        events += [
+            ev("mid", "a", feb + 3 * rollup.DAY, v=5, region="us"),  # on midnight
+            ev("last", "a", datetime(2026, 3, 1, tzinfo=UTC) - timedelta(microseconds=1), v=7),
+            ev("kept", "a", datetime(2026, 3, 1, tzinfo=UTC), v=11),
+        ]
+        created = {
+            aggregation: await meters.create(
+                tenant, aggregation=aggregation, property="v", group_by=["region"]
+            )
+            for aggregation in ("SUM", "UNIQUE_COUNT", "LATEST", "AVG", "MAX")
+        }
+        for i in range(0, len(events), 3):
+            await meters.send(tenant, events[i : i + 3])
+        reads = [
+            Read(jan, apr, WindowSize.NONE, "UTC", "", ("region",), {}, 0),
+            Read(jan, apr, WindowSize.DAY, "Asia/Kathmandu", "", (), {}, 1),
+            Read(
+                feb - timedelta(minutes=15),
+                feb + 4 * rollup.DAY + timedelta(minutes=45),
+                WindowSize.HOUR,
+                "Asia/Kathmandu",
+                "",
+                ("region",),
+                {},
+                0,
+            ),
+            Read(
+                feb + rollup.DAY + timedelta(hours=8, minutes=59),
+                feb + 3 * rollup.DAY + timedelta(minutes=1),
+                WindowSize.MINUTE,
+                "UTC",
+                "",
+                (),
+                {},
+                2,
+            ),
+            Read(jan, apr, WindowSize.MONTH, "America/St_Johns", "B", ("region",), {}, 0),
+            Read(jan, apr, WindowSize.NONE, "UTC", "", ("region",), {"region": "us"}, 1),
+        ]
+
+        async def check() -> None:
+            for aggregation, meter in created.items():
+                spec = MeterSpec("api.call", Aggregation[aggregation], "v", None, ("region",))
+                for q in reads:
+                    got = await read_all_pages(meters, tenant, meter.id, q)
+                    expected = aggregate_events(
+                        [e.raw for e in events],
+                        spec,
+                        q.start,
+                        q.end,
+                        q.window,
+                        q.tz,
+                        q.customer,
+                        q.group_by,
+                        q.group_filter,
+                    )
+                    assert got == reference_tuples(expected), (aggregation, q)
+
+        levels = await pool.fetch(
+            "SELECT DISTINCT n >= hours_from, n >= minutes_from FROM meter.usage_gates"
+        )
+        assert len(levels) == 3
+        await check()
+        assert await RetentionStore(pool).drop_before(datetime(2026, 3, 1, tzinfo=UTC))
+        assert await pool.fetchval("SELECT count(*) FROM meter.meter_events") == len(created)
+        await check()
+        # A late event into a sealed day: refused by the retired partition.
+        with pytest.raises(asyncpg.CheckViolationError):
+            await meters.store.fold(
+                [row(1, "a", feb + timedelta(hours=1), "later", 1)]  # (any meter key)
+            )
     finally:
         await pool.close()
