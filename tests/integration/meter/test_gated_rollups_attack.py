@@ -703,3 +703,82 @@ async def test_a_fold_of_a_replica_from_before_the_gates_counts_once(meters: Met
     await meters.store.pool.fetchval(_OLD_FOLD, *[list(c) for c in zip(*old, strict=True)])
     assert await meters.store.fold([row(record.key, "c", day + timedelta(hours=2), "new", 10)])
     assert await total(meters.store, record, day, day + rollup.DAY) == 13
+
+
+# -- Paging by customer over days of different levels --------------------------
+
+
+async def test_pages_by_customer_take_every_level_in_bytewise_order(meters: Meters) -> None:
+    """Customers whose ids differ only in case or in how an accent is written,
+    each with its day at another level (rows, hours, minutes), paged one
+    customer at a time (after_customer, customer_limit) over windows that cut
+    hours: the pages add up to the unpaged answer, in bytewise order."""
+    tenant = meters.new_tenant()
+    created = await meters.create(tenant, aggregation="LATEST", property="v", group_by=["r"])
+    record = await meters.store.get_meter(tenant, created.id)
+    meters.store.gates = rollup.Gates(3, 6)
+    day = datetime(2025, 6, 1, tzinfo=UTC)
+    density = {"A": 1, "a": 4, "é": 7, "e\u0301": 2, "B": 6}
+    events = [
+        ev(
+            f"{c}{i}",
+            c,
+            day + timedelta(hours=1, minutes=50 * i, seconds=i),
+            v=i * 10 + k,
+            r=f"r{i % 2}",
+        )
+        for k, (c, n) in enumerate(density.items())
+        for i in range(n)
+    ]
+    await meters.send(tenant, events)
+    levels = {
+        r[0]: rollup.level(*r[1:])
+        for r in await meters.store.pool.fetch(
+            "SELECT customer_id, n, hours_from, minutes_from FROM meter.usage_gates"
+            " WHERE meter_key = $1",
+            record.key,
+        )
+    }
+    assert levels == {"A": 0, "a": 1, "é": 2, "e\u0301": 0, "B": 2}
+    bounds = [day + timedelta(minutes=45) + timedelta(hours=h) for h in range(8)]
+    end = day + timedelta(hours=8, minutes=30)
+
+    async def usage(after: str, limit: int | None) -> list[Any]:
+        out: list[Any] = []
+        async for groups in meters.store.usage(
+            record,
+            customer_id="",
+            bounds=bounds,
+            end=end,
+            group_by=("r",),
+            group_filter={},
+            after_customer=after,
+            customer_limit=limit,
+        ):
+            out += groups
+        return out
+
+    everything = await usage("", None)
+    assert sorted({g.customer_id for g in everything}, key=str.encode) == sorted(
+        density, key=str.encode
+    )
+    pages: list[Any] = []
+    after = ""
+    while page := await usage(after, 1):
+        assert len({g.customer_id for g in page}) == 1
+        assert page[0].customer_id.encode() > after.encode()
+        pages += page
+        after = page[0].customer_id
+    assert sorted(pages, key=lambda g: (g.window, g.customer_id.encode(), g.dims)) == everything
+    expected = aggregate_events(
+        [e.raw for e in events],
+        MeterSpec("api.call", Aggregation.LATEST, "v", None, ("r",)),
+        bounds[0],
+        end,
+        WindowSize.NONE,
+        "UTC",
+        None,
+        ("r",),
+    )
+    got = await meters.query(tenant, created.id, bounds[0], end, group_by=["r"])
+    assert got == reference_tuples(expected)
