@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -53,6 +54,7 @@ from tests.integration.meter.test_query_matches_reference import (
     strings,
 )
 from tests.integration.meter.test_rollups_match_reference import assert_buckets_match_rows
+from tests.integration.test_partitioning import migrations_before
 from usagebilling.meter.v1 import meter_pb2
 
 
@@ -782,3 +784,67 @@ async def test_pages_by_customer_take_every_level_in_bytewise_order(meters: Mete
     )
     got = await meters.query(tenant, created.id, bounds[0], end, group_by=["r"])
     assert got == reference_tuples(expected)
+
+
+# -- Migration 0010 over days a meter before it folded -------------------------
+
+
+async def test_days_folded_before_the_gates_take_late_events_exactly(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """A meter before 0010 folded busy and quiet days (rows in buckets at both
+    grains); after the migration their gates are past both (thresholds 0) and
+    late events add to their buckets; a new quiet day beside them is read raw.
+    Every bucket equals its rows, and reads (UNIQUE_COUNT, windows cutting
+    hours) equal the oracle."""
+    pool = await db.create_pool(fresh_db, min_size=1, max_size=2)
+    try:
+        await db.migrate(pool, "meter", migrations_before(MIGRATIONS, 10, tmp_path / "old"))
+        key = await pool.fetchval(
+            "INSERT INTO meter.meters (tenant_id, name, event_name, aggregation, property,"
+            " group_by) VALUES ('t', 'm', 'api.call', 'UNIQUE_COUNT', 'v', '{}') RETURNING key"
+        )
+        day = datetime(2025, 7, 1, tzinfo=UTC)
+        old = [
+            row(key, "c", day + timedelta(minutes=7 * i, seconds=i), f"o{i}", text=f"u{i % 4}")
+            for i in range(30)
+        ] + [row(key, "q", day + rollup.DAY, "q0", text="u9")]
+        await pool.fetchval(_OLD_FOLD, *[list(c) for c in zip(*old, strict=True)])
+        await db.migrate(pool, "meter", MIGRATIONS)
+        assert await pool.fetch(
+            "SELECT customer_id, n, hours_from, minutes_from FROM meter.usage_gates ORDER BY 1"
+        ) == [("c", 30, 0, 0), ("q", 1, 0, 0)]
+        store = MeterStore(pool)
+        store.gates = rollup.Gates(5, 10)
+        late = [
+            row(key, "c", day + timedelta(hours=1, seconds=30), "l0", text="u7"),
+            row(key, "q", day + rollup.DAY + timedelta(hours=23), "l1", text="u8"),
+            row(key, "n", day + 2 * rollup.DAY, "l2", text="u9"),  # on midnight, new day
+        ]
+        assert await store.fold(late) == 3
+        await assert_buckets_match_rows(pool, key)
+        meter = MeterRecord(
+            "00000000-0000-0000-0000-000000000000", key, "t", "m", "api.call",
+            "UNIQUE_COUNT", "v", None, (), "", "", day, None, "DONE",
+        )  # fmt: skip
+        spec = MeterSpec("api.call", Aggregation.UNIQUE_COUNT, "v", None, ())
+        raw = [
+            RawEvent(r.event_id, r.customer_id, "api.call", r.event_time, {"v": r.text_value or ""})
+            for r in [*old, *late]
+        ]
+        start, end = day + timedelta(minutes=15), day + 3 * rollup.DAY
+        bounds = [start + timedelta(hours=h) for h in range(72)]
+        got = [
+            (g.window, g.customer_id, g.value)
+            async for groups in store.usage(
+                meter, customer_id="", bounds=bounds, end=end, group_by=(), group_filter={}
+            )
+            for g in groups
+        ]
+        expected = aggregate_events(raw, spec, start, end, WindowSize.HOUR, "Asia/Kathmandu", None)
+        assert len(expected) == 7
+        assert sorted((r.window_start, r.customer_id, r.value) for r in expected) == sorted(
+            (bounds[w - 1], c, str(v)) for w, c, v in got
+        )
+    finally:
+        await pool.close()
