@@ -848,3 +848,31 @@ async def test_days_folded_before_the_gates_take_late_events_exactly(
         )
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("gates", [rollup.Gates(3, 6), rollup.Gates(2, 2), rollup.Gates(5, 9)])
+async def test_many_folds_of_one_day_count_each_row_once(
+    meters: Meters, gates: rollup.Gates
+) -> None:
+    """Two replicas with two fold workers each, and redeliveries: eight folds at
+    once of one customer's day (and its neighbour across midnight), each a few
+    rows, overlapping, so that the day crosses its gates inside the crowd."""
+    tenant = meters.new_tenant()
+    created = await meters.create(tenant, aggregation="SUM", property="v")
+    record = await meters.store.get_meter(tenant, created.id)
+    stores = [MeterStore(meters.store.pool) for _ in range(2)]
+    for store in stores:
+        store.gates = gates
+    day = datetime(2025, 9, 9, tzinfo=UTC)
+    for round_ in range(4):
+        day += 2 * rollup.DAY
+        rows = [
+            row(record.key, "c", day - timedelta(seconds=30) + timedelta(seconds=13 * i), f"{i}", i)
+            for i in range(16)
+        ]
+        slices = [rows[i : i + 3] for i in range(0, 16, 2)]  # overlapping by one
+        await asyncio.gather(*(stores[i % 2].fold(s) for i, s in enumerate(slices)))
+        await assert_buckets_match_rows(meters.store.pool, record.key)
+        assert await total(meters.store, record, day - rollup.DAY, day + rollup.DAY) == sum(
+            range(16)
+        ), round_
