@@ -97,7 +97,7 @@ async def sum_meter(store: MeterStore, tenant: str = "t1") -> MeterRecord:
 
 async def waiting_on_a_lock(pool: asyncpg.Pool, at_least: int = 1) -> None:
     """Until `at_least` sessions of the database wait for a heavyweight lock."""
-    for _ in range(500):
+    for _ in range(3000):  # (30 s: the machine may be loaded)
         waiting = await pool.fetchval(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE datname = current_database() AND wait_event_type = 'Lock'"
