@@ -185,6 +185,8 @@ async def test_utc_days_do_not_bend_with_the_sessions_time_zone(
             ]
             await store.fold(more)
             await assert_buckets_match_rows(pool, meter.key)
+            if i == 1:  # between the gates: a read that cuts the day's last hour
+                assert await total(store, meter, day, nxt - timedelta(minutes=15)) == 1011
         assert await total(store, meter, day, nxt + rollup.DAY) == 4111
         assert await total(store, meter, nxt, nxt + rollup.DAY) == 100
     finally:
