@@ -36,7 +36,7 @@ from services.meter.domain.matching import FoldedEvent
 from services.meter.domain.reference import RawEvent, aggregate_events
 from services.meter.domain.windows import WindowSize
 from services.meter.retention import METER_EVENTS, RetentionStore
-from services.meter.store import MeterRecord, MeterStore
+from services.meter.store import SQL_AGGREGATES, MeterRecord, MeterStore
 from tests.integration.meter.harness import (
     Ev,
     Meters,
@@ -878,3 +878,94 @@ async def test_many_folds_of_one_day_count_each_row_once(
         assert await total(meters.store, record, day - rollup.DAY, day + rollup.DAY) == sum(
             range(16)
         ), round_
+
+
+# -- A dropped month read against the oracle (property) ------------------------
+
+MARCH = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+@st.composite
+def minute_reads(draw: st.DrawFn, meter: Meter) -> Read:
+    """Reads whose bounds are whole minutes (the partial minutes' rows of a
+    dropped month are gone with it), in zones whose offsets are whole minutes."""
+    edges = st.one_of(
+        st.integers(-2, 2).map(lambda d: d * rollup.DAY),
+        st.integers(-3 * 1440, 3 * 1440).map(lambda m: timedelta(minutes=m)),
+    )
+    a, b = draw(edges), draw(edges)
+    start, end = MARCH + min(a, b), MARCH + max(a, b)
+    if start == end:
+        end += timedelta(minutes=1)
+    window = draw(st.sampled_from(list(WindowSize)))
+    if window is WindowSize.MINUTE and end - start > timedelta(hours=30):
+        window = WindowSize.HOUR
+    dims = list(meter.group_by)
+    return Read(
+        start=start,
+        end=end,
+        window=window,
+        tz=draw(st.sampled_from(ZONES)),
+        customer=draw(st.sampled_from(["", "", "c1", "é"])),
+        group_by=tuple(draw(st.permutations(dims))[: draw(st.integers(0, len(dims)))]),
+        group_filter={},
+        page_size=draw(st.sampled_from([0, 0, 1])),
+    )
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example],
+)
+@given(data=st.data())
+async def test_a_dropped_month_reads_as_the_oracle(
+    stack_urls: tuple[str, str], data: st.DataObject
+) -> None:
+    """Days of every level on either side of 1 March; retention drops
+    February: reads over it, and across the cut, answer as the oracle."""
+    meter = data.draw(property_meters.filter(lambda m: m.aggregation.name in SQL_AGGREGATES))
+    gates = data.draw(st.sampled_from(GATE_SIZES))
+    events = data.draw(dense_days(MARCH - rollup.DAY))  # 28 Feb, 1 and 2 March
+    events += data.draw(dense_days(MARCH - 2 * rollup.DAY))  # 27 Feb too
+    events = list({e.raw.event_id: e for e in events}.values())  # (ids repeat across draws)
+    reads_ = data.draw(st.lists(minute_reads(meter), min_size=1, max_size=3))
+    name = f"gates_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(stack_urls[0])
+    await admin.execute(f"CREATE DATABASE {name}")
+    pool = await db.create_pool(stack_urls[0].rsplit("/", 1)[0] + f"/{name}", max_size=2)
+    try:
+        await db.migrate(pool, "meter", MIGRATIONS)
+        for m in partitions.months(MARCH - rollup.DAY * 40, MARCH + rollup.DAY * 40):
+            await partitions.ensure_month(pool, METER_EVENTS, m)
+        meters = Meters(MeterStore(pool))
+        meters.store.gates = gates
+        tenant = meters.new_tenant()
+        created = await meters.create(
+            tenant,
+            aggregation=meter.aggregation.name,
+            property=meter.spec().property,
+            filter=meter.filter,
+            group_by=meter.group_by,
+        )
+        for i in range(0, len(events), 5):
+            await meters.send(tenant, events[i : i + 5])
+        assert await RetentionStore(pool).drop_before(MARCH)
+        for q in reads_:
+            got = await read_all_pages(meters, tenant, created.id, q)
+            expected = aggregate_events(
+                [e.raw for e in events],
+                meter.spec(),
+                q.start,
+                q.end,
+                q.window,
+                q.tz,
+                q.customer,
+                q.group_by,
+                q.group_filter,
+            )
+            assert got == reference_tuples(expected), q
+    finally:
+        await pool.close()
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
