@@ -416,6 +416,8 @@ def dense_days(draw: st.DrawFn, anchor: datetime) -> list[Ev]:
                 ):
                     if draw(st.integers(0, 5)) > 0:
                         metadata[key] = draw(values)
+                if draw(st.integers(0, 3)) > 0:  # (seats)
+                    metadata["operation"] = draw(st.sampled_from(["add", "remove"]))
                 event_id = f"{len(events)}{draw(st.sampled_from(['a', 'B', 'é', '']))}"
                 events.append(ev(event_id, customer, when, **metadata))
     return events
