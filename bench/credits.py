@@ -63,6 +63,8 @@ LOAD_RATE = 20_000
 LOAD_SECONDS = 15.0
 LOAD_CUSTOMERS = 1_000
 PROBE_EVERY = 0.2
+# How often a probe's balance is asked until it shows the probe event.
+PROBE_POLL = 0.01
 PROBE_TIMEOUT = 60.0
 RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 
@@ -219,6 +221,28 @@ class Diagnostics:
         finally:
             await conn.close()
 
+    async def _background(self) -> dict[str, int]:
+        """How often PostgreSQL's background work (autovacuum, checkpoints)
+        was seen running, sampled until cancelled."""
+        seen: dict[str, int] = {}
+        conn = await asyncpg.connect(self.suite.database_url)
+        try:
+            while True:
+                rows = await conn.fetch(
+                    "SELECT backend_type, coalesce(wait_event, 'cpu') AS doing"
+                    " FROM pg_stat_activity WHERE backend_type IN ('autovacuum worker',"
+                    " 'checkpointer') AND (backend_type <> 'checkpointer' OR"
+                    " wait_event IS DISTINCT FROM 'CheckpointerMain')"
+                )
+                for r in rows:
+                    key = f"{r['backend_type']} {r['doing']}"
+                    seen[key] = seen.get(key, 0) + 1
+                await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            return seen
+        finally:
+            await conn.close()
+
     @contextlib.asynccontextmanager
     async def phase(self, name: str) -> AsyncIterator[None]:
         await self._stats("SELECT pg_stat_statements_reset()")
@@ -237,9 +261,19 @@ class Diagnostics:
                         stderr=subprocess.DEVNULL,
                     )
                 )
+        load = os.getloadavg()[0]
+        began = time.perf_counter()
+        activity = asyncio.ensure_future(self._background())
         try:
             yield
         finally:
+            activity.cancel()
+            busy = await activity
+            _log(
+                f"{name}: load average {load:.1f} -> {os.getloadavg()[0]:.1f} over"
+                f" {time.perf_counter() - began:.0f} s; PostgreSQL's own work seen"
+                f" (pg_stat_activity, every 0.5 s): {busy or 'none'}"
+            )
             for spy_process in spies:
                 spy_process.send_signal(signal.SIGINT)
                 spy_process.wait(30)
@@ -259,6 +293,7 @@ async def run(
     events: int = EVENTS,
     balance_calls: int = BALANCE_CALLS,
     load_seconds: float = LOAD_SECONDS,
+    poll: float = PROBE_POLL,
     diagnostics: Diagnostics | None = None,
 ) -> dict[str, float]:
     _, secret = create_tenant(suite, f"credits-bench-{uuid.uuid4().hex[:8]}")
@@ -310,6 +345,12 @@ async def run(
             f"balance p50 {statistics.median(samples):.1f} ms, "
             f"p99 {_percentile(samples, 0.99):.1f} ms over {len(samples)} calls"
         )
+        if diagnostics:
+            slowest = sorted(range(len(samples)), key=lambda i: -samples[i])[:12]
+            _log(
+                "slowest calls (call number: ms): "
+                + ", ".join(f"{i}: {samples[i]:.0f}" for i in sorted(slowest))
+            )
         # For comparison: the one meter read a balance makes (the minutes since
         # the last settled one), asked of meter directly.
         minutes = meter_pb2.QueryUsageRequest(
@@ -363,7 +404,7 @@ async def run(
                         if answer.rows and Decimal(answer.rows[0].value) >= n - skipped:
                             diagnostics.meter_ms.append((time.perf_counter() - acked) * 1000)
                             counted = True
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(poll)
                 if not counted and diagnostics:
                     diagnostics.meter_ms.append((time.perf_counter() - acked) * 1000)
                 reflect.append((time.perf_counter() - acked) * 1000)
@@ -426,6 +467,7 @@ async def _standalone(args: argparse.Namespace) -> dict[str, float]:
             events=args.events,
             balance_calls=args.balance_calls,
             load_seconds=args.load_seconds,
+            poll=args.probe_poll,
             diagnostics=diagnostics,
         )
     finally:
@@ -439,6 +481,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=EVENTS)
     parser.add_argument("--balance-calls", type=int, default=BALANCE_CALLS)
     parser.add_argument("--load-seconds", type=float, default=LOAD_SECONDS)
+    parser.add_argument("--probe-poll", type=float, default=PROBE_POLL)
     parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
