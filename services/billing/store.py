@@ -174,6 +174,9 @@ _SUBSCRIPTION_SELECT = (
 # it went out, the order in which they go. invoice.voided waits for the
 # invoice's invoice.finalized, so that it never overtakes it. Invoices
 # finalized together go out in number order ("INV-1000000" after "INV-999999").
+# A transaction undone by a deadlock is tried again, this many times in all.
+_DEADLOCK_ATTEMPTS = 3
+
 _PUBLISHING = {
     "finalized": (
         "finalized_at IS NOT NULL",
@@ -481,6 +484,9 @@ class BillingStore:
             " $6::text[], $7::text[], $8::bigint[], $9::bigint[])"
             " AS d(customer_id, subscription_id, period_start, period_end, currency, lines,"
             " subtotal, total)"
+            # One order for every run, so that two inserting the same periods
+            # queue on the unique key instead of deadlocking.
+            " ORDER BY d.subscription_id, d.period_start"
             " ON CONFLICT DO NOTHING RETURNING id, subscription_id, period_start",
             tenant_id,
             [s.customer_id for s, _ in drafts],
@@ -631,6 +637,19 @@ class BillingStore:
         invoice that another run finalized meanwhile is left alone."""
         if not drafts:
             return []
+        for attempt in range(_DEADLOCK_ATTEMPTS):
+            try:
+                return await self._finalize_drafts(tenant_id, drafts, now)
+            except asyncpg.DeadlockDetectedError:
+                # (Another run's draft inserts of the same periods, say: the
+                # transaction was undone whole, so it is simply tried again.)
+                if attempt == _DEADLOCK_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _finalize_drafts(
+        self, tenant_id: str, drafts: Sequence[tuple[str, dict[str, Any]]], now: datetime
+    ) -> list[tuple[str, str]]:
         async with self.pool.acquire() as conn, conn.transaction():
             # Row locks in one order (period, id), so concurrent runs queue, not deadlock;
             # a row finalized while we waited no longer matches status = 'DRAFT'.
@@ -768,8 +787,12 @@ class BillingStore:
 
     async def mark_published(self, invoice_ids: Sequence[str], message: str = "finalized") -> None:
         _, published, _ = _PUBLISHING[message]
+        # Rows locked in id order: concurrent runs publishing the same invoices
+        # (RunBillingCycle beside the scheduler) queue instead of deadlocking.
         await self.pool.execute(
-            f"UPDATE billing.invoices SET {published} = now() WHERE id = ANY($1::uuid[])",
+            f"UPDATE billing.invoices i SET {published} = now() FROM (SELECT id FROM"
+            " billing.invoices WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE) AS l"
+            " WHERE i.id = l.id",
             list(invoice_ids),
         )
 

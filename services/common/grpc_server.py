@@ -60,12 +60,22 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Errors of concurrent work that undid the call's transaction: nothing was
+# changed, and the same call may succeed when retried.
+_CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind in type(exc).__mro__:
         if kind in STATUS_OF:
             return STATUS_OF[kind], str(exc)
     if isinstance(exc, _UNAVAILABLE_ERRORS):
         return grpc.StatusCode.UNAVAILABLE, "a dependency is unavailable; retry later"
+    if isinstance(exc, _CONFLICT_ERRORS):
+        return grpc.StatusCode.ABORTED, "a concurrent change conflicted; retry"
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
