@@ -772,22 +772,33 @@ class MeterStore:
             f" {'count(*)' if unique else 'sum(n)'} AS n"
             f" FROM parts{paged} GROUP BY {keys} ORDER BY {keys}"
         )
+
+        def groups(rows: Sequence[asyncpg.Record]) -> list[UsageGroup]:
+            return [
+                UsageGroup(
+                    window=r[0],
+                    customer_id=r[1],
+                    dims=tuple(r[2 : 2 + len(dims)]),
+                    value=r["value"],
+                    count=r["n"],
+                )
+                for r in rows
+            ]
+
+        if customer_id and not group_by and len(bounds) < YIELD_EVERY:
+            # One customer, no groups: a row per window at most, one slice. One
+            # round trip (a cursor's transaction takes four: a balance check
+            # asks this before each request it serves).
+            if rows := await self.pool.fetch(query, *args):
+                yield groups(rows)
+            return
         # A cursor needs a transaction; a read-only one takes no locks to speak of.
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):
             cursor = await conn.cursor(query, *args)
             while True:
                 rows = await cursor.fetch(YIELD_EVERY)
                 if rows:
-                    yield [
-                        UsageGroup(
-                            window=r[0],
-                            customer_id=r[1],
-                            dims=tuple(r[2 : 2 + len(dims)]),
-                            value=r["value"],
-                            count=r["n"],
-                        )
-                        for r in rows
-                    ]
+                    yield groups(rows)
                 # A short slice is the last: no round trip to hear so (most
                 # answers are one slice).
                 if len(rows) < YIELD_EVERY:
