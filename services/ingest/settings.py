@@ -39,9 +39,9 @@ def read(reader: EnvReader) -> IngestSettings:
         billing_addr=reader.text("USAGEBILLING_BILLING_ADDR", "127.0.0.1:50053"),
         meter_addr=reader.text("USAGEBILLING_METER_ADDR", "127.0.0.1:50052"),
         backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
-        rate_limit=reader.integer("USAGEBILLING_INGEST_RATE_LIMIT", 25_000, maximum=10**9),
+        rate_limit=reader.integer("USAGEBILLING_INGEST_RATE_LIMIT", 15_000, maximum=10**9),
         rate_burst=reader.integer(
-            "USAGEBILLING_INGEST_RATE_BURST", 50_000, minimum=MAX_BATCH, maximum=10**9
+            "USAGEBILLING_INGEST_RATE_BURST", 30_000, minimum=MAX_BATCH, maximum=10**9
         ),
         weights_refresh=reader.duration(
             "USAGEBILLING_INGEST_WEIGHTS_REFRESH",

@@ -22,7 +22,7 @@ BASE = {
 def test_defaults_are_generous() -> None:
     loaded = settings.load(BASE)
     # Row units (events x the weights of the meters that fold them).
-    assert (loaded.rate_limit, loaded.rate_burst) == (25_000, 50_000)
+    assert (loaded.rate_limit, loaded.rate_burst) == (15_000, 30_000)
     assert loaded.weights_refresh == timedelta(seconds=5)
     assert loaded.meter_addr == "127.0.0.1:50052"
 
