@@ -279,6 +279,20 @@ async def seal_before(conn: Any, before: datetime) -> None:
     )
 
 
+def _groups(rows: Sequence[asyncpg.Record], width: int) -> list[UsageGroup]:
+    """Usage rows (window, customer, `width` dimension values, value, n)."""
+    return [
+        UsageGroup(
+            window=r[0],
+            customer_id=r[1],
+            dims=tuple(r[2 : 2 + width]),
+            value=r["value"],
+            count=r["n"],
+        )
+        for r in rows
+    ]
+
+
 def _key_columns(keys: Iterable[rollup.GateKey]) -> list[list[Any]]:
     """Days as the arrays $1..$3 of _REBUILT, _PAST and _GATES, in key order."""
     ordered = sorted(keys)
@@ -773,24 +787,12 @@ class MeterStore:
             f" FROM parts{paged} GROUP BY {keys} ORDER BY {keys}"
         )
 
-        def groups(rows: Sequence[asyncpg.Record]) -> list[UsageGroup]:
-            return [
-                UsageGroup(
-                    window=r[0],
-                    customer_id=r[1],
-                    dims=tuple(r[2 : 2 + len(dims)]),
-                    value=r["value"],
-                    count=r["n"],
-                )
-                for r in rows
-            ]
-
         if customer_id and not group_by and len(bounds) < YIELD_EVERY:
             # One customer, no groups: a row per window at most, one slice. One
             # round trip (a cursor's transaction takes four: a balance check
             # asks this before each request it serves).
             if rows := await self.pool.fetch(query, *args):
-                yield groups(rows)
+                yield _groups(rows, len(dims))
             return
         # A cursor needs a transaction; a read-only one takes no locks to speak of.
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):
@@ -798,7 +800,7 @@ class MeterStore:
             while True:
                 rows = await cursor.fetch(YIELD_EVERY)
                 if rows:
-                    yield groups(rows)
+                    yield _groups(rows, len(dims))
                 # A short slice is the last: no round trip to hear so (most
                 # answers are one slice).
                 if len(rows) < YIELD_EVERY:
@@ -980,16 +982,7 @@ class MeterStore:
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):
             cursor = await conn.cursor(query, *args)
             while rows := await cursor.fetch(YIELD_EVERY):
-                yield [
-                    UsageGroup(
-                        window=r[0],
-                        customer_id=r[1],
-                        dims=tuple(r[2 : 2 + len(group_by)]),
-                        value=r["value"],
-                        count=r["n"],
-                    )
-                    for r in rows
-                ]
+                yield _groups(rows, len(group_by))
                 del rows
 
 
