@@ -62,6 +62,9 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
             store,
             MinuteUsage(meter_channel, settings.common.service_token),
             runtime.js,
+            recheck=settings.credits_recheck,
+            reconcile=settings.credits_reconcile,
+            backdate=settings.backdate_window,
         )
         invoicing = Invoicing(
             store,

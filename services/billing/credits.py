@@ -8,12 +8,29 @@ timeline with the pure domain (domain/credits.py) from a recheck point (the
 last settled minute minus USAGEBILLING_CREDITS_RECHECK, or an earlier grant's
 effective time), and records the difference between what the ledger says and
 what it should say as new entries. A pass killed midway commits nothing; a
-repeated pass finds no difference. Late events within the recheck window draw
-from the grants open at their time and correct the later entries by new ones.
+repeated pass finds no difference. Late events draw from the grants open at
+their time and correct the later entries by new ones.
+
+Reconciliation: events folded later than the recheck window (ingest accepts
+them up to USAGEBILLING_BACKDATE_WINDOW back) are found by comparing, at most
+once per USAGEBILLING_CREDITS_RECONCILE per account (reconciled_at, shared by
+the replicas) and in the pass's transaction, meter's usage per UTC day (QueryUsage
+DAY windows: meter's hour buckets, flat cost) with the quantity the ledger's
+DRAWN and OVERAGE entries hold for the same minutes (each minute's quantity is
+in exactly one of them, a zero-credit minute's too); the pass then replays
+from the first day that differs. Billing reads usage from meter only. Exact for
+COUNT and SUM meters, whose day is the sum of its minutes (other aggregations
+are not compared: their late events beyond the recheck window are not drawn),
+except for days whose changed minutes net to zero (negative values) and
+negative minutes, which record no entry. Why not a change mark kept by meter:
+it needs a write on meter's fold path for the days past both gates (which it
+deliberately only reads) and a cursor exact against concurrent commits, for a
+contract change; this costs one small read per account and meter a minute.
 
 The balance answer is the settled state plus the minutes since, read live from
 meter and replayed the same way, so it shows an acknowledged event as soon as
-meter has folded it."""
+meter has folded it; an event older than the recheck window shows once a
+reconciliation has settled it (within USAGEBILLING_CREDITS_RECONCILE)."""
 
 from __future__ import annotations
 
@@ -81,6 +98,9 @@ PUBLISH_BATCH: Final = 500
 # Entries of each per-replica cache of immutable records (emptied when full).
 CACHE_SIZE: Final = 100_000
 PUBLISH_TIMEOUT: Final = 10.0
+# Aggregations whose value over a range is the sum of its minutes' values.
+ADDITIVE: Final = frozenset({meter_pb2.AGGREGATION_COUNT, meter_pb2.AGGREGATION_SUM})
+DAY: Final = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -282,6 +302,7 @@ class MinuteUsage:
     def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._stub = meter_pb2_grpc.MeterServiceStub(channel)
         self._token = service_token
+        self._additive: dict[tuple[str, str], bool] = {}  # by (tenant id, meter id)
 
     async def read(
         self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
@@ -304,6 +325,50 @@ class MinuteUsage:
                 found[row.window_start.ToDatetime(tzinfo=UTC)] = value
         return found
 
+    async def days(
+        self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
+    ) -> dict[datetime, Decimal]:
+        """One customer's usage of one meter over [start, end) per UTC day
+        (the first and last clipped to the range), keyed by the day's
+        midnight; days of no usage left out. Flat cost: meter reads its
+        hour buckets."""
+        request = meter_pb2.QueryUsageRequest(
+            meter_id=meter_id, customer_id=customer, window_size=meter_pb2.WINDOW_SIZE_DAY
+        )
+        request.start_time.FromDatetime(start)
+        request.end_time.FromDatetime(end)
+        try:
+            answer = await self._stub.QueryUsage(
+                request, metadata=on_behalf_of(self._token, tenant_id), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
+        found: dict[datetime, Decimal] = {}
+        for row in answer.rows:
+            value = Decimal(row.value)
+            if value:
+                found[floor_day(row.window_start.ToDatetime(tzinfo=UTC))] = value
+        return found
+
+    async def additive(self, tenant_id: str, meter_id: str) -> bool:
+        """Whether the meter's value over a day is the sum of its minutes'
+        (COUNT, SUM): only then can a day total tell a missed minute."""
+        key = (tenant_id, meter_id)
+        if (found := self._additive.get(key)) is None:  # an aggregation never changes
+            try:
+                meter = await self._stub.GetMeter(
+                    meter_pb2.GetMeterRequest(id=meter_id),
+                    metadata=on_behalf_of(self._token, tenant_id),
+                    timeout=30,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
+            found = meter.aggregation in ADDITIVE
+            if len(self._additive) >= CACHE_SIZE:
+                self._additive.clear()
+            self._additive[key] = found
+        return found
+
 
 # --- the service ---
 
@@ -319,6 +384,8 @@ class Credits:
         lag: timedelta = timedelta(seconds=5),
         recheck: timedelta = timedelta(hours=1),
         interval: timedelta = timedelta(seconds=1),
+        reconcile: timedelta = timedelta(minutes=1),
+        backdate: timedelta = timedelta(days=35),
     ) -> None:
         self._store = store
         self._billing = billing
@@ -326,6 +393,8 @@ class Credits:
         self._js = js
         self._lag = lag
         self._recheck = recheck
+        self._reconcile = reconcile
+        self._backdate = backdate
         self._interval = interval.total_seconds()
         # Never change once created (no API updates them): remembered per replica.
         self._customers: dict[tuple[str, str], tuple[str, str]] = {}
@@ -623,10 +692,14 @@ class Credits:
         until = floor_minute(now - self._lag)
         recorded = 0
         for (customer_id, type_id), (external_id, account_prices) in accounts.items():
-            if marks.get((customer_id, type_id)) == (until, None):
-                # Settled this minute already and not dirtied since (as read
-                # without the lock: settle_account checks again under it), so
-                # a pass takes no lock for the accounts it has nothing to do for.
+            settled_until, dirty_from, reconciled_at = marks.get(
+                (customer_id, type_id), (None, None, None)
+            )
+            if (settled_until, dirty_from) == (until, None) and not self._due(reconciled_at, now):
+                # Settled this minute already, not dirtied since and compared
+                # with meter lately (as read without the lock: settle_account
+                # checks again under it), so a pass takes no lock for the
+                # accounts it has nothing to do for.
                 continue
             if not external_id:
                 _, external_id = await self._store.customer(tenant_id, customer_id, "customer_id")
@@ -651,10 +724,31 @@ class Credits:
         until = min(until or now, floor_minute(now - self._lag))
         async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
             grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
-            if account.settled_until == until and account.dirty_from is None:
+            due = self._due(account.reconciled_at, now)
+            if account.settled_until == until and account.dirty_from is None and not due:
                 return 0  # settled already this minute: the next closes at the minute's end
             start = self._start(account, grants, prices, until)
-            if start is None or start >= until:
+            if start is None:
+                return 0
+            if due and account.settled_until is not None:
+                # Minutes before the recheck point that meter changed since
+                # they were settled (late events): settle again from the first.
+                # (A first pass reads every minute: a reconciliation by itself.)
+                late = await self._first_difference(
+                    conn, tenant_id, customer_id, external_id, kind.id, prices, start, now
+                )
+                if late is not None and late < start:
+                    log.info(
+                        "credit_late_usage",
+                        tenant_id=tenant_id,
+                        customer_id=customer_id,
+                        credit_type_id=kind.id,
+                        settle_from=late.isoformat(),
+                    )
+                    start = late
+            if start >= until:
+                if due:
+                    await self._store.reconciled(conn, tenant_id, customer_id, kind.id, now)
                 return 0
             state = account.state
             if start != account.settled_until:
@@ -676,8 +770,61 @@ class Credits:
                 revisions=revisions,
                 window=lambda e: (e.at, e.at + MINUTE),
             )
-            await self._store.settled(conn, tenant_id, customer_id, kind.id, until, final)
+            await self._store.settled(
+                conn, tenant_id, customer_id, kind.id, until, final, now if due else None
+            )
         return len(fixes)
+
+    def _due(self, reconciled_at: datetime | None, now: datetime) -> bool:
+        """Whether an account's settled days are to be compared with meter's."""
+        return reconciled_at is None or reconciled_at <= now - self._reconcile
+
+    async def _first_difference(
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        external_id: str,
+        type_id: str,
+        prices: Sequence[CreditPrice],
+        end: datetime,
+        now: datetime,
+    ) -> datetime | None:
+        """Reconciliation: the first minute, within ingest's backdating window
+        and before `end` (the recheck point), from which the ledger's draws
+        may miss usage, or None. Per meter (of COUNT or SUM) and price, the
+        quantity meter holds per UTC day is compared with what the ledger's
+        draws hold for the same minutes; a day that differs is settled again
+        from its first minute in range. Flat cost: a day read per meter
+        (meter's hour buckets) and one indexed sum per meter."""
+        oldest = floor_minute(now - self._backdate)
+        ranges: dict[str, list[tuple[datetime, datetime]]] = {}
+        for price in prices:
+            lo = max(oldest, price.start)
+            hi = end if price.end is None else min(end, price.end)
+            if lo < hi:
+                ranges.setdefault(price.meter_id, []).append((lo, hi))
+        wanted: list[tuple[str, datetime, datetime]] = []
+        for meter_id, spans in ranges.items():
+            if not await self._usage.additive(tenant_id, meter_id):
+                continue
+            for lo, hi in _merged(spans):
+                wanted.append((meter_id, lo, hi))
+        if not wanted:
+            return None
+        metered = await asyncio.gather(
+            *(self._usage.days(tenant_id, m, external_id, lo, hi) for m, lo, hi in wanted)
+        )
+        first: datetime | None = None
+        for (meter_id, lo, hi), days in zip(wanted, metered, strict=True):
+            drawn = await self._store.quantities_per_day(
+                conn, tenant_id, customer_id, type_id, meter_id, lo, hi
+            )
+            for day in set(days) | set(drawn):
+                if days.get(day, Decimal(0)) != drawn.get(day, Decimal(0)):
+                    at = max(day, lo)
+                    first = at if first is None else min(first, at)
+        return first
 
     def _start(
         self,
@@ -943,6 +1090,22 @@ class Credits:
             except Exception as exc:
                 log.error("credit_tick_failed", error=repr(exc))
             await asyncio.sleep(self._interval)
+
+
+def _merged(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The union of half-open ranges, as disjoint ranges in order."""
+    out: list[tuple[datetime, datetime]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def floor_day(when: datetime) -> datetime:
+    """The UTC midnight at or before `when`."""
+    return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def _period_start(active: Sequence[tuple[SubscriptionRecord, str]], now: datetime) -> datetime:

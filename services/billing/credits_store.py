@@ -94,6 +94,7 @@ class AccountRecord:
     state: dict[str, Decimal]
     balance: Decimal
     low_armed: bool
+    reconciled_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -437,16 +438,20 @@ class CreditStore:
 
     async def account_marks(
         self, tenant_id: str
-    ) -> dict[tuple[str, str], tuple[datetime | None, datetime | None]]:
-        """(settled_until, dirty_from) by (customer id, credit type id) of every
-        account the tenant has."""
+    ) -> dict[tuple[str, str], tuple[datetime | None, datetime | None, datetime | None]]:
+        """(settled_until, dirty_from, reconciled_at) by (customer id, credit
+        type id) of every account the tenant has."""
         rows = await self.pool.fetch(
-            "SELECT customer_id, credit_type_id, settled_until, dirty_from"
+            "SELECT customer_id, credit_type_id, settled_until, dirty_from, reconciled_at"
             " FROM billing.credit_accounts WHERE tenant_id = $1",
             tenant_id,
         )
         return {
-            (str(r["customer_id"]), str(r["credit_type_id"])): (r["settled_until"], r["dirty_from"])
+            (str(r["customer_id"]), str(r["credit_type_id"])): (
+                r["settled_until"],
+                r["dirty_from"],
+                r["reconciled_at"],
+            )
             for r in rows
         }
 
@@ -709,17 +714,62 @@ class CreditStore:
         type_id: str,
         until: datetime,
         state: dict[str, Decimal],
+        reconciled_at: datetime | None = None,
     ) -> None:
+        """Records the pass: settled to `until` with `state` there, and, when
+        given, the time its days were compared with meter's."""
         await conn.execute(
             "UPDATE billing.credit_accounts SET settled_until = $4, state = $5,"
-            " dirty_from = NULL WHERE tenant_id = $1 AND customer_id = $2"
-            " AND credit_type_id = $3",
+            " dirty_from = NULL, reconciled_at = coalesce($6, reconciled_at)"
+            " WHERE tenant_id = $1 AND customer_id = $2 AND credit_type_id = $3",
             tenant_id,
             uuid.UUID(customer_id),
             uuid.UUID(type_id),
             until,
             _texts(state),
+            reconciled_at,
         )
+
+    async def reconciled(
+        self, conn: Any, tenant_id: str, customer_id: str, type_id: str, at: datetime
+    ) -> None:
+        await conn.execute(
+            "UPDATE billing.credit_accounts SET reconciled_at = $4 WHERE tenant_id = $1"
+            " AND customer_id = $2 AND credit_type_id = $3",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            at,
+        )
+
+    async def quantities_per_day(
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        type_id: str,
+        meter_id: str,
+        start: datetime,
+        end: datetime,
+    ) -> dict[datetime, Decimal]:
+        """The meter's quantity the ledger's draws hold over [start, end), per
+        UTC day (keyed by its midnight): every revision of every DRAWN and
+        OVERAGE entry (a minute's quantity is in exactly one of them, a
+        zero-credit minute's too), so each minute counts as last settled."""
+        rows = await conn.fetch(
+            "SELECT date_bin('1 day', effective_at, '2000-01-01 00:00:00+00') AS day,"
+            " sum(quantity) AS quantity FROM billing.credit_ledger WHERE tenant_id = $1"
+            " AND customer_id = $2 AND credit_type_id = $3 AND effective_at >= $5"
+            " AND effective_at < $6 AND meter_id = $4 AND kind IN ('DRAWN', 'OVERAGE')"
+            " GROUP BY 1",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            meter_id,
+            start,
+            end,
+        )
+        return {r["day"]: r["quantity"] for r in rows if r["quantity"] != 0}
 
     async def overage_since(
         self, tenant_id: str, customer_id: str, type_id: str, since: datetime
@@ -846,6 +896,7 @@ def _account(r: asyncpg.Record) -> AccountRecord:
         _decimals(r["state"]),
         r["balance"],
         r["low_armed"],
+        r["reconciled_at"],
     )
 
 

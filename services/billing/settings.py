@@ -52,6 +52,13 @@ class BillingSettings:
     # Webhook deliveries (services/billing/webhooks.py) and usage alerts.
     webhooks: Policy
     alert_interval: timedelta
+    # Credits' settlement (services/billing/credits.py): how far back each pass
+    # reads meter again, how often an account's older days are compared with
+    # meter's day totals, and how far back events may be (ingest's
+    # USAGEBILLING_BACKDATE_WINDOW: the same variable, the same default).
+    credits_recheck: timedelta
+    credits_reconcile: timedelta
+    backdate_window: timedelta
 
 
 def read(reader: EnvReader) -> BillingSettings:
@@ -74,6 +81,13 @@ def read(reader: EnvReader) -> BillingSettings:
         alert_interval=reader.duration(
             "USAGEBILLING_ALERT_INTERVAL", timedelta(seconds=1), maximum=timedelta(minutes=10)
         ),
+        credits_recheck=reader.duration(
+            "USAGEBILLING_CREDITS_RECHECK", timedelta(hours=1), maximum=timedelta(days=7)
+        ),
+        credits_reconcile=reader.duration(
+            "USAGEBILLING_CREDITS_RECONCILE", timedelta(minutes=1), maximum=timedelta(days=1)
+        ),
+        backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
     )
 
 

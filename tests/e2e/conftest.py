@@ -19,8 +19,13 @@ def suite(stack_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory)
         database_url,
         nats_url,
         Path(tmp_path_factory.mktemp("suite-logs")),
-        # Short enough that the revocation test need not wait long.
-        extra_env={"USAGEBILLING_AUTH_CACHE_TTL": "1s", "USAGEBILLING_SCHEDULER_ENABLED": "false"},
+        # Short enough that the revocation test (the auth cache) and the late
+        # credits test (the reconciliation of settled days) need not wait long.
+        extra_env={
+            "USAGEBILLING_AUTH_CACHE_TTL": "1s",
+            "USAGEBILLING_SCHEDULER_ENABLED": "false",
+            "USAGEBILLING_CREDITS_RECONCILE": "5s",
+        },
     )
     try:
         running.start()

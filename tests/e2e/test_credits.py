@@ -370,3 +370,81 @@ async def test_balance_low_is_announced_once_per_fall_and_adjustments_credit(
             assert (await refused(call))[0] == grpc.StatusCode.NOT_FOUND
     finally:
         await other.close()
+
+
+async def test_a_late_event_beyond_the_recheck_window_is_drawn(client: Client) -> None:
+    """Settle up to now, then an event 3 hours back (within ingest's
+    backdating window, beyond settlement's one-hour recheck) is folded by
+    meter: settlement draws it from the grant open at its time, by a new
+    entry, and the balance drops."""
+    stub = credits_of(client)
+    meter_id, type_id, customer_id = await tokens_setup(
+        client, "cus_late", rule=credit_pb2.OVERAGE_RULE_DEFICIT
+    )
+    product = await client.call(
+        client.products.CreateProduct,
+        product_pb2.CreateProductRequest(
+            name="Late tokens",
+            currency="USD",
+            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
+            usage_prices=[
+                product_pb2.UsagePrice(
+                    meter_id=meter_id,
+                    model=product_pb2.PRICE_MODEL_PER_UNIT,
+                    unit_price="0.001",
+                    credit_type_id=type_id,
+                    credit_rate="1",
+                    overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
+                )
+            ],
+            included_credits=[product_pb2.IncludedCredits(credit_type_id=type_id, amount="1000")],
+        ),
+    )
+    now = datetime.now(UTC)
+    subscribe = subscription_pb2.CreateSubscriptionRequest(
+        customer_id=customer_id, product_id=product.id
+    )
+    subscribe.start_time.FromDatetime(now - timedelta(hours=5))
+    await client.call(client.subscriptions.CreateSubscription, subscribe)
+
+    async def ledger() -> list[credit_pb2.CreditLedgerEntry]:
+        page = await client.call(
+            stub.ListCreditLedger,
+            credit_pb2.ListCreditLedgerRequest(customer_id=customer_id, page_size=1000),
+        )
+        return list(page.entries)
+
+    async def balance() -> credit_pb2.CreditBalance:
+        answer: credit_pb2.CreditBalance = await client.call(
+            stub.GetCreditBalance,
+            credit_pb2.GetCreditBalanceRequest(customer_id="cus_late", credit_type_id=type_id),
+        )
+        return answer
+
+    # Settled past a first event of now: its draw is in the ledger.
+    first = event("late-0", "cus_late", "llm.call", now, tokens=100)
+    await client.call(client.ingest.IngestEvents, ingest_pb2.IngestEventsRequest(events=[first]))
+    drawn = await eventually(ledger, lambda es: sum(D(e.amount) for e in es) == 900, timeout=120)
+    assert sum(D(e.amount) for e in drawn) == 900
+    grant_id = next(e.grant_id for e in drawn if e.kind == credit_pb2.CREDIT_ENTRY_KIND_GRANTED)
+
+    # The late event: 3 hours back, folded by meter after that settlement.
+    when = now - timedelta(hours=3)
+    late = event("late-1", "cus_late", "llm.call", when, tokens=200)
+    await client.call(client.ingest.IngestEvents, ingest_pb2.IngestEventsRequest(events=[late]))
+    minute = when.replace(second=0, microsecond=0)
+    entries = await eventually(
+        ledger,
+        lambda es: any(e.effective_time.ToDatetime(tzinfo=UTC) == minute for e in es),
+        timeout=150,
+    )
+    at_minute = [e for e in entries if e.effective_time.ToDatetime(tzinfo=UTC) == minute]
+    assert [(e.kind, e.amount, e.quantity) for e in at_minute] == [
+        (credit_pb2.CREDIT_ENTRY_KIND_DRAWN, "-200", "200")
+    ]
+    assert sum(D(e.amount) for e in entries) == 700
+    assert (await eventually(balance, lambda b: b.available == "700")).available == "700"
+    assert [(g.grant_id, g.remaining) for g in (await balance()).grants] == [(grant_id, "700")]
+    # Settled again and again after: never drawn twice.
+    await asyncio.sleep(3)
+    assert sum(D(e.amount) for e in await ledger()) == 700

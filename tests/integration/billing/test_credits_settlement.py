@@ -25,6 +25,7 @@ from services.billing.domain.credits import (
     available,
     floor_minute,
     replay,
+    to_credits,
 )
 from services.billing.store import BillingStore
 
@@ -48,6 +49,18 @@ class MinuteMeter:
             if who == customer and start <= when < end:
                 found[floor_minute(when)] += value
         return dict(found)
+
+    async def days(
+        self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
+    ) -> dict[datetime, Decimal]:
+        found: dict[datetime, Decimal] = defaultdict(Decimal)
+        minutes = await MinuteMeter.read(self, tenant_id, meter_id, customer, start, end)
+        for minute, value in minutes.items():
+            found[minute.replace(hour=0, minute=0)] += value
+        return {day: value for day, value in found.items() if value}
+
+    async def additive(self, tenant_id: str, meter_id: str) -> bool:
+        return True  # a SUM meter
 
 
 async def _setup(pool: Any) -> tuple[str, str, str, str, datetime]:
@@ -97,7 +110,14 @@ def _oracle(
     for _, when, value in meter.events:
         minutes[floor_minute(when)] += value
     draws = [
-        Draw(f"draw:{meter_id}:{m.isoformat()}", m, v, Overage.DEFICIT, meter_id, v)
+        Draw(
+            f"draw:{meter_id}:{m.isoformat()}",
+            m,
+            to_credits(v, D(1), 0),
+            Overage.DEFICIT,
+            meter_id,
+            v,
+        )
         for m, v in minutes.items()
     ]
     _, state = replay(grants, draws, {}, start, until, 0)
@@ -224,3 +244,53 @@ async def test_the_balance_reads_every_unsettled_minute_whatever_it_read_first(p
     await credits.settle_tenant(tenant, now)
     meter.events.append(("cus", now, D(2)))
     await check()  # settled this minute
+
+
+async def test_late_events_beyond_the_recheck_window_are_drawn(pool: Any) -> None:
+    """Events folded hours after their minute (beyond the recheck window, within
+    the backdating window) are found by the reconciliation with meter's day
+    totals and drawn from the grants open at their time, by new entries; a
+    reconciliation that finds the days equal (zero-credit minutes included)
+    reads nothing again."""
+    tenant, customer_id, type_id, meter_id, start = await _setup(pool)
+    meter = MinuteMeter()
+    store = CreditStore(pool)
+    credits = Credits(store, BillingStore(pool), meter, lag=timedelta(0), recheck=M)  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    # 0.4 tokens is 0 credits (precision 0): an entry of 0 that holds the quantity.
+    meter.events += [("cus", start + timedelta(hours=1), D(30)), ("cus", now - 9 * M, D("0.4"))]
+    await credits.settle_tenant(tenant, now)
+    # Late: one in the first period (its grant has expired since), one 3 h ago.
+    meter.events += [("cus", start + timedelta(hours=2), D(20)), ("cus", now - 180 * M, D(5))]
+    # Reconciled less than USAGEBILLING_CREDITS_RECONCILE ago: not compared yet.
+    await credits.settle_tenant(tenant, now + timedelta(seconds=30))
+    grants = [g.domain() for g in await store.grants(tenant, customer_id, type_id)]
+    async with pool.acquire() as conn:
+        stale = await store.state_before(conn, tenant, customer_id, type_id, floor_minute(now))
+    assert stale != _oracle(grants, meter, meter_id, start, floor_minute(now))
+    later = now + 2 * M
+    await credits.settle_tenant(tenant, later)
+    until = floor_minute(later)
+    async with pool.acquire() as conn:
+        recorded = await store.state_before(conn, tenant, customer_id, type_id, until)
+        quantity = await conn.fetchval(
+            "SELECT sum(quantity) FROM billing.credit_ledger WHERE tenant_id = $1"
+            " AND kind IN ('DRAWN', 'OVERAGE')",
+            tenant,
+        )
+    assert recorded == _oracle(grants, meter, meter_id, start, until)
+    assert quantity == D("55.4")
+    _, balance = await credits.balance(tenant, "cus", type_id, later)
+    assert balance.available == available(grants, recorded, later)[0]
+
+    # Equal days: a reconciliation reads only the recheck window again.
+    asked: list[datetime] = []
+    read = meter.read
+
+    async def spy(t: str, m: str, c: str, lo: datetime, hi: datetime) -> dict[datetime, Decimal]:
+        asked.append(lo)
+        return await read(t, m, c, lo, hi)
+
+    meter.read = spy  # type: ignore[method-assign]
+    assert await credits.settle_tenant(tenant, later + 2 * M) == 0
+    assert asked and min(asked) >= until - M

@@ -125,9 +125,8 @@ USAGEBILLING_{{ upper .name }}_PORT: {{ $svc.port | quote }}
 {{- range $callee := $svc.calls }}
 USAGEBILLING_{{ upper $callee }}_ADDR: {{ printf "dns:///%s-%s-peers:%v" $fullname $callee (get (get $services $callee) "port") | quote }}
 {{- end }}
-{{- if ne .name "billing" }}
 USAGEBILLING_BACKDATE_WINDOW: {{ $root.Values.config.backdateWindow | quote }}
-{{- else }}
+{{- if eq .name "billing" }}
 USAGEBILLING_INVOICE_GRACE: {{ $root.Values.config.invoiceGrace | quote }}
 USAGEBILLING_SCHEDULER_INTERVAL: {{ $root.Values.config.schedulerInterval | quote }}
 {{- end }}
