@@ -43,9 +43,21 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> Any:
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, generic_plans: bool = False
+) -> Any:
+    """`generic_plans`: every connection plans each prepared statement once
+    (plan_cache_mode = force_generic_plan, a session default, so the pool's
+    RESET ALL keeps it). For short reads whose planning costs more than their
+    execution; their plans must not depend on the values bound."""
+    settings = {"plan_cache_mode": "force_generic_plan"} if generic_plans else {}
     pool: Any = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=60,
+        server_settings=settings,
     )
     return pool
 

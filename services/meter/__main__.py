@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from services.common import app, partitions, quarantine
+from services.common import app, db, partitions, quarantine
 from services.common.auth_client import billing_key_resolver
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
@@ -31,7 +31,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
-        store = RetainingMeterStore(runtime.pool)
+        # A few connections of generic plans for one customer's usage reads
+        # (MeterStore.reads), beside the runtime's pool.
+        reads = await db.create_pool(
+            settings.common.database_url, min_size=1, max_size=4, generic_plans=True
+        )
+        store = RetainingMeterStore(runtime.pool, reads)
         service = MeterService(
             store,
             MeterQuotas(
@@ -103,7 +108,12 @@ def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
                 ),
             ],
             workers=[consumer],
-            cleanup=[backfiller.stop, lambda: billing.close(None), lambda: ingest.close(None)],
+            cleanup=[
+                backfiller.stop,
+                lambda: billing.close(None),
+                lambda: ingest.close(None),
+                reads.close,
+            ],
         )
 
     return wire

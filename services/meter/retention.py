@@ -141,8 +141,8 @@ class RetainingMeterStore(MeterStore):
     backfill then covers only what is at or after the horizon (its replay
     starts a backdating window back from now, always after it)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: asyncpg.Pool, reads: asyncpg.Pool | None = None) -> None:
+        super().__init__(pool, reads)
         self.retained_since: datetime | None = None
 
     async def fold(self, rows: Sequence[FoldedEvent]) -> int:
