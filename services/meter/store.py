@@ -504,17 +504,9 @@ class MeterStore:
         if not rows:
             return
         keys = rollup.gate_keys(rows)
-        levels = await self._pass_gates(conn, Counter(keys))
-        dense, fine = [], []
-        rebuilt: dict[rollup.GateKey, tuple[bool, bool]] = {}
-        for key, (before, after) in levels.items():
-            if before < after:  # build what the day newly needs, from its rows
-                rebuilt[key] = (after == rollup.MINUTES, before == rollup.ROWS)
-        for row, key in zip(rows, keys, strict=True):
-            before = levels[key][0]
-            if before != rollup.ROWS:
-                dense.append(row)
-                fine.append(before == rollup.MINUTES)
+        rebuilt, dense, fine = rollup.fold_plan(
+            rows, keys, await self._pass_gates(conn, Counter(keys))
+        )
         if dense:
             # Aggregated here, from the rows in hand: the buckets go up, not the
             # rows a second time (a third of the fold's cost at 300 rows a day).

@@ -226,6 +226,38 @@ def crossings(
     return levels
 
 
+class FoldPlan(NamedTuple):
+    """What a fold does with its rows, given each day's levels (`crossings`):
+    `rebuilt` per day it takes past a gate: (build its minutes, build its
+    hours) from the stored rows; `dense` the rows added to the buckets of
+    days past a gate before the fold, `fine` whether each goes to its
+    minute's bucket too (its day was past the minutes' gate)."""
+
+    rebuilt: dict[GateKey, tuple[bool, bool]]
+    dense: list[FoldedEvent]
+    fine: list[bool]
+
+
+def fold_plan(
+    rows: Sequence[FoldedEvent], keys: Sequence[GateKey], levels: Mapping[GateKey, tuple[int, int]]
+) -> FoldPlan:
+    """Rows of a day crossing a gate are not added one by one: the rebuild
+    reads them back with the day's earlier rows (under the gate's row lock,
+    every row of a day is then in the grain's buckets, none twice)."""
+    rebuilt = {
+        key: (after == MINUTES, before == ROWS)
+        for key, (before, after) in levels.items()
+        if before < after
+    }
+    dense, fine = [], []
+    for row, key in zip(rows, keys, strict=True):
+        before = levels[key][0]
+        if before != ROWS:
+            dense.append(row)
+            fine.append(before == MINUTES)
+    return FoldPlan(rebuilt, dense, fine)
+
+
 # A bucket as meter.usage_rollups holds it: (meter_key, grain, customer_id,
 # bucket_start, dims, n, total, lo, hi, latest_time, latest_event_id,
 # latest_value); and a distinct value of UNIQUE_COUNT's in a bucket:

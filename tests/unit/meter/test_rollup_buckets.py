@@ -91,3 +91,27 @@ def test_levels_before_and_after_a_fold() -> None:
         keys[2]: (rollup.MINUTES, rollup.MINUTES),
         keys[3]: (rollup.MINUTES, rollup.MINUTES),
     }
+
+
+def test_a_fold_adds_rows_of_days_past_a_gate_and_rebuilds_days_that_cross_one() -> None:
+    day = T.replace(hour=0, minute=0, second=0, microsecond=0)
+    quiet, busy, crossing, leaping = (
+        (7, "quiet", day),
+        (7, "busy", day),
+        (7, "crossing", day),
+        (7, "leaping", day),
+    )
+    levels = {
+        quiet: (rollup.ROWS, rollup.ROWS),  # stays below the hours' gate
+        busy: (rollup.MINUTES, rollup.MINUTES),
+        crossing: (rollup.HOURS, rollup.MINUTES),  # into minutes: hours kept, minutes built
+        leaping: (rollup.ROWS, rollup.MINUTES),  # both grains built from its rows
+    }
+    rows = [row(k[1], T, "1") for k in (quiet, busy, crossing, leaping, busy)]
+    keys = [quiet, busy, crossing, leaping, busy]
+    plan = rollup.fold_plan(rows, keys, levels)
+    assert plan.rebuilt == {crossing: (True, False), leaping: (True, True)}
+    # The crossing day's row still goes to its hour (its hours existed before);
+    # the leaping day's is read back by the rebuild, so it is not added.
+    assert [r.event_id for r in plan.dense] == ["busy", "crossing", "busy"]
+    assert plan.fine == [True, False, True]
