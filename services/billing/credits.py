@@ -1069,7 +1069,9 @@ class Credits:
 
     async def tick(self) -> None:
         now = datetime.now(UTC)
-        for tenant_id in await self._billing.tenant_ids():
+        # Only tenants with a credit type can have grants, accounts or prices
+        # that draw credits: the others cost nothing each second.
+        for tenant_id in await self._store.credit_tenant_ids():
             try:
                 await self.settle_tenant(tenant_id, now)
                 types = await self._store.credit_types(tenant_id)

@@ -436,6 +436,13 @@ class CreditStore:
         )
         return [(str(r["customer_id"]), str(r["credit_type_id"])) for r in rows]
 
+    async def credit_tenant_ids(self) -> list[str]:
+        """The tenants that have created a credit type, in id order."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT tenant_id FROM billing.credit_types ORDER BY tenant_id"
+        )
+        return [r["tenant_id"] for r in rows]
+
     async def account_marks(
         self, tenant_id: str
     ) -> dict[tuple[str, str], tuple[datetime | None, datetime | None, datetime | None]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -42,7 +43,10 @@ log = get_logger(__name__)
 DURABLE = "billing-webhooks"
 DISABLED_SUBJECT = f"{BILLING_SUBJECT_PREFIX}.webhook.endpoint_disabled"
 RESPONSE_BYTES = 1024
-POLL_SECONDS = 0.2
+# How often an idle sender looks for due deliveries: those another replica
+# enqueued, and retries coming due. This replica's new deliveries and freed
+# endpoints wake it at once (Webhooks.wake).
+POLL_SECONDS = 1.0
 PUBLISH_TIMEOUT = 5.0
 
 
@@ -137,6 +141,11 @@ class Webhooks:
         self._js = js
         self._policy = policy
         self._in_flight: dict[str, asyncio.Task[None]] = {}  # endpoint id -> its attempt
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Has the sender look for due deliveries now, not at its next poll."""
+        self._wake.set()
 
     # From the BILLING stream to delivery rows.
 
@@ -178,6 +187,7 @@ class Webhooks:
             body,
             datetime.now(UTC),
         )
+        self.wake()
         return len(endpoints)
 
     async def consume(self, stopping: asyncio.Event) -> None:
@@ -301,6 +311,7 @@ class Webhooks:
         )
         async with aiohttp.ClientSession(connector=connector) as session:
             while not stopping.is_set():
+                self._wake.clear()  # before the claim: a wake during it is kept
                 room = self._policy.max_in_flight - len(self._in_flight)
                 due: Sequence[DeliveryRecord] = []
                 if room > 0:
@@ -315,13 +326,15 @@ class Webhooks:
                     self._in_flight[delivery.endpoint_id] = task
                     task.add_done_callback(self._finished(delivery.endpoint_id))
                 if not due:
-                    await asyncio.sleep(POLL_SECONDS)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
             for task in list(self._in_flight.values()):
                 task.cancel()
 
     def _finished(self, endpoint_id: str) -> Callable[[asyncio.Task[None]], None]:
         def done(_: asyncio.Task[None]) -> None:
             self._in_flight.pop(endpoint_id, None)
+            self._wake.set()  # the endpoint's next delivery may be due
 
         return done
 
