@@ -35,11 +35,13 @@ from services.billing.credits_store import (
     GrantRecord,
     LedgerRecord,
     NewGrant,
+    debit_id,
 )
 from services.billing.domain.credits import (
     MINUTE,
     Draw,
     Entry,
+    EntryKind,
     Grant,
     Overage,
     Rollover,
@@ -59,7 +61,7 @@ from services.billing.domain.periods import Interval, period_containing, period_
 from services.billing.domain.pricing import parse_decimal
 from services.billing.store import BillingStore, SubscriptionRecord
 from services.common.auth import on_behalf_of
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import AlreadyExists, InvalidArgument, Unavailable
 from services.common.jetstream import BILLING_SUBJECT_PREFIX
 from services.common.logs import get_logger
 from usagebilling.billing.v1 import credit_pb2, product_pb2
@@ -422,11 +424,19 @@ class Credits:
     async def adjust(
         self, tenant_id: str, request: credit_pb2.AdjustCreditsRequest, now: datetime
     ) -> LedgerRecord:
-        """A manual credit: a grant that never expires, entered as ADJUSTED.
-        Debits (negative amounts) are not supported yet: INVALID_ARGUMENT."""
+        """A manual credit (amount > 0: a grant that never expires, effective
+        at the next whole minute) or debit (amount < 0, at the current whole
+        minute), each entered as one ADJUSTED entry; answers that entry. A
+        debit takes from the grants open at its minute in draw order, after
+        that minute's usage; what they lack is a deficit, repaid first by the
+        next grant (whatever the prices' overage rule). The same
+        idempotency_key answers the first entry; with another customer,
+        credit type or amount it is ALREADY_EXISTS naming idempotency_key."""
         check_text("reason", request.reason, required=True)
         check_text("idempotency_key", request.idempotency_key, required=True)
-        customer_id, _ = await self._store.customer(tenant_id, request.customer_id, "customer_id")
+        customer_id, external_id = await self._store.customer(
+            tenant_id, request.customer_id, "customer_id"
+        )
         kind = await self._store.get_credit_type(tenant_id, request.credit_type_id)
         amount = check_amount(
             parse_decimal(request.amount, "amount", allow_empty=False),
@@ -434,32 +444,94 @@ class Credits:
             "amount",
             sign="!0",
         )
-        if amount < 0:
-            raise InvalidArgument("amount: debits (negative amounts) are not supported yet")
-        new = NewGrant(
-            customer_id=customer_id,
-            credit_type_id=kind.id,
-            amount=amount,
-            effective_at=ceil_minute(now),
-            expires_at=None,
-            priority=0,
-            source="adjustment",
-            source_key=f"adjust:{request.idempotency_key}",
-            description=request.reason,
-        )
+        at = ceil_minute(now) if amount > 0 else floor_minute(now)
         async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
-            record, _ = await self._store.insert_grant(conn, tenant_id, account, new)
-        entries = await self._store.ledger_page(
-            tenant_id,
-            customer_id=customer_id,
-            type_id=kind.id,
-            kind="ADJUSTED",
-            start=record.effective_at,
-            end=record.effective_at + MINUTE,
-            after=None,
-            limit=1000,
-        )
-        return next(e for e in entries if e.grant_id == record.id)
+            adjustment, new = await self._store.claim_adjustment(
+                conn, tenant_id, request.idempotency_key, customer_id, kind.id, amount, at,
+                request.reason,
+            )  # fmt: skip
+            if not new:
+                if (adjustment.customer_id, adjustment.credit_type_id, adjustment.amount) != (
+                    customer_id,
+                    kind.id,
+                    amount,
+                ):
+                    raise AlreadyExists(
+                        "idempotency_key: already used for an adjustment of "
+                        f"{_text(adjustment.amount)} credits of type {adjustment.credit_type_id}"
+                        f" to customer {adjustment.customer_id}"
+                    )
+                return await self._store.first_entry(
+                    conn, tenant_id, customer_id, kind.id, adjustment.entry_key
+                )
+            if amount > 0:
+                record, _ = await self._store.insert_grant(
+                    conn,
+                    tenant_id,
+                    account,
+                    NewGrant(
+                        customer_id=customer_id,
+                        credit_type_id=kind.id,
+                        amount=amount,
+                        effective_at=at,
+                        expires_at=None,
+                        priority=0,
+                        source="adjustment",
+                        source_key=f"adjust:{request.idempotency_key}",
+                        description=request.reason,
+                    ),
+                )
+                entry_key = f"grant:{record.id}"
+            else:
+                entry = await self._debit_entry(
+                    conn, tenant_id, customer_id, external_id, kind, account, adjustment.seq
+                )
+                await self._store.append(
+                    conn, tenant_id, customer_id, kind.id, account, [entry],
+                    description=request.reason,
+                )  # fmt: skip
+                await self._store.dirty(conn, tenant_id, customer_id, kind.id, account, at)
+                entry_key = entry.key
+            await self._store.set_adjustment_entry(conn, adjustment.id, entry_key)
+            return await self._store.first_entry(conn, tenant_id, customer_id, kind.id, entry_key)
+
+    async def _debit_entry(
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        external_id: str,
+        kind: CreditTypeRecord,
+        account: AccountRecord,
+        seq: int,
+    ) -> Entry:
+        """The entry of a new debit (already inserted, on the account's locked
+        connection): the replay from the account's settled point through the
+        debit's minute, with the usage metered since, as the balance and the
+        settlement pass replay it. A later pass corrects it by a new entry if
+        late usage before it changes which grants it took from."""
+        grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
+        debits = await self._store.debits(conn, tenant_id, customer_id, kind.id)
+        mine = next(d for d in debits if d.key == f"debit:{debit_id(seq)}")
+        prices = [
+            p
+            for _, _, p in await self.prices_of(tenant_id, customer_id)
+            if p.credit_type_id == kind.id
+        ]
+        start, state = account.settled_until, account.state
+        if start is None:
+            start = min([g.effective_at for g in grants] + [p.start for p in prices] + [mine.at])
+            state = {}
+        if account.dirty_from is not None:
+            start = min(start, account.dirty_from)
+        start = min(start, mine.at)
+        if start != account.settled_until:
+            state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
+        until = mine.at + MINUTE
+        draws = await self._draws(tenant_id, external_id, prices, start, until, kind.precision)
+        domain = [g.domain() for g in grants]
+        entries, _ = replay(domain, draws + debits, state, start, until, kind.precision)
+        return next(e for e in entries if e.key == mine.key)
 
     async def grant_included(
         self,
@@ -653,7 +725,8 @@ class Credits:
             grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
             if account.settled_until == until and account.dirty_from is None:
                 return 0  # settled already this minute: the next closes at the minute's end
-            start = self._start(account, grants, prices, until)
+            debits = await self._store.debits(conn, tenant_id, customer_id, kind.id)
+            start = self._start(account, grants, prices, until, debits)
             if start is None or start >= until:
                 return 0
             state = account.state
@@ -661,9 +734,9 @@ class Credits:
                 state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
             draws = await self._draws(tenant_id, external_id, prices, start, until, kind.precision)
             domain = [g.domain() for g in grants]
-            desired, final = replay(domain, draws, state, start, until, kind.precision)
+            desired, final = replay(domain, draws + debits, state, start, until, kind.precision)
             recorded, revisions = await self._store.derived_since(
-                conn, tenant_id, customer_id, kind.id, start
+                conn, tenant_id, customer_id, kind.id, start, until
             )
             fixes = corrections(desired, recorded)
             await self._store.append(
@@ -685,10 +758,12 @@ class Credits:
         grants: Sequence[GrantRecord],
         prices: Sequence[CreditPrice],
         until: datetime,
+        debits: Sequence[Draw] = (),
     ) -> datetime | None:
         """Where a pass replays from: the recheck point, or earlier when a
         grant took effect before it; None when there is nothing to settle."""
         earliest = [g.effective_at for g in grants] + [p.start for p in prices]
+        earliest += [d.at for d in debits]
         if not earliest:
             return None
         first = min(earliest)
@@ -731,7 +806,7 @@ class Credits:
             early = {m: (since, read) for m, read in zip(hint.meters, minutes, strict=True)}
         else:
             found = await inputs
-        account, grants, plans = found.account, found.grants, found.plans
+        account, grants, plans, debits = found.account, found.grants, found.plans, found.debits
         subscriptions = [s for s, _, _ in plans]
         credits = {s.product_id: c for s, _, c in plans}
         prices = [p for _, _, p in _prices(subscriptions, credits) if p.credit_type_id == kind.id]
@@ -747,6 +822,7 @@ class Credits:
         start = settled
         if account is None or settled is None:
             earliest = [g.effective_at for g in grants] + [p.start for p in prices]
+            earliest += [d.at for d in debits]
             start = min(earliest) if earliest else end
             state = {}
         elif account.dirty_from is not None and account.dirty_from < settled:
@@ -763,10 +839,13 @@ class Credits:
                 draws, self._store.overage_since(tenant_id, customer_id, kind.id, period_start)
             )
         if start < end:
-            live, state = replay(domain, draws_found, state, start, end, kind.precision)
+            live, state = replay(domain, draws_found + debits, state, start, end, kind.precision)
         total, listed = available(domain, state, now)
         expiries = [g.expires for g, _ in listed if g.expires is not None and g.open_at(now)]
-        overage += sum((e.uncovered for e in live if e.at >= period_start), Decimal(0))
+        overage += sum(
+            (e.uncovered for e in live if e.at >= period_start and e.kind is EntryKind.OVERAGE),
+            Decimal(0),
+        )
         return customer_id, Balance(
             total, listed, min(expiries) if expiries else None, overage, settled
         )

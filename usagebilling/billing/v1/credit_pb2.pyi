@@ -107,7 +107,10 @@ class _CreditEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Credi
     CREDIT_ENTRY_KIND_FORFEITED: _CreditEntryKind.ValueType  # 5
     """Unused included credits beyond the rollover policy, at the period end (amount < 0)."""
     CREDIT_ENTRY_KIND_ADJUSTED: _CreditEntryKind.ValueType  # 6
-    """A manual credit or debit (AdjustCredits)."""
+    """A manual credit (amount > 0) or debit (amount < 0) (AdjustCredits). A
+    later entry of amount 0 for the same debit (a correction) moves it
+    between grants when late usage before it changed what they had left.
+    """
     CREDIT_ENTRY_KIND_OVERAGE: _CreditEntryKind.ValueType  # 7
     """Usage of one minute that the balance did not cover: amount 0 under
     FORGIVE and BILL (credits_uncovered says how much), negative under DEFICIT.
@@ -136,7 +139,10 @@ amount 0, the credits move from the old grant to the new one.
 CREDIT_ENTRY_KIND_FORFEITED: CreditEntryKind.ValueType  # 5
 """Unused included credits beyond the rollover policy, at the period end (amount < 0)."""
 CREDIT_ENTRY_KIND_ADJUSTED: CreditEntryKind.ValueType  # 6
-"""A manual credit or debit (AdjustCredits)."""
+"""A manual credit (amount > 0) or debit (amount < 0) (AdjustCredits). A
+later entry of amount 0 for the same debit (a correction) moves it
+between grants when late usage before it changed what they had left.
+"""
 CREDIT_ENTRY_KIND_OVERAGE: CreditEntryKind.ValueType  # 7
 """Usage of one minute that the balance did not cover: amount 0 under
 FORGIVE and BILL (credits_uncovered says how much), negative under DEFICIT.
@@ -668,7 +674,10 @@ class CreditLedgerEntry(_message.Message):
     correction carries the difference).
     """
     credits_uncovered: _builtins.str
-    """For OVERAGE: credits of usage that the balance did not cover."""
+    """For OVERAGE: credits of usage that the balance did not cover. For a
+    debit (ADJUSTED, amount < 0): the part of it no grant covered, which
+    became a deficit.
+    """
     description: _builtins.str
     """The reason of an adjustment, or a description."""
     @_builtins.property
@@ -794,7 +803,25 @@ Global___ListCreditLedgerResponse: _TypeAlias = ListCreditLedgerResponse  # noqa
 
 @_typing.final
 class AdjustCreditsRequest(_message.Message):
-    """A manual credit or debit."""
+    """A manual credit or debit, entered as one ADJUSTED ledger entry.
+
+    A credit (amount > 0) is a grant that never expires, effective at the next
+    whole minute (never backdated).
+
+    A debit (amount < 0) takes effect at the current whole minute (so the
+    balance shows it at once), after that minute's usage and the debits made
+    before it. It takes its credits from the grants open then, in the draw
+    order (the one expiring first, then higher priority, then the oldest). It
+    is always entered in full: what the grants cannot cover becomes a deficit
+    (the balance goes below zero, and credits_uncovered on the entry says how
+    much), which the next grant repays first. This holds whatever the overage
+    rule of the customer's prices, which is about usage: a debit is never
+    forgiven (FORGIVE) nor billed (BILL: it has no usage price). Usage metered
+    after the call but timed in or before the debit's minute (the rest of that
+    minute, late events) draws before it: when that changes which grants the
+    debit took from, a correction entry of amount 0 moves it (its total never
+    changes; credits_uncovered may).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -808,11 +835,17 @@ class AdjustCreditsRequest(_message.Message):
     credit_type_id: _builtins.str
     """Required."""
     amount: _builtins.str
-    """Required, non-zero, at the type's precision: positive credits, negative debits."""
+    """Required, non-zero, at the type's precision: positive credits, negative
+    debits (INVALID_ARGUMENT naming amount otherwise).
+    """
     reason: _builtins.str
-    """Required, at most 255 characters."""
+    """Required, at most 255 characters: the entry's description."""
     idempotency_key: _builtins.str
-    """Required, at most 255 characters: the same key answers the first entry."""
+    """Required, at most 255 characters, one per adjustment of the tenant
+    (credits and debits alike): the same key with the same customer, credit
+    type and amount answers the first entry and changes nothing; with
+    another of them, ALREADY_EXISTS naming idempotency_key.
+    """
     def __init__(
         self,
         *,
