@@ -55,7 +55,7 @@ from services.billing.domain.credits import (
     to_credits,
 )
 from services.billing.domain.fields import check_text
-from services.billing.domain.invoice import InvoiceDraft
+from services.billing.domain.invoice import InvoiceDraft, LineCredits
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, period_containing, period_start
 from services.billing.domain.pricing import parse_decimal
@@ -107,6 +107,8 @@ class CreditUse:
     drawn: Decimal  # credits drawn for it
     billable: Decimal  # the part billed (BILL), priced as the line's quantity
     rule: Overage
+    type_id: str = ""
+    rate: Decimal = Decimal(1)  # credits per unit of the meter
 
 
 # (subscription id, period start) and (subscription id, period start, meter id).
@@ -118,7 +120,8 @@ def annotate_lines(drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, Cr
     """Shows credits on the usage lines that drew them: quantity is what was
     consumed, free_quantity includes what credits covered (and, under
     FORGIVE/DEFICIT, the rest, which is not billed), billable_quantity and the
-    amount are the billed overage; the description says it in words."""
+    amount are the billed overage; `credits` has each figure in its own field
+    (InvoiceLineCredits) and the description says it in words."""
     for key, draft in list(drafts.items()):
         lines = []
         for line in draft.lines:
@@ -132,6 +135,17 @@ def annotate_lines(drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, Cr
                     line,
                     quantity=use.consumed,
                     free_quantity=line.free_quantity + unbilled,
+                    credits=LineCredits(
+                        credit_type_id=use.type_id,
+                        credit_type_name=use.type_name,
+                        credit_rate=use.rate,
+                        credits_drawn=use.drawn,
+                        quantity_covered=use.covered,
+                        overage_quantity=use.consumed - use.covered,
+                        overage_rule=use.rule.value,
+                        billable_overage_quantity=use.billable,
+                        overage_amount_minor=line.amount_minor,
+                    ),
                     description=(
                         f"{line.description}; {_text(use.consumed)} consumed, "
                         f"{_text(use.covered)} covered by {_text(use.drawn)} {use.type_name} "
@@ -923,7 +937,7 @@ class Credits:
                 billable = consumed - covered if rule is Overage.BILL else Decimal(0)
                 usage[key] = billable
                 found[(subscription.id, period.start, meter_id)] = CreditUse(
-                    kind.name, consumed, covered, drawn, billable, rule
+                    kind.name, consumed, covered, drawn, billable, rule, kind.id, Decimal(p["rate"])
                 )
         return found
 
