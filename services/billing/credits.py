@@ -949,31 +949,34 @@ class Credits:
     # Notifications.
 
     async def publish_pending(self) -> int:
-        """Publishes each ledger entry not yet published (Nats-Msg-Id: the
-        entry's id, so a repeat after a crash or by another replica is
-        absorbed), then marks it; returns how many went out."""
+        """Publishes the ledger entries not yet published, one message per
+        entry, but draw-downs summarized (one credit.drawn per customer, type
+        and minute that one pass recorded: see draw_messages), then marks
+        them; returns how many messages went out. Nats-Msg-Ids derive from
+        the entries, so a repeat after a crash or by another replica is
+        absorbed by the stream's duplicate window."""
         if self._js is None:
             return 0
         published = 0
         while batch := await self._store.unpublished(PUBLISH_BATCH):
             acked: list[str] = []
-            for tenant_id, entry in batch:
-                subject = f"{BILLING_SUBJECT_PREFIX}.credit.{entry.kind.value.lower()}"
-                payload = credit_pb2.CreditEvent(tenant_id=tenant_id, entry=proto_entry(entry))
+            complete = True
+            for subject, payload, msg_id, entries in outbox_messages(batch):
                 try:
                     await self._js.publish(
                         subject,
                         payload.SerializeToString(),
-                        headers={"Nats-Msg-Id": f"credit-entry-{entry.id}"},
+                        headers={"Nats-Msg-Id": msg_id},
                         timeout=PUBLISH_TIMEOUT,
                     )
                 except Exception as exc:
-                    log.warning("credit_publish_failed", entry_id=entry.id, error=repr(exc))
+                    log.warning("credit_publish_failed", entry_id=entries[0].id, error=repr(exc))
+                    complete = False
                     break
-                acked.append(entry.id)
+                acked += [e.id for e in entries]
+                published += 1
             await self._store.mark_published(acked)
-            published += len(acked)
-            if len(acked) < len(batch):
+            if not complete:
                 break
         return published
 
@@ -1036,6 +1039,71 @@ class Credits:
             except Exception as exc:
                 log.error("credit_tick_failed", error=repr(exc))
             await asyncio.sleep(self._interval)
+
+
+def draw_messages(
+    batch: Sequence[tuple[str, LedgerRecord]],
+) -> list[tuple[str, list[LedgerRecord]]]:
+    """(tenant id, entries) of each message of an outbox batch, in the order
+    of each message's first entry: one per entry, but the DRAWN entries of one
+    account and minute recorded together (one pass: the same created_at)
+    make one, in meter id order."""
+    messages: list[tuple[str, list[LedgerRecord]]] = []
+    draws: dict[tuple[str, str, str, datetime, datetime], list[LedgerRecord]] = {}
+    for tenant_id, entry in batch:
+        if entry.kind is not EntryKind.DRAWN:
+            messages.append((tenant_id, [entry]))
+            continue
+        key = (tenant_id, entry.customer_id, entry.credit_type_id, entry.effective_at)
+        group = draws.get((*key, entry.created_at))
+        if group is None:
+            group = draws[(*key, entry.created_at)] = []
+            messages.append((tenant_id, group))
+        group.append(entry)
+    for group in draws.values():
+        group.sort(key=lambda e: (e.meter_id, int(e.id)))
+    return messages
+
+
+def outbox_messages(
+    batch: Sequence[tuple[str, LedgerRecord]],
+) -> list[tuple[str, credit_pb2.CreditEvent, str, list[LedgerRecord]]]:
+    """(subject, payload, Nats-Msg-Id, entries) of each message of a batch."""
+    out = []
+    for tenant_id, entries in draw_messages(batch):
+        first = entries[0]
+        subject = f"{BILLING_SUBJECT_PREFIX}.credit.{first.kind.value.lower()}"
+        if first.kind is not EntryKind.DRAWN:
+            payload = credit_pb2.CreditEvent(tenant_id=tenant_id, entry=proto_entry(first))
+            out.append((subject, payload, f"credit-entry-{first.id}", entries))
+            continue
+        last = max(entries, key=lambda e: int(e.id))
+        summary = credit_pb2.CreditDrawDown(
+            customer_id=first.customer_id,
+            credit_type_id=first.credit_type_id,
+            window_start=_ts(first.effective_at),
+            window_end=_ts(first.effective_at + MINUTE),
+            credits_drawn=_text(-sum((e.amount for e in entries), Decimal(0))),
+            balance_after=_text(last.balance_after),
+            create_time=_ts(first.created_at),
+            meters=[
+                credit_pb2.CreditDrawPart(
+                    meter_id=e.meter_id,
+                    credits_drawn=_text(-e.amount),
+                    quantity=_text(e.quantity),
+                    entry_id=e.id,
+                )
+                for e in entries
+            ],
+        )
+        lowest = min(entries, key=lambda e: int(e.id))
+        msg_id = (
+            f"credit-drawn-{first.customer_id}-{first.credit_type_id}-"
+            f"{first.effective_at.astimezone(UTC):%Y%m%dT%H%MZ}-{lowest.id}"
+        )
+        payload = credit_pb2.CreditEvent(tenant_id=tenant_id, draw_down=summary)
+        out.append((subject, payload, msg_id, entries))
+    return out
 
 
 def _period_start(active: Sequence[tuple[SubscriptionRecord, str]], now: datetime) -> datetime:

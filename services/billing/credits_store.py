@@ -937,8 +937,18 @@ class CreditStore:
     # Notifications (outbox: the ledger itself).
 
     async def unpublished(self, limit: int) -> list[tuple[str, LedgerRecord]]:
+        """The first `limit` entries not published yet, in id order, plus the
+        rest of the draw-down of each DRAWN one among them: the DRAWN entries
+        of its account and minute recorded by the same pass (the same
+        transaction, so the same created_at), which are one message."""
         rows = await self.pool.fetch(
-            "SELECT * FROM billing.credit_ledger WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            "WITH head AS (SELECT * FROM billing.credit_ledger WHERE published_at IS NULL"
+            " ORDER BY id LIMIT $1)"
+            " SELECT * FROM head UNION SELECT l.* FROM head h JOIN billing.credit_ledger l"
+            " ON h.kind = 'DRAWN' AND l.kind = 'DRAWN' AND l.published_at IS NULL"
+            " AND l.tenant_id = h.tenant_id AND l.customer_id = h.customer_id"
+            " AND l.credit_type_id = h.credit_type_id AND l.effective_at = h.effective_at"
+            " AND l.created_at = h.created_at ORDER BY id",
             limit,
         )
         return [(r["tenant_id"], _ledger(r)) for r in rows]

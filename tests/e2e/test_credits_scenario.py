@@ -343,8 +343,11 @@ async def test_credits_scenario(suite: Suite, client: Client) -> None:
     )
     assert kinds_amounts(entries) == alice_after
 
-    # Every entry is announced once on the BILLING stream (Nats-Msg-Id: the entry).
+    # Every entry is announced once on the BILLING stream: one message per
+    # entry (Nats-Msg-Id: the entry), but draws summarized per customer, type
+    # and minute (one meter here: one part each).
     ids = {e.id for e in entries}
+    draws = {e.id: e for e in entries if e.kind == K.CREDIT_ENTRY_KIND_DRAWN}
 
     async def announced() -> dict[str, str]:
         connection = await nats.connect(suite.nats_url)
@@ -359,10 +362,25 @@ async def test_credits_scenario(suite: Suite, client: Client) -> None:
                     break
                 for message in batch:
                     payload = credit_pb2.CreditEvent.FromString(message.data)
+                    assert message.headers is not None
+                    msg_id = message.headers["Nats-Msg-Id"]
                     if payload.entry.id in ids:
-                        assert message.headers is not None
-                        assert message.headers["Nats-Msg-Id"] == f"credit-entry-{payload.entry.id}"
+                        assert msg_id == f"credit-entry-{payload.entry.id}"
                         found[payload.entry.id] = message.subject
+                    parts = payload.draw_down.meters
+                    if parts and parts[0].entry_id in draws:
+                        entry = draws[parts[0].entry_id]
+                        assert len(parts) == 1 and parts[0].meter_id == meter.id
+                        assert payload.draw_down.credits_drawn == str(-int(entry.amount))
+                        assert parts[0].quantity == entry.quantity
+                        assert payload.draw_down.window_start == entry.window_start
+                        assert payload.draw_down.balance_after == entry.balance_after
+                        minute = entry.window_start.ToDatetime(tzinfo=UTC)
+                        assert msg_id == (
+                            f"credit-drawn-{customers['alice'].id}-{tokens.id}-"
+                            f"{minute:%Y%m%dT%H%MZ}-{entry.id}"
+                        )
+                        found[entry.id] = message.subject
                     await message.ack()
             await sub.unsubscribe()
             return found
