@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.billing.domain.commitments import Commitment
-from services.billing.domain.invoice import InvoiceDraft, InvoiceLine
+from services.billing.domain.invoice import InvoiceDraft, InvoiceLine, LineCredits
 from services.billing.domain.periods import Interval
 from services.billing.domain.pricing import (
     PriceModel,
@@ -21,7 +21,7 @@ from services.billing.domain.pricing import (
 )
 from services.billing.store import CustomerRecord, InvoiceRecord, PeriodFailure, ProductRecord
 from services.common.errors import InvalidArgument
-from usagebilling.billing.v1 import customer_pb2, invoice_pb2, product_pb2
+from usagebilling.billing.v1 import credit_pb2, customer_pb2, invoice_pb2, product_pb2
 
 INTERVALS = {
     product_pb2.BILLING_INTERVAL_DAY: Interval.DAY,
@@ -257,7 +257,36 @@ def _line_json(line: InvoiceLine) -> dict[str, Any]:
         "amount_minor": line.amount_minor,
         "tiers": [_tier_json(t) for t in line.tiers],
         "kind": line.kind,
+        **({"credits": _credits_json(line.credits)} if line.credits else {}),
     }
+
+
+def _credits_json(credits: LineCredits) -> dict[str, Any]:
+    return {
+        "credit_type_id": credits.credit_type_id,
+        "credit_type_name": credits.credit_type_name,
+        "credit_rate": text(credits.credit_rate),
+        "credits_drawn": text(credits.credits_drawn),
+        "quantity_covered": text(credits.quantity_covered),
+        "overage_quantity": text(credits.overage_quantity),
+        "overage_rule": credits.overage_rule,
+        "billable_overage_quantity": text(credits.billable_overage_quantity),
+        "overage_amount_minor": credits.overage_amount_minor,
+    }
+
+
+def _proto_credits(data: dict[str, Any]) -> invoice_pb2.InvoiceLineCredits:
+    return invoice_pb2.InvoiceLineCredits(
+        credit_type_id=data["credit_type_id"],
+        credit_type_name=data["credit_type_name"],
+        credit_rate=data["credit_rate"],
+        credits_drawn=data["credits_drawn"],
+        quantity_covered=data["quantity_covered"],
+        overage_quantity=data["overage_quantity"],
+        overage_rule=credit_pb2.OverageRule.Value(f"OVERAGE_RULE_{data['overage_rule']}"),
+        billable_overage_quantity=data["billable_overage_quantity"],
+        overage_amount_minor=data["overage_amount_minor"],
+    )
 
 
 def draft_json(draft: InvoiceDraft) -> dict[str, Any]:
@@ -272,7 +301,7 @@ def draft_json(draft: InvoiceDraft) -> dict[str, Any]:
 
 
 def _proto_line(line: dict[str, Any]) -> invoice_pb2.InvoiceLine:
-    return invoice_pb2.InvoiceLine(
+    message = invoice_pb2.InvoiceLine(
         description=line["description"],
         meter_id=line["meter_id"],
         meter_name=line["meter_name"],
@@ -284,6 +313,9 @@ def _proto_line(line: dict[str, Any]) -> invoice_pb2.InvoiceLine:
         tiers=[invoice_pb2.InvoiceLineTier(**t) for t in line["tiers"]],
         kind=LINE_KINDS.get(_kind(line), invoice_pb2.INVOICE_LINE_KIND_UNSPECIFIED),
     )
+    if line.get("credits"):  # lines stored before the field have none
+        message.credits.CopyFrom(_proto_credits(line["credits"]))
+    return message
 
 
 def _kind(line: dict[str, Any]) -> str:

@@ -52,11 +52,13 @@ from services.billing.credits_store import (
     GrantRecord,
     LedgerRecord,
     NewGrant,
+    debit_id,
 )
 from services.billing.domain.credits import (
     MINUTE,
     Draw,
     Entry,
+    EntryKind,
     Grant,
     Overage,
     Rollover,
@@ -70,13 +72,13 @@ from services.billing.domain.credits import (
     to_credits,
 )
 from services.billing.domain.fields import check_text
-from services.billing.domain.invoice import InvoiceDraft
+from services.billing.domain.invoice import InvoiceDraft, LineCredits
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, period_containing, period_start
 from services.billing.domain.pricing import parse_decimal
 from services.billing.store import BillingStore, SubscriptionRecord
 from services.common.auth import on_behalf_of
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import AlreadyExists, InvalidArgument, Unavailable
 from services.common.jetstream import BILLING_SUBJECT_PREFIX
 from services.common.logs import get_logger
 from usagebilling.billing.v1 import credit_pb2, product_pb2
@@ -125,6 +127,8 @@ class CreditUse:
     drawn: Decimal  # credits drawn for it
     billable: Decimal  # the part billed (BILL), priced as the line's quantity
     rule: Overage
+    type_id: str = ""
+    rate: Decimal = Decimal(1)  # credits per unit of the meter
 
 
 # (subscription id, period start) and (subscription id, period start, meter id).
@@ -136,7 +140,8 @@ def annotate_lines(drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, Cr
     """Shows credits on the usage lines that drew them: quantity is what was
     consumed, free_quantity includes what credits covered (and, under
     FORGIVE/DEFICIT, the rest, which is not billed), billable_quantity and the
-    amount are the billed overage; the description says it in words."""
+    amount are the billed overage; `credits` has each figure in its own field
+    (InvoiceLineCredits) and the description says it in words."""
     for key, draft in list(drafts.items()):
         lines = []
         for line in draft.lines:
@@ -150,6 +155,17 @@ def annotate_lines(drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, Cr
                     line,
                     quantity=use.consumed,
                     free_quantity=line.free_quantity + unbilled,
+                    credits=LineCredits(
+                        credit_type_id=use.type_id,
+                        credit_type_name=use.type_name,
+                        credit_rate=use.rate,
+                        credits_drawn=use.drawn,
+                        quantity_covered=use.covered,
+                        overage_quantity=use.consumed - use.covered,
+                        overage_rule=use.rule.value,
+                        billable_overage_quantity=use.billable,
+                        overage_amount_minor=line.amount_minor,
+                    ),
                     description=(
                         f"{line.description}; {_text(use.consumed)} consumed, "
                         f"{_text(use.covered)} covered by {_text(use.drawn)} {use.type_name} "
@@ -491,11 +507,19 @@ class Credits:
     async def adjust(
         self, tenant_id: str, request: credit_pb2.AdjustCreditsRequest, now: datetime
     ) -> LedgerRecord:
-        """A manual credit: a grant that never expires, entered as ADJUSTED.
-        Debits (negative amounts) are not supported yet: INVALID_ARGUMENT."""
+        """A manual credit (amount > 0: a grant that never expires, effective
+        at the next whole minute) or debit (amount < 0, at the current whole
+        minute), each entered as one ADJUSTED entry; answers that entry. A
+        debit takes from the grants open at its minute in draw order, after
+        that minute's usage; what they lack is a deficit, repaid first by the
+        next grant (whatever the prices' overage rule). The same
+        idempotency_key answers the first entry; with another customer,
+        credit type or amount it is ALREADY_EXISTS naming idempotency_key."""
         check_text("reason", request.reason, required=True)
         check_text("idempotency_key", request.idempotency_key, required=True)
-        customer_id, _ = await self._store.customer(tenant_id, request.customer_id, "customer_id")
+        customer_id, external_id = await self._store.customer(
+            tenant_id, request.customer_id, "customer_id"
+        )
         kind = await self._store.get_credit_type(tenant_id, request.credit_type_id)
         amount = check_amount(
             parse_decimal(request.amount, "amount", allow_empty=False),
@@ -503,32 +527,94 @@ class Credits:
             "amount",
             sign="!0",
         )
-        if amount < 0:
-            raise InvalidArgument("amount: debits (negative amounts) are not supported yet")
-        new = NewGrant(
-            customer_id=customer_id,
-            credit_type_id=kind.id,
-            amount=amount,
-            effective_at=ceil_minute(now),
-            expires_at=None,
-            priority=0,
-            source="adjustment",
-            source_key=f"adjust:{request.idempotency_key}",
-            description=request.reason,
-        )
+        at = ceil_minute(now) if amount > 0 else floor_minute(now)
         async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
-            record, _ = await self._store.insert_grant(conn, tenant_id, account, new)
-        entries = await self._store.ledger_page(
-            tenant_id,
-            customer_id=customer_id,
-            type_id=kind.id,
-            kind="ADJUSTED",
-            start=record.effective_at,
-            end=record.effective_at + MINUTE,
-            after=None,
-            limit=1000,
-        )
-        return next(e for e in entries if e.grant_id == record.id)
+            adjustment, new = await self._store.claim_adjustment(
+                conn, tenant_id, request.idempotency_key, customer_id, kind.id, amount, at,
+                request.reason,
+            )  # fmt: skip
+            if not new:
+                if (adjustment.customer_id, adjustment.credit_type_id, adjustment.amount) != (
+                    customer_id,
+                    kind.id,
+                    amount,
+                ):
+                    raise AlreadyExists(
+                        "idempotency_key: already used for an adjustment of "
+                        f"{_text(adjustment.amount)} credits of type {adjustment.credit_type_id}"
+                        f" to customer {adjustment.customer_id}"
+                    )
+                return await self._store.first_entry(
+                    conn, tenant_id, customer_id, kind.id, adjustment.entry_key
+                )
+            if amount > 0:
+                record, _ = await self._store.insert_grant(
+                    conn,
+                    tenant_id,
+                    account,
+                    NewGrant(
+                        customer_id=customer_id,
+                        credit_type_id=kind.id,
+                        amount=amount,
+                        effective_at=at,
+                        expires_at=None,
+                        priority=0,
+                        source="adjustment",
+                        source_key=f"adjust:{request.idempotency_key}",
+                        description=request.reason,
+                    ),
+                )
+                entry_key = f"grant:{record.id}"
+            else:
+                entry = await self._debit_entry(
+                    conn, tenant_id, customer_id, external_id, kind, account, adjustment.seq
+                )
+                await self._store.append(
+                    conn, tenant_id, customer_id, kind.id, account, [entry],
+                    description=request.reason,
+                )  # fmt: skip
+                await self._store.dirty(conn, tenant_id, customer_id, kind.id, account, at)
+                entry_key = entry.key
+            await self._store.set_adjustment_entry(conn, adjustment.id, entry_key)
+            return await self._store.first_entry(conn, tenant_id, customer_id, kind.id, entry_key)
+
+    async def _debit_entry(
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        external_id: str,
+        kind: CreditTypeRecord,
+        account: AccountRecord,
+        seq: int,
+    ) -> Entry:
+        """The entry of a new debit (already inserted, on the account's locked
+        connection): the replay from the account's settled point through the
+        debit's minute, with the usage metered since, as the balance and the
+        settlement pass replay it. A later pass corrects it by a new entry if
+        late usage before it changes which grants it took from."""
+        grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
+        debits = await self._store.debits(conn, tenant_id, customer_id, kind.id)
+        mine = next(d for d in debits if d.key == f"debit:{debit_id(seq)}")
+        prices = [
+            p
+            for _, _, p in await self.prices_of(tenant_id, customer_id)
+            if p.credit_type_id == kind.id
+        ]
+        start, state = account.settled_until, account.state
+        if start is None:
+            start = min([g.effective_at for g in grants] + [p.start for p in prices] + [mine.at])
+            state = {}
+        if account.dirty_from is not None:
+            start = min(start, account.dirty_from)
+        start = min(start, mine.at)
+        if start != account.settled_until:
+            state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
+        until = mine.at + MINUTE
+        draws = await self._draws(tenant_id, external_id, prices, start, until, kind.precision)
+        domain = [g.domain() for g in grants]
+        entries, _ = replay(domain, draws + debits, state, start, until, kind.precision)
+        return next(e for e in entries if e.key == mine.key)
 
     async def grant_included(
         self,
@@ -727,7 +813,8 @@ class Credits:
             due = self._due(account.reconciled_at, now)
             if account.settled_until == until and account.dirty_from is None and not due:
                 return 0  # settled already this minute: the next closes at the minute's end
-            start = self._start(account, grants, prices, until)
+            debits = await self._store.debits(conn, tenant_id, customer_id, kind.id)
+            start = self._start(account, grants, prices, until, debits)
             if start is None:
                 return 0
             if due and account.settled_until is not None:
@@ -755,9 +842,9 @@ class Credits:
                 state = await self._store.state_before(conn, tenant_id, customer_id, kind.id, start)
             draws = await self._draws(tenant_id, external_id, prices, start, until, kind.precision)
             domain = [g.domain() for g in grants]
-            desired, final = replay(domain, draws, state, start, until, kind.precision)
+            desired, final = replay(domain, draws + debits, state, start, until, kind.precision)
             recorded, revisions = await self._store.derived_since(
-                conn, tenant_id, customer_id, kind.id, start
+                conn, tenant_id, customer_id, kind.id, start, until
             )
             fixes = corrections(desired, recorded)
             await self._store.append(
@@ -832,10 +919,12 @@ class Credits:
         grants: Sequence[GrantRecord],
         prices: Sequence[CreditPrice],
         until: datetime,
+        debits: Sequence[Draw] = (),
     ) -> datetime | None:
         """Where a pass replays from: the recheck point, or earlier when a
         grant took effect before it; None when there is nothing to settle."""
         earliest = [g.effective_at for g in grants] + [p.start for p in prices]
+        earliest += [d.at for d in debits]
         if not earliest:
             return None
         first = min(earliest)
@@ -878,7 +967,7 @@ class Credits:
             early = {m: (since, read) for m, read in zip(hint.meters, minutes, strict=True)}
         else:
             found = await inputs
-        account, grants, plans = found.account, found.grants, found.plans
+        account, grants, plans, debits = found.account, found.grants, found.plans, found.debits
         subscriptions = [s for s, _, _ in plans]
         credits = {s.product_id: c for s, _, c in plans}
         prices = [p for _, _, p in _prices(subscriptions, credits) if p.credit_type_id == kind.id]
@@ -894,6 +983,7 @@ class Credits:
         start = settled
         if account is None or settled is None:
             earliest = [g.effective_at for g in grants] + [p.start for p in prices]
+            earliest += [d.at for d in debits]
             start = min(earliest) if earliest else end
             state = {}
         elif account.dirty_from is not None and account.dirty_from < settled:
@@ -910,10 +1000,13 @@ class Credits:
                 draws, self._store.overage_since(tenant_id, customer_id, kind.id, period_start)
             )
         if start < end:
-            live, state = replay(domain, draws_found, state, start, end, kind.precision)
+            live, state = replay(domain, draws_found + debits, state, start, end, kind.precision)
         total, listed = available(domain, state, now)
         expiries = [g.expires for g, _ in listed if g.expires is not None and g.open_at(now)]
-        overage += sum((e.uncovered for e in live if e.at >= period_start), Decimal(0))
+        overage += sum(
+            (e.uncovered for e in live if e.at >= period_start and e.kind is EntryKind.OVERAGE),
+            Decimal(0),
+        )
         return customer_id, Balance(
             total, listed, min(expiries) if expiries else None, overage, settled
         )
@@ -991,7 +1084,7 @@ class Credits:
                 billable = consumed - covered if rule is Overage.BILL else Decimal(0)
                 usage[key] = billable
                 found[(subscription.id, period.start, meter_id)] = CreditUse(
-                    kind.name, consumed, covered, drawn, billable, rule
+                    kind.name, consumed, covered, drawn, billable, rule, kind.id, Decimal(p["rate"])
                 )
         return found
 
@@ -1003,31 +1096,34 @@ class Credits:
     # Notifications.
 
     async def publish_pending(self) -> int:
-        """Publishes each ledger entry not yet published (Nats-Msg-Id: the
-        entry's id, so a repeat after a crash or by another replica is
-        absorbed), then marks it; returns how many went out."""
+        """Publishes the ledger entries not yet published, one message per
+        entry, but draw-downs summarized (one credit.drawn per customer, type
+        and minute that one pass recorded: see draw_messages), then marks
+        them; returns how many messages went out. Nats-Msg-Ids derive from
+        the entries, so a repeat after a crash or by another replica is
+        absorbed by the stream's duplicate window."""
         if self._js is None:
             return 0
         published = 0
         while batch := await self._store.unpublished(PUBLISH_BATCH):
             acked: list[str] = []
-            for tenant_id, entry in batch:
-                subject = f"{BILLING_SUBJECT_PREFIX}.credit.{entry.kind.value.lower()}"
-                payload = credit_pb2.CreditEvent(tenant_id=tenant_id, entry=proto_entry(entry))
+            complete = True
+            for subject, payload, msg_id, entries in outbox_messages(batch):
                 try:
                     await self._js.publish(
                         subject,
                         payload.SerializeToString(),
-                        headers={"Nats-Msg-Id": f"credit-entry-{entry.id}"},
+                        headers={"Nats-Msg-Id": msg_id},
                         timeout=PUBLISH_TIMEOUT,
                     )
                 except Exception as exc:
-                    log.warning("credit_publish_failed", entry_id=entry.id, error=repr(exc))
+                    log.warning("credit_publish_failed", entry_id=entries[0].id, error=repr(exc))
+                    complete = False
                     break
-                acked.append(entry.id)
+                acked += [e.id for e in entries]
+                published += 1
             await self._store.mark_published(acked)
-            published += len(acked)
-            if len(acked) < len(batch):
+            if not complete:
                 break
         return published
 
@@ -1108,6 +1204,71 @@ def _merged(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, 
 def floor_day(when: datetime) -> datetime:
     """The UTC midnight at or before `when`."""
     return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def draw_messages(
+    batch: Sequence[tuple[str, LedgerRecord]],
+) -> list[tuple[str, list[LedgerRecord]]]:
+    """(tenant id, entries) of each message of an outbox batch, in the order
+    of each message's first entry: one per entry, but the DRAWN entries of one
+    account and minute recorded together (one pass: the same created_at)
+    make one, in meter id order."""
+    messages: list[tuple[str, list[LedgerRecord]]] = []
+    draws: dict[tuple[str, str, str, datetime, datetime], list[LedgerRecord]] = {}
+    for tenant_id, entry in batch:
+        if entry.kind is not EntryKind.DRAWN:
+            messages.append((tenant_id, [entry]))
+            continue
+        key = (tenant_id, entry.customer_id, entry.credit_type_id, entry.effective_at)
+        group = draws.get((*key, entry.created_at))
+        if group is None:
+            group = draws[(*key, entry.created_at)] = []
+            messages.append((tenant_id, group))
+        group.append(entry)
+    for group in draws.values():
+        group.sort(key=lambda e: (e.meter_id, int(e.id)))
+    return messages
+
+
+def outbox_messages(
+    batch: Sequence[tuple[str, LedgerRecord]],
+) -> list[tuple[str, credit_pb2.CreditEvent, str, list[LedgerRecord]]]:
+    """(subject, payload, Nats-Msg-Id, entries) of each message of a batch."""
+    out = []
+    for tenant_id, entries in draw_messages(batch):
+        first = entries[0]
+        subject = f"{BILLING_SUBJECT_PREFIX}.credit.{first.kind.value.lower()}"
+        if first.kind is not EntryKind.DRAWN:
+            payload = credit_pb2.CreditEvent(tenant_id=tenant_id, entry=proto_entry(first))
+            out.append((subject, payload, f"credit-entry-{first.id}", entries))
+            continue
+        last = max(entries, key=lambda e: int(e.id))
+        summary = credit_pb2.CreditDrawDown(
+            customer_id=first.customer_id,
+            credit_type_id=first.credit_type_id,
+            window_start=_ts(first.effective_at),
+            window_end=_ts(first.effective_at + MINUTE),
+            credits_drawn=_text(-sum((e.amount for e in entries), Decimal(0))),
+            balance_after=_text(last.balance_after),
+            create_time=_ts(first.created_at),
+            meters=[
+                credit_pb2.CreditDrawPart(
+                    meter_id=e.meter_id,
+                    credits_drawn=_text(-e.amount),
+                    quantity=_text(e.quantity),
+                    entry_id=e.id,
+                )
+                for e in entries
+            ],
+        )
+        lowest = min(entries, key=lambda e: int(e.id))
+        msg_id = (
+            f"credit-drawn-{first.customer_id}-{first.credit_type_id}-"
+            f"{first.effective_at.astimezone(UTC):%Y%m%dT%H%MZ}-{lowest.id}"
+        )
+        payload = credit_pb2.CreditEvent(tenant_id=tenant_id, draw_down=summary)
+        out.append((subject, payload, msg_id, entries))
+    return out
 
 
 def _period_start(active: Sequence[tuple[SubscriptionRecord, str]], now: datetime) -> datetime:

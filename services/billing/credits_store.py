@@ -17,7 +17,15 @@ from typing import Any
 
 import asyncpg
 
-from services.billing.domain.credits import DEFICIT, Entry, EntryKind, Grant, Rollover
+from services.billing.domain.credits import (
+    DEFICIT,
+    Draw,
+    Entry,
+    EntryKind,
+    Grant,
+    Rollover,
+    debit,
+)
 from services.billing.domain.money import minor_units
 from services.billing.store import SubscriptionRecord
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
@@ -101,8 +109,21 @@ class AccountRecord:
 class BalanceInputs:
     account: AccountRecord | None
     grants: list[GrantRecord]
+    debits: list[Draw]  # from the account's settled point (or all, never settled)
     plans: list[tuple[SubscriptionRecord, str, dict[str, Any]]]
     overage: Decimal | None  # since the time asked, when asked
+
+
+@dataclass(frozen=True)
+class AdjustmentRecord:
+    id: str
+    seq: int
+    customer_id: str
+    credit_type_id: str
+    amount: Decimal  # > 0 a credit, < 0 a debit
+    effective_at: datetime
+    reason: str
+    entry_key: str  # the ledger entry answered for it ('' until entered)
 
 
 @dataclass(frozen=True)
@@ -173,6 +194,28 @@ def _grant(r: asyncpg.Record) -> GrantRecord:
         subscription_id=str(r["subscription_id"] or ""),
         period_start=r["period_start"],
     )
+
+
+def _adjustment(r: asyncpg.Record) -> AdjustmentRecord:
+    return AdjustmentRecord(
+        id=str(r["id"]),
+        seq=r["seq"],
+        customer_id=str(r["customer_id"]),
+        credit_type_id=str(r["credit_type_id"]),
+        amount=r["amount"],
+        effective_at=r["effective_at"],
+        reason=r["reason"],
+        entry_key=r["entry_key"],
+    )
+
+
+def debit_id(seq: int) -> str:
+    """A debit's id in its ledger key: sorts in the order debits were made."""
+    return f"{seq:019d}"
+
+
+def _debit(seq: int, effective_at: datetime, amount: Decimal) -> Draw:
+    return debit(debit_id(seq), effective_at, -amount)
 
 
 def _ledger(r: asyncpg.Record) -> LedgerRecord:
@@ -358,6 +401,13 @@ class CreditStore:
             " AND a.customer_id = $2 AND a.credit_type_id = $3) AS account,"
             " ARRAY(SELECT g FROM billing.credit_grants g WHERE g.tenant_id = $1"
             " AND g.customer_id = $2 AND g.credit_type_id = $3 ORDER BY g.seq) AS grants,"
+            # The debits a balance may replay: from the settled point (or the
+            # earlier point a grant or debit dirtied) on; all when never settled.
+            " ARRAY(SELECT (d.seq, d.effective_at, d.amount) FROM billing.credit_adjustments d"
+            " WHERE d.tenant_id = $1 AND d.customer_id = $2 AND d.credit_type_id = $3"
+            " AND d.amount < 0 AND d.effective_at >= coalesce((SELECT least(a.settled_until,"
+            " a.dirty_from) FROM billing.credit_accounts a WHERE a.tenant_id = $1"
+            " AND a.customer_id = $2 AND a.credit_type_id = $3), '-infinity')) AS debits,"
             " ARRAY(SELECT (s.id, s.tenant_id, s.customer_id, c.external_id, s.product_id,"
             " s.start_time, s.end_time, s.canceled_at, p.billing_interval, p.credits)"
             " FROM billing.subscriptions s JOIN billing.customers c ON c.id = s.customer_id"
@@ -389,6 +439,7 @@ class CreditStore:
         return BalanceInputs(
             None if account is None else _account(account),
             [_grant(g) for g in row["grants"]],
+            [_debit(*d) for d in row["debits"]],
             plans,
             row["overage"],
         )
@@ -522,17 +573,106 @@ class CreditStore:
             conn, tenant_id, grant.customer_id, grant.credit_type_id, account, [entry],
             description=grant.description,
         )  # fmt: skip
-        if account.settled_until is not None and record.effective_at < account.settled_until:
-            # Backdated (a product's period found late): settle again from it.
-            await conn.execute(
-                "UPDATE billing.credit_accounts SET dirty_from = least(coalesce(dirty_from, $4),"
-                " $4) WHERE tenant_id = $1 AND customer_id = $2 AND credit_type_id = $3",
-                tenant_id,
-                uuid.UUID(grant.customer_id),
-                uuid.UUID(grant.credit_type_id),
-                record.effective_at,
-            )
+        # Backdated (a product's period found late): settle again from it.
+        await self.dirty(
+            conn, tenant_id, grant.customer_id, grant.credit_type_id, account, record.effective_at
+        )
         return record, True
+
+    async def dirty(
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        type_id: str,
+        account: AccountRecord,
+        at: datetime,
+    ) -> None:
+        """A change in effect from `at`: when the account is settled past it,
+        the next pass settles again from it (dirty_from)."""
+        if account.settled_until is None or at >= account.settled_until:
+            return
+        await conn.execute(
+            "UPDATE billing.credit_accounts SET dirty_from = least(coalesce(dirty_from, $4),"
+            " $4) WHERE tenant_id = $1 AND customer_id = $2 AND credit_type_id = $3",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            at,
+        )
+
+    # Adjustments (AdjustCredits): one per idempotency key, either sign.
+
+    async def claim_adjustment(
+        self,
+        conn: Any,
+        tenant_id: str,
+        key: str,
+        customer_id: str,
+        type_id: str,
+        amount: Decimal,
+        at: datetime,
+        reason: str,
+    ) -> tuple[AdjustmentRecord, bool]:
+        """Inserts the adjustment of idempotency key `key`, or finds the one
+        that has it (a concurrent call with the key waits for the first to
+        commit); returns (adjustment, whether it is new)."""
+        row = await conn.fetchrow(
+            "INSERT INTO billing.credit_adjustments (tenant_id, idempotency_key, customer_id,"
+            " credit_type_id, amount, effective_at, reason) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING *",
+            tenant_id,
+            key,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            amount,
+            at,
+            reason,
+        )
+        if row is not None:
+            return _adjustment(row), True
+        row = await conn.fetchrow(
+            "SELECT * FROM billing.credit_adjustments WHERE tenant_id = $1"
+            " AND idempotency_key = $2",
+            tenant_id,
+            key,
+        )
+        assert row is not None
+        return _adjustment(row), False
+
+    async def set_adjustment_entry(self, conn: Any, adjustment_id: str, entry_key: str) -> None:
+        await conn.execute(
+            "UPDATE billing.credit_adjustments SET entry_key = $2 WHERE id = $1",
+            uuid.UUID(adjustment_id),
+            entry_key,
+        )
+
+    async def debits(self, conn: Any, tenant_id: str, customer_id: str, type_id: str) -> list[Draw]:
+        """The account's debits, as draws (few: each is a manual call)."""
+        rows = await conn.fetch(
+            "SELECT seq, effective_at, amount FROM billing.credit_adjustments"
+            " WHERE tenant_id = $1 AND customer_id = $2 AND credit_type_id = $3 AND amount < 0"
+            " ORDER BY effective_at, seq",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+        )
+        return [_debit(r["seq"], r["effective_at"], r["amount"]) for r in rows]
+
+    async def first_entry(
+        self, conn: Any, tenant_id: str, customer_id: str, type_id: str, entry_key: str
+    ) -> LedgerRecord:
+        """The first revision of an entry (what AdjustCredits answered)."""
+        row = await conn.fetchrow(
+            "SELECT * FROM billing.credit_ledger WHERE tenant_id = $1 AND customer_id = $2"
+            " AND credit_type_id = $3 AND entry_key = $4 AND revision = 0",
+            tenant_id,
+            uuid.UUID(customer_id),
+            uuid.UUID(type_id),
+            entry_key,
+        )
+        assert row is not None
+        return _ledger(row)
 
     async def _top_up_invoice(
         self, conn: Any, tenant_id: str, grant: GrantRecord, description: str
@@ -619,18 +759,26 @@ class CreditStore:
         return {r["key"]: r["left"] for r in rows if r["left"] != 0}
 
     async def derived_since(
-        self, conn: Any, tenant_id: str, customer_id: str, type_id: str, at: datetime
+        self,
+        conn: Any,
+        tenant_id: str,
+        customer_id: str,
+        type_id: str,
+        at: datetime,
+        until: datetime | None = None,
     ) -> tuple[list[Entry], dict[str, int]]:
-        """The derived entries (not grants) in effect from `at`, and the number
-        of revisions recorded per entry key."""
+        """The derived entries (not grants) in effect from `at` (and before
+        `until`: a debit's entry is entered when it is made, at a minute not
+        settled yet), and the number of revisions recorded per entry key."""
         rows = await conn.fetch(
             "SELECT * FROM billing.credit_ledger WHERE tenant_id = $1 AND customer_id = $2"
             " AND credit_type_id = $3 AND effective_at >= $4 AND entry_key NOT LIKE 'grant:%'"
-            " ORDER BY id",
+            " AND ($5::timestamptz IS NULL OR effective_at < $5) ORDER BY id",
             tenant_id,
             uuid.UUID(customer_id),
             uuid.UUID(type_id),
             at,
+            until,
         )
         revisions: dict[str, int] = {}
         entries = []
@@ -846,8 +994,18 @@ class CreditStore:
     # Notifications (outbox: the ledger itself).
 
     async def unpublished(self, limit: int) -> list[tuple[str, LedgerRecord]]:
+        """The first `limit` entries not published yet, in id order, plus the
+        rest of the draw-down of each DRAWN one among them: the DRAWN entries
+        of its account and minute recorded by the same pass (the same
+        transaction, so the same created_at), which are one message."""
         rows = await self.pool.fetch(
-            "SELECT * FROM billing.credit_ledger WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            "WITH head AS (SELECT * FROM billing.credit_ledger WHERE published_at IS NULL"
+            " ORDER BY id LIMIT $1)"
+            " SELECT * FROM head UNION SELECT l.* FROM head h JOIN billing.credit_ledger l"
+            " ON h.kind = 'DRAWN' AND l.kind = 'DRAWN' AND l.published_at IS NULL"
+            " AND l.tenant_id = h.tenant_id AND l.customer_id = h.customer_id"
+            " AND l.credit_type_id = h.credit_type_id AND l.effective_at = h.effective_at"
+            " AND l.created_at = h.created_at ORDER BY id",
             limit,
         )
         return [(r["tenant_id"], _ledger(r)) for r in rows]

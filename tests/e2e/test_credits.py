@@ -291,7 +291,7 @@ async def test_balance_low_is_announced_once_per_fall_and_adjustments_credit(
             credit_pb2.AdjustCreditsRequest(
                 customer_id="cus_low",
                 credit_type_id=kind.id,
-                amount="-5",
+                amount="0",
                 reason="x",
                 idempotency_key="adj-2",
             ),
@@ -299,6 +299,20 @@ async def test_balance_low_is_announced_once_per_fall_and_adjustments_credit(
         )
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("amount"), details
+    # The same key with another amount names the key.
+    code, details = await refused(
+        stub.AdjustCredits(
+            credit_pb2.AdjustCreditsRequest(
+                customer_id="cus_low",
+                credit_type_id=kind.id,
+                amount="101",
+                reason="goodwill",
+                idempotency_key="adj-1",
+            ),
+            metadata=client.metadata,
+        )
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS and details.startswith("idempotency_key"), details
     effective = entry.effective_time.ToDatetime(tzinfo=UTC)
     while datetime.now(UTC) < effective + timedelta(seconds=1):
         await asyncio.sleep(0.5)
@@ -370,6 +384,167 @@ async def test_balance_low_is_announced_once_per_fall_and_adjustments_credit(
             assert (await refused(call))[0] == grpc.StatusCode.NOT_FOUND
     finally:
         await other.close()
+
+
+async def test_debits_take_from_open_grants_in_draw_order_then_leave_a_deficit(
+    client: Client,
+) -> None:
+    """AdjustCredits with a negative amount over the real services: taken at
+    its minute from the grant expiring first, then the others; beyond the
+    balance a deficit (even under FORGIVE) that the next grant repays; shown
+    in the balance at once; idempotent on its key; the settled ledger sums
+    to the balance, with one ADJUSTED entry per debit."""
+    stub = credits_of(client)
+    meter_id, type_id, customer_id = await tokens_setup(
+        client, "cus_debit", rule=credit_pb2.OVERAGE_RULE_FORGIVE
+    )
+    product = await client.call(
+        client.products.CreateProduct,
+        product_pb2.CreateProductRequest(
+            name="Debits",
+            currency="USD",
+            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
+            usage_prices=[
+                product_pb2.UsagePrice(
+                    meter_id=meter_id,
+                    model=product_pb2.PRICE_MODEL_PER_UNIT,
+                    unit_price="0.001",
+                    credit_type_id=type_id,
+                    credit_rate="1",
+                    overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
+                )
+            ],
+        ),
+    )
+    subscribe = subscription_pb2.CreateSubscriptionRequest(
+        customer_id=customer_id, product_id=product.id
+    )
+    subscribe.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    await client.call(client.subscriptions.CreateSubscription, subscribe)
+
+    async def grant(key: str, amount: str, expire_after: Duration | None) -> credit_pb2.CreditGrant:
+        made: credit_pb2.CreditGrant = await client.call(
+            stub.GrantCredits,
+            credit_pb2.GrantCreditsRequest(
+                customer_id="cus_debit",
+                credit_type_id=type_id,
+                amount=amount,
+                idempotency_key=key,
+                expire_after=expire_after,
+            ),
+        )
+        return made
+
+    async def wait_effective(g: credit_pb2.CreditGrant) -> None:
+        while datetime.now(UTC) < g.effective_time.ToDatetime(tzinfo=UTC) + timedelta(seconds=1):
+            await asyncio.sleep(0.5)
+
+    async def balance() -> credit_pb2.CreditBalance:
+        answer: credit_pb2.CreditBalance = await client.call(
+            stub.GetCreditBalance,
+            credit_pb2.GetCreditBalanceRequest(customer_id="cus_debit", credit_type_id=type_id),
+        )
+        return answer
+
+    def debit(key: str, amount: str) -> credit_pb2.AdjustCreditsRequest:
+        return credit_pb2.AdjustCreditsRequest(
+            customer_id="cus_debit",
+            credit_type_id=type_id,
+            amount=amount,
+            reason=f"manual debit {key}",
+            idempotency_key=key,
+        )
+
+    # Two grants: "soon" (100, expires in a day) is drawn before "never" (50).
+    soon = await grant("soon", "100", Duration(seconds=86400))
+    never = await grant("never", "50", None)
+    await wait_effective(soon)
+    await client.call(
+        client.ingest.IngestEvents,
+        ingest_pb2.IngestEventsRequest(
+            events=[event("u1", "cus_debit", "llm.call", datetime.now(UTC), tokens=30)]
+        ),
+    )
+    assert (await eventually(balance, lambda b: b.available == "120")).available == "120"
+
+    # Debit 80: soon's 70, then 10 of never; the balance shows it at once.
+    first = await client.call(stub.AdjustCredits, debit("d1", "-80"))
+    assert (first.kind, first.amount, first.description, first.credits_uncovered) == (
+        credit_pb2.CREDIT_ENTRY_KIND_ADJUSTED,
+        "-80",
+        "manual debit d1",
+        "0",
+    )
+    assert first.effective_time.ToDatetime(tzinfo=UTC) <= datetime.now(UTC)
+    now = await balance()
+    assert now.available == "40"
+    assert [(g.grant_id, g.remaining) for g in now.grants] == [(never.id, "40")]
+    # Idempotent: the same key answers the first entry; another amount or
+    # sign with it is refused naming the key.
+    assert await client.call(stub.AdjustCredits, debit("d1", "-80")) == first
+    for amount in ("-70", "80"):
+        code, details = await refused(
+            stub.AdjustCredits(debit("d1", amount), metadata=client.metadata)
+        )
+        assert code == grpc.StatusCode.ALREADY_EXISTS, (amount, code, details)
+        assert details.startswith("idempotency_key"), details
+    assert (await balance()).available == "40"
+
+    # Debit 60 of the 40 left: 20 is a deficit (FORGIVE is about usage).
+    second = await client.call(stub.AdjustCredits, debit("d2", "-60"))
+    assert (second.amount, second.credits_uncovered) == ("-60", "20")
+    assert (await balance()).available == "-20"
+    # A grant two minutes on; usage the minute after the debit (usage of the
+    # debit's own minute would draw before it) finds no credits: forgiven.
+    minute = second.effective_time.ToDatetime(tzinfo=UTC)
+    topup_request = credit_pb2.GrantCreditsRequest(
+        customer_id="cus_debit", credit_type_id=type_id, amount="100", idempotency_key="topup"
+    )
+    topup_request.effective_time.FromDatetime(minute + timedelta(minutes=2))
+    topup = await client.call(stub.GrantCredits, topup_request)
+    while datetime.now(UTC) < minute + timedelta(minutes=1, seconds=1):
+        await asyncio.sleep(0.5)
+    await client.call(
+        client.ingest.IngestEvents,
+        ingest_pb2.IngestEventsRequest(
+            events=[event("u2", "cus_debit", "llm.call", datetime.now(UTC), tokens=10)]
+        ),
+    )
+    answer = await eventually(balance, lambda b: b.overage_this_period == "10")
+    assert (answer.available, answer.overage_this_period) == ("-20", "10")
+
+    # The next grant repays the deficit first.
+    await wait_effective(topup)
+    answer = await balance()
+    assert answer.available == "80"
+    assert [(g.grant_id, g.remaining) for g in answer.grants] == [(topup.id, "80")]
+
+    # Settled: the ledger sums to the balance; one ADJUSTED entry per debit.
+    async def ledger() -> list[credit_pb2.CreditLedgerEntry]:
+        page = await client.call(
+            stub.ListCreditLedger,
+            credit_pb2.ListCreditLedgerRequest(customer_id=customer_id, page_size=1000),
+        )
+        return list(page.entries)
+
+    entries = await eventually(
+        ledger,
+        lambda es: (
+            sum(D(e.amount) for e in es) == 80
+            and any(e.kind == credit_pb2.CREDIT_ENTRY_KIND_OVERAGE for e in es)
+            and any(e.grant_id == topup.id and e.amount == "0" for e in es)
+        ),  # the repayment
+        timeout=120,
+    )
+    assert sum(D(e.amount) for e in entries) == 80
+    adjusted = [
+        (e.id, e.amount) for e in entries if e.kind == credit_pb2.CREDIT_ENTRY_KIND_ADJUSTED
+    ]
+    assert adjusted == [(first.id, "-80"), (second.id, "-60")]
+    overage = [e for e in entries if e.kind == credit_pb2.CREDIT_ENTRY_KIND_OVERAGE]
+    assert sum(D(e.credits_uncovered) for e in overage) == 10
+    assert entries[-1].balance_after == "80"
+    assert (await balance()).available == "80"
 
 
 async def test_a_late_event_beyond_the_recheck_window_is_drawn(client: Client) -> None:

@@ -37,9 +37,11 @@ bob:
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import aiohttp
 import nats
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -239,6 +241,69 @@ async def test_credits_scenario(suite: Suite, client: Client) -> None:
         (15150, [(str(70 * M), str(59_500_000), str(10_500_000), 5250)]),
         (9900, [(str(1 * M), str(1 * M), "0", 0)]),
     ]
+    # Each usage line's credit fields (InvoiceLineCredits): quantity, credits
+    # drawn, quantity covered, overage, billable overage and its amount.
+    figures: dict[str, list[tuple[str, ...]]] = {}
+    invoices: dict[str, list[invoice_pb2.Invoice]] = {}
+    for name in ("alice", "bob"):
+        answer = await client.call(
+            client.invoices.ListInvoices,
+            invoice_pb2.ListInvoicesRequest(customer_id=customers[name].id),
+        )
+        invoices[name] = list(answer.invoices)
+        figures[name] = [
+            (
+                line.quantity,
+                line.credits.credit_type_id,
+                line.credits.credit_rate,
+                line.credits.credits_drawn,
+                line.credits.quantity_covered,
+                line.credits.overage_quantity,
+                credit_pb2.OverageRule.Name(line.credits.overage_rule),
+                line.credits.billable_overage_quantity,
+                str(line.credits.overage_amount_minor),
+                str(line.amount_minor),
+            )
+            for i in answer.invoices
+            for line in i.lines
+            if line.meter_id
+        ]
+    t = tokens.id
+    assert figures["alice"] == [
+        # P2: 13,000,000 consumed, 12,000,000 drawn and covered, 1,000,000 forgiven.
+        (str(13 * M), t, "1", str(12 * M), str(12 * M), str(1 * M), "OVERAGE_RULE_FORGIVE",
+         "0", "0", "0"),
+        # P1: 6,000,000 consumed, all covered.
+        (str(6 * M), t, "1", str(6 * M), str(6 * M), "0", "OVERAGE_RULE_FORGIVE", "0", "0", "0"),
+    ]  # fmt: skip
+    assert figures["bob"] == [
+        # P2: 70,000,000 consumed, 59,500,000 covered, 10,500,000 billed: $52.50.
+        (str(70 * M), t, "1", "59500000", "59500000", "10500000", "OVERAGE_RULE_BILL",
+         "10500000", "5250", "5250"),
+        (str(1 * M), t, "1", str(1 * M), str(1 * M), "0", "OVERAGE_RULE_BILL", "0", "0", "0"),
+    ]  # fmt: skip
+    # The fixed fee draws no credits: no credit fields.
+    assert not any(line.HasField("credits") for line in invoices["bob"][0].lines[:1])
+    # The same fields over HTTP/JSON (proto JSON names).
+    async with aiohttp.ClientSession() as session:
+        url = suite.http_url("billing") + "/usagebilling.billing.v1.InvoiceService/GetInvoice"
+        headers = {"Content-Type": "application/json", client.metadata[0][0]: client.metadata[0][1]}
+        body = json.dumps({"id": invoices["bob"][0].id})
+        async with session.post(url, data=body, headers=headers) as http_answer:
+            assert http_answer.status == 200
+            document = await http_answer.json()
+    usage_line = next(line for line in document["lines"] if line.get("meterId"))
+    assert usage_line["credits"] == {
+        "creditTypeId": t,
+        "creditTypeName": "tokens",
+        "creditRate": "1",
+        "creditsDrawn": "59500000",
+        "quantityCovered": "59500000",
+        "overageQuantity": "10500000",
+        "overageRule": "OVERAGE_RULE_BILL",
+        "billableOverageQuantity": "10500000",
+        "overageAmountMinor": "5250",
+    }
 
     # Alice buys a $19 top-up of 5,000,000 tokens expiring after 30 days.
     top_up = await client.call(
@@ -278,8 +343,11 @@ async def test_credits_scenario(suite: Suite, client: Client) -> None:
     )
     assert kinds_amounts(entries) == alice_after
 
-    # Every entry is announced once on the BILLING stream (Nats-Msg-Id: the entry).
+    # Every entry is announced once on the BILLING stream: one message per
+    # entry (Nats-Msg-Id: the entry), but draws summarized per customer, type
+    # and minute (one meter here: one part each).
     ids = {e.id for e in entries}
+    draws = {e.id: e for e in entries if e.kind == K.CREDIT_ENTRY_KIND_DRAWN}
 
     async def announced() -> dict[str, str]:
         connection = await nats.connect(suite.nats_url)
@@ -294,10 +362,25 @@ async def test_credits_scenario(suite: Suite, client: Client) -> None:
                     break
                 for message in batch:
                     payload = credit_pb2.CreditEvent.FromString(message.data)
+                    assert message.headers is not None
+                    msg_id = message.headers["Nats-Msg-Id"]
                     if payload.entry.id in ids:
-                        assert message.headers is not None
-                        assert message.headers["Nats-Msg-Id"] == f"credit-entry-{payload.entry.id}"
+                        assert msg_id == f"credit-entry-{payload.entry.id}"
                         found[payload.entry.id] = message.subject
+                    parts = payload.draw_down.meters
+                    if parts and parts[0].entry_id in draws:
+                        entry = draws[parts[0].entry_id]
+                        assert len(parts) == 1 and parts[0].meter_id == meter.id
+                        assert payload.draw_down.credits_drawn == str(-int(entry.amount))
+                        assert parts[0].quantity == entry.quantity
+                        assert payload.draw_down.window_start == entry.window_start
+                        assert payload.draw_down.balance_after == entry.balance_after
+                        minute = entry.window_start.ToDatetime(tzinfo=UTC)
+                        assert msg_id == (
+                            f"credit-drawn-{customers['alice'].id}-{tokens.id}-"
+                            f"{minute:%Y%m%dT%H%MZ}-{entry.id}"
+                        )
+                        found[entry.id] = message.subject
                     await message.ack()
             await sub.unsubscribe()
             return found

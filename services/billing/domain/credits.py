@@ -10,10 +10,11 @@ records the differences (so a late event corrects later entries by new
 entries); the balance answer replays the unsettled minutes the same way.
 
 Order of one instant: grants expiring then close (and roll over), then grants
-effective then open (and repay a deficit first), then usage draws. A grant is
-open over [effective, expires). Usage draws from the open grant that expires
-first, then the one of higher priority, then the oldest; what no grant covers
-is overage under the rule of the usage's price.
+effective then open (and repay a deficit first), then usage draws, then
+debits. A grant is open over [effective, expires). Usage and debits draw from
+the open grant that expires first, then the one of higher priority, then the
+oldest; what no grant covers is overage under the rule of the usage's price,
+and for a debit always a deficit.
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def expand_rollovers(grants: Sequence[Grant]) -> list[Grant]:
 
 @dataclass(frozen=True)
 class Draw:
-    """Credits to draw at one minute: one meter's usage of that minute, or a debit."""
+    """Credits to draw at one minute: one meter's usage of that minute, or a
+    manual debit (kind ADJUSTED: its `rule` is not used, see _draw). Within a
+    minute, usage draws in key order (meter id), then debits in key order."""
 
     key: str  # unique per balance: "draw:<meter>:<minute>" or "debit:<id>"
     at: datetime
@@ -196,6 +199,12 @@ class Draw:
     meter_id: str = ""
     quantity: Decimal = ZERO  # the meter's quantity (for the entry)
     kind: EntryKind = EntryKind.DRAWN
+
+
+def debit(debit_id: str, at: datetime, credits: Decimal) -> Draw:
+    """A manual debit of `credits` (> 0) at the minute `at`; ids sort in the
+    order the debits were made (a minute's debits are taken in that order)."""
+    return Draw(f"debit:{debit_id}", at, credits, Overage.DEFICIT, kind=EntryKind.ADJUSTED)
 
 
 @dataclass(frozen=True)
@@ -281,10 +290,16 @@ def replay(
         for g in sorted(every, key=lambda g: (g.effective, g.seq, g.id)):
             if g.effective == moment:
                 balance.open_grant(g, moment)
-        for d in sorted(by_minute.get(moment, []), key=lambda d: d.key):
+        for d in sorted(by_minute.get(moment, []), key=_draw_turn):
             _draw(balance, d, [by_id[k] for k in balance.remaining if k in by_id], moment)
     final = {k: v for k, v in balance.remaining.items() if v != 0}
     return entries, final
+
+
+def _draw_turn(draw: Draw) -> tuple[bool, str]:
+    # A minute's usage (meter id order), then its debits (in the order made:
+    # their keys carry it), so a debit never comes before usage already shown.
+    return (draw.kind is EntryKind.ADJUSTED, draw.key)
 
 
 def _close(
@@ -348,7 +363,16 @@ def _draw(balance: _Balance, draw: Draw, candidates: list[Grant], at: datetime) 
         need -= take
     covered = draw.credits - need
     entries = balance.entries
-    if covered > 0 or draw.kind is not EntryKind.DRAWN or draw.credits == 0:
+    if draw.kind is EntryKind.ADJUSTED:
+        # A debit always takes its whole amount: what no grant covers is a
+        # deficit (whatever the prices' overage rule, which is about usage),
+        # repaid first by the next grant; one entry, never an OVERAGE.
+        if need > 0:
+            taken[DEFICIT] = -need
+            _add(balance.remaining, DEFICIT, -need)
+        entries.append(Entry(draw.key, draw.kind, at, -draw.credits, taken, uncovered=need))
+        return
+    if covered > 0 or draw.credits == 0:
         entries.append(
             Entry(
                 draw.key,
@@ -361,8 +385,7 @@ def _draw(balance: _Balance, draw: Draw, candidates: list[Grant], at: datetime) 
             )
         )
     if need > 0:
-        # A debit is never forgiven: what no grant covers is a deficit.
-        deficit = draw.rule is Overage.DEFICIT or draw.kind is EntryKind.ADJUSTED
+        deficit = draw.rule is Overage.DEFICIT
         amount = -need if deficit else ZERO
         allocations = {DEFICIT: -need} if deficit else {}
         if deficit:

@@ -60,6 +60,22 @@ def _magnitude(minor: int) -> str:
 
 
 @dataclass(frozen=True)
+class LineCredits:
+    """What credits did for a usage line (InvoiceLineCredits on the wire):
+    quantities in the meter's unit, credits in the credit type's."""
+
+    credit_type_id: str
+    credit_type_name: str
+    credit_rate: Decimal
+    credits_drawn: Decimal
+    quantity_covered: Decimal
+    overage_quantity: Decimal  # quantity - quantity_covered
+    overage_rule: str  # FORGIVE, BILL or DEFICIT
+    billable_overage_quantity: Decimal  # the overage under BILL, else 0
+    overage_amount_minor: int  # the line's amount: it bills only the overage
+
+
+@dataclass(frozen=True)
 class InvoiceLine:
     description: str
     meter_id: str  # empty on the fixed-fee line
@@ -71,6 +87,7 @@ class InvoiceLine:
     amount_minor: int
     tiers: tuple[TierCharge, ...]
     kind: str = USAGE
+    credits: LineCredits | None = None  # a usage line whose price draws credits
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ Meter (another service) is a stand-in that answers usage per minute."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -18,7 +20,9 @@ import pytest
 from services.billing.credits import Credits
 from services.billing.credits_store import CreditStore
 from services.billing.domain.credits import (
+    DEFICIT,
     Draw,
+    EntryKind,
     Grant,
     Overage,
     Rollover,
@@ -28,6 +32,8 @@ from services.billing.domain.credits import (
     to_credits,
 )
 from services.billing.store import BillingStore
+from services.common.errors import AlreadyExists
+from usagebilling.billing.v1 import credit_pb2
 
 D = Decimal
 M = timedelta(minutes=1)
@@ -104,7 +110,12 @@ async def _setup(pool: Any) -> tuple[str, str, str, str, datetime]:
 
 
 def _oracle(
-    grants: list[Grant], meter: MinuteMeter, meter_id: str, start: datetime, until: datetime
+    grants: list[Grant],
+    meter: MinuteMeter,
+    meter_id: str,
+    start: datetime,
+    until: datetime,
+    debits: Sequence[Draw] = (),
 ) -> dict[str, Decimal]:
     minutes: dict[datetime, Decimal] = defaultdict(Decimal)
     for _, when, value in meter.events:
@@ -120,7 +131,7 @@ def _oracle(
         )
         for m, v in minutes.items()
     ]
-    _, state = replay(grants, draws, {}, start, until, 0)
+    _, state = replay(grants, [*draws, *debits], {}, start, until, 0)
     return state
 
 
@@ -291,6 +302,90 @@ async def test_late_events_beyond_the_recheck_window_are_drawn(pool: Any) -> Non
         asked.append(lo)
         return await read(t, m, c, lo, hi)
 
-    meter.read = spy  # type: ignore[method-assign]
+    meter.read = spy  # type: ignore[method-assign,assignment]
     assert await credits.settle_tenant(tenant, later + 2 * M) == 0
     assert asked and min(asked) >= until - M
+
+
+async def test_a_debit_is_entered_at_once_settled_without_a_repeat_and_corrected_by_late_usage(
+    pool: Any,
+) -> None:
+    """AdjustCredits(-amount) enters its ADJUSTED entry at once, at the current
+    minute, which no pass has settled yet: a pass up to that minute leaves
+    it alone (it does not take it for an entry to undo), a pass past it
+    enters nothing more; late usage before it moves it by a correction of
+    amount 0. The ledger, the balance and the domain agree throughout."""
+    tenant, customer_id, type_id, meter_id, start = await _setup(pool)
+    meter = MinuteMeter()
+    store = CreditStore(pool)
+    credits = Credits(store, BillingStore(pool), meter, lag=timedelta(0), recheck=timedelta(days=2))  # type: ignore[arg-type]
+    now = floor_minute(datetime.now(UTC)) + timedelta(seconds=30)
+    # Period 2 (100 included, plus 35 rolled over if period 1 used 30).
+    meter.events.append(("cus", start + timedelta(hours=2), D(30)))
+    meter.events.append(("cus", now - 5 * M, D(20)))
+    await credits.settle_tenant(tenant, now - M)
+
+    def request(key: str, amount: str) -> credit_pb2.AdjustCreditsRequest:
+        return credit_pb2.AdjustCreditsRequest(
+            customer_id="cus",
+            credit_type_id=type_id,
+            amount=amount,
+            reason="r",
+            idempotency_key=key,
+        )
+
+    async def ledger() -> list[Any]:
+        return list(
+            await pool.fetch(
+                "SELECT entry_key, revision, kind, amount, balance_after, allocations"
+                " FROM billing.credit_ledger WHERE tenant_id = $1 ORDER BY id",
+                tenant,
+            )
+        )
+
+    async def agree(at: datetime, debits: list[Draw]) -> None:
+        grants = [g.domain() for g in await store.grants(tenant, customer_id, type_id)]
+        expected = _oracle(grants, meter, meter_id, start, floor_minute(at) + M, debits)
+        _, balance = await credits.balance(tenant, "cus", type_id, at)
+        assert balance.available == available(grants, expected, at)[0]
+
+    # 135 - 20 = 115 left; a debit of 150 takes them all and leaves 35 a deficit.
+    entry = await credits.adjust(tenant, request("d1", "-150"), now)
+    assert (entry.kind, entry.amount, entry.uncovered) == (EntryKind.ADJUSTED, D(-150), D(35))
+    assert entry.effective_at == floor_minute(now)
+    assert entry.balance_after == D(-35)
+    debits = await store.debits(pool, tenant, customer_id, type_id)
+    assert [d.key for d in debits] == [entry.entry_key]
+    await agree(now, debits)
+    # Idempotent; the key with another amount is refused naming it.
+    assert (await credits.adjust(tenant, request("d1", "-150"), now)).id == entry.id
+    with pytest.raises(AlreadyExists, match="idempotency_key"):
+        await credits.adjust(tenant, request("d1", "-15"), now)
+    # A pass up to the debit's minute (which it must leave alone), then one
+    # past it: nothing new either way.
+    before = await ledger()
+    await credits.settle_tenant(tenant, now)
+    await credits.settle_tenant(tenant, now + M)
+    assert await ledger() == before
+    # Late usage before the debit: it draws first; the debit moves to the deficit.
+    meter.events.append(("cus", now - 3 * M, D(15)))
+    await credits.settle_tenant(tenant, now + 2 * M)
+    rows = await ledger()
+    fixes = [r for r in rows[len(before) :] if r["entry_key"] == entry.entry_key]
+    assert [(r["revision"], r["kind"], r["amount"]) for r in fixes] == [(1, "ADJUSTED", D(0))]
+    # The rolled-over 35 (drawn first: it is the older) had 15 left for the
+    # debit; the late 15 took them, so 15 more of the debit is a deficit.
+    grants = [g.domain() for g in await store.grants(tenant, customer_id, type_id)]
+    allocations = fixes[0]["allocations"]
+    allocations = json.loads(allocations) if isinstance(allocations, str) else allocations
+    assert {k: D(v) for k, v in allocations.items()} == {
+        f"{grants[0].id}.r": D(15),
+        DEFICIT: D(-15),
+    }
+    until = floor_minute(now + 2 * M)
+    expected = _oracle(grants, meter, meter_id, start, until, debits)
+    assert expected == {DEFICIT: D(-50)}
+    async with pool.acquire() as conn:
+        assert await store.state_before(conn, tenant, customer_id, type_id, until) == expected
+    assert rows[-1]["balance_after"] == sum(r["amount"] for r in rows) == D(-50)
+    await agree(now + 2 * M, debits)

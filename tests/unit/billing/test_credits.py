@@ -1,7 +1,7 @@
 """Credits' pure rules: cases worked by hand, then properties against an
 independent per-event oracle (grants, expiries at and between minutes,
-rollovers, the three overage rules, events exactly at expiry and at period
-boundaries, late events corrected by new entries)."""
+rollovers, the three overage rules, manual debits, events exactly at expiry
+and at period boundaries, late events corrected by new entries)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from services.billing.domain.credits import (
     ceil_minute,
     check_amount,
     corrections,
+    debit,
     floor_minute,
     precision_of,
     replay,
@@ -132,6 +133,85 @@ def test_rollover_fifty_percent_capped_and_the_rest_forfeited() -> None:
     assert after == {"p3": D(100), "p2.r": D(20)}
 
 
+def test_a_debit_takes_from_the_open_grants_in_draw_order_and_later_usage_sees_it() -> None:
+    soon = Grant("soon", D(10), at(0), at(50), seq=1)
+    late = Grant("late", D(100), at(0), at(100), seq=2)
+    never = Grant("never", D(100), at(0), None, priority=9, seq=3)
+    grants = [soon, late, never]
+    state = {g.id: g.amount for g in grants}
+    debits = [debit("d1", at(2), D(25))]
+    entries, after = replay(grants, [*debits, draw(3, 90)], state, at(1), at(5), 0)
+    # The debit: soon 10, late 15 (at minute 2). Usage of 90 at minute 3: late
+    # has 85 left, never gives 5.
+    assert entries == [
+        Entry("debit:d1", EntryKind.ADJUSTED, at(2), D(-25), {"soon": D(-10), "late": D(-15)}),
+        Entry(
+            "draw:m:3",
+            EntryKind.DRAWN,
+            at(3),
+            D(-90),
+            {"late": D(-85), "never": D(-5)},
+            meter_id="m",
+            quantity=D(90),
+        ),
+    ]
+    assert after == {"never": D(95)}
+
+
+def test_a_debit_beyond_the_balance_is_a_deficit_the_next_grant_repays_under_any_rule() -> None:
+    g1 = Grant("g1", D(10), at(0), None)
+    g2 = Grant("g2", D(50), at(3), None, seq=1)
+    draws = [debit("d1", at(1), D(25)), draw(2, 5, Overage.FORGIVE)]
+    entries, after = replay([g1, g2], draws, {}, at(0), at(5), 0)
+    summary = [(e.key, e.kind, e.amount, dict(e.allocations), e.uncovered) for e in entries]
+    assert summary == [
+        # 10 from g1, 15 a deficit: one ADJUSTED entry of the whole amount.
+        ("debit:d1", EntryKind.ADJUSTED, D(-25), {"g1": D(-10), DEFICIT: D(-15)}, D(15)),
+        # Usage under FORGIVE finds nothing open with credits left: forgiven.
+        ("over:draw:m:2", EntryKind.OVERAGE, D(0), {}, D(5)),
+        # g2 opens and repays the 15 first.
+        ("repay:g2", EntryKind.GRANTED, D(0), {"g2": D(-15), DEFICIT: D(15)}, D(0)),
+    ]
+    assert after == {"g2": D(35)}
+    ledger = [granted(g1), granted(g2), *entries]
+    assert sum(e.amount for e in ledger) == D(35) == available([g1, g2], after, at(5))[0]
+    _, mid = replay([g1, g2], draws, {}, at(0), at(3), 0)
+    assert available([g1, g2], mid, at(2))[0] == D(-15)
+
+
+def test_a_minutes_debits_go_after_its_usage_in_order_made_not_from_a_grant_expiring_then() -> None:
+    g = Grant("g", D(10), at(0), None)
+    expiring = Grant("x", D(50), at(0), at(1), seq=1)
+    draws = [debit("2", at(1), D(4)), debit("1", at(1), D(5)), draw(1, 8, meter="z")]
+    entries, after = replay([g, expiring], draws, {}, at(0), at(2), 0)
+    summary = [(e.key, e.amount, dict(e.allocations), e.uncovered) for e in entries]
+    # Usage 8 of g's 10 (FORGIVE: nothing uncovered), then debit 1 (2 of g,
+    # 3 a deficit), then debit 2 (all a deficit); x expired at the minute.
+    assert summary == [
+        ("expire:x", D(-50), {"x": D(-50)}, D(0)),
+        ("draw:z:1", D(-8), {"g": D(-8)}, D(0)),
+        ("debit:1", D(-5), {"g": D(-2), DEFICIT: D(-3)}, D(3)),
+        ("debit:2", D(-4), {DEFICIT: D(-4)}, D(4)),
+    ]
+    assert after == {DEFICIT: D(-7)}
+
+
+def test_late_usage_before_a_debit_corrects_it_by_a_new_entry_of_amount_zero() -> None:
+    a = Grant("a", D(10), at(0), at(30))
+    b = Grant("b", D(100), at(0), None, seq=1)
+    grants = [a, b]
+    first, _ = replay(grants, [debit("d1", at(5), D(8))], {}, at(0), at(10), 0)
+    assert [dict(e.allocations) for e in first] == [{"a": D(-8)}]
+    # Usage of 6 at minute 2 arrives late: it takes a first, the debit then 4 of a and 4 of b.
+    desired, state = replay(grants, [draw(2, 6), debit("d1", at(5), D(8))], {}, at(0), at(10), 0)
+    fixes = corrections(desired, first)
+    assert [(e.key, e.kind, e.amount, dict(e.allocations)) for e in fixes] == [
+        ("draw:m:2", EntryKind.DRAWN, D(-6), {"a": D(-6)}),
+        ("debit:d1", EntryKind.ADJUSTED, D(0), {"a": D(4), "b": D(-4)}),
+    ]
+    assert state_of([granted(a), granted(b), *first, *fixes]) == state == {"b": D(96)}
+
+
 # --- properties ---
 
 
@@ -139,7 +219,10 @@ def oracle(
     grants: list[Grant], events: list[tuple[datetime, str, int, Overage]], until: datetime
 ) -> tuple[dict[str, Decimal], Decimal]:
     """Per event, in (minute, meter, time) order, with the rules written out
-    plainly: what each grant has left at `until`, and the total uncovered."""
+    plainly: what each grant has left at `until`, and the total uncovered.
+    An event of "meter" "debit:<id>" is a manual debit: it goes after the
+    minute's usage (in id order), takes from the grants in the same order,
+    and what they lack is always a deficit (not counted as uncovered usage)."""
     left: dict[str, Decimal] = {}
     deficit = D(0)
     uncovered = D(0)
@@ -181,7 +264,10 @@ def oracle(
                     deficit -= repay
                     left[g.id] = amount - repay
 
-    for when, _meter, qty, rule in sorted(events, key=lambda e: (floor_minute(e[0]), e[1], e[0])):
+    def turn(e: tuple[datetime, str, int, Overage]) -> tuple[datetime, bool, str, datetime]:
+        return (floor_minute(e[0]), e[1].startswith("debit:"), e[1], e[0])
+
+    for when, _meter, qty, rule in sorted(events, key=turn):
         minute = floor_minute(when)
         advance(minute)
         need = D(qty)
@@ -193,7 +279,9 @@ def oracle(
             take = min(left[g.id], need)
             left[g.id] -= take
             need -= take
-        if need:
+        if need and _meter.startswith("debit:"):
+            deficit += need
+        elif need:
             uncovered += need
             if rule is Overage.DEFICIT:
                 deficit += need
@@ -246,15 +334,28 @@ def scenarios(draw_: st.DrawFn) -> tuple[list[Grant], list[tuple[datetime, str, 
     )
     # One rule per meter, as a product's price sets it.
     rules = {"m1": events[0][3] if events else Overage.FORGIVE, "m2": Overage.DEFICIT}
-    return grants, [(w, m, q, rules[m]) for w, m, q, _ in events]
+    debits = draw_(
+        st.lists(
+            st.tuples(st.integers(0, 50 * 60 - 1), st.integers(1, 30)),
+            max_size=4,
+        )
+    )
+    return grants, [(w, m, q, rules[m]) for w, m, q, _ in events] + [
+        (T0 + timedelta(seconds=s), f"debit:d{i}", q, Overage.FORGIVE)
+        for i, (s, q) in enumerate(debits)
+    ]
 
 
 def minute_draws(events: list[tuple[datetime, str, int, Overage]]) -> list[Draw]:
     summed: dict[tuple[datetime, str], tuple[int, Overage]] = {}
+    debits: list[Draw] = []
     for when, meter, qty, rule in events:
+        if meter.startswith("debit:"):
+            debits.append(debit(meter.removeprefix("debit:"), floor_minute(when), D(qty)))
+            continue
         key = (floor_minute(when), meter)
         summed[key] = (summed.get(key, (0, rule))[0] + qty, rule)
-    return [
+    return debits + [
         Draw(f"draw:{m}:{w.isoformat()}", w, D(q), r, m, D(q)) for (w, m), (q, r) in summed.items()
     ]
 
@@ -276,8 +377,13 @@ def test_the_ledger_agrees_with_the_per_event_oracle(
     # The balance is the sum of the ledger, and each grant's part too.
     assert state_of(ledger) == state
     assert available(grants, state, LAST)[0] == sum(e.amount for e in ledger)
-    assert sum(e.uncovered for e in entries) == uncovered
-    assert sum(e.quantity for e in entries) == sum(q for _, _, q, _ in events)
+    assert sum(e.uncovered for e in entries if e.kind is EntryKind.OVERAGE) == uncovered
+    assert sum(e.quantity for e in entries) == sum(
+        q for _, m, q, _ in events if not m.startswith("debit:")
+    )
+    # Each debit is one ADJUSTED entry of its whole amount.
+    debited = sorted(q for _, m, q, _ in events if m.startswith("debit:"))
+    assert sorted(-e.amount for e in entries if e.kind is EntryKind.ADJUSTED) == debited
 
 
 @settings(deadline=None, max_examples=200)

@@ -107,7 +107,10 @@ class _CreditEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Credi
     CREDIT_ENTRY_KIND_FORFEITED: _CreditEntryKind.ValueType  # 5
     """Unused included credits beyond the rollover policy, at the period end (amount < 0)."""
     CREDIT_ENTRY_KIND_ADJUSTED: _CreditEntryKind.ValueType  # 6
-    """A manual credit or debit (AdjustCredits)."""
+    """A manual credit (amount > 0) or debit (amount < 0) (AdjustCredits). A
+    later entry of amount 0 for the same debit (a correction) moves it
+    between grants when late usage before it changed what they had left.
+    """
     CREDIT_ENTRY_KIND_OVERAGE: _CreditEntryKind.ValueType  # 7
     """Usage of one minute that the balance did not cover: amount 0 under
     FORGIVE and BILL (credits_uncovered says how much), negative under DEFICIT.
@@ -136,7 +139,10 @@ amount 0, the credits move from the old grant to the new one.
 CREDIT_ENTRY_KIND_FORFEITED: CreditEntryKind.ValueType  # 5
 """Unused included credits beyond the rollover policy, at the period end (amount < 0)."""
 CREDIT_ENTRY_KIND_ADJUSTED: CreditEntryKind.ValueType  # 6
-"""A manual credit or debit (AdjustCredits)."""
+"""A manual credit (amount > 0) or debit (amount < 0) (AdjustCredits). A
+later entry of amount 0 for the same debit (a correction) moves it
+between grants when late usage before it changed what they had left.
+"""
 CREDIT_ENTRY_KIND_OVERAGE: CreditEntryKind.ValueType  # 7
 """Usage of one minute that the balance did not cover: amount 0 under
 FORGIVE and BILL (credits_uncovered says how much), negative under DEFICIT.
@@ -668,7 +674,10 @@ class CreditLedgerEntry(_message.Message):
     correction carries the difference).
     """
     credits_uncovered: _builtins.str
-    """For OVERAGE: credits of usage that the balance did not cover."""
+    """For OVERAGE: credits of usage that the balance did not cover. For a
+    debit (ADJUSTED, amount < 0): the part of it no grant covered, which
+    became a deficit.
+    """
     description: _builtins.str
     """The reason of an adjustment, or a description."""
     @_builtins.property
@@ -794,7 +803,25 @@ Global___ListCreditLedgerResponse: _TypeAlias = ListCreditLedgerResponse  # noqa
 
 @_typing.final
 class AdjustCreditsRequest(_message.Message):
-    """A manual credit or debit."""
+    """A manual credit or debit, entered as one ADJUSTED ledger entry.
+
+    A credit (amount > 0) is a grant that never expires, effective at the next
+    whole minute (never backdated).
+
+    A debit (amount < 0) takes effect at the current whole minute (so the
+    balance shows it at once), after that minute's usage and the debits made
+    before it. It takes its credits from the grants open then, in the draw
+    order (the one expiring first, then higher priority, then the oldest). It
+    is always entered in full: what the grants cannot cover becomes a deficit
+    (the balance goes below zero, and credits_uncovered on the entry says how
+    much), which the next grant repays first. This holds whatever the overage
+    rule of the customer's prices, which is about usage: a debit is never
+    forgiven (FORGIVE) nor billed (BILL: it has no usage price). Usage metered
+    after the call but timed in or before the debit's minute (the rest of that
+    minute, late events) draws before it: when that changes which grants the
+    debit took from, a correction entry of amount 0 moves it (its total never
+    changes; credits_uncovered may).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -808,11 +835,17 @@ class AdjustCreditsRequest(_message.Message):
     credit_type_id: _builtins.str
     """Required."""
     amount: _builtins.str
-    """Required, non-zero, at the type's precision: positive credits, negative debits."""
+    """Required, non-zero, at the type's precision: positive credits, negative
+    debits (INVALID_ARGUMENT naming amount otherwise).
+    """
     reason: _builtins.str
-    """Required, at most 255 characters."""
+    """Required, at most 255 characters: the entry's description."""
     idempotency_key: _builtins.str
-    """Required, at most 255 characters: the same key answers the first entry."""
+    """Required, at most 255 characters, one per adjustment of the tenant
+    (credits and debits alike): the same key with the same customer, credit
+    type and amount answers the first entry and changes nothing; with
+    another of them, ALREADY_EXISTS naming idempotency_key.
+    """
     def __init__(
         self,
         *,
@@ -834,9 +867,15 @@ Global___AdjustCreditsRequest: _TypeAlias = AdjustCreditsRequest  # noqa: Y015
 class CreditEvent(_message.Message):
     """Published on the BILLING stream as usagebilling.billing.v1.credit.<kind>
     (granted, drawn, expired, rolled_over, forfeited, adjusted, overage,
-    balance_low). Nats-Msg-Id is the entry's id (balance_low: the entry's id
-    plus ".low"). Draw-downs are summarized: one drawn message per customer,
-    type, meter and minute.
+    balance_low). Every kind but drawn is one message per ledger entry, with
+    `entry` set and Nats-Msg-Id "credit-entry-<entry id>" (balance_low: the
+    account and its last entry). Draw-downs are summarized: credit.drawn is one
+    message per customer, credit type and minute of usage, with `draw_down`
+    set (the total and each meter's part) and `entry` unset; Nats-Msg-Id
+    "credit-drawn-<customer id>-<credit type id>-<minute, YYYYMMDDTHHMMZ>-<id of
+    its first entry>". A minute's draws are recorded together by one
+    settlement pass, so a minute has one such message, plus one more for each
+    later pass that corrects it (late events).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -845,6 +884,7 @@ class CreditEvent(_message.Message):
     ENTRY_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
+    DRAW_DOWN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant the entry belongs to."""
     balance: _builtins.str
@@ -853,7 +893,11 @@ class CreditEvent(_message.Message):
     """The threshold."""
     @_builtins.property
     def entry(self) -> Global___CreditLedgerEntry:
-        """The entry the message is about."""
+        """The entry the message is about (unset on credit.drawn)."""
+
+    @_builtins.property
+    def draw_down(self) -> Global___CreditDrawDown:
+        """For credit.drawn: the minute's draw-downs."""
 
     def __init__(
         self,
@@ -862,11 +906,109 @@ class CreditEvent(_message.Message):
         entry: Global___CreditLedgerEntry | None = ...,
         balance: _builtins.str = ...,
         threshold: _builtins.str = ...,
+        draw_down: Global___CreditDrawDown | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["draw_down", b"draw_down", "entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "entry", b"entry", "tenant_id", b"tenant_id", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "draw_down", b"draw_down", "entry", b"entry", "tenant_id", b"tenant_id", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreditEvent: _TypeAlias = CreditEvent  # noqa: Y015
+
+@_typing.final
+class CreditDrawDown(_message.Message):
+    """The draw-downs of one customer's balance of one credit type for one minute
+    of usage that one settlement pass recorded (credit.drawn).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_TYPE_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    CREDITS_DRAWN_FIELD_NUMBER: _builtins.int
+    BALANCE_AFTER_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The customer's id (not the external id)."""
+    credit_type_id: _builtins.str
+    """The credit type (CreditType.id)."""
+    credits_drawn: _builtins.str
+    """Credits drawn, all meters together: the negative of the sum of the
+    entries' amounts (a correction that draws less than an earlier pass is
+    negative).
+    """
+    balance_after: _builtins.str
+    """The balance after the last of the entries (recording order)."""
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """The minute of usage: [window_start, window_end)."""
+
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp:
+        """End of the minute."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the entries were recorded."""
+
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditDrawPart]:
+        """Each meter's part, in meter id order."""
+
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        credit_type_id: _builtins.str = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        credits_drawn: _builtins.str = ...,
+        balance_after: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        meters: _abc.Iterable[Global___CreditDrawPart] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "create_time", b"create_time", "credit_type_id", b"credit_type_id", "credits_drawn", b"credits_drawn", "customer_id", b"customer_id", "meters", b"meters", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditDrawDown: _TypeAlias = CreditDrawDown  # noqa: Y015
+
+@_typing.final
+class CreditDrawPart(_message.Message):
+    """One meter's part of a minute's draw-down: one DRAWN ledger entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METER_ID_FIELD_NUMBER: _builtins.int
+    CREDITS_DRAWN_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    meter_id: _builtins.str
+    """The meter whose usage drew."""
+    credits_drawn: _builtins.str
+    """Credits drawn for it: the negative of the entry's amount."""
+    quantity: _builtins.str
+    """The meter's quantity the entry adds (a correction carries the difference)."""
+    entry_id: _builtins.str
+    """The DRAWN ledger entry (CreditLedgerEntry.id)."""
+    def __init__(
+        self,
+        *,
+        meter_id: _builtins.str = ...,
+        credits_drawn: _builtins.str = ...,
+        quantity: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits_drawn", b"credits_drawn", "entry_id", b"entry_id", "meter_id", b"meter_id", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditDrawPart: _TypeAlias = CreditDrawPart  # noqa: Y015

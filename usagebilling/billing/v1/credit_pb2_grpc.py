@@ -133,7 +133,8 @@ class CreditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AdjustCredits(self, request, context):
-        """A manual credit (positive amount) or debit (negative), with a reason.
+        """A manual credit (positive amount) or debit (negative), with a reason;
+        answers its ADJUSTED entry. See AdjustCreditsRequest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,7 +57,9 @@ class CreditServiceStub:
     ListCreditLedger: _grpc.UnaryUnaryMultiCallable[_credit_pb2.ListCreditLedgerRequest, _credit_pb2.ListCreditLedgerResponse]
     """Ledger entries, oldest first, paged, filtered."""
     AdjustCredits: _grpc.UnaryUnaryMultiCallable[_credit_pb2.AdjustCreditsRequest, _credit_pb2.CreditLedgerEntry]
-    """A manual credit (positive amount) or debit (negative), with a reason."""
+    """A manual credit (positive amount) or debit (negative), with a reason;
+    answers its ADJUSTED entry. See AdjustCreditsRequest.
+    """
 
 @_typing.type_check_only
 class CreditServiceAsyncStub(CreditServiceStub):
@@ -88,7 +90,9 @@ class CreditServiceAsyncStub(CreditServiceStub):
     ListCreditLedger: _aio.UnaryUnaryMultiCallable[_credit_pb2.ListCreditLedgerRequest, _credit_pb2.ListCreditLedgerResponse]  # type: ignore[assignment]
     """Ledger entries, oldest first, paged, filtered."""
     AdjustCredits: _aio.UnaryUnaryMultiCallable[_credit_pb2.AdjustCreditsRequest, _credit_pb2.CreditLedgerEntry]  # type: ignore[assignment]
-    """A manual credit (positive amount) or debit (negative), with a reason."""
+    """A manual credit (positive amount) or debit (negative), with a reason;
+    answers its ADJUSTED entry. See AdjustCreditsRequest.
+    """
 
 class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
     """CreditService manages credit types, grants, the credit ledger and balances.
@@ -158,6 +162,8 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _credit_pb2.AdjustCreditsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_credit_pb2.CreditLedgerEntry, _abc.Awaitable[_credit_pb2.CreditLedgerEntry]]:
-        """A manual credit (positive amount) or debit (negative), with a reason."""
+        """A manual credit (positive amount) or debit (negative), with a reason;
+        answers its ADJUSTED entry. See AdjustCreditsRequest.
+        """
 
 def add_CreditServiceServicer_to_server(servicer: CreditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

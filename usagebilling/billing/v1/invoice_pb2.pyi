@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from usagebilling.billing.v1 import credit_pb2 as _credit_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -127,6 +128,81 @@ class InvoiceLineTier(_message.Message):
 Global___InvoiceLineTier: _TypeAlias = InvoiceLineTier  # noqa: Y015
 
 @_typing.final
+class InvoiceLineCredits(_message.Message):
+    """What credits did for a usage line whose price draws credits
+    (UsagePrice.credit_type_id): of the meter's quantity in the period
+    (InvoiceLine.quantity), the part the credits drawn covered is never billed;
+    the rest is the overage, billed or not by the price's overage rule.
+    Quantities are in the meter's unit, credits in the credit type's unit, both
+    decimal strings. On such a line, InvoiceLine.free_quantity counts the
+    covered part and the unbilled overage too, and billable_quantity and
+    amount_minor price only the billable overage.
+    Example (Pro: 59,500,000 tokens of credits, 70,000,000 consumed, BILL at
+    0.000005): credits_drawn "59500000", quantity_covered "59500000",
+    overage_quantity "10500000", billable_overage_quantity "10500000",
+    overage_amount_minor 5250.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_TYPE_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_TYPE_NAME_FIELD_NUMBER: _builtins.int
+    CREDIT_RATE_FIELD_NUMBER: _builtins.int
+    CREDITS_DRAWN_FIELD_NUMBER: _builtins.int
+    QUANTITY_COVERED_FIELD_NUMBER: _builtins.int
+    OVERAGE_QUANTITY_FIELD_NUMBER: _builtins.int
+    OVERAGE_RULE_FIELD_NUMBER: _builtins.int
+    BILLABLE_OVERAGE_QUANTITY_FIELD_NUMBER: _builtins.int
+    OVERAGE_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    credit_type_id: _builtins.str
+    """The credit type drawn (CreditType.id)."""
+    credit_type_name: _builtins.str
+    """Its name when the line was priced."""
+    credit_rate: _builtins.str
+    """Credits per unit of the meter (the price's credit_rate)."""
+    credits_drawn: _builtins.str
+    """Credits drawn for the meter's usage in the period: the sum of the
+    period's DRAWN ledger entries of the meter (credit type's unit).
+    """
+    quantity_covered: _builtins.str
+    """The part of the quantity the credits drawn covered:
+    min(quantity, credits_drawn / credit_rate). Not billed.
+    """
+    overage_quantity: _builtins.str
+    """quantity - quantity_covered: the usage the balance did not cover."""
+    overage_rule: _credit_pb2.OverageRule.ValueType
+    """What the overage is under: the price's overage rule."""
+    billable_overage_quantity: _builtins.str
+    """The part of the overage billed: all of it under OVERAGE_RULE_BILL, "0"
+    under FORGIVE and DEFICIT (DEFICIT takes it from the balance instead).
+    The line prices it by its model (after its free_threshold).
+    """
+    overage_amount_minor: _builtins.int
+    """The billable overage's amount in minor units of the invoice's currency:
+    the line's amount_minor (the line bills nothing else).
+    """
+    def __init__(
+        self,
+        *,
+        credit_type_id: _builtins.str = ...,
+        credit_type_name: _builtins.str = ...,
+        credit_rate: _builtins.str = ...,
+        credits_drawn: _builtins.str = ...,
+        quantity_covered: _builtins.str = ...,
+        overage_quantity: _builtins.str = ...,
+        overage_rule: _credit_pb2.OverageRule.ValueType = ...,
+        billable_overage_quantity: _builtins.str = ...,
+        overage_amount_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billable_overage_quantity", b"billable_overage_quantity", "credit_rate", b"credit_rate", "credit_type_id", b"credit_type_id", "credit_type_name", b"credit_type_name", "credits_drawn", b"credits_drawn", "overage_amount_minor", b"overage_amount_minor", "overage_quantity", b"overage_quantity", "overage_rule", b"overage_rule", "quantity_covered", b"quantity_covered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoiceLineCredits: _TypeAlias = InvoiceLineCredits  # noqa: Y015
+
+@_typing.final
 class InvoiceLine(_message.Message):
     """One charge of an invoice: the fixed fee, one usage price, or a commitment
     adjustment.
@@ -144,6 +220,7 @@ class InvoiceLine(_message.Message):
     METER_NAME_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
     description: _builtins.str
     """Human-readable, such as "api-calls: 2500 consumed, 1000 free, 1500 billable
     x 0.02".
@@ -172,6 +249,13 @@ class InvoiceLine(_message.Message):
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLineTier]:
         """GRADUATED and VOLUME: the tiers the quantity fell in."""
 
+    @_builtins.property
+    def credits(self) -> Global___InvoiceLineCredits:
+        """Set on a usage line whose price draws credits: what was drawn, covered
+        and billed (unset on other lines, and on invoices built before this
+        field existed, whose description says it in words).
+        """
+
     def __init__(
         self,
         *,
@@ -185,10 +269,11 @@ class InvoiceLine(_message.Message):
         meter_name: _builtins.str = ...,
         tiers: _abc.Iterable[Global___InvoiceLineTier] | None = ...,
         kind: Global___InvoiceLineKind.ValueType = ...,
+        credits: Global___InvoiceLineCredits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "billable_quantity", b"billable_quantity", "description", b"description", "free_quantity", b"free_quantity", "kind", b"kind", "meter_id", b"meter_id", "meter_name", b"meter_name", "quantity", b"quantity", "tiers", b"tiers", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "billable_quantity", b"billable_quantity", "credits", b"credits", "description", b"description", "free_quantity", b"free_quantity", "kind", b"kind", "meter_id", b"meter_id", "meter_name", b"meter_name", "quantity", b"quantity", "tiers", b"tiers", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
