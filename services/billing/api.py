@@ -10,10 +10,10 @@ from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog
 from services.billing.domain.fields import check_text
 from services.billing.invoicing import Invoicing
-from services.billing.store import BillingStore, CustomerRecord
+from services.billing.store import BillingStore, CustomerRecord, ProductRecord
 from services.common.context import current_api_key_id, current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import fetch_page
+from services.common.paging import bounded_page, fetch_page
 from usagebilling.billing.v1 import (
     customer_pb2,
     customer_pb2_grpc,
@@ -26,6 +26,12 @@ from usagebilling.billing.v1 import (
     tenant_pb2,
     tenant_pb2_grpc,
 )
+
+# A ListProducts answer stops before the product that would take it past this
+# many encoded bytes (it always holds one product). A product within today's
+# limits (50 usage prices of 100 tiers, decimals of 100 characters) can pass
+# 1 MB, so a page of them passed the 4 MiB a gRPC client takes by default.
+MAX_LIST_PRODUCTS_BYTES = 1024 * 1024
 
 
 def _now() -> datetime:
@@ -143,14 +149,18 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
     async def ListProducts(
         self, request: product_pb2.ListProductsRequest, context: Any
     ) -> product_pb2.ListProductsResponse:
+        def cursor(r: ProductRecord) -> tuple[datetime, str]:
+            return r.created_at, r.id
+
         rows, token = await fetch_page(
             request,
             lambda after, limit: self._store.list_products(current_tenant(), after, limit),
-            lambda r: (r.created_at, r.id),
+            cursor,
         )
-        return product_pb2.ListProductsResponse(
-            products=[convert.proto_product(r) for r in rows], next_page_token=token
+        page, token = bounded_page(
+            rows, [convert.proto_product(r) for r in rows], token, cursor, MAX_LIST_PRODUCTS_BYTES
         )
+        return product_pb2.ListProductsResponse(products=page, next_page_token=token)
 
 
 class SubscriptionServicer(subscription_pb2_grpc.SubscriptionServiceServicer):

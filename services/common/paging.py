@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from google.protobuf.message import Message
+
 from services.common.errors import InvalidArgument
 from services.common.ids import is_uuid
 
@@ -40,6 +42,7 @@ _NOT_OURS = "page_token: not a token returned by this API"
 _signing_key = secrets.token_bytes(32)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 
 def configure(secret: str, service: str) -> None:
@@ -147,6 +150,31 @@ def next_page(
     page = rows[:limit]
     when, key = cursor(page[-1])
     return page, encode_token([when.astimezone(UTC).isoformat(), key])
+
+
+# A repeated message field's tag and length prefix, at most (for up to 2 MB).
+ENTRY_OVERHEAD = 6
+
+
+def bounded_page(
+    rows: list[T],
+    messages: list[M],
+    token: str,
+    cursor: Callable[[T], tuple[datetime, str]],
+    max_bytes: int,
+) -> tuple[list[M], str]:
+    """A page whose answer stays under `max_bytes` of entries: the longest
+    prefix of `messages` (one per row, in order; at least one) that fits,
+    and the next page's token, which starts at the first message left out
+    (or `token`, when all fit). gRPC clients refuse answers over 4 MB by
+    default, and a page of large records (products, meters) can pass it."""
+    size = 0
+    for i, message in enumerate(messages):
+        size += message.ByteSize() + ENTRY_OVERHEAD
+        if i > 0 and size > max_bytes:
+            _, token = next_page(rows[: i + 1], i, cursor)
+            return messages[:i], token
+    return messages, token
 
 
 async def fetch_page(

@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.context import current_api_key_id, current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import fetch_page, next_page
+from services.common.paging import bounded_page, fetch_page
 from services.meter import convert
 from services.meter.domain.query import AnswerLimits
 from services.meter.service import AnswerBudget, MeterService
@@ -28,8 +28,6 @@ from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
 # most about this big in memory and on the wire, far under the 4 MiB a gRPC
 # client takes by default. A meter made within today's limits is under 30 KiB.
 MAX_LIST_METERS_BYTES = 1024 * 1024
-# A repeated field's tag and length prefix, at most.
-_ENTRY_OVERHEAD = 6
 
 
 class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
@@ -68,18 +66,10 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
             lambda after, limit: self._store.list_meters(current_tenant(), after, limit),
             cursor,
         )
-        answer = meter_pb2.ListMetersResponse()
-        size = 0
-        for i, record in enumerate(meters):
-            meter = convert.proto_meter(record)
-            size += meter.ByteSize() + _ENTRY_OVERHEAD
-            if i > 0 and size > MAX_LIST_METERS_BYTES:
-                # The next page starts at this meter.
-                _, token = next_page(meters[: i + 1], i, cursor)
-                break
-            answer.meters.append(meter)
-        answer.next_page_token = token
-        return answer
+        page, token = bounded_page(
+            meters, [convert.proto_meter(m) for m in meters], token, cursor, MAX_LIST_METERS_BYTES
+        )
+        return meter_pb2.ListMetersResponse(meters=page, next_page_token=token)
 
     async def ArchiveMeter(
         self, request: meter_pb2.ArchiveMeterRequest, context: Any

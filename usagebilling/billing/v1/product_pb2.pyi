@@ -516,7 +516,10 @@ class ListProductsResponse(_message.Message):
     """Empty on the last page."""
     @_builtins.property
     def products(self) -> _containers.RepeatedCompositeFieldContainer[Global___Product]:
-        """In creation order."""
+        """In creation order. A page may hold fewer than page_size: it stops before
+        the product that would take it past 1 MiB (it holds one at least; a
+        product within the limits can pass 1 MB).
+        """
 
     def __init__(
         self,
