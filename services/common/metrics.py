@@ -76,6 +76,12 @@ OUTBOX_DEPTH = Gauge(
     "Accepted batches waiting in ingest's outbox for JetStream",
     registry=REGISTRY,
 )
+RATE_SHARE = Gauge(
+    "usagebilling_ingest_rate_share",
+    "The part (0.05 to 1) of USAGEBILLING_INGEST_RATE_LIMIT tenants get now: below 1"
+    " while meter has more than a second of backlog (services/ingest/domain/backpressure.py)",
+    registry=REGISTRY,
+)
 CONSUMER_LAG = Gauge(
     "usagebilling_consumer_lag_messages",
     "Messages of the EVENTS stream not yet folded by meter",
@@ -122,7 +128,7 @@ QUARANTINE_DEPTH = Gauge(
 COMMON: tuple[Collector, ...] = (GRPC_STARTED, GRPC_HANDLED, GRPC_SECONDS, BUILD_INFO, READY)
 # The series each service exports besides COMMON.
 OWN: dict[str, tuple[Collector, ...]] = {
-    "ingest": (EVENTS, OUTBOX_DEPTH, QUARANTINED, QUARANTINE_DEPTH),
+    "ingest": (EVENTS, OUTBOX_DEPTH, QUARANTINED, QUARANTINE_DEPTH, RATE_SHARE),
     "meter": (
         CONSUMER_LAG,
         CONSUMER_BATCH_SECONDS,

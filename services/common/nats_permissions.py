@@ -3,7 +3,9 @@ that the dev stack's nats-server config is written from, and that a
 deployment's NATS authorization must match (README, "Security model").
 
 - ingest publishes events (usagebilling.events.v1.>) and manages the EVENTS
-  stream; it cannot read the stream back or publish billing messages.
+  stream; it reads the info of the stream's consumers (meter's backlog cuts
+  the rate limit: services/ingest/meter_backlog.py) but cannot read the
+  stream back, act on a consumer or publish billing messages.
 - meter consumes EVENTS (consumer create/info, pull requests, acks) and
   manages the stream's configuration; it publishes no message of its own.
 - billing publishes billing messages (usagebilling.billing.v1.>), manages
@@ -36,7 +38,11 @@ def _manage_stream(stream: str) -> list[str]:
 # service -> {"publish": [...], "subscribe": [...]} (allow lists; all else denied).
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "ingest": {
-        "publish": [f"{EVENTS_SUBJECT_PREFIX}.>", *_manage_stream(EVENTS_STREAM)],
+        "publish": [
+            f"{EVENTS_SUBJECT_PREFIX}.>",
+            *_manage_stream(EVENTS_STREAM),
+            f"{_JS}.CONSUMER.INFO.{EVENTS_STREAM}.>",
+        ],
         "subscribe": [f"{inbox_prefix('ingest')}.>"],
     },
     "meter": {

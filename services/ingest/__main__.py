@@ -13,6 +13,7 @@ from services.ingest import dodo
 from services.ingest import settings as ingest_settings
 from services.ingest.api import IngestServicer
 from services.ingest.domain.rate_limit import RateLimiter
+from services.ingest.meter_backlog import MeterBacklog
 from services.ingest.meter_weights import CHANNEL_OPTIONS, MeterWeights
 from services.ingest.relay import Publisher, Relay, RelayQuarantine
 from services.ingest.service import Ingestor
@@ -49,6 +50,7 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
             else None
         )
         ingestor = Ingestor(store, relay.wake, settings.backdate_window, limiter, weights=weights)
+        backlog = MeterBacklog(runtime.js, limiter, settings.meter_consumer) if limiter else None
 
         async def close_meter() -> None:
             if weights is not None:
@@ -71,6 +73,8 @@ def wiring(settings: ingest_settings.IngestSettings) -> app.Wire:
             background=[
                 relay.run,
                 relay.watch_depth,
+                # A limit shrinks while meter falls behind (domain.backpressure).
+                *([backlog.run] if backlog else []),
                 # The log's months, from the oldest an event may have on.
                 lambda: partitions.keep_ahead(runtime.pool, [EVENT_LOG], settings.backdate_window),
             ],

@@ -35,6 +35,9 @@ class IngestResult:
     rejections: list[Rejection]
 
 
+_SHARE_NOTE = " (cut while meter catches up with its backlog)"
+
+
 class Ingestor:
     def __init__(
         self,
@@ -68,7 +71,8 @@ class Ingestor:
             # Rounded up to milliseconds: a client that waits this long passes.
             retry_after = math.ceil(wait * 1000) / 1000
             raise ResourceExhausted(
-                f"events: the tenant's ingest rate of {self._limiter.rate:g} row units/s"
+                f"events: the tenant's ingest rate of {self._limiter.current:g} row units/s"
+                f"{_SHARE_NOTE if self._limiter.share < 1 else ''}"
                 f" (burst {self._limiter.burst}) is reached; none of the {len(events)} events"
                 f" ({cost} row units: events times the meters that count them) was stored,"
                 f" retry after {retry_after:g} s",

@@ -24,6 +24,9 @@ class IngestSettings:
     # The bucket's size in row units: at least the largest call's event count
     # (a call costing more passes on a full bucket and leaves a debt).
     rate_burst: int
+    # meter's durable consumer of EVENTS (USAGEBILLING_METER_CONSUMER, as meter
+    # reads it): its backlog cuts the rate limit (services/ingest/meter_backlog.py).
+    meter_consumer: str
     # How long a tenant's fold weights are used before meter is asked again.
     weights_refresh: timedelta
     # Tries of an outbox batch that fails for a reason of its own before it is
@@ -43,6 +46,7 @@ def read(reader: EnvReader) -> IngestSettings:
         rate_burst=reader.integer(
             "USAGEBILLING_INGEST_RATE_BURST", 30_000, minimum=MAX_BATCH, maximum=10**9
         ),
+        meter_consumer=reader.text("USAGEBILLING_METER_CONSUMER", "meter"),
         weights_refresh=reader.duration(
             "USAGEBILLING_INGEST_WEIGHTS_REFRESH",
             timedelta(seconds=5),

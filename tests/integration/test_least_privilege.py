@@ -137,12 +137,27 @@ async def test_ingest_publishes_events_and_cannot_publish_billing_messages(
 async def test_ingest_cannot_consume_the_events_stream_as_meter(
     stack_urls: tuple[str, str], as_user: Callable[[str], Awaitable[Connection]]
 ) -> None:
-    ingest = await as_user("ingest")
+    ingest, meter = await as_user("ingest"), await as_user("meter")
+    durable = f"least-privilege-{uuid.uuid4().hex[:8]}"
+    await meter.nc.jetstream().pull_subscribe(
+        f"{EVENTS_SUBJECT_PREFIX}.>", durable=durable, stream=EVENTS_STREAM
+    )
+    # ingest reads a consumer's info (meter's backlog cuts its rate limit)...
+    info = await ingest.nc.jetstream().consumer_info(EVENTS_STREAM, durable)
+    assert info.name == durable
+    # ...but cannot fetch from it,
+    consumer = await ingest.nc.jetstream(timeout=REFUSED_WAIT).pull_subscribe(
+        f"{EVENTS_SUBJECT_PREFIX}.>", durable=durable, stream=EVENTS_STREAM
+    )
+    with pytest.raises((nats.errors.TimeoutError, asyncio.TimeoutError)):
+        await consumer.fetch(1, timeout=REFUSED_WAIT)
+    await ingest.violation(f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{durable}")
+    # nor make a consumer of its own.
     with pytest.raises((nats.errors.TimeoutError, asyncio.TimeoutError)):
         await ingest.nc.jetstream(timeout=REFUSED_WAIT).pull_subscribe(
-            f"{EVENTS_SUBJECT_PREFIX}.>", durable="meter", stream=EVENTS_STREAM
+            f"{EVENTS_SUBJECT_PREFIX}.>", durable=f"{durable}-ingest", stream=EVENTS_STREAM
         )
-    await ingest.violation(f"$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.meter")
+    await ingest.violation(f"{EVENTS_STREAM}.{durable}-ingest")
     # Nor read events with a plain subscription, nor meter's replies.
     for subject in (f"{EVENTS_SUBJECT_PREFIX}.>", f"{jetstream.inbox_prefix('meter')}.>"):
         await ingest.nc.subscribe(subject)

@@ -33,6 +33,9 @@ class RateLimiter:
             raise ValueError("rate and burst must be positive")
         self.rate = rate
         self.burst = burst
+        # The part of `rate` tenants get now (domain.backpressure): below 1
+        # while meter falls behind.
+        self.share = 1.0
         self._buckets: dict[str, Bucket] = {}
         self._keep = keep
         self._prune_at = keep
@@ -41,7 +44,12 @@ class RateLimiter:
         if bucket is None:
             return float(self.burst)
         # max(): a clock that stepped back never takes tokens away.
-        return min(float(self.burst), bucket.tokens + max(0.0, now - bucket.at) * self.rate)
+        return min(float(self.burst), bucket.tokens + max(0.0, now - bucket.at) * self.current)
+
+    @property
+    def current(self) -> float:
+        """Tokens a second now: the rate times the share."""
+        return self.rate * self.share
 
     def acquire(self, key: str, count: int, now: float) -> float:
         """Takes `count` tokens from `key`'s bucket and returns 0.0; or, when
@@ -54,7 +62,7 @@ class RateLimiter:
         level = self._level(self._buckets.get(key), now)
         need = min(count, self.burst)
         if level < need:
-            return (need - level) / self.rate
+            return (need - level) / self.current
         self._buckets[key] = Bucket(level - count, now)
         if len(self._buckets) > self._prune_at:
             self._prune(now)
