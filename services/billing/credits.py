@@ -323,23 +323,9 @@ class MinuteUsage:
     async def read(
         self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
     ) -> Minutes:
-        request = meter_pb2.QueryUsageRequest(
-            meter_id=meter_id, customer_id=customer, window_size=meter_pb2.WINDOW_SIZE_MINUTE
+        return await self._windows(
+            tenant_id, meter_id, customer, start, end, meter_pb2.WINDOW_SIZE_MINUTE
         )
-        request.start_time.FromDatetime(start)
-        request.end_time.FromDatetime(end)
-        try:
-            answer = await self._stub.QueryUsage(
-                request, metadata=on_behalf_of(self._token, tenant_id), timeout=30
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"meter service: {exc.code().name}: {exc.details()}") from exc
-        found: Minutes = {}
-        for row in answer.rows:
-            value = Decimal(row.value)
-            if value:
-                found[row.window_start.ToDatetime(tzinfo=UTC)] = value
-        return found
 
     async def days(
         self, tenant_id: str, meter_id: str, customer: str, start: datetime, end: datetime
@@ -348,8 +334,23 @@ class MinuteUsage:
         (the first and last clipped to the range), keyed by the day's
         midnight; days of no usage left out. Flat cost: meter reads its
         hour buckets."""
+        found = await self._windows(
+            tenant_id, meter_id, customer, start, end, meter_pb2.WINDOW_SIZE_DAY
+        )
+        return {floor_day(start): value for start, value in found.items()}
+
+    async def _windows(
+        self,
+        tenant_id: str,
+        meter_id: str,
+        customer: str,
+        start: datetime,
+        end: datetime,
+        size: meter_pb2.WindowSize.ValueType,
+    ) -> dict[datetime, Decimal]:
+        """The usage per window (UTC) by window start; windows of none left out."""
         request = meter_pb2.QueryUsageRequest(
-            meter_id=meter_id, customer_id=customer, window_size=meter_pb2.WINDOW_SIZE_DAY
+            meter_id=meter_id, customer_id=customer, window_size=size
         )
         request.start_time.FromDatetime(start)
         request.end_time.FromDatetime(end)
@@ -363,7 +364,7 @@ class MinuteUsage:
         for row in answer.rows:
             value = Decimal(row.value)
             if value:
-                found[floor_day(row.window_start.ToDatetime(tzinfo=UTC))] = value
+                found[row.window_start.ToDatetime(tzinfo=UTC)] = value
         return found
 
     async def additive(self, tenant_id: str, meter_id: str) -> bool:
