@@ -8,9 +8,19 @@ and per bucket n, d = sum of steps, m = sum of step * t (t in microseconds since
 
 with level(a-) the sum of every step before a: day buckets, then the hours,
 minutes and raw rows up to a (domain.rollup cuts the pieces, as for `usage`).
-The oracle is domain.gauges; SEATS_MAX (the most the level reaches inside a
-window) is not a function of d and m, and stays on MeterStore.held_usage's raw
-path.
+The oracle is domain.gauges. SEATS_MAX (the most the level reaches inside a
+window) is not a function of d and m: its buckets also keep a peak (migration
+0011, domain.gauges.Span), the most the sum of the bucket's steps from its
+start reaches at one of its instants, and a window reads
+
+    most = level(a-) + max over pieces i in time order of (d_1 + ... + d_{i-1} + peak_i)
+
+with 0 among them when no piece starts at a (then the level before a is the
+level at a), a partial minute's rows read as one piece per event time. Peaks
+are not additive: the fold recomputes those of the buckets it changed (`peaks`:
+minutes from rows, hours from minutes, days from hours). A peak is per stored
+dimensions, so a query grouped more coarsely still reads the rows
+(MeterStore.held_usage).
 
 Exactly once: the fold gives the steps only to its rows whose step is still
 NULL (rows it inserted; a redelivered row was stepped by the fold that stored
@@ -150,31 +160,37 @@ SELECT DISTINCT meter_key, customer_id COLLATE "C" AS customer_id, dims::jsonb A
 FROM unnest($1::integer[], $2::text[], $3::text[], $4::timestamptz[])
     AS u (meter_key, customer_id, dims, minute)
 """
+# (Written as an upsert of buckets that all exist: it probes the primary key
+# once per bucket, where an UPDATE ... FROM may be planned as a merge join that
+# rescans the customer's buckets per bucket.)
 _SET_PEAK = """
-UPDATE meter.held_rollups r SET peak = p.peak FROM (
-    SELECT meter_key, customer_id, dims, start,
-        CASE WHEN min(t) > start THEN greatest(max(run), 0) ELSE max(run) END AS peak
-    FROM (SELECT *, sum(d) OVER w - d + peak AS run FROM parts
-        WINDOW w AS (PARTITION BY meter_key, customer_id, dims, start ORDER BY t)) AS x
-    GROUP BY 1, 2, 3, 4
-) AS p
-WHERE r.meter_key = p.meter_key AND r.grain = '{grain}' AND r.customer_id = p.customer_id
-    AND r.bucket_start = p.start AND r.dims = p.dims
+INSERT INTO meter.held_rollups AS r (meter_key, grain, customer_id, bucket_start, dims, n, d, m,
+    peak)
+SELECT meter_key, '{grain}', customer_id, start, dims, 0, 0, 0,
+    CASE WHEN min(t) > start THEN greatest(max(run), 0) ELSE max(run) END
+FROM (SELECT *, sum(d) OVER w - d + peak AS run FROM parts
+    WINDOW w AS (PARTITION BY meter_key, customer_id, dims, start ORDER BY t)) AS x
+GROUP BY meter_key, customer_id, start, dims
+ORDER BY 1, 2, 3, 4, 5
+ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET peak = EXCLUDED.peak
 """
 PEAKS = (
     # A minute's instants: its rows' steps added up per event time.
+    # (One index range per bucket: OFFSET 0 keeps each lateral a nested loop.)
     "WITH k AS (" + _KEYS.format(step="interval '1 minute'") + "), parts AS ("
-    " SELECT k.*, e.event_time AS t, sum(e.step) AS d, sum(e.step) AS peak"
-    " FROM k JOIN meter.meter_events e ON e.meter_key = k.meter_key"
-    " AND e.customer_id = k.customer_id AND e.event_time >= k.start"
-    " AND e.event_time < k.start + interval '1 minute' AND coalesce(e.dims, '{}') = k.dims"
-    " AND e.step IS NOT NULL GROUP BY 1, 2, 3, 4, 5)" + _SET_PEAK.format(grain="m"),
+    " SELECT k.*, e.t, e.d, e.d AS peak FROM k CROSS JOIN LATERAL ("
+    " SELECT e.event_time AS t, sum(e.step) AS d FROM meter.meter_events e"
+    " WHERE e.meter_key = k.meter_key AND e.customer_id = k.customer_id"
+    " AND e.event_time >= k.start AND e.event_time < k.start + interval '1 minute'"
+    " AND coalesce(e.dims, '{}') = k.dims AND e.step IS NOT NULL GROUP BY 1 OFFSET 0) AS e)"
+    + _SET_PEAK.format(grain="m"),
     *(
         f"WITH k AS ({_KEYS.format(step=step)}), parts AS ("
-        " SELECT k.*, r.bucket_start AS t, r.d, r.peak FROM k JOIN meter.held_rollups r"
-        f" ON r.meter_key = k.meter_key AND r.grain = '{child}' AND r.customer_id = k.customer_id"
+        " SELECT k.*, r.* FROM k CROSS JOIN LATERAL (SELECT r.bucket_start AS t, r.d, r.peak"
+        f" FROM meter.held_rollups r WHERE r.meter_key = k.meter_key AND r.grain = '{child}'"
+        " AND r.customer_id = k.customer_id"
         f" AND r.bucket_start >= k.start AND r.bucket_start < k.start + {step}"
-        f" AND r.dims = k.dims)" + _SET_PEAK.format(grain=grain)
+        f" AND r.dims = k.dims OFFSET 0) AS r)" + _SET_PEAK.format(grain=grain)
         for child, grain, step in (("m", "h", "interval '1 hour'"), ("h", "d", "interval '1 day'"))
     ),
 )
@@ -274,7 +290,7 @@ async def fold_stored(
     await conn.execute(LOCK, [meter_key] * len(ids), ids)
     found = await conn.fetch(
         FOLD.format(
-            new="SELECT * FROM meter.meter_events WHERE meter_key = $1 AND event_time >= $2"
+            new="SELECT *, 0 AS i FROM meter.meter_events WHERE meter_key = $1 AND event_time >= $2"
             " AND event_time < $3 AND step IS NULL AND skip_reason IS NULL",
             updated="",
             peaks="$4",

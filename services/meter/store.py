@@ -843,7 +843,9 @@ class MeterStore:
         not hold what a line's value is between events): the cost grows with
         the events in the range.
 
-        All but SEATS_MAX read the pre-aggregated steps instead (held.usage)."""
+        Only SEATS_MAX grouped more coarsely than the meter reads this way;
+        everything else reads the pre-aggregated steps (and SEATS_MAX's peaks)
+        instead (held.usage)."""
         # SEATS_MAX's peaks are per stored dimensions: they serve a read whose
         # groups are those (a peak does not add up over several groups' buckets).
         if meter.aggregation != "SEATS_MAX" or set(group_by) == set(meter.group_by):
