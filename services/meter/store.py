@@ -17,7 +17,7 @@ from services.common.errors import AlreadyExists, NotFound
 from services.common.ids import parse_uuid
 from services.meter import held
 from services.meter.domain import rollup
-from services.meter.domain.aggregation import HELD
+from services.meter.domain.aggregation import HELD, Aggregation
 from services.meter.domain.matching import FoldedEvent
 
 # The compact key of meter $2 of tenant $1 (meter_events holds keys, not ids).
@@ -309,6 +309,8 @@ class MeterStore:
         # Whether a meter key is a held aggregation's (a meter's aggregation
         # never changes): the fold steps those rows (services/meter/held.py).
         self._held_keys: dict[int, bool] = {}
+        # The SEATS_MAX meters among them: the fold keeps their buckets' peaks.
+        self._peak_keys: set[int] = set()
         # Where buckets start to pay (domain.rollup.Gates); tests lower them.
         self.gates = rollup.Gates()
 
@@ -316,12 +318,14 @@ class MeterStore:
         unknown = {row.meter_key for row in rows} - self._held_keys.keys()
         if unknown:
             found = await conn.fetch(
-                "SELECT key, aggregation = ANY($2::text[]) FROM meter.meters"
+                "SELECT key, aggregation = ANY($2::text[]), aggregation = $3 FROM meter.meters"
                 " WHERE key = ANY($1::integer[])",
                 list(unknown),
                 [a.name for a in HELD],
+                Aggregation.SEATS_MAX.name,
             )
             self._held_keys.update((r[0], r[1]) for r in found)
+            self._peak_keys.update(r[0] for r in found if r[2])
         return [row for row in rows if self._held_keys.get(row.meter_key)]
 
     async def create_meter(
@@ -467,7 +471,9 @@ class MeterStore:
             try:
                 async with conn.transaction():
                     # Gauges' and seats' rows go in with their steps.
-                    steps = await held.steps_before_copy(conn, rows, places)
+                    steps, minutes = await held.steps_before_copy(
+                        conn, rows, places, sorted({r.meter_key for r in stepped} & self._peak_keys)
+                    )
                     await conn.copy_records_to_table(
                         "meter_events",
                         schema_name="meter",
@@ -477,6 +483,7 @@ class MeterStore:
                         else rows,
                     )
                     await self._roll_up(conn, kept)
+                    await held.peaks(conn, minutes)  # (from the rows just stored)
                 return len(rows)
             except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
                 pass
@@ -488,7 +495,10 @@ class MeterStore:
                     async with conn.transaction():
                         inserted = [FoldedEvent(*r) for r in await conn.fetch(_INSERTED, *columns)]
                         await self._roll_up(conn, [r for r in inserted if r.skip_reason is None])
-                        await held.fold(conn, stepped)  # only the rows not stepped before
+                        # Only the rows not stepped before.
+                        await held.fold(
+                            conn, stepped, sorted({r.meter_key for r in stepped} & self._peak_keys)
+                        )
                     return len(inserted)
                 except asyncpg.DeadlockDetectedError:
                     if attempt == _FOLD_ATTEMPTS - 1:
@@ -568,7 +578,9 @@ class MeterStore:
                 end,
             )
             if await self._held_rows(conn, [FoldedEvent(meter_key, "", start, "", *[None] * 4)]):
-                await held.fold_stored(conn, meter_key, start, end)
+                await held.fold_stored(
+                    conn, meter_key, start, end, peak=meter_key in self._peak_keys
+                )
 
     async def insert_and_roll_up(self, select: str, *args: Any) -> int:
         """Inserts the rows that `select` yields (meter_events' columns, none
@@ -831,8 +843,12 @@ class MeterStore:
         not hold what a line's value is between events): the cost grows with
         the events in the range.
 
-        All but SEATS_MAX read the pre-aggregated steps instead (held.usage)."""
-        if meter.aggregation != "SEATS_MAX":
+        Only SEATS_MAX grouped more coarsely than the meter reads this way;
+        everything else reads the pre-aggregated steps (and SEATS_MAX's peaks)
+        instead (held.usage)."""
+        # SEATS_MAX's peaks are per stored dimensions: they serve a read whose
+        # groups are those (a peak does not add up over several groups' buckets).
+        if meter.aggregation != "SEATS_MAX" or set(group_by) == set(meter.group_by):
             async for found in held.usage(
                 self.pool,
                 meter.key,

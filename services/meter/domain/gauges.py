@@ -123,3 +123,43 @@ def at_end(events: Sequence[Held], start: datetime, end: datetime) -> Decimal | 
     """f just before `end`."""
     levels = _levels(events, start, end)
     return levels[-1][1] if levels else None
+
+
+class Span(NamedTuple):
+    """What the steps in a span of time [start, ...) do to the level, as the
+    store pre-aggregates SEATS_MAX (services/meter/held.py): `d` the sum of its
+    steps, `peak` the most the sum of its steps from `start` reaches at one of
+    its instants: `start` itself (0 there when no step is at `start`) and each
+    step's time, all the steps at one time counted together (an item added and
+    removed at one instant is never active)."""
+
+    start: datetime
+    d: Decimal
+    peak: Decimal
+
+
+def span(start: datetime, steps: Sequence[tuple[datetime, Decimal]]) -> Span:
+    """The Span of `steps` (time, step: a line's value minus its previous
+    value), all at or after `start`, in any order."""
+    at: dict[datetime, Decimal] = {}
+    with localcontext(_EXACT):
+        for t, step in steps:
+            at[t] = at.get(t, Decimal(0)) + step
+        run, top = Decimal(0), Decimal(0) if start not in at else None
+        for t in sorted(at):
+            run += at[t]
+            top = run if top is None or run > top else top
+    return Span(start, run, Decimal(0) if top is None else top)
+
+
+def combine(start: datetime, spans: Sequence[Span]) -> Span:
+    """The Span from `start` of consecutive spans (in time order, the first
+    starting at or after `start`), a span without steps between them counting
+    as nothing: d adds up, and the peak is the most of each one's peak after
+    the d of those before it (0 too when none starts at `start`)."""
+    with localcontext(_EXACT):
+        run, top = Decimal(0), Decimal(0) if not spans or spans[0].start > start else None
+        for s in spans:
+            top = run + s.peak if top is None or run + s.peak > top else top
+            run += s.d
+    return Span(start, run, Decimal(0) if top is None else top)

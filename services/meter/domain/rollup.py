@@ -45,8 +45,9 @@ fold; the store's SQL does the rest.
 Each must agree with the pure oracle, domain.aggregation.aggregate. The held
 aggregations (gauges, seats: a level carries from one event to the next, across
 buckets) keep buckets of their own, of steps (services/meter/held.py, same
-pieces plus day buckets for the level before a range); SEATS_MAX reads the rows
-(MeterStore.held_usage).
+pieces plus day buckets for the level before a range); SEATS_MAX's buckets
+also keep a peak (domain.gauges.Span), and it reads the rows
+(MeterStore.held_usage) only when a query's groups merge dimension values.
 """
 
 from __future__ import annotations
