@@ -1,7 +1,15 @@
 """Backpressure for the rate limit: watches meter's durable consumer of the
 EVENTS stream (its consumer info: read-only, the one JetStream API ingest may
 call on a consumer) and sets the share of the rate limit tenants get
-(domain.backpressure)."""
+(domain.backpressure).
+
+The backlog is the messages not yet delivered to meter (num_pending), over
+the rate meter has been taking them (the advance of the consumer's delivered
+stream sequence: meter fetches its next batch when it has folded the last).
+Not the ack floor, nor the messages out for acknowledgement: one message meter
+retries later (nak with a delay) holds those for minutes while meter folds
+everything else. The rate is learnt only while messages wait: idle looks say
+nothing of it, and before any is learnt the share holds."""
 
 from __future__ import annotations
 
@@ -35,26 +43,36 @@ class MeterBacklog:
         self._durable = durable
         self._every = every
         self.control = control or Backpressure()
-        self._floor: tuple[int, float] | None = None  # (ack floor, when seen)
-        self._folding = 0.0  # messages a second, smoothed
+        # The last look: (delivered stream sequence, messages waiting, when).
+        self._last: tuple[int, int, float] | None = None
+        self._taking: float | None = None  # messages a second meter takes, smoothed
+        self._missing = False
 
     async def observe(self) -> float | None:
         """One look at the consumer; the share it leads to, or None when
-        there is nothing to see (no consumer yet: meter has not started)."""
+        there is no such consumer (meter has not started, or
+        USAGEBILLING_METER_CONSUMER differs from meter's: logged once)."""
         try:
             info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
         except nats.js.errors.NotFoundError:
+            if not self._missing:
+                log.warning("meter_consumer_not_found", consumer=self._durable)
+            self._missing = True
             return None
+        self._missing = False
         now = time.monotonic()
-        floor = info.ack_floor.stream_seq
-        if self._floor is not None and now > self._floor[1]:
-            rate = max(0, floor - self._floor[0]) / (now - self._floor[1])
-            # Smoothed over a few looks: one fetch acks several messages at once.
-            self._folding = rate if self._folding == 0 else 0.5 * self._folding + 0.5 * rate
-        self._floor = (floor, now)
-        share = self.control.observe(info.num_pending + info.num_ack_pending, self._folding)
+        delivered, waiting = info.delivered.stream_seq, info.num_pending
+        if self._last is not None and now > self._last[2]:
+            last_delivered, last_waiting, at = self._last
+            taken = max(0, delivered - last_delivered)  # 0 when the consumer was made anew
+            if last_waiting > 0 or taken:  # messages waited: the look measures meter
+                rate = taken / (now - at)
+                # Smoothed over a few looks: meter takes a batch at a time.
+                self._taking = rate if self._taking is None else 0.5 * self._taking + 0.5 * rate
+        self._last = (delivered, waiting, now)
+        share = self.control.observe(waiting, self._taking)
         if share != self._limiter.share:
-            log.info("ingest_rate_share", share=round(share, 3), pending=info.num_pending)
+            log.info("ingest_rate_share", share=round(share, 3), waiting=waiting)
         self._limiter.share = share
         metrics.RATE_SHARE.set(share)
         return share

@@ -35,7 +35,10 @@ class IngestResult:
     rejections: list[Rejection]
 
 
-_SHARE_NOTE = " (cut while meter catches up with its backlog)"
+def _cut(limiter: RateLimiter) -> str:
+    if limiter.share >= 1:
+        return ""
+    return f"; {limiter.share:.0%} of {limiter.rate:g} while meter has a backlog"
 
 
 class Ingestor:
@@ -72,8 +75,8 @@ class Ingestor:
             retry_after = math.ceil(wait * 1000) / 1000
             raise ResourceExhausted(
                 f"events: the tenant's ingest rate of {self._limiter.current:g} row units/s"
-                f"{_SHARE_NOTE if self._limiter.share < 1 else ''}"
-                f" (burst {self._limiter.burst}) is reached; none of the {len(events)} events"
+                f" (burst {self._limiter.burst}{_cut(self._limiter)}) is reached;"
+                f" none of the {len(events)} events"
                 f" ({cost} row units: events times the meters that count them) was stored,"
                 f" retry after {retry_after:g} s",
                 retry_after=retry_after,

@@ -5,11 +5,12 @@ meter folds, but only while meter folds faster than the tenants' shares add
 up: on a busy machine (meter starved of CPU, a slow PostgreSQL) a flood within
 the limit still builds a backlog in the EVENTS stream, and every other
 tenant's events wait behind it. So ingest watches meter's consumer: when its
-backlog (the messages not yet folded, over the rate meter has been folding
-them) passes `target` seconds, every tenant's rate is cut to a share of the
-setting, multiplicatively; while the backlog is under half the target it
-grows back, additively (AIMD, as TCP's congestion control). A tenant far
-under its rate, which is what the limit protects, never notices.
+backlog (the messages waiting for meter, over the rate meter has been taking
+them: services/ingest/meter_backlog.py) passes `target` seconds, every
+tenant's rate is cut to a share of the setting, multiplicatively; while the
+backlog is under half the target it grows back, additively (AIMD, as TCP's
+congestion control). A tenant far under its rate, which is what the limit
+protects, never notices.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ class Backpressure:
     slack: int = 2
     share: float = 1.0
 
-    def observe(self, pending: int, folded_per_s: float) -> float:
-        """The share after seeing `pending` messages not yet folded while meter
-        folds `folded_per_s` messages a second (recently; 0 when it has not,
-        as when meter is down)."""
+    def observe(self, pending: int, folded_per_s: float | None) -> float:
+        """The share after seeing `pending` messages waiting for meter while
+        it takes `folded_per_s` messages a second (recently; 0 when it took
+        none while messages waited, as when meter is down; None when not known
+        yet: the share holds, unless nothing waits)."""
         if pending <= self.slack:
             backlog = 0.0
+        elif folded_per_s is None:
+            return self.share
         elif folded_per_s <= 0:
             backlog = float("inf")
         else:

@@ -25,6 +25,12 @@ def test_meter_folding_nothing_is_an_endless_backlog_but_a_message_or_two_is_non
     assert control.observe(pending=2, folded_per_s=0) == pytest.approx(0.55)
 
 
+def test_an_unknown_rate_holds_the_share_unless_nothing_waits() -> None:
+    control = Backpressure(share=0.5)
+    assert control.observe(pending=50, folded_per_s=None) == 0.5
+    assert control.observe(pending=0, folded_per_s=None) == pytest.approx(0.55)
+
+
 def test_between_half_the_target_and_the_target_the_share_holds() -> None:
     control = Backpressure(share=0.5)
     assert control.observe(pending=8, folded_per_s=10) == 0.5  # 0.8 s
