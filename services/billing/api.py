@@ -13,7 +13,7 @@ from services.billing.invoicing import Invoicing
 from services.billing.store import BillingStore, CustomerRecord, ProductRecord
 from services.common.context import current_api_key_id, current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import bounded_page, fetch_page
+from services.common.paging import fetch_bounded_page, fetch_page
 from usagebilling.billing.v1 import (
     customer_pb2,
     customer_pb2_grpc,
@@ -152,13 +152,12 @@ class ProductServicer(product_pb2_grpc.ProductServiceServicer):
         def cursor(r: ProductRecord) -> tuple[datetime, str]:
             return r.created_at, r.id
 
-        rows, token = await fetch_page(
+        page, token = await fetch_bounded_page(
             request,
             lambda after, limit: self._store.list_products(current_tenant(), after, limit),
             cursor,
-        )
-        page, token = bounded_page(
-            rows, [convert.proto_product(r) for r in rows], token, cursor, MAX_LIST_PRODUCTS_BYTES
+            convert.proto_product,
+            MAX_LIST_PRODUCTS_BYTES,
         )
         return product_pb2.ListProductsResponse(products=page, next_page_token=token)
 

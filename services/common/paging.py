@@ -154,27 +154,48 @@ def next_page(
 
 # A repeated message field's tag and length prefix, at most (for up to 2 MB).
 ENTRY_OVERHEAD = 6
+# Rows read from the store at a time by fetch_bounded_page.
+CHUNK = 50
 
 
-def bounded_page(
-    rows: list[T],
-    messages: list[M],
-    token: str,
+def _token_after(row: T, cursor: Callable[[T], tuple[datetime, str]]) -> str:
+    when, key = cursor(row)
+    return encode_token([when.astimezone(UTC).isoformat(), key])
+
+
+async def fetch_bounded_page(
+    request: Any,
+    fetch: Callable[[tuple[datetime, str] | None, int], Awaitable[list[T]]],
     cursor: Callable[[T], tuple[datetime, str]],
+    to_message: Callable[[T], M],
     max_bytes: int,
 ) -> tuple[list[M], str]:
-    """A page whose answer stays under `max_bytes` of entries: the longest
-    prefix of `messages` (one per row, in order; at least one) that fits,
-    and the next page's token, which starts at the first message left out
-    (or `token`, when all fit). gRPC clients refuse answers over 4 MB by
-    default, and a page of large records (products, meters) can pass it."""
+    """A page of a List RPC whose entries stay under `max_bytes` (one entry at
+    least): as fetch_page, but the rows are read CHUNK at a time and converted
+    as they come, so that neither the answer (gRPC clients refuse over 4 MB by
+    default) nor the rows held while it is made outgrow the budget, whatever
+    the page_size; the next page's token starts at the first row left out."""
+    limit = page_size(request.page_size)
+    after = decode_time_cursor(request.page_token, uuid_key=True)
+    page: list[M] = []
+    last: T | None = None
     size = 0
-    for i, message in enumerate(messages):
-        size += message.ByteSize() + ENTRY_OVERHEAD
-        if i > 0 and size > max_bytes:
-            _, token = next_page(rows[: i + 1], i, cursor)
-            return messages[:i], token
-    return messages, token
+    while True:
+        want = min(CHUNK, limit + 1 - len(page))  # one more than the page: is there more?
+        rows = await fetch(after, want)
+        for row in rows:
+            if len(page) == limit:
+                return page, _token_after(last, cursor) if last is not None else ""
+            message = to_message(row)
+            size += message.ByteSize() + ENTRY_OVERHEAD
+            if page and size > max_bytes:
+                assert last is not None
+                return page, _token_after(last, cursor)
+            page.append(message)
+            last = row
+        if len(rows) < want:
+            return page, ""
+        after = cursor(rows[-1])
 
 
 async def fetch_page(

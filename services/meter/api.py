@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.context import current_api_key_id, current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import bounded_page, fetch_page
+from services.common.paging import fetch_bounded_page
 from services.meter import convert
 from services.meter.domain.query import AnswerLimits
 from services.meter.service import AnswerBudget, MeterService
@@ -61,13 +61,12 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
         def cursor(m: MeterRecord) -> tuple[datetime, str]:
             return m.created_at, m.id
 
-        meters, token = await fetch_page(
+        page, token = await fetch_bounded_page(
             request,
             lambda after, limit: self._store.list_meters(current_tenant(), after, limit),
             cursor,
-        )
-        page, token = bounded_page(
-            meters, [convert.proto_meter(m) for m in meters], token, cursor, MAX_LIST_METERS_BYTES
+            convert.proto_meter,
+            MAX_LIST_METERS_BYTES,
         )
         return meter_pb2.ListMetersResponse(meters=page, next_page_token=token)
 

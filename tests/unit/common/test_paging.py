@@ -107,3 +107,51 @@ def test_page_sizes() -> None:
     assert paging.page_size(5000) == paging.MAX_PAGE_SIZE
     with pytest.raises(InvalidArgument, match=r"^page_size: "):
         paging.page_size(-1)
+
+
+@pytest.mark.parametrize(
+    ("page_size", "sizes"), [(0, [10] * 230), (7, [10] * 30), (100, [400] * 9)]
+)
+async def test_bounded_pages_return_every_row_once_and_hold_one_chunk_at_a_time(
+    page_size: int, sizes: list[int]
+) -> None:
+    """fetch_bounded_page over 230 small rows, or rows of 400 bytes against a
+    1,000-byte budget: every row once, in order; no page over the budget
+    (but one row); no fetch asks for more than CHUNK rows."""
+    from google.protobuf.wrappers_pb2 import StringValue
+
+    base = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [
+        (base + timedelta(seconds=i), f"{i:08d}-0000-4000-8000-000000000000")
+        for i in range(len(sizes))
+    ]
+    asked: list[int] = []
+
+    async def fetch(after: tuple[datetime, str] | None, limit: int) -> list[int]:
+        asked.append(limit)
+        start = 0 if after is None else rows.index(after) + 1
+        return list(range(start, min(start + limit, len(rows))))
+
+    class Request:
+        def __init__(self, token: str) -> None:
+            self.page_size, self.page_token = page_size, token
+
+    seen: list[int] = []
+    token = ""
+    while True:
+        page, token = await paging.fetch_bounded_page(
+            Request(token),
+            fetch,
+            lambda i: rows[i],
+            lambda i: StringValue(value=f"{i:08d}".ljust(sizes[i], "x")),
+            1000,
+        )
+        assert page
+        assert len(page) <= paging.page_size(page_size)
+        total = sum(m.ByteSize() + paging.ENTRY_OVERHEAD for m in page)
+        assert total <= 1000 or len(page) == 1
+        seen += [int(m.value[:8]) for m in page]
+        if not token:
+            break
+    assert seen == list(range(len(sizes)))
+    assert max(asked) <= paging.CHUNK
