@@ -1,22 +1,24 @@
-"""Benchmark: usage reads as one customer's month grows (issue 16).
+"""Benchmark: usage reads as a customer's month grows (issue 16).
 
-One customer, on a monthly subscription whose period started 25 days ago (to
-the second, not on a minute), has 100,000, then 1,000,000, then 10,000,000
-events in its period, counted by two meters (COUNT and SUM), so 2 rows each.
-At each size, over real gRPC: QueryUsage for the period with no windows, DAY
-and HOUR windows, GetCustomerUsage and PreviewInvoice (billing asks meter for
-both meters), each timed REPEAT times; p50 and p99 in ms.
+One customer per size, each on a monthly subscription whose period started 25
+days ago (to the second, not on a minute), has 100,000, 1,000,000 or
+10,000,000 events in its period, counted by two meters (COUNT and SUM), so 2
+rows each. For each size, over real gRPC: QueryUsage for the period with no
+windows, DAY and HOUR windows, GetCustomerUsage and PreviewInvoice (billing
+asks meter for both meters), each timed REPEAT times; p50 and p99 in ms. The
+sizes take turns, BLOCK calls each, so that the machine's noise (shared, 2
+cores) falls on all sizes alike and the ratio between them is the reads' own.
 
 Loading: rows are generated in PostgreSQL and go in through the fold's own
 rollup statement (MeterStore.insert_and_roll_up: the statement the fold runs
 over INSERT ... RETURNING), LOAD_CHUNK rows a statement: what the consumer
-would have written, without pushing 20 million rows through NATS first. Event
+would have written, without pushing 22 million rows through NATS first. Event
 i sits at frac(i * (sqrt(5) - 1) / 2) of the period (a Weyl sequence), so every
-size, and every prefix of the events, covers the whole period evenly: each
-size answers the same windows (26 DAY rows, 601 HOUR rows), and only the
-events behind them grow. After each load the tables are vacuumed, analyzed
-and checkpointed, so the reads meet a settled month (as a month written over
-weeks is), not the autovacuum and checkpoint a bulk load of minutes sets off.
+size covers the whole period evenly: each answers the same windows (26 DAY
+rows, 601 HOUR rows), and only the events behind them grow. After the load
+the tables are vacuumed, analyzed and checkpointed, so the reads meet a
+settled month (as a month written over weeks is), not the autovacuum and
+checkpoint a bulk load of minutes sets off.
 
     BENCH_GROWTH_SIZES=100000,1000000 python -m bench.run   (trims the sizes)
 """
@@ -57,6 +59,8 @@ SIZES = (100_000, 1_000_000, 10_000_000)
 # (one scheduling hiccup on the shared machine decided it).
 REPEAT = 300
 WARM = 20
+# Calls a size takes in a row before the next size's turn (see _timed).
+BLOCK = 25
 LOAD_CHUNK = 500_000
 CUSTOMER = "growth-customer"
 # The period: started this long ago, at an odd second.
@@ -92,24 +96,40 @@ Cpu = Callable[[], dict[str, float]]
 
 
 async def _timed(
-    call: Callable[[], Awaitable[Any]], repeat: int, cpu: Cpu
-) -> tuple[float, float, dict[str, float]]:
-    """p50 and p99 ms of `repeat` calls, and each process's CPU ms per call:
-    steadier than latency on the shared machine (a busy neighbour queues a
-    call, it does not make it cost more), so compare code by it."""
+    calls: dict[int, Callable[[], Awaitable[Any]]], repeat: int, cpu: Cpu
+) -> dict[int, tuple[float, float, dict[str, float]]]:
+    """Per size: p50 and p99 ms of `repeat` calls, and each process's CPU ms per
+    call: steadier than latency on the shared machine (a busy neighbour queues
+    a call, it does not make it cost more), so compare code by it.
+
+    The sizes take turns, BLOCK calls each, so that whatever else the machine
+    does in those seconds falls on every size alike: the ratio between sizes
+    is then the read's own growth, not the minute each size was read in."""
     # Warm: the services' pooled connections each prepare the read and fill their
     # catalog caches on first use (a pool of 10 takes 10 calls to warm).
-    for _ in range(WARM):
-        await call()
-    samples = []
-    before = cpu()
-    for _ in range(repeat):
-        began = time.perf_counter()
-        await call()
-        samples.append((time.perf_counter() - began) * 1000)
-    after = cpu()
-    per_call = {name: (after[name] - before[name]) * 1000 / repeat for name in before}
-    return percentile(samples, 50), percentile(samples, 99), per_call
+    for call in calls.values():
+        for _ in range(WARM):
+            await call()
+    samples: dict[int, list[float]] = {size: [] for size in calls}
+    spent: dict[int, dict[str, float]] = {size: {} for size in calls}
+    for _ in range(0, repeat, BLOCK):
+        for size, call in calls.items():
+            before = cpu()
+            for _ in range(BLOCK):
+                began = time.perf_counter()
+                await call()
+                samples[size].append((time.perf_counter() - began) * 1000)
+            after = cpu()
+            for name in before:
+                spent[size][name] = spent[size].get(name, 0.0) + after[name] - before[name]
+    return {
+        size: (
+            percentile(samples[size], 50),
+            percentile(samples[size], 99),
+            {name: seconds * 1000 / len(samples[size]) for name, seconds in spent[size].items()},
+        )
+        for size in calls
+    }
 
 
 def suite_cpu(suite: Suite, postgres_pid: int | None) -> Cpu:
@@ -200,52 +220,43 @@ async def _run(
         ),
         metadata=md,
     )
-    customer = await customers.CreateCustomer(
-        customer_pb2.CreateCustomerRequest(external_id=CUSTOMER), metadata=md
-    )
-    subscription = await subscriptions.CreateSubscription(
-        subscription_pb2.CreateSubscriptionRequest(
-            customer_id=customer.id, product_id=product.id, start_time=_ts(start)
-        ),
-        metadata=md,
-    )
     # (meter key, whether its rows hold the tokens or 1, as a COUNT's do)
     keys = [
         (await store.pool.fetchval("SELECT key FROM meter.meters WHERE id = $1", m.id), m == tokens)
         for m in (calls, tokens)
     ]
-
-    def query(window: meter_pb2.WindowSize.ValueType) -> Callable[[], Awaitable[Any]]:
-        request = meter_pb2.QueryUsageRequest(
-            meter_id=tokens.id,
-            customer_id=CUSTOMER,
-            start_time=_ts(start),
-            end_time=_ts(start + timedelta(days=30)),
-            window_size=window,
+    reads: dict[int, dict[str, Callable[[], Awaitable[Any]]]] = {}
+    for size in growth_sizes:
+        external_id = f"{CUSTOMER}-{_label(size)}"
+        customer = await customers.CreateCustomer(
+            customer_pb2.CreateCustomerRequest(external_id=external_id), metadata=md
         )
-        return lambda: meters.QueryUsage(request, metadata=md, timeout=60)
-
-    reads: dict[str, Callable[[], Awaitable[Any]]] = {
-        "query_none": query(meter_pb2.WINDOW_SIZE_NONE),
-        "query_day": query(meter_pb2.WINDOW_SIZE_DAY),
-        "query_hour": query(meter_pb2.WINDOW_SIZE_HOUR),
-        "customer_usage": lambda: invoices.GetCustomerUsage(
-            invoice_pb2.GetCustomerUsageRequest(customer_id=customer.id), metadata=md, timeout=60
-        ),
-        "preview_invoice": lambda: invoices.PreviewInvoice(
-            invoice_pb2.PreviewInvoiceRequest(subscription_id=subscription.id),
+        subscription = await subscriptions.CreateSubscription(
+            subscription_pb2.CreateSubscriptionRequest(
+                customer_id=customer.id, product_id=product.id, start_time=_ts(start)
+            ),
             metadata=md,
-            timeout=60,
-        ),
-    }
-    figures: dict[str, float] = {}
-    loaded = 0
+        )
+        reads[size] = _reads(meters, md, tokens.id, external_id, start)
+        reads[size] |= {
+            "customer_usage": _bind(
+                invoices.GetCustomerUsage,
+                invoice_pb2.GetCustomerUsageRequest(customer_id=customer.id),
+                md,
+            ),
+            "preview_invoice": _bind(
+                invoices.PreviewInvoice,
+                invoice_pb2.PreviewInvoiceRequest(subscription_id=subscription.id),
+                md,
+            ),
+        }
+
     span_us = span // timedelta(microseconds=1)
     # Event i at frac(i * GOLDEN) of the span: spread evenly at every size.
     golden = Decimal(5).sqrt() / 2 - Decimal("0.5")
     for size in sorted(growth_sizes):
         began = time.monotonic()
-        for low in range(loaded, size, LOAD_CHUNK):
+        for low in range(0, size, LOAD_CHUNK):
             high = min(size, low + LOAD_CHUNK)
             for meter_key, valued in keys:
                 # Event i at frac(i * golden) of the period (see the module's
@@ -258,7 +269,7 @@ async def _run(
                     " NULL::text, NULL::jsonb, NULL::text"
                     " FROM generate_series($4::bigint, $5::bigint - 1) AS i",
                     meter_key,
-                    CUSTOMER,
+                    f"{CUSTOMER}-{_label(size)}",
                     start,
                     low,
                     high,
@@ -268,32 +279,35 @@ async def _run(
                 )
         seconds = time.monotonic() - began
         _log(
-            f"{size:,} events ({2 * (size - loaded):,} rows added) loaded in {seconds:.0f} s"
+            f"{size:,} events ({2 * size:,} rows) loaded in {seconds:.0f} s"
             " through the fold's rollup statement (INSERT ... RETURNING, generated rows)"
         )
-        loaded = size
-        began = time.monotonic()
-        # Settled before the reads (see the module's docstring): otherwise
-        # autovacuum's pass over the rows just loaded (20,000,000 at the largest
-        # size) and the checkpoint of their WAL may share the 2 cores with them.
-        await store.pool.execute(
-            "VACUUM (ANALYZE) meter.meter_events, meter.usage_rollups, meter.usage_gates"
-        )
-        await store.pool.execute("CHECKPOINT")
-        _log(f"vacuumed, analyzed and checkpointed in {time.monotonic() - began:.0f} s")
-        answer = await reads["query_none"]()
+    began = time.monotonic()
+    # Settled before the reads (see the module's docstring): otherwise
+    # autovacuum's pass over the rows just loaded (20,000,000 at the largest
+    # size) and the checkpoint of their WAL may share the 2 cores with them.
+    await store.pool.execute(
+        "VACUUM (ANALYZE) meter.meter_events, meter.usage_rollups, meter.usage_gates"
+    )
+    await store.pool.execute("CHECKPOINT")
+    _log(f"vacuumed, analyzed and checkpointed in {time.monotonic() - began:.0f} s")
+    for size in growth_sizes:
+        answer = await reads[size]["query_none"]()
         # sum of i % 2000 + 1 over i < size
         whole, rest = divmod(size, 2000)
         expected = whole * 2000 * 2001 // 2 + rest * (rest + 1) // 2
         if answer.rows[0].value != str(expected):
             raise RuntimeError(f"tokens: {answer.rows[0].value} at {size:,} events")
-        day, hour = await reads["query_day"](), await reads["query_hour"]()
-        _log(f"answers: {len(day.rows)} DAY rows, {len(hour.rows)} HOUR rows")
-        label = _label(size)
-        # The machine's load as the reads ran: 2 cores, shared (tail latencies follow it).
-        figures[f"growth_{label}_load_avg"] = os.getloadavg()[0]
-        for name, call in reads.items():
-            p50, p99, per_call = await _timed(call, REPEAT, cpu)
+        day, hour = await reads[size]["query_day"](), await reads[size]["query_hour"]()
+        if (len(day.rows), len(hour.rows)) != (26, 601):
+            raise RuntimeError(f"{len(day.rows)} DAY, {len(hour.rows)} HOUR rows at {size:,}")
+    _log("answers: 26 DAY rows and 601 HOUR rows at every size")
+
+    figures: dict[str, float] = {"growth_load_avg": os.getloadavg()[0]}
+    for name in reads[growth_sizes[0]]:
+        timed = await _timed({size: reads[size][name] for size in growth_sizes}, REPEAT, cpu)
+        for size, (p50, p99, per_call) in sorted(timed.items()):
+            label = _label(size)
             figures[f"growth_{label}_{name}_p50_ms"] = p50
             figures[f"growth_{label}_{name}_p99_ms"] = p99
             spent = ""
@@ -305,7 +319,37 @@ async def _run(
                 parts = ", ".join(f"{n} {per_call[n]:.2f}" for n in sorted(per_call))
                 spent = f"  CPU ms a call: {parts}, client {client:.2f}"
             _log(f"{size:>12,} events  {name:<16} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms{spent}")
+    figures["growth_load_avg"] = max(figures["growth_load_avg"], os.getloadavg()[0])
     return figures
+
+
+def _bind(method: Any, request: Any, md: Any) -> Callable[[], Awaitable[Any]]:
+    return lambda: method(request, metadata=md, timeout=60)
+
+
+def _reads(
+    meters: meter_pb2_grpc.MeterServiceStub,
+    md: Any,
+    meter_id: str,
+    customer: str,
+    start: datetime,
+) -> dict[str, Callable[[], Awaitable[Any]]]:
+    """QueryUsage of the tokens meter over the customer's period, by window."""
+    out = {}
+    for name, window in (
+        ("query_none", meter_pb2.WINDOW_SIZE_NONE),
+        ("query_day", meter_pb2.WINDOW_SIZE_DAY),
+        ("query_hour", meter_pb2.WINDOW_SIZE_HOUR),
+    ):
+        request = meter_pb2.QueryUsageRequest(
+            meter_id=meter_id,
+            customer_id=customer,
+            start_time=_ts(start),
+            end_time=_ts(start + timedelta(days=30)),
+            window_size=window,
+        )
+        out[name] = _bind(meters.QueryUsage, request, md)
+    return out
 
 
 def targets(growth_sizes: list[int]) -> dict[str, tuple[str, int]]:
