@@ -66,7 +66,9 @@ from services.billing.domain.credits import (
     ceil_minute,
     check_amount,
     corrections,
+    floor_day,
     floor_minute,
+    merged,
     precision_of,
     replay,
     to_credits,
@@ -896,7 +898,7 @@ class Credits:
         for meter_id, spans in ranges.items():
             if not await self._usage.additive(tenant_id, meter_id):
                 continue
-            for lo, hi in _merged(spans):
+            for lo, hi in merged(spans):
                 wanted.append((meter_id, lo, hi))
         if not wanted:
             return None
@@ -1189,22 +1191,6 @@ class Credits:
             except Exception as exc:
                 log.error("credit_tick_failed", error=repr(exc))
             await asyncio.sleep(self._interval)
-
-
-def _merged(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
-    """The union of half-open ranges, as disjoint ranges in order."""
-    out: list[tuple[datetime, datetime]] = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def floor_day(when: datetime) -> datetime:
-    """The UTC midnight at or before `when`."""
-    return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def draw_messages(
