@@ -25,7 +25,9 @@ except for days whose changed minutes net to zero (negative values) and
 negative minutes, which record no entry. Why not a change mark kept by meter:
 it needs a write on meter's fold path for the days past both gates (which it
 deliberately only reads) and a cursor exact against concurrent commits, for a
-contract change; this costs one small read per account and meter a minute.
+contract change; this costs one small read per account and meter a minute
+(the ledger's side reads per-day sums kept by a trigger, migration 0011, and
+the entries of the partial first and last days only).
 
 The balance answer is the settled state plus the minutes since, read live from
 meter and replayed the same way, so it shows an acknowledged event as soon as
@@ -886,7 +888,8 @@ class Credits:
         quantity meter holds per UTC day is compared with what the ledger's
         draws hold for the same minutes; a day that differs is settled again
         from its first minute in range. Flat cost: a day read per meter
-        (meter's hour buckets) and one indexed sum per meter."""
+        (meter's hour buckets) and per meter one read of the ledger's day
+        sums (CreditStore.quantities_per_day)."""
         oldest = floor_minute(now - self._backdate)
         ranges: dict[str, list[tuple[datetime, datetime]]] = {}
         for price in prices:

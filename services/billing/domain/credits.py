@@ -108,6 +108,12 @@ def floor_day(when: datetime) -> datetime:
     return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+def ceil_day(when: datetime) -> datetime:
+    """The UTC midnight at or after `when`."""
+    floor = floor_day(when)
+    return floor if floor == when else floor + timedelta(days=1)
+
+
 def merged(spans: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
     """The union of half-open ranges, as disjoint ranges in order (touching
     ranges join)."""

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from services.billing.domain.credits import floor_day, merged
+from services.billing.domain.credits import ceil_day, floor_day, merged
 
 D0 = datetime(2026, 3, 10, tzinfo=UTC)
 
@@ -33,6 +33,23 @@ def at(hours: float) -> datetime:
 )
 def test_floor_day(when: datetime, day: datetime) -> None:
     got = floor_day(when)
+    assert got == day
+    assert got.tzinfo == UTC
+
+
+@pytest.mark.parametrize(
+    ("when", "day"),
+    [
+        (D0, D0),
+        (D0 + timedelta(microseconds=1), at(24)),
+        (at(23.999), at(24)),
+        (D0 - timedelta(microseconds=1), D0),
+        (datetime(2026, 3, 10, 5, 0, tzinfo=timezone(timedelta(hours=5))), D0),
+        (datetime(2026, 3, 10, 5, 1, tzinfo=timezone(timedelta(hours=5))), at(24)),
+    ],
+)
+def test_ceil_day(when: datetime, day: datetime) -> None:
+    got = ceil_day(when)
     assert got == day
     assert got.tzinfo == UTC
 
