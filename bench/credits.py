@@ -41,16 +41,13 @@ from typing import Any
 import asyncpg
 import grpc
 
+from tools.credit_setup import credit_product
 from tools.suite import Suite, create_tenant
 from usagebilling.billing.v1 import (
     credit_pb2,
     credit_pb2_grpc,
     customer_pb2,
     customer_pb2_grpc,
-    product_pb2,
-    product_pb2_grpc,
-    subscription_pb2,
-    subscription_pb2_grpc,
 )
 from usagebilling.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from usagebilling.meter.v1 import meter_pb2, meter_pb2_grpc
@@ -107,39 +104,27 @@ async def _setup(suite: Suite, auth: Any, channel: Any, meter: Any) -> tuple[str
             metadata=auth,
         )
     ).id
-    product = await product_pb2_grpc.ProductServiceStub(channel).CreateProduct(
-        product_pb2.CreateProductRequest(
-            name="Tokens",
-            currency="USD",
-            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
-            usage_prices=[
-                product_pb2.UsagePrice(
-                    meter_id=meter_id,
-                    model=product_pb2.PRICE_MODEL_PER_UNIT,
-                    unit_price="0.000005",
-                    credit_type_id=type_id,
-                    credit_rate="1",
-                    overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
-                )
-            ],
-            included_credits=[
-                product_pb2.IncludedCredits(credit_type_id=type_id, amount="1000000000000")
-            ],
-        ),
-        metadata=auth,
-    )
     start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
-    for name in ("heavy", "probe"):
-        customer = await customer_pb2_grpc.CustomerServiceStub(channel).CreateCustomer(
-            customer_pb2.CreateCustomerRequest(external_id=name), metadata=auth
-        )
-        request = subscription_pb2.CreateSubscriptionRequest(
-            customer_id=customer.id, product_id=product.id
-        )
-        request.start_time.FromDatetime(start)
-        await subscription_pb2_grpc.SubscriptionServiceStub(channel).CreateSubscription(
-            request, metadata=auth
-        )
+    customers = [
+        (
+            await customer_pb2_grpc.CustomerServiceStub(channel).CreateCustomer(
+                customer_pb2.CreateCustomerRequest(external_id=name), metadata=auth
+            )
+        ).id
+        for name in ("heavy", "probe")
+    ]
+    await credit_product(
+        channel,
+        auth,
+        name="Tokens",
+        meter_id=meter_id,
+        type_id=type_id,
+        overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
+        unit_price="0.000005",
+        included="1000000000000",
+        customer_ids=customers,
+        start=start,
+    )
     return meter_id, type_id
 
 

@@ -25,7 +25,9 @@ except for days whose changed minutes net to zero (negative values) and
 negative minutes, which record no entry. Why not a change mark kept by meter:
 it needs a write on meter's fold path for the days past both gates (which it
 deliberately only reads) and a cursor exact against concurrent commits, for a
-contract change; this costs one small read per account and meter a minute.
+contract change; this costs one small read per account and meter a minute
+(the ledger's side reads per-day sums kept by a trigger, migration 0011, and
+the entries of the partial first and last days only).
 
 The balance answer is the settled state plus the minutes since, read live from
 meter and replayed the same way, so it shows an acknowledged event as soon as
@@ -66,7 +68,9 @@ from services.billing.domain.credits import (
     ceil_minute,
     check_amount,
     corrections,
+    floor_day,
     floor_minute,
+    merged,
     precision_of,
     replay,
     to_credits,
@@ -884,7 +888,8 @@ class Credits:
         quantity meter holds per UTC day is compared with what the ledger's
         draws hold for the same minutes; a day that differs is settled again
         from its first minute in range. Flat cost: a day read per meter
-        (meter's hour buckets) and one indexed sum per meter."""
+        (meter's hour buckets) and per meter one read of the ledger's day
+        sums (CreditStore.quantities_per_day)."""
         oldest = floor_minute(now - self._backdate)
         ranges: dict[str, list[tuple[datetime, datetime]]] = {}
         for price in prices:
@@ -896,7 +901,7 @@ class Credits:
         for meter_id, spans in ranges.items():
             if not await self._usage.additive(tenant_id, meter_id):
                 continue
-            for lo, hi in _merged(spans):
+            for lo, hi in merged(spans):
                 wanted.append((meter_id, lo, hi))
         if not wanted:
             return None
@@ -1189,22 +1194,6 @@ class Credits:
             except Exception as exc:
                 log.error("credit_tick_failed", error=repr(exc))
             await asyncio.sleep(self._interval)
-
-
-def _merged(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
-    """The union of half-open ranges, as disjoint ranges in order."""
-    out: list[tuple[datetime, datetime]] = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def floor_day(when: datetime) -> datetime:
-    """The UTC midnight at or before `when`."""
-    return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def draw_messages(

@@ -24,7 +24,9 @@ from services.billing.domain.credits import (
     EntryKind,
     Grant,
     Rollover,
+    ceil_day,
     debit,
+    floor_day,
 )
 from services.billing.domain.money import minor_units
 from services.billing.store import SubscriptionRecord
@@ -910,19 +912,35 @@ class CreditStore:
         """The meter's quantity the ledger's draws hold over [start, end), per
         UTC day (keyed by its midnight): every revision of every DRAWN and
         OVERAGE entry (a minute's quantity is in exactly one of them, a
-        zero-credit minute's too), so each minute counts as last settled."""
+        zero-credit minute's too), so each minute counts as last settled. The
+        whole days are read from their sums (credit_drawn_days, kept by a
+        trigger on the ledger, migration 0011), a partial first and last day
+        from the entries."""
+        first, last = ceil_day(start), floor_day(end)  # the whole days: [first, last)
+        if first > last:  # within one day
+            first = last = end
+        ledger = (
+            "SELECT date_bin('1 day', effective_at, '2000-01-01 00:00:00+00') AS day, quantity"
+            " FROM billing.credit_ledger WHERE tenant_id = $1 AND customer_id = $2"
+            " AND credit_type_id = $3 AND meter_id = $4 AND kind IN ('DRAWN', 'OVERAGE')"
+            " AND effective_at >= {lo} AND effective_at < {hi}"
+        )
         rows = await conn.fetch(
-            "SELECT date_bin('1 day', effective_at, '2000-01-01 00:00:00+00') AS day,"
-            " sum(quantity) AS quantity FROM billing.credit_ledger WHERE tenant_id = $1"
-            " AND customer_id = $2 AND credit_type_id = $3 AND effective_at >= $5"
-            " AND effective_at < $6 AND meter_id = $4 AND kind IN ('DRAWN', 'OVERAGE')"
-            " GROUP BY 1",
+            "SELECT day, sum(quantity) AS quantity FROM ("
+            " SELECT day, quantity FROM billing.credit_drawn_days WHERE tenant_id = $1"
+            " AND customer_id = $2 AND credit_type_id = $3 AND meter_id = $4"
+            " AND day >= $7 AND day < $8"
+            f" UNION ALL {ledger.format(lo='$5', hi='$7')}"
+            f" UNION ALL {ledger.format(lo='$8', hi='$6')}"
+            ") AS x GROUP BY 1",
             tenant_id,
             uuid.UUID(customer_id),
             uuid.UUID(type_id),
             meter_id,
             start,
             end,
+            first,
+            last,
         )
         return {r["day"]: r["quantity"] for r in rows if r["quantity"] != 0}
 

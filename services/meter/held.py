@@ -160,20 +160,37 @@ SELECT DISTINCT meter_key, customer_id COLLATE "C" AS customer_id, dims::jsonb A
 FROM unnest($1::integer[], $2::text[], $3::text[], $4::timestamptz[])
     AS u (meter_key, customer_id, dims, minute)
 """
+
+
+def combined_peak(parts: str, keys: str, start: str) -> str:
+    """The one rule that combines pieces' peaks (domain.gauges.Span), for
+    buckets and for windows alike: a SELECT of `keys` and `peak` from the
+    relation `parts` (columns `keys`, t, d, peak; one row per instant t of a
+    group), per group of `keys` starting at `start` (an expression of the
+    keys): the most, over its pieces in time order, of the d of the pieces
+    before one plus its peak, and 0 (the level at the start) when no piece
+    starts at `start`."""
+    return (
+        f"SELECT {keys}, CASE WHEN min(t) > {start} THEN greatest(max(run), 0)"
+        " ELSE max(run) END AS peak"
+        f" FROM (SELECT *, sum(d) OVER (PARTITION BY {keys} ORDER BY t) - d + peak AS run"
+        f" FROM {parts}) AS x GROUP BY {keys}"
+    )
+
+
 # (Written as an upsert of buckets that all exist: it probes the primary key
 # once per bucket, where an UPDATE ... FROM may be planned as a merge join that
 # rescans the customer's buckets per bucket.)
-_SET_PEAK = """
-INSERT INTO meter.held_rollups AS r (meter_key, grain, customer_id, bucket_start, dims, n, d, m,
-    peak)
-SELECT meter_key, '{grain}', customer_id, start, dims, 0, 0, 0,
-    CASE WHEN min(t) > start THEN greatest(max(run), 0) ELSE max(run) END
-FROM (SELECT *, sum(d) OVER w - d + peak AS run FROM parts
-    WINDOW w AS (PARTITION BY meter_key, customer_id, dims, start ORDER BY t)) AS x
-GROUP BY meter_key, customer_id, start, dims
-ORDER BY 1, 2, 3, 4, 5
-ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims) DO UPDATE SET peak = EXCLUDED.peak
-"""
+_SET_PEAK = (
+    "INSERT INTO meter.held_rollups AS r (meter_key, grain, customer_id, bucket_start, dims,"
+    " n, d, m, peak)"
+    " SELECT meter_key, '{grain}', customer_id, start, dims, 0, 0, 0, peak FROM ("
+    + combined_peak("parts", "meter_key, customer_id, dims, start", "start")
+    + ") AS p ORDER BY 1, 2, 3, 4, 5"
+    " ON CONFLICT (meter_key, grain, customer_id, bucket_start, dims)"
+    " DO UPDATE SET peak = EXCLUDED.peak"
+)
+
 PEAKS = (
     # A minute's instants: its rows' steps added up per event time.
     # (One index range per bucket: OFFSET 0 keeps each lateral a nested loop.)
@@ -422,14 +439,8 @@ async def usage(
         tops = f""", inst AS (
             SELECT w, {", ".join(["customer_id", *dims])}, t, sum(d) AS d, sum(peak) AS peak
             FROM parts WHERE w >= 1 GROUP BY w, {group}, t
-        ), top AS (
-            SELECT w, {group}, CASE WHEN min(t) > ({b}::timestamptz[])[w]
-                THEN greatest(max(run), 0) ELSE max(run) END AS top
-            FROM (SELECT *, sum(d) OVER (PARTITION BY w, {group} ORDER BY t) - d + peak AS run
-                FROM inst) AS x
-            GROUP BY w, {group}
-        )"""
-        top = ", coalesce(q.top, 0) AS top"
+        ), top AS ({combined_peak("inst", f"w, {group}", f"({b}::timestamptz[])[w]")})"""
+        top = ", coalesce(q.peak, 0) AS top"
         joined = " LEFT JOIN top q ON " + on.replace("p.", "q.")
         value = "f0 + top"
     elif aggregation == "SEATS_END":

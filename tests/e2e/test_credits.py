@@ -16,13 +16,12 @@ from google.protobuf.duration_pb2 import Duration
 from nats.errors import TimeoutError as NatsTimeout
 
 from tests.client import Client, event, eventually, status_of
+from tools.credit_setup import credit_product
 from tools.suite import SERVICES, Suite
 from usagebilling.billing.v1 import (
     credit_pb2,
     credit_pb2_grpc,
     customer_pb2,
-    product_pb2,
-    subscription_pb2,
 )
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
@@ -151,31 +150,19 @@ async def test_usage_draws_the_balance_down_in_real_time(client: Client) -> None
     meter_id, type_id, customer_id = await tokens_setup(
         client, "cus_rt", rule=credit_pb2.OVERAGE_RULE_FORGIVE
     )
-    product = await client.call(
-        client.products.CreateProduct,
-        product_pb2.CreateProductRequest(
-            name="Tokens",
-            currency="USD",
-            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
-            usage_prices=[
-                product_pb2.UsagePrice(
-                    meter_id=meter_id,
-                    model=product_pb2.PRICE_MODEL_PER_UNIT,
-                    unit_price="0.001",
-                    credit_type_id=type_id,
-                    credit_rate="1",
-                    overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
-                )
-            ],
-        ),
+    start = datetime.now(UTC) - timedelta(hours=1)
+    product = await credit_product(
+        client.channels["billing"],
+        client.metadata,
+        name="Tokens",
+        meter_id=meter_id,
+        type_id=type_id,
+        overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
+        customer_ids=[customer_id],
+        start=start,
+        timeout=30,
     )
     assert product.usage_prices[0].credit_type_id == type_id
-    start = datetime.now(UTC) - timedelta(hours=1)
-    subscribe = subscription_pb2.CreateSubscriptionRequest(
-        customer_id=customer_id, product_id=product.id
-    )
-    subscribe.start_time.FromDatetime(start)
-    await client.call(client.subscriptions.CreateSubscription, subscribe)
     grant_request = credit_pb2.GrantCreditsRequest(
         customer_id="cus_rt",
         credit_type_id=type_id,
@@ -249,29 +236,18 @@ async def test_balance_low_is_announced_once_per_fall_and_adjustments_credit(
             low_balance_threshold="50",
         ),
     )
-    product = await client.call(
-        client.products.CreateProduct,
-        product_pb2.CreateProductRequest(
-            name="Low",
-            currency="USD",
-            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
-            usage_prices=[
-                product_pb2.UsagePrice(
-                    meter_id=meter_id,
-                    model=product_pb2.PRICE_MODEL_PER_UNIT,
-                    unit_price="0",
-                    credit_type_id=kind.id,
-                    credit_rate="1",
-                    overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
-                )
-            ],
-        ),
+    await credit_product(
+        client.channels["billing"],
+        client.metadata,
+        name="Low",
+        meter_id=meter_id,
+        type_id=kind.id,
+        overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
+        unit_price="0",
+        customer_ids=[customer_id],
+        start=datetime.now(UTC) - timedelta(hours=1),
+        timeout=30,
     )
-    subscribe = subscription_pb2.CreateSubscriptionRequest(
-        customer_id=customer_id, product_id=product.id
-    )
-    subscribe.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
-    await client.call(client.subscriptions.CreateSubscription, subscribe)
     adjust = credit_pb2.AdjustCreditsRequest(
         customer_id="cus_low",
         credit_type_id=kind.id,
@@ -398,29 +374,17 @@ async def test_debits_take_from_open_grants_in_draw_order_then_leave_a_deficit(
     meter_id, type_id, customer_id = await tokens_setup(
         client, "cus_debit", rule=credit_pb2.OVERAGE_RULE_FORGIVE
     )
-    product = await client.call(
-        client.products.CreateProduct,
-        product_pb2.CreateProductRequest(
-            name="Debits",
-            currency="USD",
-            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
-            usage_prices=[
-                product_pb2.UsagePrice(
-                    meter_id=meter_id,
-                    model=product_pb2.PRICE_MODEL_PER_UNIT,
-                    unit_price="0.001",
-                    credit_type_id=type_id,
-                    credit_rate="1",
-                    overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
-                )
-            ],
-        ),
+    await credit_product(
+        client.channels["billing"],
+        client.metadata,
+        name="Debits",
+        meter_id=meter_id,
+        type_id=type_id,
+        overage_rule=credit_pb2.OVERAGE_RULE_FORGIVE,
+        customer_ids=[customer_id],
+        start=datetime.now(UTC) - timedelta(hours=1),
+        timeout=30,
     )
-    subscribe = subscription_pb2.CreateSubscriptionRequest(
-        customer_id=customer_id, product_id=product.id
-    )
-    subscribe.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
-    await client.call(client.subscriptions.CreateSubscription, subscribe)
 
     async def grant(key: str, amount: str, expire_after: Duration | None) -> credit_pb2.CreditGrant:
         made: credit_pb2.CreditGrant = await client.call(
@@ -556,31 +520,19 @@ async def test_a_late_event_beyond_the_recheck_window_is_drawn(client: Client) -
     meter_id, type_id, customer_id = await tokens_setup(
         client, "cus_late", rule=credit_pb2.OVERAGE_RULE_DEFICIT
     )
-    product = await client.call(
-        client.products.CreateProduct,
-        product_pb2.CreateProductRequest(
-            name="Late tokens",
-            currency="USD",
-            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
-            usage_prices=[
-                product_pb2.UsagePrice(
-                    meter_id=meter_id,
-                    model=product_pb2.PRICE_MODEL_PER_UNIT,
-                    unit_price="0.001",
-                    credit_type_id=type_id,
-                    credit_rate="1",
-                    overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
-                )
-            ],
-            included_credits=[product_pb2.IncludedCredits(credit_type_id=type_id, amount="1000")],
-        ),
-    )
     now = datetime.now(UTC)
-    subscribe = subscription_pb2.CreateSubscriptionRequest(
-        customer_id=customer_id, product_id=product.id
+    await credit_product(
+        client.channels["billing"],
+        client.metadata,
+        name="Late tokens",
+        meter_id=meter_id,
+        type_id=type_id,
+        overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
+        included="1000",
+        customer_ids=[customer_id],
+        start=now - timedelta(hours=5),
+        timeout=30,
     )
-    subscribe.start_time.FromDatetime(now - timedelta(hours=5))
-    await client.call(client.subscriptions.CreateSubscription, subscribe)
 
     async def ledger() -> list[credit_pb2.CreditLedgerEntry]:
         page = await client.call(

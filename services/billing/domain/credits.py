@@ -103,6 +103,29 @@ def ceil_minute(when: datetime) -> datetime:
     return floor if floor == when else floor + MINUTE
 
 
+def floor_day(when: datetime) -> datetime:
+    """The UTC midnight at or before `when`."""
+    return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def ceil_day(when: datetime) -> datetime:
+    """The UTC midnight at or after `when`."""
+    floor = floor_day(when)
+    return floor if floor == when else floor + timedelta(days=1)
+
+
+def merged(spans: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The union of half-open ranges, as disjoint ranges in order (touching
+    ranges join)."""
+    out: list[tuple[datetime, datetime]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
 # --- grants ---
 
 

@@ -6,21 +6,22 @@ Meter, another service, is replaced by FakeMeters (usage stated per event)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from nats.errors import TimeoutError as NatsTimeout
 
 from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog
 from services.billing.invoicing import Invoicing
 from services.billing.store import BillingStore
-from services.common import db
+from services.common import db, jetstream
 from tests.unit.billing.fake_meters import FakeMeters
 
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "billing" / "migrations"
@@ -99,3 +100,54 @@ def meters() -> FakeMeters:
 @pytest.fixture
 def billing(pool: Any, meters: FakeMeters) -> Billing:
     return wire(pool, meters)
+
+
+@pytest.fixture
+async def js(stack_urls: tuple[str, str]) -> AsyncIterator[Any]:
+    """A JetStream context on the test NATS, with the suite's streams."""
+    connection = await jetstream.connect(stack_urls[1], "billing-tests")
+    context = connection.jetstream()
+    await jetstream.ensure_streams(context, replicas=1)
+    yield context
+    await connection.close()
+
+
+class Published(NamedTuple):
+    subject: str
+    sequence: int  # in the stream
+    msg_id: str  # the Nats-Msg-Id header
+    payload: Any
+
+
+async def billing_messages(
+    js: Any, subject: str, parse: Callable[[bytes], Any], tenant_id: str
+) -> list[Published]:
+    """The tenant's messages on `subject` (a filter: wildcards allowed) of
+    the shared BILLING stream, in stream order, each payload parsed with
+    `parse` (a message type's FromString; the payload's tenant_id picks the
+    tenant's)."""
+    subscription = await js.pull_subscribe(subject, stream=jetstream.BILLING_STREAM)
+    found: list[Published] = []
+    try:
+        # Until the consumer has nothing left to deliver: a short fetch timeout
+        # as the end marker missed messages on a loaded machine.
+        while (pending := (await subscription.consumer_info()).num_pending or 0) > 0:
+            try:
+                batch = await subscription.fetch(min(pending, 1000), timeout=30)
+            except NatsTimeout:
+                continue
+            for message in batch:
+                payload = parse(message.data)
+                if payload.tenant_id == tenant_id:
+                    found.append(
+                        Published(
+                            message.subject,
+                            message.metadata.sequence.stream,
+                            message.headers["Nats-Msg-Id"],
+                            payload,
+                        )
+                    )
+                await message.ack()
+    finally:
+        await subscription.unsubscribe()
+    return found

@@ -8,19 +8,17 @@ per entry (see tests/unit/billing/test_credit_messages.py)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from nats.errors import TimeoutError as NatsTimeout
 
 from services.billing.credits import Credits
 from services.billing.credits_store import CreditStore
 from services.billing.domain.credits import floor_minute
 from services.billing.store import BillingStore
-from services.common import jetstream
+from tests.integration.billing.conftest import billing_messages
 from usagebilling.billing.v1 import credit_pb2
 
 pytestmark = pytest.mark.integration
@@ -47,36 +45,13 @@ class Meters:
         return dict(found)
 
 
-@pytest.fixture
-async def js(stack_urls: tuple[str, str]) -> AsyncIterator[Any]:
-    connection = await jetstream.connect(stack_urls[1], "billing-credit-tests")
-    context = connection.jetstream()
-    await jetstream.ensure_streams(context, replicas=1)
-    yield context
-    await connection.close()
-
-
 async def _messages(js: Any, tenant_id: str) -> list[tuple[str, str, credit_pb2.CreditEvent]]:
     """(subject, Nats-Msg-Id, payload) of the tenant's credit.drawn messages,
     in stream order."""
-    subscription = await js.pull_subscribe(
-        "usagebilling.billing.v1.credit.drawn", stream=jetstream.BILLING_STREAM
+    found = await billing_messages(
+        js, "usagebilling.billing.v1.credit.drawn", credit_pb2.CreditEvent.FromString, tenant_id
     )
-    found: list[tuple[str, str, credit_pb2.CreditEvent]] = []
-    try:
-        while (pending := (await subscription.consumer_info()).num_pending or 0) > 0:
-            try:
-                batch = await subscription.fetch(min(pending, 1000), timeout=30)
-            except NatsTimeout:
-                continue
-            for message in batch:
-                payload = credit_pb2.CreditEvent.FromString(message.data)
-                if payload.tenant_id == tenant_id:
-                    found.append((message.subject, message.headers["Nats-Msg-Id"], payload))
-                await message.ack()
-    finally:
-        await subscription.unsubscribe()
-    return found
+    return [(m.subject, m.msg_id, m.payload) for m in found]
 
 
 async def test_draw_downs_are_one_message_per_customer_type_and_minute(pool: Any, js: Any) -> None:

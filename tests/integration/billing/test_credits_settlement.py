@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from services.billing.credits import Credits
@@ -27,12 +31,15 @@ from services.billing.domain.credits import (
     Overage,
     Rollover,
     available,
+    floor_day,
     floor_minute,
     replay,
     to_credits,
 )
 from services.billing.store import BillingStore
+from services.common import db
 from services.common.errors import AlreadyExists
+from tests.integration.billing.conftest import MIGRATIONS, _with_database
 from usagebilling.billing.v1 import credit_pb2
 
 D = Decimal
@@ -389,3 +396,149 @@ async def test_a_debit_is_entered_at_once_settled_without_a_repeat_and_corrected
         assert await store.state_before(conn, tenant, customer_id, type_id, until) == expected
     assert rows[-1]["balance_after"] == sum(r["amount"] for r in rows) == D(-50)
     await agree(now + 2 * M, debits)
+
+
+async def _drawn_days_agree(pool: Any, store: CreditStore, tenant: str, rng: random.Random) -> int:
+    """credit_drawn_days holds exactly the ledger's per-day sums of its DRAWN
+    and OVERAGE quantities, and quantities_per_day over ranges that start
+    and end mid-day (or within one day, or at midnights) answers what a sum
+    of the entries answers. Returns the days compared."""
+    by_day = (
+        "SELECT customer_id, credit_type_id, meter_id, date_bin('1 day', effective_at,"
+        " '2000-01-01 00:00:00+00') AS day, sum(quantity) AS quantity"
+        " FROM billing.credit_ledger WHERE tenant_id = $1 AND kind IN ('DRAWN', 'OVERAGE')"
+        " AND ($2::timestamptz IS NULL OR effective_at >= $2)"
+        " AND ($3::timestamptz IS NULL OR effective_at < $3) GROUP BY 1, 2, 3, 4"
+    )
+    kept = await pool.fetch(
+        "SELECT customer_id, credit_type_id, meter_id, day, quantity"
+        " FROM billing.credit_drawn_days WHERE tenant_id = $1",
+        tenant,
+    )
+    summed = await pool.fetch(by_day, tenant, None, None)
+    assert {tuple(r) for r in kept} == {tuple(r) for r in summed}
+    assert summed
+    (customer, type_id, meter_id, *_), *_ = summed
+    first = min(r["day"] for r in summed) - timedelta(days=1)
+    edges = [first + timedelta(hours=h) for h in (0, 24, 48, 72)]
+    edges += [first + timedelta(minutes=rng.randrange(0, 4 * 24 * 60)) for _ in range(8)]
+    async with pool.acquire() as conn:
+        for lo in edges:
+            for hi in edges:
+                got = await store.quantities_per_day(
+                    conn, tenant, str(customer), str(type_id), meter_id, lo, hi
+                )
+                rows = await conn.fetch(by_day, tenant, lo, hi) if lo < hi else []
+                assert got == {r["day"]: r["quantity"] for r in rows if r["quantity"] != 0}
+    return len(summed)
+
+
+async def test_drawn_day_sums_equal_the_ledger_after_draws_corrections_and_a_replay(
+    pool: Any,
+) -> None:
+    """The per-day sums reconciliation reads (migration 0011's trigger) stay
+    equal to the ledger's entries through first draws, corrections of late
+    events inside the recheck window (two replicas, passes killed midway),
+    and a reconciliation that replays from a day settled long before."""
+    rng = random.Random(7)
+    tenant, customer_id, type_id, meter_id, start = await _setup(pool)
+    meter = MinuteMeter()
+    store = CreditStore(pool)
+    billing = BillingStore(pool)
+    replicas = [
+        Credits(store, billing, meter, lag=timedelta(0), recheck=timedelta(hours=2))  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    now = datetime.now(UTC)
+
+    def events(count: int, since: datetime) -> None:
+        for _ in range(count):
+            when = since + timedelta(seconds=rng.randrange(0, int((now - since).total_seconds())))
+            meter.events.append(("cus", when, D(rng.choice(["0.4", "1", "2", "9"]))))
+
+    # Draws: a day and a half, over at least two UTC days.
+    events(80, start)
+    await asyncio.gather(*(r.settle_tenant(tenant, now) for r in replicas))
+    assert await _drawn_days_agree(pool, store, tenant, rng) >= 2
+    # Corrections: late events in the recheck window, passes killed midway.
+    for round_ in range(3):
+        now += M
+        events(10, now - timedelta(hours=1))
+        task = asyncio.ensure_future(replicas[round_ % 2].settle_tenant(tenant, now))
+        await asyncio.sleep(rng.random() * 0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*(r.settle_tenant(tenant, now) for r in replicas))
+    revised = await pool.fetchval(
+        "SELECT count(*) FROM billing.credit_ledger WHERE tenant_id = $1 AND revision > 0"
+        " AND kind IN ('DRAWN', 'OVERAGE')",
+        tenant,
+    )
+    assert revised > 0
+    await _drawn_days_agree(pool, store, tenant, rng)
+    # A replay: late events on the first day (beyond the recheck window),
+    # found by the reconciliation, which settles again from that day.
+    async with pool.acquire() as conn:
+        before = await store.quantities_per_day(
+            conn, tenant, customer_id, type_id, meter_id, start, floor_minute(now)
+        )
+    meter.events += [("cus", start + timedelta(minutes=7), D(4)), ("cus", start, D(3))]
+    later = now + 2 * M
+    await replicas[0].settle_tenant(tenant, later)
+    async with pool.acquire() as conn:
+        drawn = await store.quantities_per_day(
+            conn, tenant, customer_id, type_id, meter_id, start, floor_minute(later)
+        )
+    expected: dict[datetime, Decimal] = defaultdict(Decimal)
+    for _, when, value in meter.events:
+        if when < floor_minute(later):
+            expected[floor_day(when)] += value
+    assert drawn == {day: value for day, value in expected.items() if value}
+    assert drawn[floor_day(start)] == before[floor_day(start)] + 7
+    await _drawn_days_agree(pool, store, tenant, rng)
+
+
+async def test_migration_0011_sums_the_days_the_ledger_holds_already(
+    stack_urls: tuple[str, str], tmp_path: Path
+) -> None:
+    """Upgrading a database whose ledger has entries: the migration sums them
+    per day (every revision of DRAWN and OVERAGE, nothing else), and entries
+    written after it add to its sums."""
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        if int(path.name[:4]) < 11:
+            shutil.copy(path, tmp_path)
+    name = f"billing_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(stack_urls[0])
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    pool = await db.create_pool(_with_database(stack_urls[0], name), min_size=1, max_size=2)
+    try:
+        assert (await db.migrate(pool, "billing", tmp_path))[-1] == 10
+        customer, kind, day = uuid.uuid4(), uuid.uuid4(), datetime(2026, 3, 1, tzinfo=UTC)
+        insert = (
+            "INSERT INTO billing.credit_ledger (tenant_id, customer_id, credit_type_id, kind,"
+            " entry_key, revision, amount, balance_after, effective_at, meter_id, quantity)"
+            " VALUES ('t', $1, $2, $3, $4, $5, 0, 0, $6, $7, $8)"
+        )
+        entries = [
+            ("DRAWN", "a", 0, day, "m1", D(5)),
+            ("DRAWN", "a", 1, day, "m1", D(-2)),  # a correction
+            ("OVERAGE", "b", 0, day + timedelta(hours=23, minutes=59), "m1", D("0.5")),
+            ("DRAWN", "c", 0, day + timedelta(days=1), "m1", D(7)),  # the next day
+            ("DRAWN", "d", 0, day, "m2", D(11)),  # another meter
+            ("GRANTED", "e", 0, day, "", D(100)),  # not a draw
+        ]
+        await pool.executemany(insert, [(customer, kind, *e) for e in entries])
+        shutil.copy(next(MIGRATIONS.glob("0011_*.sql")), tmp_path)
+        assert await db.migrate(pool, "billing", tmp_path) == [11]
+        sums = "SELECT meter_id, day, quantity FROM billing.credit_drawn_days ORDER BY 1, 2"
+        assert [tuple(r) for r in await pool.fetch(sums)] == [
+            ("m1", day, D("3.5")),
+            ("m1", day + timedelta(days=1), D(7)),
+            ("m2", day, D(11)),
+        ]
+        await pool.execute(insert, customer, kind, "DRAWN", "a", 2, day, "m1", D(1))
+        assert tuple((await pool.fetch(sums))[0]) == ("m1", day, D("4.5"))
+    finally:
+        await pool.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -5,18 +5,15 @@ an invoice's voided message never comes before its finalized one."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from nats.errors import TimeoutError as NatsTimeout
 
 from services.billing import convert
 from services.billing.invoicing import FINALIZED_SUBJECT, VOIDED_SUBJECT
-from services.common import jetstream
 from tests.integration.billing.builders import DAY, invoices_of, tenant_with
-from tests.integration.billing.conftest import Billing, wire
+from tests.integration.billing.conftest import Billing, billing_messages, wire
 from tests.unit.billing.fake_meters import FakeMeters
 from usagebilling.billing.v1 import invoice_pb2
 
@@ -26,15 +23,6 @@ MAY1 = datetime(2024, 5, 1, tzinfo=UTC)
 AFTER_THREE_DAYS = MAY1 + timedelta(days=3, hours=2)
 
 
-@pytest.fixture
-async def js(stack_urls: tuple[str, str]) -> AsyncIterator[Any]:
-    connection = await jetstream.connect(stack_urls[1], "billing-tests")
-    context = connection.jetstream()
-    await jetstream.ensure_streams(context, replicas=1)
-    yield context
-    await connection.close()
-
-
 async def _stream(js: Any, subject: str, tenant_id: str) -> list[tuple[int, str, Any]]:
     """(stream sequence, Nats-Msg-Id, payload) of the tenant's messages on
     `subject` of the shared BILLING stream."""
@@ -42,26 +30,8 @@ async def _stream(js: Any, subject: str, tenant_id: str) -> list[tuple[int, str,
         FINALIZED_SUBJECT: invoice_pb2.InvoiceFinalized,
         VOIDED_SUBJECT: invoice_pb2.InvoiceVoided,
     }[subject]
-    subscription = await js.pull_subscribe(subject, stream=jetstream.BILLING_STREAM)
-    found: list[tuple[int, str, Any]] = []
-    try:
-        # Until the consumer has nothing left to deliver: a short fetch timeout
-        # as the end marker missed messages on a loaded machine.
-        while (pending := (await subscription.consumer_info()).num_pending or 0) > 0:
-            try:
-                batch = await subscription.fetch(min(pending, 1000), timeout=30)
-            except NatsTimeout:
-                continue
-            for message in batch:
-                payload = message_type.FromString(message.data)
-                if payload.tenant_id == tenant_id:
-                    found.append(
-                        (message.metadata.sequence.stream, message.headers["Nats-Msg-Id"], payload)
-                    )
-                await message.ack()
-        return found
-    finally:
-        await subscription.unsubscribe()
+    found = await billing_messages(js, subject, message_type.FromString, tenant_id)
+    return [(m.sequence, m.msg_id, m.payload) for m in found]
 
 
 async def _messages(js: Any, tenant_id: str) -> list[tuple[str, invoice_pb2.InvoiceFinalized]]:
