@@ -86,6 +86,23 @@ def rpc_labels(method: str) -> tuple[str, str, str]:
     return service, name, _KINDS[(found.client_streaming, found.server_streaming)]
 
 
+@functools.cache
+def _started(method: str) -> Any:
+    """The grpc_server_started_total series of `method` (made once a method:
+    `.labels()` looks its child up under a lock on every call)."""
+    return metrics.GRPC_STARTED.labels(*rpc_labels(method))
+
+
+@functools.cache
+def _seconds(method: str) -> Any:
+    return metrics.GRPC_SECONDS.labels(*rpc_labels(method))
+
+
+@functools.cache
+def _handled(method: str, code: grpc.StatusCode) -> Any:
+    return metrics.GRPC_HANDLED.labels(*rpc_labels(method), GO_CODE_NAMES[code])
+
+
 def code_of(context: Ctx, otherwise: grpc.StatusCode) -> grpc.StatusCode:
     """The status the call ended with: the one set on the context (abort), else `otherwise`."""
     code = context.code()
@@ -119,9 +136,8 @@ class _Call:
     def finish(self, code: grpc.StatusCode, counted: bool = True) -> None:
         seconds = time.perf_counter() - self.started
         if counted:
-            service, name, kind = rpc_labels(self.method)
-            metrics.GRPC_HANDLED.labels(service, name, kind, GO_CODE_NAMES[code]).inc()
-            metrics.GRPC_SECONDS.labels(service, name, kind).observe(seconds)
+            _handled(self.method, code).inc()
+            _seconds(self.method).observe(seconds)
         tracing.end_span(self.span, code)
         level = log.error if code in SERVER_FAULTS else log.info
         level(
@@ -189,6 +205,5 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED
             call.finish(grpc.StatusCode.UNIMPLEMENTED, counted=False)
             return None
-        service, name, kind = rpc_labels(method)
-        metrics.GRPC_STARTED.labels(service, name, kind).inc()
+        _started(method).inc()
         return rebuild(handler, call.unary, call.streaming)

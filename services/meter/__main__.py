@@ -32,9 +32,13 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def wiring(settings: meter_settings.MeterSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
         # A few connections of generic plans for one customer's usage reads
-        # (MeterStore.reads), beside the runtime's pool.
+        # (MeterStore.reads: plain SELECTs only), beside the runtime's pool.
         reads = await db.create_pool(
-            settings.common.database_url, min_size=1, max_size=4, generic_plans=True
+            settings.common.database_url,
+            min_size=1,
+            max_size=4,
+            generic_plans=True,
+            plain_reads=True,
         )
         store = RetainingMeterStore(runtime.pool, reads)
         service = MeterService(

@@ -102,6 +102,10 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
             response.next_page_token = token
 
         add = response.rows.add
+        # Rows come window by window, and a window's end is the next one's start
+        # (the same objects): the last window's Timestamps are reused without a
+        # look-up, and its end's as the next start.
+        last: tuple[datetime, datetime, Timestamp, Timestamp] | None = None
         try:
             slices = self._service.query_usage(
                 current_tenant(), request, limits, hold, next_page_token=next_page
@@ -109,11 +113,17 @@ class MeterServicer(meter_pb2_grpc.MeterServiceServicer):
             async with contextlib.aclosing(slices):
                 async for rows in slices:
                     for r in rows:
+                        begin, end = r.window_start, r.window_end
+                        if last is None or begin is not last[0] or end is not last[1]:
+                            if last is None or begin is not last[1]:
+                                last = (begin, end, stamp(begin), stamp(end))
+                            else:
+                                last = (begin, end, last[3], stamp(end))
                         # An empty map is left unset: passing group={} costs as much
                         # again as the rest of the row (a month of HOUR rows: 600).
                         row = add(
-                            window_start=stamp(r.window_start),
-                            window_end=stamp(r.window_end),
+                            window_start=last[2],
+                            window_end=last[3],
                             customer_id=r.customer_id,
                             value=r.value,
                         )

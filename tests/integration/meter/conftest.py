@@ -18,7 +18,9 @@ async def meters(stack_urls: tuple[str, str]) -> AsyncIterator[Meters]:
     pool = await db.create_pool(stack_urls[0], min_size=1, max_size=4)
     # As meter wires it: one customer's reads on generic plans, so the
     # reference tests check those plans' answers too.
-    reads = await db.create_pool(stack_urls[0], min_size=1, max_size=2, generic_plans=True)
+    reads = await db.create_pool(
+        stack_urls[0], min_size=1, max_size=2, generic_plans=True, plain_reads=True
+    )
     try:
         await db.migrate(pool, "meter", MIGRATIONS)
         yield Meters(MeterStore(pool, reads))
