@@ -39,6 +39,22 @@ class Client:
     async def call(self, method: Callable[..., Any], request: Any) -> Any:
         return await method(request, metadata=self.metadata, timeout=30)
 
+    async def send_events(self, events: list[ingest_pb2.Event], timeout: float = 120) -> Any:
+        """IngestEvents as a well-behaved client sends it: a call refused over the
+        tenant's rate (RESOURCE_EXHAUSTED; ingest cuts the rate while meter has a
+        backlog) is sent again after its `retry-after`, until `timeout`."""
+        request = ingest_pb2.IngestEventsRequest(events=events)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                return await self.call(self.ingest.IngestEvents, request)
+            except grpc.aio.AioRpcError as error:
+                late = asyncio.get_running_loop().time() > deadline
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or late:
+                    raise
+                trailers = dict(error.trailing_metadata() or ())
+                await asyncio.sleep(float(trailers.get("retry-after", 0.1)))
+
     async def close(self) -> None:
         for channel in self.channels.values():
             await channel.close()
