@@ -22,7 +22,7 @@ from services.billing.store import BillingStore
 from services.billing.webhooks import Webhooks
 from services.billing.webhooks_api import WebhookServicer
 from services.billing.webhooks_store import WebhookStore
-from services.common import app
+from services.common import app, db
 from services.common.channels import internal_channel
 from services.common.grpc_server import Registration
 from usagebilling.billing.v1 import (
@@ -49,13 +49,18 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
     async def wire(runtime: app.Runtime) -> app.Wiring:
-        store = BillingStore(runtime.pool)
+        # A few connections for the request path's one-statement lookups (API
+        # keys, customers, a balance's inputs): no reset round trip on release.
+        reads = await db.create_pool(
+            settings.common.database_url, min_size=1, max_size=4, plain_reads=True
+        )
+        store = BillingStore(runtime.pool, reads)
         meter_channel = internal_channel(
             settings.meter_addr, CHANNEL_OPTIONS, tls=settings.common.tls
         )
         meters = MeterClient(meter_channel, settings.common.service_token)
         accounts = Accounts(store)
-        credit_store = CreditStore(runtime.pool)
+        credit_store = CreditStore(runtime.pool, reads)
         catalog = CreditCatalog(store, meters, credit_store)
         credits = Credits(
             credit_store,
@@ -143,7 +148,7 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
             # Credits settle every second whatever the scheduler does: balances are real time.
             background=([scheduler.run] if settings.scheduler_enabled else [])
             + [credits.run, reporter.run, webhooks.run, alerts.run],
-            cleanup=[lambda: meter_channel.close(None)],
+            cleanup=[lambda: meter_channel.close(None), reads.close],
         )
 
     return wire

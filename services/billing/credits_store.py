@@ -258,8 +258,12 @@ def _texts(values: dict[str, Decimal]) -> dict[str, str]:
 
 
 class CreditStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, reads: asyncpg.Pool | None = None) -> None:
+        # `reads`: a pool for the request path's single-statement lookups
+        # (db.create_pool(plain_reads=True): no reset round trip on release);
+        # the main pool otherwise.
         self.pool = pool
+        self.reads = reads or pool
 
     # Credit types.
 
@@ -353,7 +357,7 @@ class CreditStore:
 
     async def product_credits(self, tenant_id: str, product_id: str = "") -> dict[str, Any]:
         """The credits JSON of the tenant's products (or of one) by product id."""
-        rows = await self.pool.fetch(
+        rows = await self.reads.fetch(
             "SELECT id, credits FROM billing.products WHERE tenant_id = $1"
             " AND ($2::uuid IS NULL OR id = $2) AND credits <> '{}'::jsonb",
             tenant_id,
@@ -398,7 +402,7 @@ class CreditStore:
         trip and one pooled connection: the balance is on the request path):
         the account, its grants, the customer's plans (as customer_plans) and,
         when `overage_since` is given, the overage entered since then."""
-        row = await self.pool.fetchrow(
+        row = await self.reads.fetchrow(
             "SELECT (SELECT a FROM billing.credit_accounts a WHERE a.tenant_id = $1"
             " AND a.customer_id = $2 AND a.credit_type_id = $3) AS account,"
             " ARRAY(SELECT g FROM billing.credit_grants g WHERE g.tenant_id = $1"
@@ -947,7 +951,7 @@ class CreditStore:
     async def overage_since(
         self, tenant_id: str, customer_id: str, type_id: str, since: datetime
     ) -> Decimal:
-        value = await self.pool.fetchval(
+        value = await self.reads.fetchval(
             "SELECT coalesce(sum(uncovered), 0) FROM billing.credit_ledger WHERE tenant_id = $1"
             " AND customer_id = $2 AND credit_type_id = $3 AND kind = 'OVERAGE'"
             " AND effective_at >= $4",

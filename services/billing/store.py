@@ -204,8 +204,12 @@ def _chosen_subscriptions(
 
 
 class BillingStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, reads: asyncpg.Pool | None = None) -> None:
+        # `reads`: a pool for the request path's single-statement lookups
+        # (db.create_pool(plain_reads=True): no reset round trip on release);
+        # the main pool otherwise.
         self.pool = pool
+        self.reads = reads or pool
 
     # Tenants and API keys.
 
@@ -244,7 +248,7 @@ class BillingStore:
         return ApiKeyRecord(str(row["id"]), row["tenant_id"], row["description"], True)
 
     async def key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
-        row = await self.pool.fetchrow(
+        row = await self.reads.fetchrow(
             "SELECT id, tenant_id, description FROM billing.api_keys"
             " WHERE key_hash = $1 AND revoked_at IS NULL",
             key_hash,
@@ -260,7 +264,7 @@ class BillingStore:
     async def _by_id(self, table: str, tenant_id: str, row_id: str, field: str) -> asyncpg.Record:
         """One of the tenant's rows; NotFound naming `field` otherwise."""
         what = table.rstrip("s")
-        row: asyncpg.Record | None = await self.pool.fetchrow(
+        row: asyncpg.Record | None = await self.reads.fetchrow(
             f"SELECT * FROM billing.{table} WHERE tenant_id = $1 AND id = $2",
             tenant_id,
             parse_uuid(row_id, field),
@@ -310,7 +314,7 @@ class BillingStore:
 
     async def get_customer_by_external_id(self, tenant_id: str, external_id: str) -> CustomerRecord:
         """The customer whose events carry `external_id`; NotFound naming external_id."""
-        row = await self.pool.fetchrow(
+        row = await self.reads.fetchrow(
             "SELECT * FROM billing.customers WHERE tenant_id = $1 AND external_id = $2",
             tenant_id,
             external_id,
@@ -390,7 +394,7 @@ class BillingStore:
         return await self.get_subscription(tenant_id, str(new_id))
 
     async def get_subscription(self, tenant_id: str, subscription_id: str) -> SubscriptionRecord:
-        row = await self.pool.fetchrow(
+        row = await self.reads.fetchrow(
             f"{_SUBSCRIPTION_SELECT} WHERE s.tenant_id = $1 AND s.id = $2",
             tenant_id,
             parse_uuid(subscription_id, "subscription_id"),
