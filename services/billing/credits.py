@@ -17,7 +17,9 @@ once per USAGEBILLING_CREDITS_RECONCILE per account (reconciled_at, shared by
 the replicas) and in the pass's transaction, meter's usage per UTC day (QueryUsage
 DAY windows: meter's hour buckets, flat cost) with the quantity the ledger's
 DRAWN and OVERAGE entries hold for the same minutes (each minute's quantity is
-in exactly one of them, a zero-credit minute's too); the pass then replays
+in exactly one of them per price that draws it, a zero-credit minute's too:
+so meter's day is read over each price's own time and summed, a minute two
+subscriptions' prices draw counting twice); the pass then replays
 from the first day that differs. Billing reads usage from meter only. Exact for
 COUNT and SUM meters, whose day is the sum of its minutes (other aggregations
 are not compared: their late events beyond the recheck window are not drawn),
@@ -68,6 +70,7 @@ from services.billing.domain.credits import (
     ceil_minute,
     check_amount,
     corrections,
+    draw_key,
     floor_day,
     floor_minute,
     merged,
@@ -119,6 +122,7 @@ class CreditPrice:
     rule: Overage
     start: datetime
     end: datetime | None
+    subscription_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -742,14 +746,22 @@ class Credits:
         minutes: dict[str, Minutes] = {m: dict(found) for m, (_, found) in (read or {}).items()}
         for (meter_id, _, _), found in zip(asks, await asyncio.gather(*asks.values()), strict=True):
             minutes.setdefault(meter_id, {}).update(found)
+        # Each price draws its meter's usage (as each bills it on its own
+        # invoice line); a minute that several subscriptions' prices of one
+        # meter draw has one draw per subscription, keyed by it.
+        spans: dict[str, list[tuple[datetime, datetime]]] = {}
+        for price, lo, hi in wanted:
+            spans.setdefault(price.meter_id, []).append((lo, hi))
         draws: list[Draw] = []
         for price, lo, hi in wanted:
+            shares = spans[price.meter_id]
             for minute, quantity in sorted(minutes.get(price.meter_id, {}).items()):
                 if not lo <= minute < hi:
                     continue
+                shared = len(shares) > 1 and sum(a <= minute < b for a, b in shares) > 1
                 draws.append(
                     Draw(
-                        f"draw:{price.meter_id}:{minute.isoformat()}",
+                        draw_key(price.meter_id, minute, price.subscription_id if shared else ""),
                         minute,
                         to_credits(quantity, price.rate, precision),
                         price.rule,
@@ -897,25 +909,40 @@ class Credits:
             hi = end if price.end is None else min(end, price.end)
             if lo < hi:
                 ranges.setdefault(price.meter_id, []).append((lo, hi))
-        wanted: list[tuple[str, datetime, datetime]] = []
-        for meter_id, spans in ranges.items():
+        for meter_id in list(ranges):
             if not await self._usage.additive(tenant_id, meter_id):
-                continue
-            for lo, hi in merged(spans):
-                wanted.append((meter_id, lo, hi))
-        if not wanted:
+                del ranges[meter_id]
+        # Each price's span is read (a minute that two subscriptions' prices
+        # draw is in the ledger twice, once per draw); the same span once.
+        asks = sorted({(m, lo, hi) for m, spans in ranges.items() for lo, hi in spans})
+        if not asks:
             return None
-        metered = await asyncio.gather(
-            *(self._usage.days(tenant_id, m, external_id, lo, hi) for m, lo, hi in wanted)
+        metered = dict(
+            zip(
+                asks,
+                await asyncio.gather(
+                    *(self._usage.days(tenant_id, m, external_id, lo, hi) for m, lo, hi in asks)
+                ),
+                strict=True,
+            )
         )
         first: datetime | None = None
-        for (meter_id, lo, hi), days in zip(wanted, metered, strict=True):
-            drawn = await self._store.quantities_per_day(
-                conn, tenant_id, customer_id, type_id, meter_id, lo, hi
-            )
-            for day in set(days) | set(drawn):
-                if days.get(day, Decimal(0)) != drawn.get(day, Decimal(0)):
-                    at = max(day, lo)
+        for meter_id, spans in ranges.items():
+            want: dict[datetime, Decimal] = {}
+            for span in spans:
+                for day, value in metered[(meter_id, *span)].items():
+                    want[day] = want.get(day, Decimal(0)) + value
+            have: dict[datetime, Decimal] = {}
+            for lo, hi in merged(spans):
+                found = await self._store.quantities_per_day(
+                    conn, tenant_id, customer_id, type_id, meter_id, lo, hi
+                )
+                for day, value in found.items():
+                    have[day] = have.get(day, Decimal(0)) + value
+            lowest = min(lo for lo, _ in spans)
+            for day in set(want) | set(have):
+                if want.get(day, Decimal(0)) != have.get(day, Decimal(0)):
+                    at = max(day, lowest)
                     first = at if first is None else min(first, at)
         return first
 
@@ -1045,11 +1072,13 @@ class Credits:
         now: datetime | None = None,
     ) -> dict[LineKey, CreditUse]:
         """For the usage prices of these periods (BillablePeriod) that draw
-        credits: replaces the quantity priced in `usage` by the part credits
-        did not cover that is billed (under BILL; none under FORGIVE and
-        DEFICIT), and returns what credits did per (subscription, period
-        start, meter), for `annotate`. An ended period is settled up to its
-        end first. Periods are taken at whole minutes, as the ledger is."""
+        credits: what credits did per (subscription, period start, meter),
+        for `annotate`, whose `billable` is the quantity to price: the part
+        credits did not cover that is billed (under BILL; none under FORGIVE
+        and DEFICIT). `usage` is left as read (two subscriptions may price
+        the same meter over the same period: each line has its own draws).
+        An ended period is settled up to its end first. Periods are taken at
+        whole minutes, as the ledger is."""
         now = now or datetime.now(UTC)
         credits = await self._store.product_credits(tenant_id)
         found: dict[LineKey, CreditUse] = {}
@@ -1080,7 +1109,13 @@ class Credits:
                         until=end,
                     )
                 drawn = await self._store.drawn(
-                    tenant_id, subscription.customer_id, meter_id, floor_minute(period.start), end
+                    tenant_id,
+                    subscription.customer_id,
+                    kind.id,
+                    meter_id,
+                    subscription.id,
+                    floor_minute(period.start),
+                    end,
                 )
                 consumed = usage[key]
                 with decimal.localcontext() as context:
@@ -1088,7 +1123,6 @@ class Credits:
                     covered = min(consumed, drawn / Decimal(p["rate"]))
                 rule = Overage(p["overage_rule"])
                 billable = consumed - covered if rule is Overage.BILL else Decimal(0)
-                usage[key] = billable
                 found[(subscription.id, period.start, meter_id)] = CreditUse(
                     kind.name, consumed, covered, drawn, billable, rule, kind.id, Decimal(p["rate"])
                 )
@@ -1286,6 +1320,7 @@ def _prices(
                 Overage(p["overage_rule"]),
                 floor_minute(s.start_time),
                 None if s.end_time is None else ceil_minute(s.end_time),
+                s.id,
             )
             found.append((s.customer_id, s.customer_external_id, price))
     return found

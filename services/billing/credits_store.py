@@ -963,16 +963,30 @@ class CreditStore:
         return Decimal(value)
 
     async def drawn(
-        self, tenant_id: str, customer_id: str, meter_id: str, start: datetime, end: datetime
+        self,
+        tenant_id: str,
+        customer_id: str,
+        type_id: str,
+        meter_id: str,
+        subscription_id: str,
+        start: datetime,
+        end: datetime,
     ) -> Decimal:
-        """Credits drawn for one meter's usage over [start, end) (whole minutes)."""
+        """Credits of a type drawn for one meter's usage over [start, end)
+        (whole minutes, within the subscription's time) by the subscription's
+        price: the draws of minutes no other price of the meter drew (their
+        key ends with the minute's "+00:00") and its own where others did
+        (their key ends with its id; see domain.credits.draw_key)."""
         value = await self.pool.fetchval(
             "SELECT coalesce(sum(-amount), 0) FROM billing.credit_ledger WHERE tenant_id = $1"
-            " AND customer_id = $2 AND meter_id = $3 AND kind = 'DRAWN'"
-            " AND effective_at >= $4 AND effective_at < $5",
+            " AND customer_id = $2 AND credit_type_id = $3 AND meter_id = $4 AND kind = 'DRAWN'"
+            " AND effective_at >= $6 AND effective_at < $7"
+            " AND (entry_key LIKE '%+00:00' OR entry_key LIKE '%+00:00:' || $5)",
             tenant_id,
             uuid.UUID(customer_id),
+            uuid.UUID(type_id),
             meter_id,
+            subscription_id,
             start,
             end,
         )

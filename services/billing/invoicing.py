@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -229,7 +229,7 @@ class Invoicing:
                     prices[product.id] = [
                         (convert.price_from_json(p), p["meter_name"]) for p in product.usage_prices
                     ]
-                drafts[period.key] = _build(period, prices[product.id], usage, transactions)
+                drafts[period.key] = _build(period, prices[product.id], usage, transactions, uses)
             except Unpriceable as exc:
                 if strict:
                     raise
@@ -744,13 +744,22 @@ def _build(
     prices: Sequence[tuple[UsagePrice, str]],
     usage: dict[CustomerUsageKey, Decimal],
     transactions: dict[CustomerUsageKey, tuple[Decimal, ...]],
+    uses: Mapping[tuple[str, datetime, str], Any],
 ) -> InvoiceDraft:
+    """One period's draft. A usage line whose price draws credits prices
+    the part billed beyond them (`uses`: CreditUse by subscription, period
+    start and meter), not the usage read: that stays as read, for another
+    subscription's line on the same meter and period."""
     customer = period.subscription.customer_external_id
     product = period.product
     lines: list[Usage] = []
     for price, name in prices:
         key = (price.meter_id, period.start, period.end, customer)
-        lines.append((price, name, transactions[key] if price.per_transaction else usage[key]))
+        use = uses.get((period.subscription.id, period.start, price.meter_id))
+        if price.per_transaction:
+            lines.append((price, name, transactions[key]))
+        else:
+            lines.append((price, name, use.billable if use is not None else usage[key]))
     return build_invoice(
         product.currency,
         product.fixed_price_minor,

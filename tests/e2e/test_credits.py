@@ -22,6 +22,9 @@ from usagebilling.billing.v1 import (
     credit_pb2,
     credit_pb2_grpc,
     customer_pb2,
+    invoice_pb2,
+    product_pb2,
+    subscription_pb2,
 )
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
@@ -575,3 +578,94 @@ async def test_a_late_event_beyond_the_recheck_window_is_drawn(client: Client) -
     # Settled again and again after: never drawn twice.
     await asyncio.sleep(3)
     assert sum(D(e.amount) for e in await ledger()) == 700
+
+
+async def test_two_subscriptions_pricing_one_meter_each_draw_their_own(client: Client) -> None:
+    """Two subscriptions of one customer, over the same time, whose products
+    both price the tokens meter in the same credit type (rates 1 and 2): as
+    each bills the meter's usage on its own invoice line without credits,
+    each draws it from the balance at its own rate. Each draw is its own
+    ledger entry holding the minute's quantity once, so that reconciliation
+    (which compares the ledger's quantities with meter's) finds nothing to
+    correct, and each invoice line shows its own draw and the usage it covered."""
+    stub = credits_of(client)
+    meter_id, type_id, customer_id = await tokens_setup(
+        client, "cus_two", rule=credit_pb2.OVERAGE_RULE_BILL
+    )
+
+    async def product(name: str, rate: str, included: str) -> product_pb2.Product:
+        made: product_pb2.Product = await client.call(
+            client.products.CreateProduct,
+            product_pb2.CreateProductRequest(
+                name=name,
+                currency="USD",
+                billing_interval=product_pb2.BILLING_INTERVAL_DAY,
+                usage_prices=[
+                    product_pb2.UsagePrice(
+                        meter_id=meter_id,
+                        model=product_pb2.PRICE_MODEL_PER_UNIT,
+                        unit_price="0.01",
+                        credit_type_id=type_id,
+                        credit_rate=rate,
+                        overage_rule=credit_pb2.OVERAGE_RULE_BILL,
+                    )
+                ],
+                included_credits=(
+                    [product_pb2.IncludedCredits(credit_type_id=type_id, amount=included)]
+                    if included
+                    else []
+                ),
+            ),
+        )
+        return made
+
+    start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+    subscriptions = []
+    for made in (await product("Base", "1", "1000"), await product("Add-on", "2", "")):
+        subscribe = subscription_pb2.CreateSubscriptionRequest(
+            customer_id=customer_id, product_id=made.id
+        )
+        subscribe.start_time.FromDatetime(start)  # the same periods
+        subscriptions.append(await client.call(client.subscriptions.CreateSubscription, subscribe))
+    when = start + timedelta(minutes=20)
+    used = event("two-1", "cus_two", "llm.call", when + timedelta(seconds=5), tokens=100)
+    await client.call(client.ingest.IngestEvents, ingest_pb2.IngestEventsRequest(events=[used]))
+
+    async def ledger() -> list[credit_pb2.CreditLedgerEntry]:
+        page = await client.call(
+            stub.ListCreditLedger,
+            credit_pb2.ListCreditLedgerRequest(customer_id=customer_id, page_size=1000),
+        )
+        return list(page.entries)
+
+    def draws(entries: list[credit_pb2.CreditLedgerEntry]) -> list[tuple[str, str]]:
+        return sorted(
+            (e.amount, e.quantity)
+            for e in entries
+            if e.kind == credit_pb2.CREDIT_ENTRY_KIND_DRAWN
+            and e.effective_time.ToDatetime(tzinfo=UTC) == when
+        )
+
+    entries = await eventually(ledger, lambda es: sum(D(e.amount) for e in es) == 700, 120)
+    assert draws(entries) == [("-100", "100"), ("-200", "100")]
+    # Reconciled since (every 5 s here): nothing more to correct.
+    await asyncio.sleep(12)
+    assert len(await ledger()) == len(entries)
+    balance = await client.call(
+        stub.GetCreditBalance,
+        credit_pb2.GetCreditBalanceRequest(customer_id="cus_two", credit_type_id=type_id),
+    )
+    assert balance.available == "700"
+
+    lines = []
+    for subscription in subscriptions:
+        preview = await client.call(
+            client.invoices.PreviewInvoice,
+            invoice_pb2.PreviewInvoiceRequest(subscription_id=subscription.id),
+        )
+        lines += [
+            (line.quantity, line.credits.credits_drawn, line.credits.quantity_covered)
+            for line in preview.lines
+            if line.meter_id == meter_id
+        ]
+    assert lines == [("100", "100", "100"), ("100", "200", "100")]

@@ -209,13 +209,21 @@ def expand_rollovers(grants: Sequence[Grant]) -> list[Grant]:
 # --- usage and the ledger ---
 
 
+def draw_key(meter_id: str, minute: datetime, subscription_id: str = "") -> str:
+    """The key of one meter's usage drawn at one minute (UTC): with the
+    subscription's id when several subscriptions' prices draw that minute
+    (each draws it: one entry each), without it otherwise."""
+    key = f"draw:{meter_id}:{minute.astimezone(UTC).isoformat()}"
+    return f"{key}:{subscription_id}" if subscription_id else key
+
+
 @dataclass(frozen=True)
 class Draw:
     """Credits to draw at one minute: one meter's usage of that minute, or a
     manual debit (kind ADJUSTED: its `rule` is not used, see _draw). Within a
     minute, usage draws in key order (meter id), then debits in key order."""
 
-    key: str  # unique per balance: "draw:<meter>:<minute>" or "debit:<id>"
+    key: str  # unique per balance: draw_key(...) or "debit:<id>"
     at: datetime
     credits: Decimal
     rule: Overage

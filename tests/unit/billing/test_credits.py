@@ -25,6 +25,7 @@ from services.billing.domain.credits import (
     check_amount,
     corrections,
     debit,
+    draw_key,
     floor_minute,
     precision_of,
     replay,
@@ -412,3 +413,24 @@ def test_settling_in_steps_with_late_events_converges_to_the_oracle(
     expected, _ = oracle(grants, events, END)
     assert state_of(recorded) == expected
     assert sum(e.amount for e in recorded) == available(grants, expected, LAST)[0]
+
+
+def test_draw_keys_name_the_subscription_only_where_prices_share_a_minute() -> None:
+    minute = datetime(2026, 3, 1, 12, 5, tzinfo=UTC)
+    assert draw_key("m1", minute) == "draw:m1:2026-03-01T12:05:00+00:00"
+    shared = draw_key("m1", minute, "sub-a")
+    assert shared == "draw:m1:2026-03-01T12:05:00+00:00:sub-a"
+    assert shared != draw_key("m1", minute, "sub-b")
+    # Two subscriptions' draws of one minute are two entries, each its own
+    # quantity and amount; corrections sum per key.
+    one = Draw(shared, minute, D(100), Overage.BILL, "m1", D(100))
+    two = Draw(draw_key("m1", minute, "sub-b"), minute, D(200), Overage.BILL, "m1", D(100))
+    grant = Grant("g", D(1000), minute - timedelta(hours=1), None)
+    entries, state = replay(
+        [grant], [one, two], {"g": D(1000)}, minute, minute + timedelta(minutes=1), 0
+    )
+    assert sorted((e.key, e.amount, e.quantity) for e in entries) == [
+        (shared, D(-100), D(100)),
+        (draw_key("m1", minute, "sub-b"), D(-200), D(100)),
+    ]
+    assert state == {"g": D(700)}
