@@ -1319,7 +1319,9 @@ def _prices(
                 Decimal(p["rate"]),
                 Overage(p["overage_rule"]),
                 floor_minute(s.start_time),
-                None if s.end_time is None else ceil_minute(s.end_time),
+                # Whole minutes, as its periods' grants: the minute it ends
+                # in is not its (nor is it drawn twice on a plan change then).
+                None if s.end_time is None else floor_minute(s.end_time),
                 s.id,
             )
             found.append((s.customer_id, s.customer_external_id, price))

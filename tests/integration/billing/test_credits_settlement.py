@@ -36,6 +36,7 @@ from services.billing.domain.credits import (
     replay,
     to_credits,
 )
+from services.billing.invoicing import BillablePeriod
 from services.billing.store import BillingStore
 from services.common import db
 from services.common.errors import AlreadyExists
@@ -542,3 +543,39 @@ async def test_migration_0011_sums_the_days_the_ledger_holds_already(
         await pool.close()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_an_ended_subscription_draws_no_minute_past_its_last_grant(pool: Any) -> None:
+    """A subscription that ends mid-minute: its last period's grant expires
+    at the minute the period ends in (whole minutes), so its price draws no
+    usage from that minute on (usage after its end would otherwise be drawn,
+    or go to overage from a grant that expired), and its last invoice's credit
+    figures hold the minutes drawn, no more: under BILL the rest is billed."""
+    tenant, customer_id, _, meter_id, start = await _setup(pool)
+    billing, store, meter = BillingStore(pool), CreditStore(pool), MinuteMeter()
+    credits = Credits(store, billing, meter, lag=timedelta(0), recheck=timedelta(days=2))  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    (subscription,) = await billing.subscriptions(tenant, customer_id)
+    last_start = start + timedelta(days=1)
+    end = last_start + timedelta(minutes=20, seconds=30)  # mid-minute, before now
+    subscription = await billing.cancel_subscription(tenant, subscription.id, end, now)
+    meter.events += [
+        ("cus", last_start + timedelta(minutes=5), D(10)),
+        ("cus", end - timedelta(seconds=20), D(5)),  # the last minute, before the end
+        ("cus", end + timedelta(seconds=20), D(7)),  # the same minute, after the end
+    ]
+    await credits.settle_tenant(tenant, now)  # grants each period's 100, draws
+    entries = await pool.fetch(
+        "SELECT kind, amount, effective_at FROM billing.credit_ledger"
+        " WHERE kind IN ('DRAWN', 'OVERAGE') ORDER BY id"
+    )
+    assert [(e["kind"], e["amount"], e["effective_at"]) for e in entries] == [
+        ("DRAWN", D(-10), last_start + timedelta(minutes=5))
+    ]
+    product = await billing.get_product(tenant, subscription.product_id)
+    period = BillablePeriod(subscription, product, last_start, end)
+    uses = await credits.apply_to_usage(
+        tenant, [period], {(meter_id, last_start, end, "cus"): D(15)}, now
+    )
+    use = uses[(subscription.id, last_start, meter_id)]
+    assert (use.consumed, use.drawn, use.covered, use.billable) == (D(15), D(10), D(10), D(0))
