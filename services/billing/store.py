@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
-from services.common.ids import parse_uuid
+from services.common.ids import is_uuid, parse_uuid
 
 
 @dataclass(frozen=True)
@@ -293,20 +293,31 @@ class BillingStore:
     async def create_customer(
         self, tenant_id: str, external_id: str, name: str, email: str
     ) -> CustomerRecord:
+        """AlreadyExists naming external_id when another customer of the tenant
+        has it as external id, or as id (in any letter case): RPCs that take
+        "an id or an external id" then name one customer, never two. (A new
+        customer's id is random: it never equals an external id taken before.)"""
         try:
             row = await self.pool.fetchrow(
                 "INSERT INTO billing.customers (tenant_id, external_id, name, email)"
-                " VALUES ($1, $2, $3, $4) RETURNING *",
+                " SELECT $1, $2, $3, $4 WHERE $5::uuid IS NULL OR NOT EXISTS"
+                " (SELECT 1 FROM billing.customers WHERE tenant_id = $1 AND id = $5::uuid)"
+                " RETURNING *",
                 tenant_id,
                 external_id,
                 name,
                 email,
+                external_id if is_uuid(external_id) else None,
             )
         except asyncpg.UniqueViolationError as exc:
             raise AlreadyExists(
                 f"external_id: a customer with external_id {external_id!r} already exists"
             ) from exc
-        assert row is not None
+        if row is None:
+            raise AlreadyExists(
+                f"external_id: {external_id!r} is the id of another customer (RPCs that"
+                " take a customer's id or external id must name one customer)"
+            )
         return _customer(row)
 
     async def get_customer(self, tenant_id: str, customer_id: str) -> CustomerRecord:
