@@ -6,7 +6,7 @@ from datetime import datetime
 
 from services.billing import convert
 from services.billing.domain.commitments import Commitment, validate_commitment
-from services.billing.domain.fields import check_text
+from services.billing.domain.fields import check_name
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, check_start, period_containing
 from services.billing.domain.pricing import check_limits, validate_usage_price
@@ -24,7 +24,7 @@ class Catalog:
     async def create_product(
         self, tenant_id: str, request: product_pb2.CreateProductRequest
     ) -> ProductRecord:
-        check_text("name", request.name, required=True)
+        check_name("name", request.name)
         minor_units(request.currency)
         if request.billing_interval not in convert.INTERVALS:
             raise InvalidArgument("billing_interval: a BILLING_INTERVAL_* value is required")

@@ -47,6 +47,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.billing.credits_store import (
@@ -59,6 +60,7 @@ from services.billing.credits_store import (
     debit_id,
 )
 from services.billing.domain.credits import (
+    CLOCK_SKEW,
     MINUTE,
     Draw,
     Entry,
@@ -69,6 +71,7 @@ from services.billing.domain.credits import (
     available,
     ceil_minute,
     check_amount,
+    check_grant_times,
     corrections,
     draw_key,
     floor_day,
@@ -78,7 +81,7 @@ from services.billing.domain.credits import (
     replay,
     to_credits,
 )
-from services.billing.domain.fields import check_text
+from services.billing.domain.fields import check_name, check_text
 from services.billing.domain.invoice import InvoiceDraft, LineCredits
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, period_containing, period_start
@@ -102,7 +105,6 @@ MAX_INCLUDED: Final = 10
 MAX_PRIORITY: Final = 1000
 # Periods of one subscription granted per pass at most (catch-up is bounded).
 CATCHUP: Final = 31
-CLOCK_SKEW: Final = timedelta(seconds=5)
 PUBLISH_BATCH: Final = 500
 # Entries of each per-replica cache of immutable records (emptied when full).
 CACHE_SIZE: Final = 100_000
@@ -110,6 +112,8 @@ PUBLISH_TIMEOUT: Final = 10.0
 # Aggregations whose value over a range is the sum of its minutes' values.
 ADDITIVE: Final = frozenset({meter_pb2.AGGREGATION_COUNT, meter_pb2.AGGREGATION_SUM})
 DAY: Final = timedelta(days=1)
+# protobuf's bound of a Duration (about 10,000 years).
+MAX_DURATION_SECONDS: Final = 315_576_000_000
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,11 @@ async def product_credits(
         at = f"usage_prices[{i}]"
         if not price.credit_type_id:
             if price.credit_rate or price.overage_rule:
-                raise InvalidArgument(f"{at}.credit_type_id: required with credit_rate")
+                given = "credit_rate" if price.credit_rate else "overage_rule"
+                raise InvalidArgument(
+                    f"{at}.credit_type_id: required with {given} (a price draws credits"
+                    " with credit_type_id, credit_rate and overage_rule, all three)"
+                )
             continue
         credit_type(price.credit_type_id, f"{at}.credit_type_id")
         rate = parse_decimal(price.credit_rate, f"{at}.credit_rate", allow_empty=False)
@@ -432,7 +440,7 @@ class Credits:
     async def create_type(
         self, tenant_id: str, request: credit_pb2.CreateCreditTypeRequest
     ) -> CreditTypeRecord:
-        check_text("name", request.name, required=True)
+        check_name("name", request.name)
         if request.kind == credit_pb2.CREDIT_UNIT_KIND_CUSTOM:
             if request.currency:
                 raise InvalidArgument("currency: must be empty for CREDIT_UNIT_KIND_CUSTOM")
@@ -460,49 +468,49 @@ class Credits:
     async def grant(
         self, tenant_id: str, request: credit_pb2.GrantCreditsRequest, now: datetime
     ) -> GrantRecord:
+        """A grant through the API. The same idempotency_key with the same
+        request answers the first grant (whenever it is repeated: its
+        effective time may have passed since); with another customer, credit
+        type, amount, priority, time, description or price it is
+        ALREADY_EXISTS naming idempotency_key."""
         check_text("idempotency_key", request.idempotency_key, required=True)
         check_text("description", request.description, required=False)
-        source_key = f"api:{request.idempotency_key}"
-        if (found := await self._store.grant_by_key(tenant_id, source_key)) is not None:
-            return found
         customer_id, _ = await self._store.customer(tenant_id, request.customer_id, "customer_id")
         kind = await self._store.get_credit_type(tenant_id, request.credit_type_id)
         amount = check_amount(
             parse_decimal(request.amount, "amount", allow_empty=False), kind.precision, "amount"
         )
-        effective = now
-        if request.HasField("effective_time"):
-            effective = _time(request.effective_time, "effective_time")
-            if effective < now - CLOCK_SKEW:
-                raise InvalidArgument("effective_time: must not be in the past")
-        effective = ceil_minute(max(effective, now))
-        expires = None
-        if request.HasField("expire_time") and request.HasField("expire_after"):
-            raise InvalidArgument("expire_after: give expire_time or expire_after, not both")
-        if request.HasField("expire_time"):
-            expires = floor_minute(_time(request.expire_time, "expire_time"))
-        elif request.HasField("expire_after"):
-            after = request.expire_after.ToTimedelta()
-            if after < MINUTE:
-                raise InvalidArgument("expire_after: at least one minute")
-            if after > timedelta(days=3660):
-                raise InvalidArgument("expire_after: at most 3660 days")
-            expires = floor_minute(effective + after)
-        if expires is not None and expires <= effective:
-            raise InvalidArgument("expire_time: must be at least a minute after effective_time")
+        priority = _priority(request.priority, "priority")
         if request.price_minor < 0:
             raise InvalidArgument("price_minor: must not be negative")
         if request.price_minor:
             minor_units(request.price_currency, field="price_currency")
         elif request.price_currency:
             raise InvalidArgument("price_minor: required with price_currency")
+        given = None
+        if request.HasField("effective_time"):
+            given = _time(request.effective_time, "effective_time")
+        expire_time = None
+        if request.HasField("expire_time"):
+            expire_time = _time(request.expire_time, "expire_time")
+        after = None
+        if request.HasField("expire_after"):
+            after = _duration(request.expire_after, "expire_after")
+        source_key = f"api:{request.idempotency_key}"
+        if (found := await self._store.grant_by_key(tenant_id, source_key)) is not None:
+            # A retry: compared with the first grant before the checks that
+            # depend on now (its effective time may be past by now).
+            _check_same_grant(found, customer_id, kind.id, amount, priority, request, given,
+                              expire_time, after)  # fmt: skip
+            return found
+        effective, expires = check_grant_times(now, given, expire_time, after)
         new = NewGrant(
             customer_id=customer_id,
             credit_type_id=kind.id,
             amount=amount,
             effective_at=effective,
             expires_at=expires,
-            priority=_priority(request.priority, "priority"),
+            priority=priority,
             source="api",
             source_key=source_key,
             description=request.description,
@@ -510,7 +518,10 @@ class Credits:
             price_currency=request.price_currency,
         )
         async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
-            record, _ = await self._store.insert_grant(conn, tenant_id, account, new)
+            record, created = await self._store.insert_grant(conn, tenant_id, account, new)
+        if not created:  # a concurrent call with the same key made it
+            _check_same_grant(record, customer_id, kind.id, amount, priority, request, given,
+                              expire_time, after)  # fmt: skip
         return record
 
     async def adjust(
@@ -1348,6 +1359,69 @@ def _periods(
         found.append((start, end))
         n += 1
     return found
+
+
+def _duration(value: Duration, field: str) -> timedelta:
+    """A request's Duration: seconds and nanos of one sign, nanos within
+    ±999,999,999, within ±10,000 years (protobuf's own bounds); InvalidArgument
+    naming `field` otherwise."""
+    seconds, nanos = value.seconds, value.nanos
+    if (
+        abs(nanos) > 999_999_999
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+        or abs(seconds) > MAX_DURATION_SECONDS
+    ):
+        raise InvalidArgument(
+            f"{field}: not a valid duration (seconds and nanos of the same sign,"
+            " nanos within ±999999999)"
+        )
+    return value.ToTimedelta()
+
+
+def _check_same_grant(
+    found: GrantRecord,
+    customer_id: str,
+    type_id: str,
+    amount: Decimal,
+    priority: int,
+    request: credit_pb2.GrantCreditsRequest,
+    effective: datetime | None,
+    expire_time: datetime | None,
+    after: timedelta | None,
+) -> None:
+    """AlreadyExists naming idempotency_key unless `found` (the grant made
+    under the request's key) is what this request asks for. An effective
+    time not given is the first call's now, whatever it was."""
+    same = (
+        found.source == "api"
+        and (found.customer_id, found.credit_type_id, found.amount, found.priority)
+        == (customer_id, type_id, amount, priority)
+        and found.description == request.description
+        and (found.price_minor, found.price_currency)
+        == (request.price_minor, request.price_currency)
+    )
+    if same and effective is not None:
+        # The first call stored ceil_minute(max(effective, its now)), its now
+        # at most CLOCK_SKEW after effective (no arithmetic on the request's
+        # time, which may lie at the end of datetime's range).
+        same = found.effective_at - MINUTE - CLOCK_SKEW < effective <= found.effective_at
+    if same:
+        if after is not None:
+            same = (
+                found.expires_at is not None
+                and found.expires_at - found.effective_at == MINUTE * (after // MINUTE)
+            )
+        elif expire_time is not None:
+            same = found.expires_at == floor_minute(expire_time)
+        else:
+            same = found.expires_at is None
+    if not same:
+        raise AlreadyExists(
+            f"idempotency_key: already used for grant {found.id} of {_text(found.amount)}"
+            f" credits of type {found.credit_type_id} to customer {found.customer_id}, with"
+            " other values: a key names one grant (the same request again answers it)"
+        )
 
 
 def _time(value: Any, field: str) -> datetime:

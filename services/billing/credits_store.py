@@ -28,6 +28,7 @@ from services.billing.domain.credits import (
     debit,
     floor_day,
 )
+from services.billing.domain.fields import check_text, shown
 from services.billing.domain.money import minor_units
 from services.billing.store import SubscriptionRecord
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
@@ -329,9 +330,9 @@ class CreditStore:
     # Customers, by id or by the external id events carry.
 
     async def customer(self, tenant_id: str, ref: str, field: str) -> tuple[str, str]:
-        """(id, external id) of the tenant's customer `ref` (an id or an external id)."""
-        if not ref:
-            raise InvalidArgument(f"{field}: required")
+        """(id, external id) of the tenant's customer `ref` (an id or an external
+        id: at most 255 characters, as an external id is)."""
+        check_text(field, ref, required=True)
         row = await self.pool.fetchrow(
             "SELECT id, external_id FROM billing.customers WHERE tenant_id = $1"
             " AND (id = $2::uuid OR external_id = $3) ORDER BY (id = $2::uuid) DESC LIMIT 1",
@@ -340,7 +341,7 @@ class CreditStore:
             ref,
         )
         if row is None:
-            raise NotFound(f"{field}: no customer {ref!r}")
+            raise NotFound(f"{field}: no customer {shown(ref)}")
         return str(row["id"]), row["external_id"]
 
     # Products' credits (the `credits` column of billing.products).

@@ -32,11 +32,20 @@ from services.common.errors import InvalidArgument
 
 ZERO: Final = Decimal(0)
 MINUTE: Final = timedelta(minutes=1)
+# How far ahead of billing's clock a client's "now" may be.
+CLOCK_SKEW: Final = timedelta(seconds=5)
 # The state's key of the deficit (a balance below zero under DEFICIT); always <= 0.
 DEFICIT: Final = "deficit"
 MAX_CUSTOM_PRECISION: Final = 3
 # Credits amounts stay far inside PostgreSQL numeric and exact arithmetic.
 MAX_AMOUNT: Final = Decimal(10) ** 24
+# A grant's times: effective at most MAX_AHEAD after now (as far as a
+# subscription may start), expiring at most MAX_LIFETIME after it takes
+# effect. So every time a grant holds, and every minute arithmetic on it, stays
+# far from the end of datetime's range (year 9999: an OverflowError there
+# would be an INTERNAL).
+MAX_AHEAD: Final = timedelta(days=1827)
+MAX_LIFETIME: Final = timedelta(days=3660)
 
 
 class Overage(enum.Enum):
@@ -71,7 +80,9 @@ def check_amount(value: Decimal, precision: int, field_name: str, *, sign: str =
     """An amount at most `precision` decimals; sign "+" positive, "0+" not
     negative, "!0" non-zero. InvalidArgument naming the field otherwise."""
     if not value.is_finite() or abs(value) >= MAX_AMOUNT:
-        raise InvalidArgument(f"{field_name}: out of range")
+        raise InvalidArgument(
+            f"{field_name}: out of range (its magnitude must be below 10^24), got {_short(value)}"
+        )
     if value != value.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_DOWN):
         raise InvalidArgument(f"{field_name}: finer than the credit type's {precision} decimals")
     if sign == "+" and value <= 0:
@@ -81,6 +92,53 @@ def check_amount(value: Decimal, precision: int, field_name: str, *, sign: str =
     if sign == "!0" and value == 0:
         raise InvalidArgument(f"{field_name}: must not be zero")
     return value + ZERO  # normalizes -0
+
+
+def _short(value: Decimal) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:40]}..."
+
+
+def check_grant_times(
+    now: datetime,
+    effective: datetime | None,
+    expires: datetime | None,
+    after: timedelta | None,
+) -> tuple[datetime, datetime | None]:
+    """A grant's (effective, expiry) in whole minutes from what the request
+    gives (None: not given; effective defaults to now; no expiry: never), or
+    InvalidArgument naming the field. Effective: not before now less
+    CLOCK_SKEW, at most MAX_AHEAD after now, rounded up (never before now).
+    Expiry: at least a minute after effective and at most MAX_LIFETIME after it,
+    rounded down; `expires` and `after` are not both given."""
+    if effective is not None:
+        if effective < now - CLOCK_SKEW:
+            raise InvalidArgument("effective_time: must not be in the past")
+        if effective > now + MAX_AHEAD:
+            raise InvalidArgument(f"effective_time: at most {MAX_AHEAD.days} days after now")
+    start = ceil_minute(max(effective or now, now))
+    if expires is not None and after is not None:
+        raise InvalidArgument("expire_after: give expire_time or expire_after, not both")
+    end = None
+    if after is not None:
+        if after < MINUTE:
+            raise InvalidArgument("expire_after: at least one minute")
+        if after > MAX_LIFETIME:
+            raise InvalidArgument(f"expire_after: at most {MAX_LIFETIME.days} days")
+        end = floor_minute(start + after)
+    elif expires is not None:
+        if expires > start + MAX_LIFETIME:
+            raise InvalidArgument(
+                f"expire_time: at most {MAX_LIFETIME.days} days after effective_time"
+            )
+        end = floor_minute(expires)
+        if end <= start:
+            since = "effective_time" if effective is not None else "now (effective_time's default)"
+            raise InvalidArgument(
+                f"expire_time: must be at least a minute after {since}, once both are"
+                " whole minutes (effective rounded up, expiry down)"
+            )
+    return start, end
 
 
 def to_credits(quantity: Decimal, rate: Decimal, precision: int) -> Decimal:

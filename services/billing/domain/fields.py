@@ -18,3 +18,21 @@ def check_text(field: str, value: str, *, required: bool, max_length: int = MAX_
         raise InvalidArgument(f"{field}: at most {max_length} characters")
     if "\x00" in value:
         raise InvalidArgument(f"{field}: contains a NUL character")
+
+
+def check_name(field: str, value: str, *, max_length: int = MAX_TEXT) -> None:
+    """A required name: check_text's rules, and not blank (only whitespace)."""
+    check_text(field, value, required=True, max_length=max_length)
+    if not value.strip():
+        raise InvalidArgument(f"{field}: must not be blank (only whitespace)")
+
+
+SHOWN: Final = 64
+
+
+def shown(value: str) -> str:
+    """A request's text quoted in an error message: at most its first SHOWN
+    characters (a client's 10,000-character id is not echoed back whole)."""
+    if len(value) <= SHOWN:
+        return repr(value)
+    return f"{value[:SHOWN]!r}... ({len(value)} characters)"
