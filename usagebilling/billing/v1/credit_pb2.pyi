@@ -245,7 +245,9 @@ class CreateCreditTypeRequest(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Required, at most 255 characters, unique per tenant."""
+    """Required, not blank (only whitespace), at most 255 characters, unique
+    per tenant.
+    """
     kind: Global___CreditUnitKind.ValueType
     """Required."""
     precision: _builtins.int
@@ -447,7 +449,9 @@ class GrantCreditsRequest(_message.Message):
     PRICE_MINOR_FIELD_NUMBER: _builtins.int
     PRICE_CURRENCY_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
-    """The customer's id or external id (the customer_id events carry)."""
+    """The customer's id or external id (the customer_id events carry); at most
+    255 characters.
+    """
     credit_type_id: _builtins.str
     """Required."""
     amount: _builtins.str
@@ -455,7 +459,10 @@ class GrantCreditsRequest(_message.Message):
     priority: _builtins.int
     """-1000 to 1000; default 0."""
     idempotency_key: _builtins.str
-    """Required, at most 255 characters: the same key answers the first grant."""
+    """Required, at most 255 characters: the same key with the same request
+    answers the first grant; with another, ALREADY_EXISTS naming
+    idempotency_key.
+    """
     description: _builtins.str
     """At most 255 characters."""
     price_minor: _builtins.int
@@ -467,17 +474,21 @@ class GrantCreditsRequest(_message.Message):
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """Default: now (rounded up to the next whole minute). Not before now minus
-        5 s: a grant is never backdated.
+        5 s: a grant is never backdated; at most 1827 days (about five years)
+        after now.
         """
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """Expiry as an instant (after effective_time) ..."""
+        """Expiry as an instant (rounded down to a whole minute: at least a minute
+        after effective_time, at most 3660 days after it) ...
+        """
 
     @_builtins.property
     def expire_after(self) -> _duration_pb2.Duration:
-        """... or as a duration from effective_time (at least a minute); at most
-        one of the two; neither: the grant never expires.
+        """... or as a duration from effective_time (at least a minute, at most 3660
+        days; seconds and nanos of one sign); at most one of the two; neither:
+        the grant never expires.
         """
 
     def __init__(

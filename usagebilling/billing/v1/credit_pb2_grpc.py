@@ -111,7 +111,10 @@ class CreditServiceServicer:
 
     def GrantCredits(self, request, context):
         """Grants credits to a customer. Repeating a call with the same
-        idempotency_key answers the first grant and changes nothing.
+        idempotency_key and the same request answers the first grant and changes
+        nothing; the key with another request (customer, credit type, amount,
+        priority, times, description or price) is ALREADY_EXISTS naming
+        idempotency_key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,10 @@ class CreditServiceStub:
     """The tenant's credit types in creation order, paged."""
     GrantCredits: _grpc.UnaryUnaryMultiCallable[_credit_pb2.GrantCreditsRequest, _credit_pb2.CreditGrant]
     """Grants credits to a customer. Repeating a call with the same
-    idempotency_key answers the first grant and changes nothing.
+    idempotency_key and the same request answers the first grant and changes
+    nothing; the key with another request (customer, credit type, amount,
+    priority, times, description or price) is ALREADY_EXISTS naming
+    idempotency_key.
     """
     GetCreditBalance: _grpc.UnaryUnaryMultiCallable[_credit_pb2.GetCreditBalanceRequest, _credit_pb2.CreditBalance]
     """The balance now: settled ledger plus the usage metered since the last
@@ -81,7 +84,10 @@ class CreditServiceAsyncStub(CreditServiceStub):
     """The tenant's credit types in creation order, paged."""
     GrantCredits: _aio.UnaryUnaryMultiCallable[_credit_pb2.GrantCreditsRequest, _credit_pb2.CreditGrant]  # type: ignore[assignment]
     """Grants credits to a customer. Repeating a call with the same
-    idempotency_key answers the first grant and changes nothing.
+    idempotency_key and the same request answers the first grant and changes
+    nothing; the key with another request (customer, credit type, amount,
+    priority, times, description or price) is ALREADY_EXISTS naming
+    idempotency_key.
     """
     GetCreditBalance: _aio.UnaryUnaryMultiCallable[_credit_pb2.GetCreditBalanceRequest, _credit_pb2.CreditBalance]  # type: ignore[assignment]
     """The balance now: settled ledger plus the usage metered since the last
@@ -135,7 +141,10 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_credit_pb2.CreditGrant, _abc.Awaitable[_credit_pb2.CreditGrant]]:
         """Grants credits to a customer. Repeating a call with the same
-        idempotency_key answers the first grant and changes nothing.
+        idempotency_key and the same request answers the first grant and changes
+        nothing; the key with another request (customer, credit type, amount,
+        priority, times, description or price) is ALREADY_EXISTS naming
+        idempotency_key.
         """
 
     @_abc_1.abstractmethod

@@ -62,8 +62,8 @@ class CreateCustomerRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     external_id: _builtins.str
-    """Required: the customer_id its usage events carry; unique per tenant; at
-    most 255 characters.
+    """Required: the customer_id its usage events carry; unique per tenant, not
+    another customer's id; at most 255 characters.
     """
     name: _builtins.str
     """Optional display name."""

@@ -57,8 +57,10 @@ class CustomerServiceServicer:
     """
 
     def CreateCustomer(self, request, context):
-        """Creates a customer; its external_id must be unique per tenant
-        (ALREADY_EXISTS otherwise).
+        """Creates a customer; its external_id must be unique per tenant and must
+        not be another customer's id, in any letter case (ALREADY_EXISTS naming
+        external_id otherwise): RPCs that take "an id or an external id" then
+        always name one customer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,8 +34,10 @@ class CustomerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CustomerServiceAsyncStub: ...
     CreateCustomer: _grpc.UnaryUnaryMultiCallable[_customer_pb2.CreateCustomerRequest, _customer_pb2.Customer]
-    """Creates a customer; its external_id must be unique per tenant
-    (ALREADY_EXISTS otherwise).
+    """Creates a customer; its external_id must be unique per tenant and must
+    not be another customer's id, in any letter case (ALREADY_EXISTS naming
+    external_id otherwise): RPCs that take "an id or an external id" then
+    always name one customer.
     """
     GetCustomer: _grpc.UnaryUnaryMultiCallable[_customer_pb2.GetCustomerRequest, _customer_pb2.Customer]
     """Returns one customer, by its id or by its external_id."""
@@ -48,8 +50,10 @@ class CustomerServiceAsyncStub(CustomerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateCustomer: _aio.UnaryUnaryMultiCallable[_customer_pb2.CreateCustomerRequest, _customer_pb2.Customer]  # type: ignore[assignment]
-    """Creates a customer; its external_id must be unique per tenant
-    (ALREADY_EXISTS otherwise).
+    """Creates a customer; its external_id must be unique per tenant and must
+    not be another customer's id, in any letter case (ALREADY_EXISTS naming
+    external_id otherwise): RPCs that take "an id or an external id" then
+    always name one customer.
     """
     GetCustomer: _aio.UnaryUnaryMultiCallable[_customer_pb2.GetCustomerRequest, _customer_pb2.Customer]  # type: ignore[assignment]
     """Returns one customer, by its id or by its external_id."""
@@ -65,8 +69,10 @@ class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _customer_pb2.CreateCustomerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]:
-        """Creates a customer; its external_id must be unique per tenant
-        (ALREADY_EXISTS otherwise).
+        """Creates a customer; its external_id must be unique per tenant and must
+        not be another customer's id, in any letter case (ALREADY_EXISTS naming
+        external_id otherwise): RPCs that take "an id or an external id" then
+        always name one customer.
         """
 
     @_abc_1.abstractmethod

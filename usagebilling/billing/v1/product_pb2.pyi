@@ -415,7 +415,7 @@ class CreateProductRequest(_message.Message):
     COMMITMENT_FIELD_NUMBER: _builtins.int
     INCLUDED_CREDITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Required; at most 255 characters, no NUL."""
+    """Required, not blank (only whitespace); at most 255 characters, no NUL."""
     currency: _builtins.str
     """A supported ISO 4217 code, uppercase (USD, JPY, KWD, ...)."""
     billing_interval: Global___BillingInterval.ValueType
