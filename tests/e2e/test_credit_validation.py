@@ -4,6 +4,7 @@ showed the fault, or one of its class."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -314,3 +315,19 @@ async def test_an_expiry_in_the_past_says_effective_time_defaults_to_now(client:
     code, message = await refused(client.call(credits_of(client).GrantCredits, request))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "expire_time" in message, (code, message)
     assert "now" in message, message
+
+
+async def test_a_grant_repeated_after_its_effective_time_answers_the_first(
+    client: Client,
+) -> None:
+    """A retry is compared with the first grant before the checks that depend
+    on now: an effective_time that has passed since is no reason to refuse it."""
+    type_id, _ = await _type_and_customer(client)
+    stub = credits_of(client)
+    request = _grant(type_id, expire_after=Duration(seconds=3600))
+    request.effective_time.FromDatetime(datetime.now(UTC) - timedelta(seconds=2))
+    first = await client.call(stub.GrantCredits, request)
+    await asyncio.sleep(6)  # the effective time is now more than 5 s past
+    again = await client.call(stub.GrantCredits, request)
+    assert again.id == first.id
+    assert again.expire_time == first.expire_time
