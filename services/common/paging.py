@@ -199,6 +199,8 @@ def next_page(
 ENTRY_OVERHEAD = 6
 # Rows read from the store at a time by fetch_bounded_page.
 CHUNK = 50
+_LONGEST_TIME = datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+_A_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 async def fetch_bounded_page(
@@ -208,14 +210,19 @@ async def fetch_bounded_page(
     to_message: Callable[[T], M],
     max_bytes: int,
 ) -> tuple[list[M], str]:
-    """A page of a List RPC whose entries stay under `max_bytes` (one entry at
-    least): as fetch_page, but the rows are read CHUNK at a time and converted
-    as they come, so that neither the answer (gRPC clients refuse over 4 MB by
-    default) nor the rows held while it is made outgrow the budget, whatever
-    the page_size; the next page's token starts at the first row left out."""
+    """A page of a List RPC whose entries and next page token stay under
+    `max_bytes` (one entry at least): as fetch_page, but the rows are read
+    CHUNK at a time and converted as they come, so that neither the answer
+    (gRPC clients refuse over 4 MB by default) nor the rows held while it is
+    made outgrow the budget, whatever the page_size; the next page's token
+    starts at the first row left out."""
     limit = page_size(request.page_size)
     query = request_digest(request)
     after = decode_time_cursor(request.page_token, query, uuid_key=True)
+    # The answer's next_page_token is within the budget too: the longest a
+    # token of this request can be (a time with microseconds, a UUID), with
+    # its field's tag and length.
+    max_bytes -= len(time_token(_LONGEST_TIME, _A_UUID, query)) + 3
     page: list[M] = []
     last: T | None = None
     size = 0
