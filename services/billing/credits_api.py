@@ -14,6 +14,7 @@ from services.billing.domain.credits import EntryKind
 from services.billing.store import BillingStore, ProductRecord
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
+from services.common.ids import parse_uuid
 from services.common.paging import fetch_page
 from usagebilling.billing.v1 import credit_pb2, credit_pb2_grpc, product_pb2
 
@@ -166,7 +167,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         )
         message = credit_pb2.CreditBalance(
             customer_id=customer_id,
-            credit_type_id=request.credit_type_id,
+            # The id as stored (lower case), however the request spelled it;
+            # balance() has already refused one that is not a UUID.
+            credit_type_id=parse_uuid(request.credit_type_id, "credit_type_id"),
             available=_text(balance.available),
             overage_this_period=_text(balance.overage),
         )
@@ -207,6 +210,8 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             if request.HasField("end_time")
             else None
         )
+        if start is not None and end is not None and end < start:
+            raise InvalidArgument("end_time: must not be before start_time")
         rows, token = await fetch_page(
             request,
             lambda after, limit: self._store.ledger_page(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -32,8 +33,15 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from google.protobuf import descriptor_pool, json_format, message_factory
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf import (
+    descriptor_pool,
+    duration_pb2,
+    field_mask_pb2,
+    json_format,
+    message_factory,
+    timestamp_pb2,
+)
+from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
 from services.common.logs import get_logger
@@ -133,6 +141,181 @@ def _json_numbers(value: Any) -> Any:
     return value
 
 
+_INT_RANGES = {
+    FieldDescriptor.CPPTYPE_INT32: (range(-(2**31), 2**31), "a 32-bit integer"),
+    FieldDescriptor.CPPTYPE_UINT32: (range(0, 2**32), "an unsigned 32-bit integer"),
+    FieldDescriptor.CPPTYPE_INT64: (_INT64, "a 64-bit integer"),
+    FieldDescriptor.CPPTYPE_UINT64: (range(0, 2**64), "an unsigned 64-bit integer"),
+}
+_DIGITS = re.compile(r"-?[0-9]+")
+
+
+# Well-known types whose JSON is a string, and an example of it.
+def _timestamp(text: str) -> None:
+    timestamp_pb2.Timestamp().FromJsonString(text)
+
+
+def _duration(text: str) -> None:
+    duration_pb2.Duration().FromJsonString(text)
+
+
+def _field_mask(text: str) -> None:
+    field_mask_pb2.FieldMask().FromJsonString(text)
+
+
+_STRING_MESSAGES: dict[str, tuple[Callable[[str], None], str]] = {
+    "google.protobuf.Timestamp": (_timestamp, 'an RFC 3339 time such as "2025-01-01T00:00:00Z"'),
+    "google.protobuf.Duration": (_duration, 'a duration such as "3600s"'),
+    "google.protobuf.FieldMask": (_field_mask, 'field paths such as "name,description"'),
+}
+_ANY_JSON = frozenset({"google.protobuf.Value"})
+_WRAPPERS = frozenset(
+    f"google.protobuf.{n}Value"
+    for n in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
+)
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | Decimal | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _refuse(path: str, expected: str, value: Any) -> ClientError:
+    return ClientError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"{path}: expected {expected}, got {_json_kind(value)}"
+    )
+
+
+def _check_scalar(field: FieldDescriptor, value: Any, path: str) -> None:
+    cpp = field.cpp_type
+    if cpp in _INT_RANGES:
+        valid, name = _INT_RANGES[cpp]
+        expected = f"{name} (a JSON number, or a string of digits)"
+        if isinstance(value, bool):
+            raise _refuse(path, expected, value)
+        if isinstance(value, str):
+            if not _DIGITS.fullmatch(value.strip()):
+                raise ClientError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{path}: expected {expected}, got a string that is not an integer",
+                )
+            number = int(value)
+        elif isinstance(value, int):
+            number = value
+        elif (
+            isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value()
+        ):
+            number = int(value)
+        elif isinstance(value, Decimal):
+            raise ClientError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{path}: expected {expected}, got {value}"
+            )
+        else:
+            raise _refuse(path, expected, value)
+        if number not in valid:
+            raise ClientError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {number} is out of range for {name}"
+            )
+    elif cpp in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
+        if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+            raise _refuse(path, "a JSON number", value)
+    elif cpp == FieldDescriptor.CPPTYPE_BOOL:
+        if not isinstance(value, bool):
+            raise _refuse(path, "a JSON boolean (true or false)", value)
+    elif cpp == FieldDescriptor.CPPTYPE_ENUM:
+        enum = field.enum_type
+        assert enum is not None
+        names = [v.name for v in enum.values]
+        if isinstance(value, str):
+            if value not in enum.values_by_name:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise ClientError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{path}: {value[:64]!r} is not one of {shown}",
+                )
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise _refuse(path, f"a JSON string naming a {enum.name} value", value)
+    elif cpp == FieldDescriptor.CPPTYPE_STRING and not isinstance(value, str):
+        kind = "base64 bytes" if field.type == FieldDescriptor.TYPE_BYTES else "text"
+        raise _refuse(path, f"a JSON string ({kind})", value)
+
+
+def _check_value(field: FieldDescriptor, value: Any, path: str) -> None:
+    """One (non-repeated) value of `field` as JSON."""
+    if value is None:
+        return  # null: the field's default, as protobuf's JSON mapping says
+    if field.cpp_type != FieldDescriptor.CPPTYPE_MESSAGE:
+        _check_scalar(field, value, path)
+        return
+    message_type = field.message_type
+    assert message_type is not None
+    name = message_type.full_name
+    if name in _ANY_JSON:
+        return
+    if name in _STRING_MESSAGES:
+        parse, example = _STRING_MESSAGES[name]
+        if not isinstance(value, str):
+            raise _refuse(path, f"a JSON string, {example}", value)
+        try:
+            parse(value)
+        except (ValueError, TypeError, OverflowError):
+            raise ClientError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{path}: expected {example}"
+            ) from None
+        return
+    if name in _WRAPPERS:
+        _check_value(message_type.fields_by_name["value"], value, path)
+        return
+    if name == "google.protobuf.ListValue":
+        if not isinstance(value, list):
+            raise _refuse(path, "a JSON array", value)
+        return
+    if not isinstance(value, dict):
+        raise _refuse(path, "a JSON object", value)
+    if name in ("google.protobuf.Struct", "google.protobuf.Any"):
+        return
+    check_json_types(value, message_type, path)
+
+
+def check_json_types(document: dict[str, Any], descriptor: Any, path: str = "") -> None:
+    """Every field of `document` is one of `descriptor`'s with the JSON type
+    protobuf's JSON mapping gives it; else INVALID_ARGUMENT naming the field
+    (as sent, with its path from the request) and the JSON type expected.
+    Checked before json_format parses the document, whose own messages name
+    Python's types and functions ("expected string or bytes-like object")."""
+    fields = {f.json_name: f for f in descriptor.fields}
+    fields.update({f.name: f for f in descriptor.fields})
+    for key, value in document.items():
+        where = f"{path}.{key}" if path else str(key)
+        field = fields.get(key)
+        if field is None:
+            raise ClientError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{where}: no such field in {descriptor.name}"
+            )
+        if value is None:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if not isinstance(value, dict):
+                raise _refuse(where, "a JSON object", value)
+            entry = field.message_type.fields_by_name["value"]
+            for k, v in value.items():
+                _check_value(entry, v, f"{where}[{k!r}]")
+        elif field.is_repeated:
+            if not isinstance(value, list):
+                raise _refuse(where, "a JSON array", value)
+            for i, item in enumerate(value):
+                _check_value(field, item, f"{where}[{i}]")
+        else:
+            _check_value(field, value, where)
+
+
 def parse_request(body: bytes, message: Message) -> Message:
     """The JSON body -> `message`; plain metadata of every Event converted."""
     try:
@@ -151,6 +334,7 @@ def parse_request(body: bytes, message: Message) -> Message:
                         _plain_event(event, f"{field.name}[{i}]")
     if descriptor.full_name in _EVENT_TYPES:
         _plain_event(document, "event")
+    check_json_types(document, descriptor)
     try:
         json_format.ParseDict(_json_numbers(document), message)
     except (json_format.ParseError, ValueError, TypeError) as exc:
@@ -309,10 +493,11 @@ class Gateway:
     async def _unary(self, route: Route, request: web.Request) -> web.StreamResponse:
         content_type = request.content_type
         if content_type != "application/json":
-            # Connect answers a codec it does not speak with 415.
+            # Connect answers a codec it does not speak with 415; the code
+            # names the fault (the client's request), never "unknown".
             return web.json_response(
                 {
-                    "code": "unknown",
+                    "code": "invalid_argument",
                     "message": f"Content-Type {content_type!r}: send application/json",
                 },
                 status=415,
@@ -344,7 +529,11 @@ class Gateway:
     async def _stream(self, route: Route, request: web.Request) -> web.StreamResponse:
         if request.content_type != "application/connect+json":
             return web.json_response(
-                {"code": "unknown", "message": "a streaming RPC takes application/connect+json"},
+                {
+                    "code": "invalid_argument",
+                    "message": f"Content-Type {request.content_type!r}: a streaming RPC takes"
+                    " application/connect+json",
+                },
                 status=415,
             )
         response = web.StreamResponse(headers={"Content-Type": "application/connect+json"})

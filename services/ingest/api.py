@@ -8,7 +8,7 @@ from typing import Any
 
 from services.common.context import current_tenant
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_time_cursor, encode_token, page_size
+from services.common.paging import decode_time_cursor, page_size, request_digest, time_token
 from services.ingest import convert
 from services.ingest.service import Ingestor, IngestResult
 from services.ingest.store import IngestStore
@@ -72,8 +72,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.ListEventsResponse:
         start = _optional_time(request, "start_time")
         end = _optional_time(request, "end_time")
+        if start is not None and end is not None and end < start:
+            raise InvalidArgument("end_time: must not be before start_time")
         limit = page_size(request.page_size)
-        after = decode_time_cursor(request.page_token, uuid_key=False)
+        query = request_digest(request)
+        after = decode_time_cursor(request.page_token, query, uuid_key=False)
         rows, cut = await self._store.list_events(
             current_tenant(),
             customer_id=request.customer_id,
@@ -97,7 +100,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         token = ""
         if len(events) < len(rows) or cut:
             last = rows[len(events) - 1]
-            token = encode_token([last.event_time.astimezone(UTC).isoformat(), last.event_id])
+            token = time_token(last.event_time, last.event_id, query)
         return ingest_pb2.ListEventsResponse(events=events, next_page_token=token)
 
     async def ReplayEvents(

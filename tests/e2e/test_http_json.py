@@ -497,3 +497,51 @@ async def test_customer_by_external_id(http: Http) -> None:
         "billing", usage_rpc, {"customerId": customer["id"], "externalId": "ext-7"}
     )
     assert (status, answer["code"]) == (400, "invalid_argument")
+
+
+async def test_request_faults_name_the_field_and_the_json_type(http: Http) -> None:
+    """A wrong Content-Type was {"code": "unknown"} (415), and a field of the
+    wrong JSON type answered protobuf's Python messages ("expected string or
+    bytes-like object, got 'int'", "invalid literal for int() with base
+    10"). Now invalid_argument naming Content-Type, or the field and the JSON
+    type it takes."""
+    auth = {"Authorization": f"Bearer {http.key}"}
+    status, answer, _ = await http.raw(
+        "billing",
+        "/" + BILLING + "AuthService/WhoAmI",
+        "{}",
+        {**auth, "Content-Type": "text/plain"},
+    )
+    assert status == 415, answer
+    assert answer["code"] == "invalid_argument" and "Content-Type" in answer["message"], answer
+    credits = BILLING + "CreditService/"
+    cases = [
+        (
+            credits + "GrantCredits",
+            {"customerId": "c", "creditTypeId": str(uuid.uuid4()), "amount": 5},
+            "amount: expected a JSON string",
+        ),
+        (credits + "ListCreditLedger", {"pageSize": "abc"}, "pageSize: expected a 32-bit integer"),
+        (credits + "ListCreditLedger", {"pageSize": 1.5}, "pageSize: expected a 32-bit integer"),
+        (credits + "ListCreditLedger", {"startTime": 5}, "startTime: expected a JSON string"),
+        (credits + "ListCreditLedger", {"startTime": "May 1"}, "startTime: expected an RFC 3339"),
+        (credits + "ListCreditLedger", {"kind": "GRANTED"}, "kind: 'GRANTED' is not one of"),
+        (credits + "ListCreditLedger", {"pageToken": 7}, "pageToken: expected a JSON string"),
+        (credits + "ListCreditLedger", {"nope": 1}, "nope: no such field"),
+        (
+            BILLING + "ProductService/CreateProduct",
+            {"name": "p", "usagePrices": [{"unitPrice": 0.02}]},
+            "usagePrices[0].unitPrice: expected a JSON string",
+        ),
+    ]
+    for rpc, body, starts in cases:
+        status, answer = await http.call("billing", rpc, body)
+        assert (status, answer["code"]) == (400, "invalid_argument"), (body, answer)
+        assert answer["message"].startswith(starts), (body, answer)
+        for leak in ("bytes-like", "int()", "literal", "Failed to parse", "google."):
+            assert leak not in answer["message"], (body, answer)
+    # What protobuf's JSON mapping allows still works: an int32 as a string,
+    # a whole number as 7.0, null for a field's default.
+    for body in ({"pageSize": "7"}, {"pageSize": 7.0}, {"customerId": None}):
+        status, answer = await http.call("billing", credits + "ListCreditLedger", body)
+        assert status == 200, (body, answer)

@@ -665,7 +665,9 @@ class CreditLedgerEntry(_message.Message):
     CREDITS_UNCOVERED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Assigned by billing (a UUID)."""
+    """Assigned by billing: a positive integer in decimal ("86"), not a UUID;
+    unique across tenants.
+    """
     customer_id: _builtins.str
     """The customer's id (not the external id)."""
     credit_type_id: _builtins.str
