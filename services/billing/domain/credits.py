@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import decimal
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
-from typing import Final
+from typing import Final, ParamSpec, TypeVar
 
 from services.billing.domain.money import EXACT, minor_units
 from services.common.errors import InvalidArgument
@@ -37,6 +38,34 @@ DEFICIT: Final = "deficit"
 MAX_CUSTOM_PRECISION: Final = 3
 # Credits amounts stay far inside PostgreSQL numeric and exact arithmetic.
 MAX_AMOUNT: Final = Decimal(10) ** 24
+# The arithmetic of credits computed from usage: a minute's usage has no bound
+# but ingest's (numbers up to 1e1000) times a credit rate, and the ledger's
+# numeric columns have none that matters (131072 digits before the point), so
+# sums and products are exact (no amount reaches this precision) and rounding
+# happens only where asked (quantize), never at the default 28 digits (which
+# made quantize raise InvalidOperation, and a sum round silently). No
+# division under it: a quotient that does not end would not fit.
+WIDE: Final = decimal.Context(
+    prec=decimal.MAX_PREC,
+    Emax=decimal.MAX_EMAX,
+    Emin=decimal.MIN_EMIN,
+    rounding=ROUND_HALF_UP,
+    traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow],
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def wide(function: Callable[P, T]) -> Callable[P, T]:
+    """Runs `function` under WIDE (credits' sums exact, whatever the caller's context)."""
+
+    @functools.wraps(function)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        with decimal.localcontext(WIDE):
+            return function(*args, **kwargs)
+
+    return run
 
 
 class Overage(enum.Enum):
@@ -84,11 +113,12 @@ def check_amount(value: Decimal, precision: int, field_name: str, *, sign: str =
 
 
 def to_credits(quantity: Decimal, rate: Decimal, precision: int) -> Decimal:
-    """Usage in credits, rounded once per minute entry, half-up, to the precision."""
+    """Usage in credits, rounded once per minute entry, half-up, to the
+    precision; exact however large (see WIDE)."""
     with decimal.localcontext(EXACT):
         exact = quantity * rate
-    # Rounding is the point here: outside EXACT, which traps Inexact.
-    return exact.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_UP)
+    # Rounding is the point here: under WIDE, as EXACT traps Inexact.
+    return exact.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_UP, context=WIDE)
 
 
 # --- minutes ---
@@ -283,6 +313,7 @@ class _Balance:
             )
 
 
+@wide
 def replay(
     grants: Sequence[Grant],
     draws: Iterable[Draw],
@@ -354,7 +385,7 @@ def _close(
     ):
         with decimal.localcontext(EXACT):
             share = (left * policy.percent).scaleb(-2)
-        carry = share.quantize(quantum, rounding=ROUND_DOWN)
+            carry = share.quantize(quantum, rounding=ROUND_DOWN, context=WIDE)
         if policy.cap is not None:
             carry = min(carry, policy.cap)
     entries = balance.entries
@@ -435,6 +466,7 @@ def _draw(balance: _Balance, draw: Draw, candidates: list[Grant], at: datetime) 
         )
 
 
+@wide
 def available(
     grants: Sequence[Grant], state: Mapping[str, Decimal], now: datetime
 ) -> tuple[Decimal, list[tuple[Grant, Decimal]]]:
@@ -458,6 +490,7 @@ def available(
 # --- corrections ---
 
 
+@wide
 def corrections(desired: Sequence[Entry], recorded: Sequence[Entry]) -> list[Entry]:
     """What to record so that the recorded entries (summed per key) equal the
     desired ones: one entry per key that differs, carrying the difference."""
@@ -514,6 +547,7 @@ def _minus(a: Mapping[str, Decimal], b: Mapping[str, Decimal]) -> dict[str, Deci
     return {k: v for k, v in out.items() if v != 0}
 
 
+@wide
 def state_of(entries: Iterable[Entry]) -> dict[str, Decimal]:
     """What each grant (and the deficit) has left after these entries."""
     state: dict[str, Decimal] = {}
