@@ -38,6 +38,9 @@ DEFICIT: Final = "deficit"
 MAX_CUSTOM_PRECISION: Final = 3
 # Credits amounts stay far inside PostgreSQL numeric and exact arithmetic.
 MAX_AMOUNT: Final = Decimal(10) ** 24
+# A price's credit rate: at most 1e12 credits per unit, at most 12 decimals.
+MAX_RATE: Final = Decimal(10) ** 12
+RATE_DECIMALS: Final = 12
 # The arithmetic of credits computed from usage: a minute's usage has no bound
 # but ingest's (numbers up to 1e1000) times a credit rate, and the ledger's
 # numeric columns have none that matters (131072 digits before the point), so
@@ -110,6 +113,19 @@ def check_amount(value: Decimal, precision: int, field_name: str, *, sign: str =
     if sign == "!0" and value == 0:
         raise InvalidArgument(f"{field_name}: must not be zero")
     return value + ZERO  # normalizes -0
+
+
+def check_rate(value: Decimal, field_name: str) -> Decimal:
+    """A price's credit rate (credits per unit of usage): positive, at most
+    MAX_RATE, at most RATE_DECIMALS decimals (a finer rate would round every
+    minute's draw to nothing). InvalidArgument naming the field otherwise."""
+    if not value.is_finite() or value <= 0:
+        raise InvalidArgument(f"{field_name}: must be positive")
+    if value > MAX_RATE:
+        raise InvalidArgument(f"{field_name}: at most {MAX_RATE:f}")
+    if value != value.quantize(Decimal(1).scaleb(-RATE_DECIMALS), rounding=ROUND_DOWN):
+        raise InvalidArgument(f"{field_name}: at most {RATE_DECIMALS} decimals")
+    return value
 
 
 def to_credits(quantity: Decimal, rate: Decimal, precision: int) -> Decimal:

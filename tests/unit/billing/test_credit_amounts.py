@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import pytest
+
 from services.billing.domain.credits import (
     MINUTE,
     Draw,
@@ -13,9 +15,11 @@ from services.billing.domain.credits import (
     Grant,
     Overage,
     available,
+    check_rate,
     replay,
     to_credits,
 )
+from services.common.errors import InvalidArgument
 
 
 def test_to_credits_of_a_large_quantity_is_exact() -> None:
@@ -44,3 +48,27 @@ def test_a_huge_draw_replays_exactly() -> None:
     assert [e.amount for e in over] == [Decimal("-10000000000000000000000000.001")]
     total, _ = available([grant], state, at + MINUTE)
     assert total == Decimal("-10000000000000000000000000.001")
+
+
+@pytest.mark.parametrize(
+    ("rate", "error"),
+    [
+        ("1e99", "at most 1000000000000"),
+        ("1000000000000.5", "at most 1000000000000"),
+        ("1e-30", "at most 12 decimals"),
+        ("0.0000000000005", "at most 12 decimals"),
+        ("0", "must be positive"),
+        ("-1", "must be positive"),
+    ],
+)
+def test_a_credit_rate_out_of_bounds_is_refused_naming_it(rate: str, error: str) -> None:
+    """CreateProduct took credit_rate "1e99" (every draw then failed) and
+    "1e-30" (every draw rounded to nothing)."""
+    with pytest.raises(InvalidArgument) as raised:
+        check_rate(Decimal(rate), "usage_prices[0].credit_rate")
+    assert str(raised.value) == f"usage_prices[0].credit_rate: {error}"
+
+
+@pytest.mark.parametrize("rate", ["1e12", "0.000000000001", "2.5", "1"])
+def test_a_credit_rate_within_bounds_is_taken(rate: str) -> None:
+    assert check_rate(Decimal(rate), "r") == Decimal(rate)
