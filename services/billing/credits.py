@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import decimal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -62,6 +62,7 @@ from services.billing.credits_store import (
 from services.billing.domain.credits import (
     CLOCK_SKEW,
     MINUTE,
+    WIDE,
     Draw,
     Entry,
     EntryKind,
@@ -72,6 +73,7 @@ from services.billing.domain.credits import (
     ceil_minute,
     check_amount,
     check_grant_times,
+    check_rate,
     corrections,
     draw_key,
     floor_day,
@@ -80,6 +82,7 @@ from services.billing.domain.credits import (
     precision_of,
     replay,
     to_credits,
+    wide,
 )
 from services.billing.domain.fields import check_name, check_text
 from services.billing.domain.invoice import InvoiceDraft, LineCredits
@@ -288,9 +291,10 @@ async def product_credits(
                 )
             continue
         credit_type(price.credit_type_id, f"{at}.credit_type_id")
-        rate = parse_decimal(price.credit_rate, f"{at}.credit_rate", allow_empty=False)
-        if rate <= 0:
-            raise InvalidArgument(f"{at}.credit_rate: must be positive")
+        rate = check_rate(
+            parse_decimal(price.credit_rate, f"{at}.credit_rate", allow_empty=False),
+            f"{at}.credit_rate",
+        )
         if price.overage_rule not in RULES:
             raise InvalidArgument(f"{at}.overage_rule: an OVERAGE_RULE_* value is required")
         prices[price.meter_id] = {
@@ -548,6 +552,18 @@ class Credits:
             sign="!0",
         )
         at = ceil_minute(now) if amount > 0 else floor_minute(now)
+        # Read before the lock: the locked transaction holds a pooled
+        # connection, and awaiting another one under it deadlocks once
+        # concurrent callers hold the whole pool waiting for this lock.
+        prices = (
+            [
+                p
+                for _, _, p in await self.prices_of(tenant_id, customer_id)
+                if p.credit_type_id == kind.id
+            ]
+            if amount < 0
+            else []
+        )
         async with self._store.locked(tenant_id, customer_id, kind.id) as (conn, account):
             adjustment, new = await self._store.claim_adjustment(
                 conn, tenant_id, request.idempotency_key, customer_id, kind.id, amount, at,
@@ -587,8 +603,9 @@ class Credits:
                 entry_key = f"grant:{record.id}"
             else:
                 entry = await self._debit_entry(
-                    conn, tenant_id, customer_id, external_id, kind, account, adjustment.seq
-                )
+                    conn, tenant_id, customer_id, external_id, kind, account, adjustment.seq,
+                    prices,
+                )  # fmt: skip
                 await self._store.append(
                     conn, tenant_id, customer_id, kind.id, account, [entry],
                     description=request.reason,
@@ -607,20 +624,18 @@ class Credits:
         kind: CreditTypeRecord,
         account: AccountRecord,
         seq: int,
+        prices: Sequence[CreditPrice],
     ) -> Entry:
         """The entry of a new debit (already inserted, on the account's locked
         connection): the replay from the account's settled point through the
         debit's minute, with the usage metered since, as the balance and the
         settlement pass replay it. A later pass corrects it by a new entry if
-        late usage before it changes which grants it took from."""
+        late usage before it changes which grants it took from. `prices`: the
+        account's, read before the lock (nothing here takes another pooled
+        connection)."""
         grants = await self._store.grants(tenant_id, customer_id, kind.id, conn)
         debits = await self._store.debits(conn, tenant_id, customer_id, kind.id)
         mine = next(d for d in debits if d.key == f"debit:{debit_id(seq)}")
-        prices = [
-            p
-            for _, _, p in await self.prices_of(tenant_id, customer_id)
-            if p.credit_type_id == kind.id
-        ]
         start, state = account.settled_until, account.state
         if start is None:
             start = min([g.effective_at for g in grants] + [p.start for p in prices] + [mine.at])
@@ -815,11 +830,22 @@ class Credits:
                 # checks again under it), so a pass takes no lock for the
                 # accounts it has nothing to do for.
                 continue
-            if not external_id:
-                _, external_id = await self._store.customer(tenant_id, customer_id, "customer_id")
-            recorded += await self.settle_account(
-                tenant_id, customer_id, external_id, types[type_id], account_prices, now
-            )
+            try:
+                if not external_id:
+                    _, external_id = await self._store.customer(
+                        tenant_id, customer_id, "customer_id"
+                    )
+                recorded += await self.settle_account(
+                    tenant_id, customer_id, external_id, types[type_id], account_prices, now
+                )
+            except Exception as exc:  # one account's trouble must not stop the tenant's others
+                log.error(
+                    "credit_account_settlement_failed",
+                    tenant_id=tenant_id,
+                    customer_id=customer_id,
+                    credit_type_id=type_id,
+                    error=repr(exc),
+                )
         return recorded
 
     async def settle_account(
@@ -1047,10 +1073,11 @@ class Credits:
             live, state = replay(domain, draws_found + debits, state, start, end, kind.precision)
         total, listed = available(domain, state, now)
         expiries = [g.expires for g, _ in listed if g.expires is not None and g.open_at(now)]
-        overage += sum(
-            (e.uncovered for e in live if e.at >= period_start and e.kind is EntryKind.OVERAGE),
-            Decimal(0),
-        )
+        with decimal.localcontext(WIDE):
+            overage += sum(
+                (e.uncovered for e in live if e.at >= period_start and e.kind is EntryKind.OVERAGE),
+                Decimal(0),
+            )
         return customer_id, Balance(
             total, listed, min(expiries) if expiries else None, overage, settled
         )
@@ -1130,10 +1157,11 @@ class Credits:
                 )
                 consumed = usage[key]
                 with decimal.localcontext() as context:
-                    context.prec = 40
+                    # 40 digits past the larger of the two, however large.
+                    context.prec = 40 + max(_digits(consumed), _digits(drawn))
                     covered = min(consumed, drawn / Decimal(p["rate"]))
-                rule = Overage(p["overage_rule"])
-                billable = consumed - covered if rule is Overage.BILL else Decimal(0)
+                    rule = Overage(p["overage_rule"])
+                    billable = consumed - covered if rule is Overage.BILL else Decimal(0)
                 found[(subscription.id, period.start, meter_id)] = CreditUse(
                     kind.name, consumed, covered, drawn, billable, rule, kind.id, Decimal(p["rate"])
                 )
@@ -1241,6 +1269,17 @@ class Credits:
             await asyncio.sleep(self._interval)
 
 
+def _digits(value: Decimal) -> int:
+    """Digits of a finite decimal before its point (at least 1)."""
+    return max(value.adjusted() + 1, 1) if value else 1
+
+
+@wide
+def _exact_sum(amounts: Iterable[Decimal]) -> Decimal:
+    """Minus the sum of entries' amounts (what they drew), exactly."""
+    return -sum(amounts, Decimal(0))
+
+
 def draw_messages(
     batch: Sequence[tuple[str, LedgerRecord]],
 ) -> list[tuple[str, list[LedgerRecord]]]:
@@ -1283,7 +1322,7 @@ def outbox_messages(
             credit_type_id=first.credit_type_id,
             window_start=_ts(first.effective_at),
             window_end=_ts(first.effective_at + MINUTE),
-            credits_drawn=_text(-sum((e.amount for e in entries), Decimal(0))),
+            credits_drawn=_text(_exact_sum(e.amount for e in entries)),
             balance_after=_text(last.balance_after),
             create_time=_ts(first.created_at),
             meters=[

@@ -6,6 +6,7 @@ catches a bug that would)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +20,7 @@ import asyncpg
 
 from services.billing.domain.credits import (
     DEFICIT,
+    WIDE,
     Draw,
     Entry,
     EntryKind,
@@ -265,6 +267,9 @@ class CreditStore:
         # the main pool otherwise.
         self.pool = pool
         self.reads = reads or pool
+        # Per account, this replica's callers of `locked` (see there): a lock
+        # and how many hold or await it (dropped at none).
+        self._accounts: dict[tuple[str, str, str], tuple[asyncio.Lock, list[int]]] = {}
 
     # Credit types.
 
@@ -457,7 +462,30 @@ class CreditStore:
     async def locked(
         self, tenant_id: str, customer_id: str, type_id: str
     ) -> AsyncIterator[tuple[Any, AccountRecord]]:
-        """A transaction holding the account's row lock (created on first use)."""
+        """A transaction holding the account's row lock (created on first use).
+
+        The callers of one account on this replica queue on an asyncio lock
+        first, without a connection: only one per replica then holds a pooled
+        connection while it waits for the row lock (which another replica
+        may hold), so many concurrent calls for one account (debits, say)
+        cannot take the whole pool and stall every tenant's database work.
+        Under the lock, callers use `conn` only: never another pooled
+        connection, which would wait for the pool while holding one."""
+        key = (tenant_id, customer_id, type_id)
+        lock, users = self._accounts.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock, self._locked(tenant_id, customer_id, type_id) as found:
+                yield found
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._accounts[key]
+
+    @asynccontextmanager
+    async def _locked(
+        self, tenant_id: str, customer_id: str, type_id: str
+    ) -> AsyncIterator[tuple[Any, AccountRecord]]:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO billing.credit_accounts (tenant_id, customer_id, credit_type_id)"
@@ -826,7 +854,7 @@ class CreditStore:
         revisions = revisions or {}
         rows = []
         for e in entries:
-            balance += e.amount
+            balance = WIDE.add(balance, e.amount)  # exact, however large
             start, end = window(e) if window and e.meter_id else (None, None)
             rows.append(
                 (

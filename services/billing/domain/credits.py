@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import decimal
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
-from typing import Final
+from typing import Final, ParamSpec, TypeVar
 
 from services.billing.domain.money import EXACT, minor_units
 from services.common.errors import InvalidArgument
@@ -46,6 +47,37 @@ MAX_AMOUNT: Final = Decimal(10) ** 24
 # would be an INTERNAL).
 MAX_AHEAD: Final = timedelta(days=1827)
 MAX_LIFETIME: Final = timedelta(days=3660)
+# A price's credit rate: at most 1e12 credits per unit, at most 12 decimals.
+MAX_RATE: Final = Decimal(10) ** 12
+RATE_DECIMALS: Final = 12
+# The arithmetic of credits computed from usage: a minute's usage has no bound
+# but ingest's (numbers up to 1e1000) times a credit rate, and the ledger's
+# numeric columns have none that matters (131072 digits before the point), so
+# sums and products are exact (no amount reaches this precision) and rounding
+# happens only where asked (quantize), never at the default 28 digits (which
+# made quantize raise InvalidOperation, and a sum round silently). No
+# division under it: a quotient that does not end would not fit.
+WIDE: Final = decimal.Context(
+    prec=decimal.MAX_PREC,
+    Emax=decimal.MAX_EMAX,
+    Emin=decimal.MIN_EMIN,
+    rounding=ROUND_HALF_UP,
+    traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow],
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def wide(function: Callable[P, T]) -> Callable[P, T]:
+    """Runs `function` under WIDE (credits' sums exact, whatever the caller's context)."""
+
+    @functools.wraps(function)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        with decimal.localcontext(WIDE):
+            return function(*args, **kwargs)
+
+    return run
 
 
 class Overage(enum.Enum):
@@ -141,12 +173,26 @@ def check_grant_times(
     return start, end
 
 
+def check_rate(value: Decimal, field_name: str) -> Decimal:
+    """A price's credit rate (credits per unit of usage): positive, at most
+    MAX_RATE, at most RATE_DECIMALS decimals (a finer rate would round every
+    minute's draw to nothing). InvalidArgument naming the field otherwise."""
+    if not value.is_finite() or value <= 0:
+        raise InvalidArgument(f"{field_name}: must be positive")
+    if value > MAX_RATE:
+        raise InvalidArgument(f"{field_name}: at most {MAX_RATE:f}")
+    if value != value.quantize(Decimal(1).scaleb(-RATE_DECIMALS), rounding=ROUND_DOWN):
+        raise InvalidArgument(f"{field_name}: at most {RATE_DECIMALS} decimals")
+    return value
+
+
 def to_credits(quantity: Decimal, rate: Decimal, precision: int) -> Decimal:
-    """Usage in credits, rounded once per minute entry, half-up, to the precision."""
+    """Usage in credits, rounded once per minute entry, half-up, to the
+    precision; exact however large (see WIDE)."""
     with decimal.localcontext(EXACT):
         exact = quantity * rate
-    # Rounding is the point here: outside EXACT, which traps Inexact.
-    return exact.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_UP)
+    # Rounding is the point here: under WIDE, as EXACT traps Inexact.
+    return exact.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_UP, context=WIDE)
 
 
 # --- minutes ---
@@ -341,6 +387,7 @@ class _Balance:
             )
 
 
+@wide
 def replay(
     grants: Sequence[Grant],
     draws: Iterable[Draw],
@@ -412,7 +459,7 @@ def _close(
     ):
         with decimal.localcontext(EXACT):
             share = (left * policy.percent).scaleb(-2)
-        carry = share.quantize(quantum, rounding=ROUND_DOWN)
+            carry = share.quantize(quantum, rounding=ROUND_DOWN, context=WIDE)
         if policy.cap is not None:
             carry = min(carry, policy.cap)
     entries = balance.entries
@@ -493,6 +540,7 @@ def _draw(balance: _Balance, draw: Draw, candidates: list[Grant], at: datetime) 
         )
 
 
+@wide
 def available(
     grants: Sequence[Grant], state: Mapping[str, Decimal], now: datetime
 ) -> tuple[Decimal, list[tuple[Grant, Decimal]]]:
@@ -516,6 +564,7 @@ def available(
 # --- corrections ---
 
 
+@wide
 def corrections(desired: Sequence[Entry], recorded: Sequence[Entry]) -> list[Entry]:
     """What to record so that the recorded entries (summed per key) equal the
     desired ones: one entry per key that differs, carrying the difference."""
@@ -572,6 +621,7 @@ def _minus(a: Mapping[str, Decimal], b: Mapping[str, Decimal]) -> dict[str, Deci
     return {k: v for k, v in out.items() if v != 0}
 
 
+@wide
 def state_of(entries: Iterable[Entry]) -> dict[str, Decimal]:
     """What each grant (and the deficit) has left after these entries."""
     state: dict[str, Decimal] = {}

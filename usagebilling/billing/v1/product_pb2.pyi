@@ -228,7 +228,10 @@ class UsagePrice(_message.Message):
     the tenant does not have is INVALID_ARGUMENT naming credit_type_id.
     """
     credit_rate: _builtins.str
-    """A positive decimal; required with credit_type_id."""
+    """A positive decimal of at most 1e12 and at most 12 decimal places;
+    required with credit_type_id. Otherwise INVALID_ARGUMENT naming
+    usage_prices[i].credit_rate.
+    """
     overage_rule: _credit_pb2.OverageRule.ValueType
     """Required with credit_type_id: what happens to usage beyond the balance."""
     @_builtins.property
