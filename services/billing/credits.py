@@ -85,7 +85,7 @@ from services.billing.domain.credits import (
     wide,
 )
 from services.billing.domain.fields import check_name, check_text
-from services.billing.domain.invoice import InvoiceDraft, LineCredits
+from services.billing.domain.invoice import InvoiceDraft, InvoiceLine, LineCredits
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, period_containing, period_start
 from services.billing.domain.pricing import parse_decimal
@@ -181,15 +181,28 @@ def annotate_lines(drafts: dict[PeriodKey, InvoiceDraft], uses: dict[LineKey, Cr
                         billable_overage_quantity=use.billable,
                         overage_amount_minor=line.amount_minor,
                     ),
-                    description=(
-                        f"{line.description}; {_text(use.consumed)} consumed, "
-                        f"{_text(use.covered)} covered by {_text(use.drawn)} {use.type_name} "
-                        f"credits, {_text(use.consumed - use.covered)} beyond them "
-                        f"({use.rule.value}: {_text(use.billable)} billed)"
-                    ),
+                    description=_credit_description(line, use),
                 )
             )
         drafts[key] = replace(draft, lines=tuple(lines))
+
+
+def _credit_description(line: InvoiceLine, use: CreditUse) -> str:
+    """A credit line's description: the usage, what credits covered, and the
+    billed overage priced as the line's own description prices it (its text
+    after "billable": " × 0.1", the tiers, packages or fees), e.g. "tokens:
+    19 consumed, 10 covered by 10 TOKENS credits, 9 beyond them (BILL: 9
+    billed × 0.1)". The line was priced on the billed overage alone, so its
+    own first clause ("9 consumed, 0 free, 9 billable") would contradict it."""
+    prefix = f"{line.meter_name}: "
+    body = line.description.removeprefix(prefix)
+    cut = body.find(" billable")
+    priced = body[cut + len(" billable") :] if cut >= 0 else ""
+    return (
+        f"{prefix}{_text(use.consumed)} consumed, {_text(use.covered)} covered by "
+        f"{_text(use.drawn)} {use.type_name} credits, {_text(use.consumed - use.covered)}"
+        f" beyond them ({use.rule.value}: {_text(use.billable)} billed{priced})"
+    )
 
 
 @dataclass(frozen=True)

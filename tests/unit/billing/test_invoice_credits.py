@@ -89,3 +89,20 @@ def test_forgiven_overage_is_not_billable_and_credits_at_a_rate_cover_their_unit
         "overage_amount_minor": 0,
     }
     assert "credits" not in draft_json(_draft())["lines"][1]  # nothing drawn: no field
+
+
+def test_a_credit_lines_description_prices_the_overage_without_contradicting_the_line() -> None:
+    # Pricing saw only the billed overage (9 at 0.1), and said so in its words.
+    priced = InvoiceLine(
+        "tokens: 9 consumed, 0 free, 9 billable × 0.1", "m1", "tokens",
+        D(9), D(0), D(9), D("0.1"), 90, (),
+    )  # fmt: skip
+    draft = InvoiceDraft("USD", START, END, (priced,), 90, 90)
+    drafts = {("sub", START): draft}
+    use = CreditUse("TOKENS", D(19), D(10), D(10), D(9), Overage.BILL, "type-1", D(1))
+    annotate_lines(drafts, {("sub", START, "m1"): use})
+    (line,) = drafts[("sub", START)].lines
+    assert line.description == (
+        "tokens: 19 consumed, 10 covered by 10 TOKENS credits, 9 beyond them (BILL: 9 billed × 0.1)"
+    )
+    assert (line.quantity, line.free_quantity, line.billable_quantity) == (D(19), D(10), D(9))
