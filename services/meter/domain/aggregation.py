@@ -165,6 +165,8 @@ def validate_meter(
         if not text:
             raise InvalidArgument(f"{field}: required")
         check_text(text, field, MAX_NAME_LENGTH)
+    if not name.strip():
+        raise InvalidArgument("name: must not be blank (only whitespace)")
     if not isinstance(aggregation, Aggregation):
         raise InvalidArgument(f"aggregation: unknown aggregation {aggregation!r}")
     if aggregation is not Aggregation.COUNT and not property:

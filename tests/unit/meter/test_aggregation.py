@@ -212,6 +212,7 @@ def test_validate_meter_returns_the_spec() -> None:
     [
         (("", "e", Agg.COUNT, "", None, []), r"^name: required"),
         (("x" * 256, "e", Agg.COUNT, "", None, []), r"^name: at most 255"),
+        ((" \t ", "e", Agg.COUNT, "", None, []), r"^name: must not be blank"),
         (("n", "", Agg.COUNT, "", None, []), r"^event_name: required"),
         (("n", "e" * 256, Agg.COUNT, "", None, []), r"^event_name: at most 255"),
         (("n", "e", "SUM", "v", None, []), r"^aggregation: unknown"),

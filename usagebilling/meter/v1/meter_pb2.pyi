@@ -505,7 +505,9 @@ class CreateMeterRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     OPERATION_PROPERTY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Required, unique per tenant; at most 255 characters."""
+    """Required, unique per tenant, not blank (only whitespace); at most 255
+    characters.
+    """
     event_name: _builtins.str
     """Required; at most 255 characters."""
     aggregation: Global___Aggregation.ValueType
