@@ -721,8 +721,13 @@ class CreditStore:
             tenant_id,
         )
         price = Decimal(grant.price_minor).scaleb(-minor_units(grant.price_currency))
+        type_name = await conn.fetchval(
+            "SELECT name FROM billing.credit_types WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            uuid.UUID(grant.credit_type_id),
+        )
         line = {
-            "description": f"Credits top-up: {grant.amount} credits"
+            "description": f"Credits top-up: {grant.amount} {type_name} credits"
             + (f" ({description})" if description else ""),
             "meter_id": "",
             "meter_name": "",

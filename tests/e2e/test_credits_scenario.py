@@ -327,6 +327,9 @@ async def test_credits_scenario(suite: Suite, client: Client) -> None:
     assert invoice.status == invoice_pb2.INVOICE_STATUS_FINALIZED
     assert (invoice.total_minor, invoice.currency, invoice.subscription_id) == (1900, "USD", "")
     assert invoice.number.startswith("INV-")
+    assert [line.description for line in invoice.lines] == [
+        "Credits top-up: 5000000 tokens credits (5M tokens pack)"
+    ]
     while datetime.now(UTC) < effective + timedelta(seconds=1):
         await asyncio.sleep(0.5)
     assert (await balance("alice")).available == str(15 * M)
