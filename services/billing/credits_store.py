@@ -32,6 +32,7 @@ from services.billing.domain.credits import (
 )
 from services.billing.domain.fields import check_text, shown
 from services.billing.domain.money import minor_units
+from services.billing.domain.pricing import plain
 from services.billing.store import SubscriptionRecord
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.ids import is_uuid, parse_uuid
@@ -727,7 +728,7 @@ class CreditStore:
             uuid.UUID(grant.credit_type_id),
         )
         line = {
-            "description": f"Credits top-up: {grant.amount} {type_name} credits"
+            "description": f"Credits top-up: {plain(grant.amount)} {type_name} credits"
             + (f" ({description})" if description else ""),
             "meter_id": "",
             "meter_name": "",
