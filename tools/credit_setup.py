@@ -25,13 +25,14 @@ async def credit_product(
     type_id: str,
     overage_rule: Any,
     unit_price: str = "0.001",
+    credit_rate: str = "1",
     included: str = "",
     customer_ids: Sequence[str] = (),
     start: datetime | None = None,
     timeout: float | None = None,
 ) -> product_pb2.Product:
     """A USD daily product (on billing's `channel`) whose one usage price, per
-    unit at `unit_price` on `meter_id`, draws `type_id` 1:1 under
+    unit at `unit_price` on `meter_id`, draws `credit_rate` of `type_id` per unit under
     `overage_rule` (a credit_pb2.OverageRule), with `included` credits of
     that type each period when given; each of `customer_ids` (billing ids)
     is subscribed to it from `start`."""
@@ -46,7 +47,7 @@ async def credit_product(
                     model=product_pb2.PRICE_MODEL_PER_UNIT,
                     unit_price=unit_price,
                     credit_type_id=type_id,
-                    credit_rate="1",
+                    credit_rate=credit_rate,
                     overage_rule=overage_rule,
                 )
             ],

@@ -594,30 +594,17 @@ async def test_two_subscriptions_pricing_one_meter_each_draw_their_own(client: C
     )
 
     async def product(name: str, rate: str, included: str) -> product_pb2.Product:
-        made: product_pb2.Product = await client.call(
-            client.products.CreateProduct,
-            product_pb2.CreateProductRequest(
-                name=name,
-                currency="USD",
-                billing_interval=product_pb2.BILLING_INTERVAL_DAY,
-                usage_prices=[
-                    product_pb2.UsagePrice(
-                        meter_id=meter_id,
-                        model=product_pb2.PRICE_MODEL_PER_UNIT,
-                        unit_price="0.01",
-                        credit_type_id=type_id,
-                        credit_rate=rate,
-                        overage_rule=credit_pb2.OVERAGE_RULE_BILL,
-                    )
-                ],
-                included_credits=(
-                    [product_pb2.IncludedCredits(credit_type_id=type_id, amount=included)]
-                    if included
-                    else []
-                ),
-            ),
+        return await credit_product(
+            client.channels["billing"],
+            client.metadata,
+            name=name,
+            meter_id=meter_id,
+            type_id=type_id,
+            overage_rule=credit_pb2.OVERAGE_RULE_BILL,
+            unit_price="0.01",
+            credit_rate=rate,
+            included=included,
         )
-        return made
 
     start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
     subscriptions = []

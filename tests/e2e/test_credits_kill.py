@@ -34,14 +34,13 @@ import pytest
 from services.billing.domain.credits import floor_minute
 from services.common.jetstream import EVENTS_STREAM
 from tests.client import Client, event, eventually
+from tools.credit_setup import credit_product
 from tools.devstack import DevStack
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.billing.v1 import (
     credit_pb2,
     credit_pb2_grpc,
     customer_pb2,
-    product_pb2,
-    subscription_pb2,
 )
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
@@ -184,32 +183,17 @@ async def usage(kill_suite: Suite) -> AsyncIterator[Usage]:
     customer = await client.call(
         client.customers.CreateCustomer, customer_pb2.CreateCustomerRequest(external_id="cus_kill")
     )
-    product = await client.call(
-        client.products.CreateProduct,
-        product_pb2.CreateProductRequest(
-            name="Tokens",
-            currency="USD",
-            billing_interval=product_pb2.BILLING_INTERVAL_DAY,
-            usage_prices=[
-                product_pb2.UsagePrice(
-                    meter_id=meter.id,
-                    model=product_pb2.PRICE_MODEL_PER_UNIT,
-                    unit_price="0.001",
-                    credit_type_id=kind.id,
-                    credit_rate="1",
-                    overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
-                )
-            ],
-            included_credits=[
-                product_pb2.IncludedCredits(credit_type_id=kind.id, amount=str(GRANT))
-            ],
-        ),
+    await credit_product(
+        client.channels["billing"],
+        client.metadata,
+        name="Tokens",
+        meter_id=meter.id,
+        type_id=kind.id,
+        overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
+        included=str(GRANT),
+        customer_ids=[customer.id],
+        start=datetime.now(UTC) - timedelta(hours=2),
     )
-    subscribe = subscription_pb2.CreateSubscriptionRequest(
-        customer_id=customer.id, product_id=product.id
-    )
-    subscribe.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=2))
-    await client.call(client.subscriptions.CreateSubscription, subscribe)
     yield Usage(client, meter.id, kind.id, customer.id)
     await client.close()
 
