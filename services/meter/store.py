@@ -100,6 +100,14 @@ SQL_AGGREGATES = {
 _PARTS = "n, total, lo, hi, latest_time, latest_event_id, latest_value"
 _BUCKET_STATE = ", ".join(f"r.{c}" for c in _PARTS.split(", "))
 _RAW_STATE = "1::bigint, e.value, e.value, e.value, e.event_time, e.event_id, e.value"
+# A raw row taken out of its minute's bucket (domain.rollup.complements): only
+# n and total subtract.
+_OUTSIDE_STATE = (
+    "-1::bigint, -e.value, NULL::numeric, NULL::numeric, NULL::timestamptz, NULL::text,"
+    " NULL::numeric"
+)
+# The aggregations whose bucket less some rows is exact (columns n and total).
+_SUBTRACTS = frozenset({"COUNT", "SUM", "AVG"})
 # Windows up to this many are cut into pieces on the event loop; more (up to
 # MAX_WINDOWS, ~0.5 s of CPU) in a worker thread.
 _PLAN_INLINE = 2_000
@@ -667,8 +675,7 @@ class MeterStore:
                 out.append(f"coalesce({alias}.dims->>{arg(key)}, '') = {arg(value)}")
             return "".join(f" AND {c}" for c in out)
 
-        def given(grain: str) -> str:
-            p = pieces[grain]
+        def given(p: rollup.Pieces) -> str:
             return (
                 f"unnest({arg(p.windows)}::integer[], {arg(p.starts)}::timestamptz[],"
                 f" {arg(p.ends)}::timestamptz[]) AS p (w, lo, hi)"
@@ -699,11 +706,11 @@ class MeterStore:
                 f" AND r.bucket_start < ({arg(p.ends)}::timestamptz[])[x.i]{conditions('r')}"
             )
 
-        def ranged(grain: str) -> str:
+        def ranged(grain: str, p: rollup.Pieces) -> str:
             # One index range per piece (OFFSET 0: not flattened into a join
             # that would scan more than the piece).
             return (
-                f"SELECT p.w, r.* FROM {given(grain)} CROSS JOIN LATERAL (SELECT r.customer_id,"
+                f"SELECT p.w, r.* FROM {given(p)} CROSS JOIN LATERAL (SELECT r.customer_id,"
                 f" r.dims, {state} FROM {table} r WHERE r.meter_key = $1"
                 f" AND r.grain = '{grain}' AND r.bucket_start >= p.lo AND r.bucket_start < p.hi"
                 f"{conditions('r')} OFFSET 0) AS r"
@@ -722,22 +729,38 @@ class MeterStore:
             # Dense (MINUTE or HOUR windows): one scan; sparse (the edges of
             # longer windows): a range each, so as not to read what lies between.
             dense = minutes.ends[-1] - minutes.starts[0] <= 4 * covered
-            parts.append(scanned("m") if dense else ranged("m"))
-        if pieces[rollup.RAW].windows:
+            parts.append(scanned("m") if dense else ranged("m", minutes))
+
+        def raw_rows(p: rollup.Pieces, state: str) -> str:
             # A partial minute's rows, for the customers its minute's buckets
             # name: each a range of meter_events' primary key (customer, time).
-            parts.append(
-                f"SELECT p.w, e.* FROM {given(rollup.RAW)}"
+            return (
+                f"SELECT p.w, e.* FROM {given(p)}"
                 " CROSS JOIN LATERAL (SELECT DISTINCT m.customer_id FROM meter.usage_rollups m"
                 " WHERE m.meter_key = $1 AND m.grain = 'm'"
                 " AND m.bucket_start = date_trunc('minute', p.lo, 'UTC')"
                 f"{''.join(f' AND {c}' for c in customers('m'))} OFFSET 0) AS c"
                 " CROSS JOIN LATERAL (SELECT e.customer_id, coalesce(e.dims, '{}'::jsonb),"
-                f" {raw_state} FROM meter.meter_events e WHERE e.meter_key = $1"
+                f" {state} FROM meter.meter_events e WHERE e.meter_key = $1"
                 " AND e.customer_id = c.customer_id AND e.event_time >= p.lo"
                 f" AND e.event_time < p.hi AND e.skip_reason IS NULL{conditions('e')}"
                 " OFFSET 0) AS e"
             )
+
+        raw = pieces[rollup.RAW]
+        # One customer's partial minutes of over half a minute, where the
+        # aggregation subtracts: the minute's bucket less the rows outside (the
+        # rows a read takes then follow half a minute, not the customer's rate).
+        subtract = (
+            bool(customer_id) and customer_limit is None and meter.aggregation in _SUBTRACTS
+        )
+        if subtract:
+            raw, whole, outside = rollup.complements(raw)
+            if whole.windows:
+                parts.append(ranged("m", whole))
+                parts.append(raw_rows(outside, _OUTSIDE_STATE))
+        if raw.windows:
+            parts.append(raw_rows(raw, raw_state))
 
         # Days below a gate (domain.rollup, "Gates"), read from their rows: those
         # below the hours' gate wholly, those past it but below the minutes'
@@ -796,7 +819,9 @@ class MeterStore:
             f" SELECT {', '.join(['w', 'customer_id', *dims])},"
             f" {SQL_AGGREGATES[meter.aggregation]} AS value,"
             f" {'count(*)' if unique else 'sum(n)'} AS n"
-            f" FROM parts{paged} GROUP BY {keys} ORDER BY {keys}"
+            f" FROM parts{paged} GROUP BY {keys}"
+            # (A bucket less its outside rows can leave a group no event.)
+            f"{' HAVING sum(n) > 0' if subtract else ''} ORDER BY {keys}"
         )
 
         if customer_id and not group_by and len(bounds) <= ONE_READ_WINDOWS:

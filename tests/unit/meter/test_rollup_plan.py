@@ -9,7 +9,17 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.meter.domain.rollup import HOUR, MINUTE, RAW, cut, floor, plan, uniform_grain
+from services.meter.domain.rollup import (
+    COMPLEMENT_FROM,
+    HOUR,
+    MINUTE,
+    RAW,
+    complements,
+    cut,
+    floor,
+    plan,
+    uniform_grain,
+)
 
 T0 = datetime(2024, 3, 31, 0, 0, tzinfo=UTC)
 instants = st.one_of(
@@ -70,3 +80,38 @@ def test_windows_on_a_grain_are_read_without_cutting() -> None:
     days = [T0 + timedelta(minutes=15) + d * timedelta(days=1) for d in range(3)]
     assert uniform_grain(days, days[-1] + timedelta(days=1)) is None
     assert uniform_grain([T0 + timedelta(seconds=30)], T0 + HOUR) is None
+
+
+@settings(deadline=None, max_examples=500)
+@given(a=instants, b=instants)
+def test_a_long_partial_minute_is_its_minute_less_the_rest(a: datetime, b: datetime) -> None:
+    """Each partial minute is read either as rows (at most half a minute) or as
+    its whole minute less one or two outside parts (each under half a minute)
+    that, with the piece, tile the minute exactly."""
+    start, end = min(a, b), max(a, b) + timedelta(microseconds=1)
+    raw = plan([start], end)[RAW]
+    rows, minutes, outside = complements(raw)
+    assert len(rows.windows) + len(minutes.windows) == len(raw.windows)
+    for lo, hi in zip(rows.starts, rows.ends, strict=True):
+        assert hi - lo <= COMPLEMENT_FROM and (lo, hi) in zip(raw.starts, raw.ends, strict=True)
+    for lo, hi in zip(minutes.starts, minutes.ends, strict=True):
+        [(piece_lo, piece_hi)] = [
+            (s, e) for s, e in zip(raw.starts, raw.ends, strict=True) if floor(s, MINUTE) == lo
+        ]
+        assert piece_hi - piece_lo > COMPLEMENT_FROM and hi == lo + MINUTE
+        parts = sorted(
+            [(piece_lo, piece_hi)]
+            + [(s, e) for s, e in zip(outside.starts, outside.ends, strict=True) if lo <= s < hi]
+        )
+        assert parts[0][0] == lo and parts[-1][1] == hi
+        assert all(x[1] == y[0] for x, y in itertools.pairwise(parts))
+        assert all(e - s < COMPLEMENT_FROM for s, e in parts if (s, e) != (piece_lo, piece_hi))
+    assert set(outside.windows) <= {1}
+
+
+def test_a_period_from_second_5_reads_55_seconds_as_the_minute_less_5() -> None:
+    start = datetime(2025, 1, 1, 10, 0, 5, tzinfo=UTC)
+    rows, minutes, outside = complements(plan([start], start + timedelta(days=30))[RAW])
+    assert rows.starts == [start + timedelta(days=30) - timedelta(seconds=5)]
+    assert minutes.starts == [start - timedelta(seconds=5)]
+    assert (outside.starts, outside.ends) == ([start - timedelta(seconds=5)], [start])
