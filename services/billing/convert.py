@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.billing.domain.commitments import Commitment
@@ -42,6 +43,8 @@ LINE_KINDS = {
     "maximum_spend": invoice_pb2.INVOICE_LINE_KIND_MAXIMUM_SPEND,
     "minimum_spend": invoice_pb2.INVOICE_LINE_KIND_MINIMUM_SPEND,
 }
+# protobuf's bound of a Duration (about 10,000 years).
+MAX_DURATION_SECONDS = 315_576_000_000
 INVOICE_STATUSES = {
     "DRAFT": invoice_pb2.INVOICE_STATUS_DRAFT,
     "FINALIZED": invoice_pb2.INVOICE_STATUS_FINALIZED,
@@ -56,6 +59,24 @@ def to_datetime(ts: Timestamp, field: str = "timestamp") -> datetime:
         return ts.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError, OSError):
         raise InvalidArgument(f"{field}: not a valid timestamp") from None
+
+
+def to_timedelta(value: Duration, field: str) -> timedelta:
+    """A request's Duration: seconds and nanos of one sign, nanos within
+    ±999,999,999, within ±10,000 years (protobuf's own bounds); InvalidArgument
+    naming `field` otherwise."""
+    seconds, nanos = value.seconds, value.nanos
+    if (
+        abs(nanos) > 999_999_999
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+        or abs(seconds) > MAX_DURATION_SECONDS
+    ):
+        raise InvalidArgument(
+            f"{field}: not a valid duration (seconds and nanos of the same sign,"
+            " nanos within ±999999999)"
+        )
+    return value.ToTimedelta()
 
 
 def to_timestamp(when: datetime) -> Timestamp:

@@ -40,16 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import decimal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.billing.convert import to_timedelta
 from services.billing.credits_store import (
     AccountRecord,
     CreditStore,
@@ -75,6 +75,7 @@ from services.billing.domain.credits import (
     check_grant_times,
     check_rate,
     corrections,
+    coverage,
     draw_key,
     floor_day,
     floor_minute,
@@ -82,7 +83,7 @@ from services.billing.domain.credits import (
     precision_of,
     replay,
     to_credits,
-    wide,
+    total_drawn,
 )
 from services.billing.domain.fields import check_name, check_text
 from services.billing.domain.invoice import InvoiceDraft, InvoiceLine, LineCredits
@@ -115,8 +116,6 @@ PUBLISH_TIMEOUT: Final = 10.0
 # Aggregations whose value over a range is the sum of its minutes' values.
 ADDITIVE: Final = frozenset({meter_pb2.AGGREGATION_COUNT, meter_pb2.AGGREGATION_SUM})
 DAY: Final = timedelta(days=1)
-# protobuf's bound of a Duration (about 10,000 years).
-MAX_DURATION_SECONDS: Final = 315_576_000_000
 
 
 @dataclass(frozen=True)
@@ -512,7 +511,7 @@ class Credits:
             expire_time = _time(request.expire_time, "expire_time")
         after = None
         if request.HasField("expire_after"):
-            after = _duration(request.expire_after, "expire_after")
+            after = to_timedelta(request.expire_after, "expire_after")
         source_key = f"api:{request.idempotency_key}"
         if (found := await self._store.grant_by_key(tenant_id, source_key)) is not None:
             # A retry: compared with the first grant before the checks that
@@ -1168,15 +1167,11 @@ class Credits:
                     floor_minute(period.start),
                     end,
                 )
-                consumed = usage[key]
-                with decimal.localcontext() as context:
-                    # 40 digits past the larger of the two, however large.
-                    context.prec = 40 + max(_digits(consumed), _digits(drawn))
-                    covered = min(consumed, drawn / Decimal(p["rate"]))
-                    rule = Overage(p["overage_rule"])
-                    billable = consumed - covered if rule is Overage.BILL else Decimal(0)
+                consumed, rate = usage[key], Decimal(p["rate"])
+                rule = Overage(p["overage_rule"])
+                covered, billable = coverage(consumed, drawn, rate, rule)
                 found[(subscription.id, period.start, meter_id)] = CreditUse(
-                    kind.name, consumed, covered, drawn, billable, rule, kind.id, Decimal(p["rate"])
+                    kind.name, consumed, covered, drawn, billable, rule, kind.id, rate
                 )
         return found
 
@@ -1282,17 +1277,6 @@ class Credits:
             await asyncio.sleep(self._interval)
 
 
-def _digits(value: Decimal) -> int:
-    """Digits of a finite decimal before its point (at least 1)."""
-    return max(value.adjusted() + 1, 1) if value else 1
-
-
-@wide
-def _exact_sum(amounts: Iterable[Decimal]) -> Decimal:
-    """Minus the sum of entries' amounts (what they drew), exactly."""
-    return -sum(amounts, Decimal(0))
-
-
 def draw_messages(
     batch: Sequence[tuple[str, LedgerRecord]],
 ) -> list[tuple[str, list[LedgerRecord]]]:
@@ -1335,7 +1319,7 @@ def outbox_messages(
             credit_type_id=first.credit_type_id,
             window_start=_ts(first.effective_at),
             window_end=_ts(first.effective_at + MINUTE),
-            credits_drawn=_text(_exact_sum(e.amount for e in entries)),
+            credits_drawn=_text(total_drawn(e.amount for e in entries)),
             balance_after=_text(last.balance_after),
             create_time=_ts(first.created_at),
             meters=[
@@ -1412,23 +1396,6 @@ def _periods(
         n += 1
     return found
 
-
-def _duration(value: Duration, field: str) -> timedelta:
-    """A request's Duration: seconds and nanos of one sign, nanos within
-    ±999,999,999, within ±10,000 years (protobuf's own bounds); InvalidArgument
-    naming `field` otherwise."""
-    seconds, nanos = value.seconds, value.nanos
-    if (
-        abs(nanos) > 999_999_999
-        or (seconds > 0 and nanos < 0)
-        or (seconds < 0 and nanos > 0)
-        or abs(seconds) > MAX_DURATION_SECONDS
-    ):
-        raise InvalidArgument(
-            f"{field}: not a valid duration (seconds and nanos of the same sign,"
-            " nanos within ±999999999)"
-        )
-    return value.ToTimedelta()
 
 
 def _check_same_grant(

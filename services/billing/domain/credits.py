@@ -195,6 +195,31 @@ def to_credits(quantity: Decimal, rate: Decimal, precision: int) -> Decimal:
     return exact.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_UP, context=WIDE)
 
 
+def coverage(
+    consumed: Decimal, drawn: Decimal, rate: Decimal, rule: Overage
+) -> tuple[Decimal, Decimal]:
+    """(covered, billable) of a line's usage: `covered` the quantity that
+    `drawn` credits paid for at `rate` credits a unit (at most `consumed`),
+    `billable` the rest under Overage.BILL, else 0. The division keeps 40
+    significant digits past the larger of `consumed` and `drawn`, however large
+    (the quantity column keeps what a price can multiply exactly)."""
+    with decimal.localcontext() as context:
+        context.prec = 40 + max(_digits(consumed), _digits(drawn))
+        covered = min(consumed, drawn / rate)
+        return covered, consumed - covered if rule is Overage.BILL else Decimal(0)
+
+
+def _digits(value: Decimal) -> int:
+    """Digits of a finite decimal before its point (at least 1)."""
+    return max(value.adjusted() + 1, 1) if value else 1
+
+
+@wide
+def total_drawn(amounts: Iterable[Decimal]) -> Decimal:
+    """What ledger entries of these amounts drew (minus their sum), exactly."""
+    return -sum(amounts, Decimal(0))
+
+
 # --- minutes ---
 
 

@@ -16,8 +16,10 @@ from services.billing.domain.credits import (
     Overage,
     available,
     check_rate,
+    coverage,
     replay,
     to_credits,
+    total_drawn,
 )
 from services.common.errors import InvalidArgument
 
@@ -72,3 +74,33 @@ def test_a_credit_rate_out_of_bounds_is_refused_naming_it(rate: str, error: str)
 @pytest.mark.parametrize("rate", ["1e12", "0.000000000001", "2.5", "1"])
 def test_a_credit_rate_within_bounds_is_taken(rate: str) -> None:
     assert check_rate(Decimal(rate), "r") == Decimal(rate)
+
+
+@pytest.mark.parametrize(
+    ("consumed", "drawn", "rate", "rule", "covered", "billable"),
+    [
+        # 19 tokens, 10 credits at 1 a token: 10 covered, 9 billed.
+        ("19", "10", "1", Overage.BILL, "10", "9"),
+        ("19", "10", "1", Overage.FORGIVE, "10", "0"),
+        ("19", "10", "1", Overage.DEFICIT, "10", "0"),
+        # Credits for more than was used cover what was used.
+        ("5", "100", "2", Overage.BILL, "5", "0"),
+        # 0.5 credits a token: 3 credits cover 6 tokens.
+        ("7", "3", "0.5", Overage.BILL, "6", "1"),
+        # A third of a unit: 40 digits past the larger operand's 1, not 28.
+        ("1", "1", "3", Overage.BILL, "0." + "3" * 41, "0." + "6" * 40 + "7"),
+        # Far past the default context's 28 digits, exact where it divides.
+        ("1" + "0" * 60, "4" + "0" * 59, "8", Overage.BILL, "5" + "0" * 58, "95" + "0" * 58),
+        ("0", "0", "1", Overage.BILL, "0", "0"),
+    ],
+)
+def test_coverage(
+    consumed: str, drawn: str, rate: str, rule: Overage, covered: str, billable: str
+) -> None:
+    got = coverage(Decimal(consumed), Decimal(drawn), Decimal(rate), rule)
+    assert got == (Decimal(covered), Decimal(billable))
+
+
+def test_total_drawn_is_exact_however_many_digits() -> None:
+    amounts = [Decimal("-1e30"), Decimal("-0.000000000000000000000000000001"), Decimal("2")]
+    assert total_drawn(amounts) == Decimal("9" * 29 + "8." + "0" * 29 + "1")
