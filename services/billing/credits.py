@@ -1397,7 +1397,6 @@ def _periods(
     return found
 
 
-
 def _check_same_grant(
     found: GrantRecord,
     customer_id: str,

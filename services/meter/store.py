@@ -751,9 +751,7 @@ class MeterStore:
         # One customer's partial minutes of over half a minute, where the
         # aggregation subtracts: the minute's bucket less the rows outside (the
         # rows a read takes then follow half a minute, not the customer's rate).
-        subtract = (
-            bool(customer_id) and customer_limit is None and meter.aggregation in _SUBTRACTS
-        )
+        subtract = bool(customer_id) and customer_limit is None and meter.aggregation in _SUBTRACTS
         if subtract:
             raw, whole, outside = rollup.complements(raw)
             if whole.windows:
