@@ -66,10 +66,10 @@ def configure(secret: str, service: str) -> None:
     ).digest()
 
 
-def request_digest(request: Message) -> str:
-    """What a List request's page tokens are bound to: a digest of the caller's
-    tenant, the request's type and every field of it but page_token and
-    page_size (which AIP-158 lets change between pages)."""
+def request_digest(request: Message, tenant_id: str | None = None) -> str:
+    """What a paged request's page tokens are bound to: a digest of the tenant
+    (`tenant_id`, else the caller's), the request's type and every field of it
+    but page_token and page_size (which AIP-158 lets change between pages)."""
     query = type(request)()
     query.CopyFrom(request)
     for field in ("page_token", "page_size"):
@@ -77,7 +77,7 @@ def request_digest(request: Message) -> str:
             query.ClearField(field)
     digest = hashlib.sha256()
     for part in (
-        (current_tenant_or_none() or "").encode(),
+        (tenant_id or current_tenant_or_none() or "").encode(),
         query.DESCRIPTOR.full_name.encode(),
         query.SerializeToString(deterministic=True),
     ):

@@ -218,7 +218,7 @@ class MeterService:
         meter = await self._usage_meter(tenant_id, request.meter_id)
         query = await _plan(meter, request)
         aggregation = Aggregation[meter.aggregation]
-        paging = usage_page(request.page_size, request.page_token, tenant_id, meter.id, query)
+        paging = usage_page(request, tenant_id)
         customers: set[str] = set()  # served by this page (only counted when paged)
         size = AnswerSize(limits)
         answered = False

@@ -3,21 +3,21 @@ customers (those with usage, in the bytewise order of their ids), and its
 token names the last customer served.
 
 The token is a signed page token (services.common.paging) of [query, customer]:
-`query` is a digest of the tenant and every field of the request but the page
-fields, so that a token is refused (INVALID_ARGUMENT naming page_token) when it
-comes back with another query, meter or tenant: the customer it names only
-means "done up to here" for the query it was made for."""
+`query` is the request's digest (paging.request_digest: the tenant and every
+field of the request but the page fields), so that a token is refused
+(INVALID_ARGUMENT naming page_token) when it comes back with another query,
+meter or tenant: the customer it names only means "done up to here" for the
+query it was made for."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Final
 
 from services.common.errors import InvalidArgument
-from services.common.paging import decode_token, encode_token
+from services.common.paging import decode_token, encode_token, request_digest
 from services.meter.domain.query import UsageQuery
+from usagebilling.meter.v1 import meter_pb2
 
 # Customers one page holds at most; a larger page_size is taken as this.
 MAX_PAGE_CUSTOMERS: Final = 10_000
@@ -49,27 +49,10 @@ class UsagePage:
         self.next_page_token = encode_token([self.digest, max(customers)])
 
 
-def query_digest(tenant_id: str, meter_id: str, query: UsageQuery) -> str:
-    fields = [
-        tenant_id,
-        meter_id,
-        query.customer_id,
-        query.start.isoformat(),
-        query.end.isoformat(),
-        query.window_size.name,
-        query.time_zone,
-        list(query.group_by),
-        sorted(query.group_filter.items()),
-    ]
-    body = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
-    return hashlib.sha256(body).hexdigest()[:32]
-
-
-def usage_page(
-    page_size: int, page_token: str, tenant_id: str, meter_id: str, query: UsageQuery
-) -> UsagePage:
+def usage_page(request: meter_pb2.QueryUsageRequest, tenant_id: str) -> UsagePage:
     """The page a request asks for; INVALID_ARGUMENT naming page_size or
     page_token when they cannot be served."""
+    page_size, page_token = request.page_size, request.page_token
     if page_size < 0:
         raise InvalidArgument("page_size: must not be negative")
     if page_size == 0:
@@ -78,7 +61,7 @@ def usage_page(
         # Unpaged: no token is made or read, so no digest (most reads, billing's
         # per customer ones among them, are unpaged).
         return UsagePage(None, "", "")
-    digest = query_digest(tenant_id, meter_id, query)
+    digest = request_digest(request, tenant_id)
     cursor = decode_token(page_token, 2)
     after = ""
     if cursor is not None:
