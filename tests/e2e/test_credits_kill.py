@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -34,8 +33,8 @@ import pytest
 from services.billing.domain.credits import floor_minute
 from services.common.jetstream import EVENTS_STREAM
 from tests.client import Client, event, eventually
+from tests.private_suite import private_suite
 from tools.credit_setup import credit_product
-from tools.devstack import DevStack
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.billing.v1 import (
     credit_pb2,
@@ -54,35 +53,11 @@ HEALTHY = 120.0  # seconds a restarted service may take on a loaded machine
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
-    running = DevStack(tmp_path_factory.mktemp("credits-kill-stack"))
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture(scope="module")
-def kill_suite(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    running = Suite(
-        stack.database_url,
-        stack.nats_url,
-        Path(tmp_path_factory.mktemp("credits-kill-logs")),
-        extra_env={
-            "USAGEBILLING_SCHEDULER_ENABLED": "false",
-            # Reconciliation (a meter read inside the pass's transaction) often.
-            "USAGEBILLING_CREDITS_RECONCILE": "5s",
-        },
-    )
-    try:
-        running.start(timeout=HEALTHY)
-        yield running
-    finally:
-        for process in running.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)  # in case a test left one stopped
-        running.stop()
+def kill_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    # Reconciliation (a meter read inside the pass's transaction) often.
+    env = {"USAGEBILLING_CREDITS_RECONCILE": "5s"}
+    with private_suite(tmp_path_factory, "credits-kill", env, timeout=HEALTHY) as suite:
+        yield suite
 
 
 async def _restart(suite: Suite, service: str) -> None:
@@ -224,14 +199,14 @@ WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO billing.credit_ledger
 
 
 async def test_kill_9_of_billing_and_meter_during_draw_down_draws_each_minute_once(
-    kill_suite: Suite, stack: DevStack, usage: Usage
+    kill_suite: Suite, usage: Usage
 ) -> None:
     suite = kill_suite
     rng = random.Random(13)
-    db = await asyncpg.connect(stack.database_url)
+    db = await asyncpg.connect(kill_suite.database_url)
     # Polls pg_stat_activity from its own connection: within the blocker's
     # transaction below it would show one snapshot throughout.
-    watch = await asyncpg.connect(stack.database_url)
+    watch = await asyncpg.connect(kill_suite.database_url)
     try:
 
         def spread(count: int, back: timedelta) -> list[tuple[datetime, int]]:

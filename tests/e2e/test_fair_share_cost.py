@@ -25,7 +25,7 @@ import pytest
 
 from tests.client import Client, event, eventually
 from tests.load import total as usage_total
-from tools.devstack import DevStack
+from tests.private_suite import private_suite
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
@@ -45,20 +45,9 @@ KEYS = [f"key{i}".ljust(100, "k") for i in range(10)]
 
 @pytest.fixture(scope="module")
 def default_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    stack = DevStack(tmp_path_factory.mktemp("cost-stack"))
-    database_url, nats_url = stack.start()
-    running = Suite(
-        database_url,
-        nats_url,
-        tmp_path_factory.mktemp("cost-logs"),
-        extra_env={"USAGEBILLING_SCHEDULER_ENABLED": "false", "USAGEBILLING_LOG_LEVEL": "warning"},
-    )
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
-        stack.stop()
+    env = {"USAGEBILLING_LOG_LEVEL": "warning"}
+    with private_suite(tmp_path_factory, "cost", env) as suite:
+        yield suite
 
 
 def _client(suite: Suite) -> Client:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.client import Client, event, eventually
 from tests.load import total as usage_total
-from tools.devstack import DevStack
+from tests.private_suite import private_suite
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
@@ -37,24 +37,12 @@ PROBES = 20
 
 @pytest.fixture(scope="module")
 def limited_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    stack = DevStack(tmp_path_factory.mktemp("rate-stack"))
-    database_url, nats_url = stack.start()
-    running = Suite(
-        database_url,
-        nats_url,
-        tmp_path_factory.mktemp("rate-logs"),
-        extra_env={
-            "USAGEBILLING_INGEST_RATE_LIMIT": str(RATE),
-            "USAGEBILLING_INGEST_RATE_BURST": str(BURST),
-            "USAGEBILLING_SCHEDULER_ENABLED": "false",
-        },
-    )
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
-        stack.stop()
+    env = {
+        "USAGEBILLING_INGEST_RATE_LIMIT": str(RATE),
+        "USAGEBILLING_INGEST_RATE_BURST": str(BURST),
+    }
+    with private_suite(tmp_path_factory, "rate", env) as suite:
+        yield suite
 
 
 async def _tenant(suite: Suite, meter_event: str) -> tuple[Client, str]:

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +25,8 @@ from aiohttp import ClientSession, web
 from standardwebhooks.webhooks import Webhook
 
 from tests.client import Client, event, eventually, status_of
-from tools.devstack import DevStack, free_port
+from tests.private_suite import private_suite
+from tools.devstack import free_port
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.billing.v1 import (
     alert_pb2,
@@ -50,33 +50,14 @@ SCHEDULE = "0s,1s,1s,2s,2s,2s,2s,2s,2s,2s,2s,2s,2s,2s,2s"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
-    running = DevStack(tmp_path_factory.mktemp("webhook-stack"))
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture(scope="module")
-def hooks_suite(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    running = Suite(
-        stack.database_url,
-        stack.nats_url,
-        Path(tmp_path_factory.mktemp("webhook-logs")),
-        extra_env={
-            "USAGEBILLING_SCHEDULER_ENABLED": "false",
-            "USAGEBILLING_WEBHOOK_SCHEDULE": SCHEDULE,
-            "USAGEBILLING_WEBHOOK_TIMEOUT": "2s",
-            "USAGEBILLING_WEBHOOK_DISABLE_AFTER": "15s",
-        },
-    )
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
+def hooks_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
+    env = {
+        "USAGEBILLING_WEBHOOK_SCHEDULE": SCHEDULE,
+        "USAGEBILLING_WEBHOOK_TIMEOUT": "2s",
+        "USAGEBILLING_WEBHOOK_DISABLE_AFTER": "15s",
+    }
+    with private_suite(tmp_path_factory, "webhook", env) as suite:
+        yield suite
 
 
 @dataclass

@@ -27,7 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.client import Client, event
-from tools.devstack import DevStack
+from tests.private_suite import private_suite
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.billing.v1 import customer_pb2, invoice_pb2, product_pb2, subscription_pb2
 from usagebilling.ingest.v1 import ingest_pb2
@@ -97,25 +97,12 @@ def traced_suite(
 ) -> Iterator[Suite]:
     """The services on their own stack (another meter must not fold these
     events), exporting spans to the collector every 100 ms."""
-    stack = DevStack(tmp_path_factory.mktemp("traced-stack"))
-    stack.start()
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector[1]}",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "USAGEBILLING_SCHEDULER_ENABLED": "false",
     }
-    running = Suite(
-        stack.database_url,
-        stack.nats_url,
-        tmp_path_factory.mktemp("traced-logs"),
-        extra_env=env,
-    )
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
-        stack.stop()
+    with private_suite(tmp_path_factory, "traced", env) as suite:
+        yield suite
 
 
 @pytest.fixture
