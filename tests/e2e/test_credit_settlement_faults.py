@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from tests.client import Client, event, eventually, status_of
-from tests.e2e.test_credits import credits_of, refused, tokens_setup
+from tests.credit_setup import credits_of, tokens_setup
+from tests.e2e.test_credits import refused
 from tools.credit_setup import credit_product
 from tools.suite import SERVICES, Suite
 from usagebilling.billing.v1 import credit_pb2, customer_pb2, product_pb2
@@ -33,9 +34,7 @@ async def test_concurrent_debits_of_one_account_do_not_stall_billing(
     meanwhile another tenant's GetCreditBalance waited ~28 s (found with 12
     calls under `make run`: 11 DEADLINE_EXCEEDED after 30 s). All must answer
     OK, and the other tenant's balance promptly (a generous bound)."""
-    meter_id, type_id, customer_id = await tokens_setup(
-        client, "cus_dos", rule=credit_pb2.OVERAGE_RULE_DEFICIT
-    )
+    meter_id, type_id, customer_id = await tokens_setup(client, "cus_dos")
     await credit_product(
         client.channels["billing"],
         client.metadata,

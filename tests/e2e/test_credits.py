@@ -16,26 +16,21 @@ from google.protobuf.duration_pb2 import Duration
 from nats.errors import TimeoutError as NatsTimeout
 
 from tests.client import Client, event, eventually, status_of
+from tests.credit_setup import credits_of, tokens_setup
 from tools.credit_setup import credit_product
 from tools.suite import SERVICES, Suite
 from usagebilling.billing.v1 import (
     credit_pb2,
-    credit_pb2_grpc,
     customer_pb2,
     invoice_pb2,
     product_pb2,
     subscription_pb2,
 )
 from usagebilling.ingest.v1 import ingest_pb2
-from usagebilling.meter.v1 import meter_pb2
 
 pytestmark = pytest.mark.e2e
 
 D = Decimal
-
-
-def credits_of(client: Client) -> credit_pb2_grpc.CreditServiceStub:
-    return credit_pb2_grpc.CreditServiceStub(client.channels["billing"])
 
 
 async def refused(call: object) -> tuple[grpc.StatusCode | None, str]:
@@ -44,33 +39,6 @@ async def refused(call: object) -> tuple[grpc.StatusCode | None, str]:
     except grpc.aio.AioRpcError as exc:
         return status_of(exc), exc.details() or ""
     return None, ""
-
-
-async def tokens_setup(
-    client: Client, external_id: str, *, rule: int, included: str = "", rollover: bool = False
-) -> tuple[str, str, str]:
-    """A tokens meter, a TOKENS credit type, a customer on a daily product whose
-    usage price draws tokens 1:1 under `rule`: (meter id, type id, customer id)."""
-    stub = credits_of(client)
-    meter = await client.call(
-        client.meter.CreateMeter,
-        meter_pb2.CreateMeterRequest(
-            name=f"tokens-{external_id}",
-            event_name="llm.call",
-            aggregation=meter_pb2.AGGREGATION_SUM,
-            property="tokens",
-        ),
-    )
-    kind = await client.call(
-        stub.CreateCreditType,
-        credit_pb2.CreateCreditTypeRequest(
-            name=f"tokens-{external_id}", kind=credit_pb2.CREDIT_UNIT_KIND_CUSTOM, precision=0
-        ),
-    )
-    customer = await client.call(
-        client.customers.CreateCustomer, customer_pb2.CreateCustomerRequest(external_id=external_id)
-    )
-    return meter.id, kind.id, customer.id
 
 
 async def test_credit_types_are_validated_and_isolated(
@@ -150,9 +118,7 @@ async def test_credit_types_are_validated_and_isolated(
 
 async def test_usage_draws_the_balance_down_in_real_time(client: Client) -> None:
     stub = credits_of(client)
-    meter_id, type_id, customer_id = await tokens_setup(
-        client, "cus_rt", rule=credit_pb2.OVERAGE_RULE_FORGIVE
-    )
+    meter_id, type_id, customer_id = await tokens_setup(client, "cus_rt")
     start = datetime.now(UTC) - timedelta(hours=1)
     product = await credit_product(
         client.channels["billing"],
@@ -229,7 +195,7 @@ async def test_balance_low_is_announced_once_per_fall_and_adjustments_credit(
     suite: Suite, client: Client, new_tenant: Callable[[], tuple[str, str]]
 ) -> None:
     stub = credits_of(client)
-    meter_id, _, customer_id = await tokens_setup(client, "cus_low", rule=0)
+    meter_id, _, customer_id = await tokens_setup(client, "cus_low")
     kind = await client.call(
         stub.CreateCreditType,
         credit_pb2.CreateCreditTypeRequest(
@@ -374,9 +340,7 @@ async def test_debits_take_from_open_grants_in_draw_order_then_leave_a_deficit(
     in the balance at once; idempotent on its key; the settled ledger sums
     to the balance, with one ADJUSTED entry per debit."""
     stub = credits_of(client)
-    meter_id, type_id, customer_id = await tokens_setup(
-        client, "cus_debit", rule=credit_pb2.OVERAGE_RULE_FORGIVE
-    )
+    meter_id, type_id, customer_id = await tokens_setup(client, "cus_debit")
     await credit_product(
         client.channels["billing"],
         client.metadata,
@@ -520,9 +484,7 @@ async def test_a_late_event_beyond_the_recheck_window_is_drawn(client: Client) -
     meter: settlement draws it from the grant open at its time, by a new
     entry, and the balance drops."""
     stub = credits_of(client)
-    meter_id, type_id, customer_id = await tokens_setup(
-        client, "cus_late", rule=credit_pb2.OVERAGE_RULE_DEFICIT
-    )
+    meter_id, type_id, customer_id = await tokens_setup(client, "cus_late")
     now = datetime.now(UTC)
     await credit_product(
         client.channels["billing"],
@@ -589,9 +551,7 @@ async def test_two_subscriptions_pricing_one_meter_each_draw_their_own(client: C
     (which compares the ledger's quantities with meter's) finds nothing to
     correct, and each invoice line shows its own draw and the usage it covered."""
     stub = credits_of(client)
-    meter_id, type_id, customer_id = await tokens_setup(
-        client, "cus_two", rule=credit_pb2.OVERAGE_RULE_BILL
-    )
+    meter_id, type_id, customer_id = await tokens_setup(client, "cus_two")
 
     async def product(name: str, rate: str, included: str) -> product_pb2.Product:
         return await credit_product(

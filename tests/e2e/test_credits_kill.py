@@ -33,13 +33,13 @@ import pytest
 from services.billing.domain.credits import floor_minute
 from services.common.jetstream import EVENTS_STREAM
 from tests.client import Client, event, eventually
+from tests.credit_setup import tokens_setup
 from tests.private_suite import private_suite
 from tools.credit_setup import credit_product
 from tools.suite import SERVICES, Suite, create_tenant
 from usagebilling.billing.v1 import (
     credit_pb2,
     credit_pb2_grpc,
-    customer_pb2,
 )
 from usagebilling.ingest.v1 import ingest_pb2
 from usagebilling.meter.v1 import meter_pb2
@@ -139,37 +139,19 @@ def drawn_per_minute(entries: list[credit_pb2.CreditLedgerEntry]) -> dict[dateti
 async def usage(kill_suite: Suite) -> AsyncIterator[Usage]:
     _, secret = await asyncio.to_thread(create_tenant, kill_suite, f"kill-{uuid.uuid4().hex[:6]}")
     client = Client({s: kill_suite.address(s) for s in SERVICES}, secret)
-    credits = credit_pb2_grpc.CreditServiceStub(client.channels["billing"])
-    meter = await client.call(
-        client.meter.CreateMeter,
-        meter_pb2.CreateMeterRequest(
-            name="tokens",
-            event_name="llm.call",
-            aggregation=meter_pb2.AGGREGATION_SUM,
-            property="tokens",
-        ),
-    )
-    kind = await client.call(
-        credits.CreateCreditType,
-        credit_pb2.CreateCreditTypeRequest(
-            name="tokens", kind=credit_pb2.CREDIT_UNIT_KIND_CUSTOM, precision=0
-        ),
-    )
-    customer = await client.call(
-        client.customers.CreateCustomer, customer_pb2.CreateCustomerRequest(external_id="cus_kill")
-    )
+    meter_id, type_id, customer_id = await tokens_setup(client, "cus_kill")
     await credit_product(
         client.channels["billing"],
         client.metadata,
         name="Tokens",
-        meter_id=meter.id,
-        type_id=kind.id,
+        meter_id=meter_id,
+        type_id=type_id,
         overage_rule=credit_pb2.OVERAGE_RULE_DEFICIT,
         included=str(GRANT),
-        customer_ids=[customer.id],
+        customer_ids=[customer_id],
         start=datetime.now(UTC) - timedelta(hours=2),
     )
-    yield Usage(client, meter.id, kind.id, customer.id)
+    yield Usage(client, meter_id, type_id, customer_id)
     await client.close()
 
 
