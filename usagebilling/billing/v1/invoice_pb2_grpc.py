@@ -107,7 +107,10 @@ class InvoiceServiceServicer:
 
     def VoidInvoice(self, request, context):
         """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-        asked, issues a corrected invoice for its period.
+        asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+        voided invoice carried go on the subscription's next finalized invoice
+        again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+        is not re-priced: reissue is ignored and its lines go on the next one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,7 +50,10 @@ class InvoiceServiceStub:
     """Newest period first."""
     VoidInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]
     """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-    asked, issues a corrected invoice for its period.
+    asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+    voided invoice carried go on the subscription's next finalized invoice
+    again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+    is not re-priced: reissue is ignored and its lines go on the next one.
     """
     GetCustomerUsage: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]
     """A customer's usage and its price so far in the current period of its
@@ -79,7 +82,10 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     """Newest period first."""
     VoidInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
     """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-    asked, issues a corrected invoice for its period.
+    asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+    voided invoice carried go on the subscription's next finalized invoice
+    again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+    is not re-priced: reissue is ignored and its lines go on the next one.
     """
     GetCustomerUsage: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]  # type: ignore[assignment]
     """A customer's usage and its price so far in the current period of its
@@ -135,7 +141,10 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_invoice_pb2.Invoice, _abc.Awaitable[_invoice_pb2.Invoice]]:
         """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-        asked, issues a corrected invoice for its period.
+        asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+        voided invoice carried go on the subscription's next finalized invoice
+        again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+        is not re-priced: reissue is ignored and its lines go on the next one.
         """
 
     @_abc_1.abstractmethod
