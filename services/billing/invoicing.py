@@ -485,7 +485,15 @@ class Invoicing:
         stopped = False
         for number, batch in enumerate(batches):
             built, held = await self._bill_batch(
-                tenant_id, batch, to_build, due, ids, retried, now, streams
+                tenant_id,
+                batch,
+                to_build,
+                due,
+                ids,
+                retried,
+                now,
+                streams,
+                late.closed_by(as_of, self._backdate, self._grace),
             )
             touched += built
             failures += held
@@ -601,10 +609,14 @@ class Invoicing:
         retried: set[tuple[str, datetime]],
         now: datetime,
         streams: UsageStreams,
+        closed_by: datetime,
     ) -> tuple[list[str], list[PeriodFailure]]:
         """Prices one batch (in period order), inserts the drafts it builds,
         finalizes the due ones, records the failures and forgets those that
-        succeeded now. Returns (invoice ids touched, failures)."""
+        succeeded now. A period that ended by `closed_by` is finalized on
+        usage no event can change any more: it is recorded checked for late
+        usage as it is finalized, never re-priced. Returns (invoice ids
+        touched, failures)."""
         drafts, held = await self._price(tenant_id, batch, streams=streams)
         contents: dict[tuple[str, datetime], dict[str, Any]] = {}
         for n, (key, draft) in enumerate(drafts.items()):
@@ -632,6 +644,7 @@ class Invoicing:
             [(ids[p.key], contents[p.key]) for p in finalizing if p.key in ids],
             now,
             _attach_late,
+            complete=[ids[p.key] for p in finalizing if p.key in ids and p.end <= closed_by],
         )
         touched += [invoice_id for invoice_id, _ in finalized]
         metrics.INVOICES.labels(action="finalized").inc(len(finalized))

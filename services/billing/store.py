@@ -669,20 +669,24 @@ class BillingStore:
         drafts: Sequence[tuple[str, dict[str, Any]]],
         now: datetime,
         attach: Attach | None = None,
+        *,
+        complete: Sequence[str] = (),
     ) -> list[tuple[str, str]]:
         """Finalizes the given (invoice id, draft) invoices that are still
         drafts, with the draft's lines and totals, in one transaction: each
         takes the tenant's next invoice number (gapless, in period order).
         Given `attach`, the LATE_USAGE lines waiting for each subscription go
         on its first invoice finalized here, and are marked billed by it, in
-        the same transaction (so once, whoever finalizes). Returns (invoice
-        id, number) for each one this call finalized; an invoice that another
-        run finalized meanwhile is left alone."""
+        the same transaction (so once, whoever finalizes). The periods of the
+        invoices `complete` (priced after their backdating window closed) are
+        recorded checked for late usage, with no line, in it too. Returns
+        (invoice id, number) for each one this call finalized; an invoice
+        that another run finalized meanwhile is left alone."""
         if not drafts:
             return []
         for attempt in range(_DEADLOCK_ATTEMPTS):
             try:
-                return await self._finalize_drafts(tenant_id, drafts, now, attach)
+                return await self._finalize_drafts(tenant_id, drafts, now, attach, complete)
             except asyncpg.DeadlockDetectedError:
                 # (Another run's draft inserts of the same periods, say: the
                 # transaction was undone whole, so it is simply tried again.)
@@ -696,6 +700,7 @@ class BillingStore:
         drafts: Sequence[tuple[str, dict[str, Any]]],
         now: datetime,
         attach: Attach | None,
+        complete: Sequence[str],
     ) -> list[tuple[str, str]]:
         async with self.pool.acquire() as conn, conn.transaction():
             # Row locks in one order (period, id), so concurrent runs queue, not deadlock;
@@ -736,6 +741,17 @@ class BillingStore:
                 [d["subtotal_minor"] for d in chosen],
                 [d["total_minor"] for d in chosen],
             )
+            wanted = set(complete)
+            if done := [invoice_id for invoice_id in ids if invoice_id in wanted]:
+                await conn.execute(
+                    "INSERT INTO billing.late_usage_checks (tenant_id, subscription_id,"
+                    " period_start, period_end, invoice_id, checked_at)"
+                    " SELECT tenant_id, subscription_id, period_start, period_end, id, $2"
+                    " FROM billing.invoices WHERE id = ANY($1::uuid[])"
+                    " ORDER BY subscription_id, period_start ON CONFLICT DO NOTHING",
+                    done,
+                    now,
+                )
         return list(zip(ids, numbers, strict=True))
 
     # Late usage (migration 0012).
