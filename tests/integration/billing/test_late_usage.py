@@ -244,3 +244,19 @@ async def test_a_period_finalized_after_its_window_closed_is_never_re_priced(
     before = sum(billing.meters.calls.values())
     await cycle.run_cycle(t, at, at)
     assert sum(billing.meters.calls.values()) == before  # nothing was priced again
+
+
+async def test_usage_that_went_down_is_credited_on_the_next_invoice(billing: Billing) -> None:
+    cycle = _invoicing(billing)
+    tenant = await tenant_with(billing, interval=DAY, start=MAY1, now=MAY1, prices=[TIERS])
+    t = tenant.id
+    billing.meters.add(t, "calls", "c1", MAY1 + H, 12)  # 10 × 1.00 + 2 × 0.50 = 11.00
+    at = MAY1 + D + 2 * H
+    await cycle.run_cycle(t, at, at)
+    billing.meters.add(t, "calls", "c1", MAY1 + 2 * H, -5)  # a late correction: 7 calls, 7.00
+    at = MAY1 + 3 * D + 2 * H
+    await cycle.run_cycle(t, at, at)
+    ((carrier, line),) = _late_lines(await invoices_of(billing, t))
+    assert line["amount_minor"] == -400
+    assert line["description"].endswith(": calls-meter 12 → 7")
+    assert (await billing.store.get_invoice(t, carrier)).total_minor == -400  # May 2 had none
