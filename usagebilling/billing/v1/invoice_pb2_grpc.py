@@ -85,7 +85,11 @@ class InvoiceServiceServicer:
         subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
         while more_pending is true. A period that cannot be priced is held (no
         invoice, not even its fixed fee: an invoice without the line would
-        underbill) and listed in failures; the call still answers OK.
+        underbill) and listed in failures; the call still answers OK. It also
+        re-prices, once, each finalized period whose backdating window has
+        closed by as_of, and bills any difference on the next invoice it
+        finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+        subscription's invoice of late usage only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,11 @@ class InvoiceServiceStub:
     subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
     while more_pending is true. A period that cannot be priced is held (no
     invoice, not even its fixed fee: an invoice without the line would
-    underbill) and listed in failures; the call still answers OK.
+    underbill) and listed in failures; the call still answers OK. It also
+    re-prices, once, each finalized period whose backdating window has
+    closed by as_of, and bills any difference on the next invoice it
+    finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+    subscription's invoice of late usage only.
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]
     """Returns one invoice."""
@@ -74,7 +78,11 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
     while more_pending is true. A period that cannot be priced is held (no
     invoice, not even its fixed fee: an invoice without the line would
-    underbill) and listed in failures; the call still answers OK.
+    underbill) and listed in failures; the call still answers OK. It also
+    re-prices, once, each finalized period whose backdating window has
+    closed by as_of, and bills any difference on the next invoice it
+    finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+    subscription's invoice of late usage only.
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
     """Returns one invoice."""
@@ -115,7 +123,11 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
         while more_pending is true. A period that cannot be priced is held (no
         invoice, not even its fixed fee: an invoice without the line would
-        underbill) and listed in failures; the call still answers OK.
+        underbill) and listed in failures; the call still answers OK. It also
+        re-prices, once, each finalized period whose backdating window has
+        closed by as_of, and bills any difference on the next invoice it
+        finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+        subscription's invoice of late usage only.
         """
 
     @_abc_1.abstractmethod
