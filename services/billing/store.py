@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from services.billing.domain import late
 from services.common.errors import AlreadyExists, NotFound
 from services.common.ids import is_uuid, parse_uuid
 
@@ -726,6 +727,7 @@ class BillingStore:
             ids = [str(r["id"]) for r in locked]
             numbers = [f"INV-{last - len(ids) + 1 + i:06d}" for i in range(len(ids))]
             if attach is not None:
+                await _reissued_late(conn, tenant_id, ids, content, attach)
                 await _attach_late(conn, tenant_id, locked, content, attach)
             chosen = [content[invoice_id] for invoice_id in ids]
             await conn.execute(
@@ -1024,6 +1026,49 @@ class BillingStore:
                         "SELECT pg_advisory_unlock(hashtext('billing:cycle'), hashtext($1))",
                         tenant_id,
                     )
+
+
+async def _reissued_late(
+    conn: Any,
+    tenant_id: str,
+    ids: Sequence[str],
+    content: dict[str, dict[str, Any]],
+    attach: Attach,
+) -> None:
+    """In the finalizing transaction, for drafts that reissue a period whose
+    late usage was found (a voided invoice's correction, priced in full): a
+    LATE_USAGE line already billed on a live invoice is taken back on the
+    reissue (late.taken_back); one still waiting is dropped (the reissue
+    bills that usage itself). Either way the period's late usage is billed
+    once. Before `_attach_late`, which then no longer sees a dropped line."""
+    rows = await conn.fetch(
+        "SELECT i.id AS draft_id, c.subscription_id, c.period_start, c.line,"
+        " c.billed_on_invoice_id, b.number AS carrier_number"
+        " FROM billing.invoices i JOIN billing.late_usage_checks c"
+        " ON c.subscription_id = i.subscription_id AND c.period_start = i.period_start"
+        " LEFT JOIN billing.invoices b ON b.id = c.billed_on_invoice_id"
+        " WHERE i.tenant_id = $1 AND i.id = ANY($2::uuid[]) AND c.line IS NOT NULL"
+        " ORDER BY c.subscription_id, c.period_start FOR UPDATE OF c",
+        tenant_id,
+        list(ids),
+    )
+    dropped = []
+    for r in rows:
+        if r["billed_on_invoice_id"] is None:
+            dropped.append(r)
+        else:
+            draft_id = str(r["draft_id"])
+            content[draft_id] = attach(
+                content[draft_id], [late.taken_back(r["line"], r["carrier_number"])]
+            )
+    if dropped:
+        await conn.execute(
+            "UPDATE billing.late_usage_checks c SET line = NULL, amount_minor = 0"
+            " FROM unnest($1::uuid[], $2::timestamptz[]) AS k(subscription_id, period_start)"
+            " WHERE c.subscription_id = k.subscription_id AND c.period_start = k.period_start",
+            [r["subscription_id"] for r in dropped],
+            [r["period_start"] for r in dropped],
+        )
 
 
 async def _attach_late(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
 from services.billing.domain.invoice import (
     LATE_USAGE,
@@ -110,6 +111,22 @@ def late_usage_line(billed: Billed, repriced: InvoiceDraft) -> InvoiceLine | Non
             meters=tuple(changes),
         ),
     )
+
+
+def taken_back(line: dict[str, Any], carrier_number: str) -> dict[str, Any]:
+    """For the reissue of a period whose LATE_USAGE line (JSON, as stored) is
+    already billed on invoice `carrier_number`: the same line negated. The
+    reissue prices the period in full, late usage included, so without it the
+    late usage would be billed twice (once on the carrier, once here)."""
+    amount = -int(line["amount_minor"])
+    return line | {
+        "description": (
+            f"Late usage of this period already billed on invoice {carrier_number},"
+            f" taken back: {line['description']}"
+        ),
+        "unit_price": plain(-Decimal(line["unit_price"])),
+        "amount_minor": amount,
+    }
 
 
 def _money(minor: int, currency: str) -> str:

@@ -260,3 +260,58 @@ async def test_usage_that_went_down_is_credited_on_the_next_invoice(billing: Bil
     assert line["amount_minor"] == -400
     assert line["description"].endswith(": calls-meter 12 → 7")
     assert (await billing.store.get_invoice(t, carrier)).total_minor == -400  # May 2 had none
+
+
+async def test_a_period_reissued_after_its_late_usage_was_billed_takes_it_back(
+    billing: Billing,
+) -> None:
+    """May 1's late 4.00 is billed on May 3's invoice; then May 1 is voided and
+    reissued, priced in full (14 calls: 12.00): the reissue takes the 4.00
+    back, so May 1 costs 12.00 in all, not 16.00."""
+    cycle = _invoicing(billing)
+    t, subscription_id, may1 = await _may1_billed_8_calls(billing, cycle)
+    at = MAY1 + 3 * D + 2 * H
+    await cycle.run_cycle(t, at, at)
+    ((carrier, _),) = _late_lines(await invoices_of(billing, t))
+    voided = await cycle.void(t, may1, reissue=True, now=at)
+    await cycle.run_cycle(t, at, at)
+    reissued = await billing.store.get_invoice(t, voided.replaced_by_id)
+    assert reissued.status == "FINALIZED"
+    usage, back = reissued.lines
+    carrier_number = (await billing.store.get_invoice(t, carrier)).number
+    assert (usage["amount_minor"], back["kind"], back["amount_minor"]) == (1200, "late_usage", -400)
+    assert back["description"].startswith(
+        f"Late usage of this period already billed on invoice {carrier_number}, taken back: "
+    )
+    assert reissued.total_minor == 800
+    live = [i for i in await invoices_of(billing, t) if i.status != "VOID"]
+    assert sum(line["amount_minor"] for _, line in _late_lines(live)) == 0
+    # Reissued again: taken back again, once.
+    again = await cycle.void(t, reissued.id, reissue=True, now=at)
+    await cycle.run_cycle(t, at, at)
+    assert (await billing.store.get_invoice(t, again.replaced_by_id)).total_minor == 800
+    (check, *_) = await billing.store.late_checks(t, subscription_id)
+    assert str(check["billed_on_invoice_id"]) == carrier
+
+
+async def test_a_period_reissued_while_its_late_usage_waits_drops_it(billing: Billing) -> None:
+    """The invoice that carried May 1's late 4.00 is voided (the line waits
+    again), then May 1 itself is voided and reissued in full: the waiting
+    line is dropped, so no later invoice bills the 4.00 again."""
+    cycle = _invoicing(billing)
+    t, subscription_id, may1 = await _may1_billed_8_calls(billing, cycle)
+    at = MAY1 + 3 * D + 2 * H
+    await cycle.run_cycle(t, at, at)
+    ((carrier, _),) = _late_lines(await invoices_of(billing, t))
+    await cycle.void(t, carrier, reissue=False, now=at)
+    voided = await cycle.void(t, may1, reissue=True, now=at)
+    for _ in range(3):
+        await cycle.run_cycle(t, at, at)
+        at += D
+    reissued = await billing.store.get_invoice(t, voided.replaced_by_id)
+    assert (reissued.status, reissued.total_minor) == ("FINALIZED", 1200)
+    assert [line["kind"] for line in reissued.lines] == ["usage"]
+    live = [i for i in await invoices_of(billing, t) if i.status != "VOID"]
+    assert [line for _, line in _late_lines(live) if line["amount_minor"] == 400] == []
+    (check, *_) = await billing.store.late_checks(t, subscription_id)
+    assert (check["line"], check["billed_on_invoice_id"]) == (None, None)

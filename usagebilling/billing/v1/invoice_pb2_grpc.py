@@ -115,6 +115,9 @@ class InvoiceServiceServicer:
         voided invoice carried go on the subscription's next finalized invoice
         again (the reissued one, when asked); an invoice of LATE_USAGE lines only
         is not re-priced: reissue is ignored and its lines go on the next one.
+        A reissue prices its period in full, late usage included: that period's
+        own LATE_USAGE line is dropped if still waiting, or taken back on the
+        reissue (negated) if already billed on a live invoice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

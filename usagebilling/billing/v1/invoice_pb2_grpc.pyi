@@ -58,6 +58,9 @@ class InvoiceServiceStub:
     voided invoice carried go on the subscription's next finalized invoice
     again (the reissued one, when asked); an invoice of LATE_USAGE lines only
     is not re-priced: reissue is ignored and its lines go on the next one.
+    A reissue prices its period in full, late usage included: that period's
+    own LATE_USAGE line is dropped if still waiting, or taken back on the
+    reissue (negated) if already billed on a live invoice.
     """
     GetCustomerUsage: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]
     """A customer's usage and its price so far in the current period of its
@@ -94,6 +97,9 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     voided invoice carried go on the subscription's next finalized invoice
     again (the reissued one, when asked); an invoice of LATE_USAGE lines only
     is not re-priced: reissue is ignored and its lines go on the next one.
+    A reissue prices its period in full, late usage included: that period's
+    own LATE_USAGE line is dropped if still waiting, or taken back on the
+    reissue (negated) if already billed on a live invoice.
     """
     GetCustomerUsage: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]  # type: ignore[assignment]
     """A customer's usage and its price so far in the current period of its
@@ -157,6 +163,9 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         voided invoice carried go on the subscription's next finalized invoice
         again (the reissued one, when asked); an invoice of LATE_USAGE lines only
         is not re-priced: reissue is ignored and its lines go on the next one.
+        A reissue prices its period in full, late usage included: that period's
+        own LATE_USAGE line is dropped if still waiting, or taken back on the
+        reissue (negated) if already billed on a live invoice.
         """
 
     @_abc_1.abstractmethod
