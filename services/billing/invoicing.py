@@ -416,7 +416,7 @@ class Invoicing:
 
         # First the late usage of periods whose window has closed, so that
         # the drafts finalized below carry it.
-        more = await self._check_late(tenant_id, among, period_of, as_of, now)
+        more = await self._check_late(tenant_id, among, period_of, as_of, now, streams)
 
         # To build: the oldest `limit` new periods of each subscription, and
         # up to `limit` of its failed periods again. Asking for one more tells
@@ -474,13 +474,7 @@ class Invoicing:
         failures: list[PeriodFailure] = []
         # The page's customers' usage of the periods many of them share, in one
         # forward pass over meter's pages per period (see usage.UsageStreams).
-        wanted: dict[UsageKey, set[str]] = defaultdict(set)
-        for p in ordered:
-            customer = p.subscription.customer_external_id
-            for price in p.product.usage_prices:
-                if not price.get("transaction_key"):  # those are read per transaction
-                    wanted[(price["meter_id"], p.start, p.end)].add(customer)
-        await streams.prepare(wanted)
+        await streams.prepare(_wanted(ordered))
         batches = _batches(ordered, calls=BATCH_CALLS, size=BATCH)
         stopped = False
         for number, batch in enumerate(batches):
@@ -511,6 +505,7 @@ class Invoicing:
         period_of: Callable[[str, datetime, datetime], BillablePeriod],
         as_of: datetime,
         now: datetime,
+        streams: UsageStreams,
     ) -> bool:
         """Re-prices, once, the finalized periods of these subscriptions whose
         backdating window has closed by as_of (at most `catchup_periods` of
@@ -537,9 +532,19 @@ class Invoicing:
             (period_of(i.subscription_id, i.period_start, i.period_end) for i in billed.values()),
             key=lambda p: (p.end, p.start, p.subscription.id),
         )
+        if not periods:
+            return more
+        try:
+            # Through the run's streams: a period many of the page's customers
+            # share is read in one forward pass over meter's pages, as the
+            # page's own periods are (prepared after this).
+            await streams.prepare(_wanted(periods))
+        except Exception as exc:  # meter unavailable, say: the next run tries again
+            log.warning("late_usage_not_checked", periods=len(periods), error=repr(exc))
+            return more
         for batch in _batches(periods, calls=BATCH_CALLS, size=BATCH):
             try:
-                drafts, held = await self._price(tenant_id, batch)
+                drafts, held = await self._price(tenant_id, batch, streams=streams)
             except Exception as exc:  # meter unavailable, say: the next run tries again
                 log.warning("late_usage_not_checked", periods=len(batch), error=repr(exc))
                 return more
@@ -913,6 +918,17 @@ def _build(
             convert.commitment_from_json(period.subscription.commitment),
         ),
     )
+
+
+def _wanted(periods: Sequence[BillablePeriod]) -> dict[UsageKey, set[str]]:
+    """The customers of each (meter, period) these periods price."""
+    wanted: dict[UsageKey, set[str]] = defaultdict(set)
+    for p in periods:
+        customer = p.subscription.customer_external_id
+        for price in p.product.usage_prices:
+            if not price.get("transaction_key"):  # those are read per transaction
+                wanted[(price["meter_id"], p.start, p.end)].add(customer)
+    return wanted
 
 
 def _attach_late(content: dict[str, Any], lines: list[dict[str, Any]]) -> dict[str, Any]:

@@ -315,3 +315,44 @@ async def test_a_period_reissued_while_its_late_usage_waits_drops_it(billing: Bi
     assert [line for _, line in _late_lines(live) if line["amount_minor"] == 400] == []
     (check, *_) = await billing.store.late_checks(t, subscription_id)
     assert (check["line"], check["billed_on_invoice_id"]) == (None, None)
+
+
+async def test_many_customers_late_usage_is_read_a_page_at_a_time_and_billed_exactly(
+    billing: Billing,
+) -> None:
+    """Twelve customers share May 1 (more than BULK_MIN_CUSTOMERS): the
+    re-price reads their usage through the run's streams; each of the six
+    with late calls gets its own exact line, the others none."""
+    cycle = _invoicing(billing)
+    customers = [f"c{i:02}" for i in range(12)]
+    tenant = await tenant_with(
+        billing, interval=DAY, start=MAY1, now=MAY1, prices=[TIERS], customers=customers
+    )
+    t = tenant.id
+    for c in customers:
+        billing.meters.add(t, "calls", c, MAY1 + H, 8)
+    at = MAY1 + D + 2 * H
+    await cycle.run_cycle(t, at, at)
+    for n, c in enumerate(customers[:6]):
+        billing.meters.add(t, "calls", c, MAY1 + 5 * H, n + 1)  # late: 9 to 14 calls
+    at = MAY1 + 3 * D + 2 * H
+    pages, singles = billing.meters.calls["consumed_page"], billing.meters.calls["consumed"]
+    await cycle.run_cycle(t, at, at)
+    # May 1 again in pages (and May 3 too); none of the twelve alone.
+    assert billing.meters.calls["consumed_page"] > pages
+    assert billing.meters.calls["consumed"] == singles, billing.meters.calls
+    invoices = await invoices_of(billing, t)
+    by_customer = {s.id: s.customer_external_id for s in tenant.subscriptions}
+    found = {
+        by_customer[i.subscription_id]: line["amount_minor"]
+        for i in invoices
+        for line in i.lines
+        if line["kind"] == "late_usage"
+    }
+    # n + 1 late calls on 8: up to 10 at 1.00, beyond at 0.50.
+    expected = {}
+    for n, c in enumerate(customers[:6]):
+        calls = 8 + n + 1
+        charge = min(calls, 10) * 100 + max(calls - 10, 0) * 50
+        expected[c] = charge - 800
+    assert found == expected
