@@ -79,6 +79,7 @@ def wiring(settings: billing_settings.BillingSettings) -> app.Wire:
             catchup_periods=settings.catchup_periods,
             run_budget=settings.run_budget,
             credits=credits,
+            backdate_window=settings.backdate_window,
         )
         reporter = OpenPeriodsReporter(store, meter_channel, settings.common.service_token)
         scheduler = Scheduler(store, invoicing, settings.scheduler_interval)

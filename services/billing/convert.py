@@ -10,7 +10,15 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.billing.domain.commitments import Commitment
-from services.billing.domain.invoice import InvoiceDraft, InvoiceLine, LineCredits
+from services.billing.domain.invoice import (
+    LATE_USAGE,
+    USAGE,
+    InvoiceDraft,
+    InvoiceLine,
+    LateUsage,
+    LineCredits,
+)
+from services.billing.domain.late import Billed
 from services.billing.domain.periods import Interval
 from services.billing.domain.pricing import (
     PriceModel,
@@ -42,6 +50,7 @@ LINE_KINDS = {
     "usage": invoice_pb2.INVOICE_LINE_KIND_USAGE,
     "maximum_spend": invoice_pb2.INVOICE_LINE_KIND_MAXIMUM_SPEND,
     "minimum_spend": invoice_pb2.INVOICE_LINE_KIND_MINIMUM_SPEND,
+    "late_usage": invoice_pb2.INVOICE_LINE_KIND_LATE_USAGE,
 }
 # protobuf's bound of a Duration (about 10,000 years).
 MAX_DURATION_SECONDS = 315_576_000_000
@@ -266,7 +275,7 @@ def _tier_json(tier: TierCharge) -> dict[str, str]:
     }
 
 
-def _line_json(line: InvoiceLine) -> dict[str, Any]:
+def line_json(line: InvoiceLine) -> dict[str, Any]:
     return {
         "description": line.description,
         "meter_id": line.meter_id,
@@ -279,7 +288,58 @@ def _line_json(line: InvoiceLine) -> dict[str, Any]:
         "tiers": [_tier_json(t) for t in line.tiers],
         "kind": line.kind,
         **({"credits": _credits_json(line.credits)} if line.credits else {}),
+        **({"late_usage": _late_json(line.late_usage)} if line.late_usage else {}),
     }
+
+
+def _late_json(late: LateUsage) -> dict[str, Any]:
+    return {
+        "period_start": late.period_start.isoformat(),
+        "period_end": late.period_end.isoformat(),
+        "invoice_id": late.invoice_id,
+        "invoice_number": late.invoice_number,
+        "billed_total_minor": late.billed_total_minor,
+        "repriced_total_minor": late.repriced_total_minor,
+        "meters": [
+            {
+                "meter_id": m.meter_id,
+                "meter_name": m.meter_name,
+                "billed_quantity": text(m.billed_quantity),
+                "quantity": text(m.quantity),
+            }
+            for m in late.meters
+        ],
+    }
+
+
+def _proto_late(data: dict[str, Any]) -> invoice_pb2.InvoiceLineLateUsage:
+    return invoice_pb2.InvoiceLineLateUsage(
+        period_start=to_timestamp(datetime.fromisoformat(data["period_start"])),
+        period_end=to_timestamp(datetime.fromisoformat(data["period_end"])),
+        invoice_id=data["invoice_id"],
+        invoice_number=data["invoice_number"],
+        billed_total_minor=data["billed_total_minor"],
+        repriced_total_minor=data["repriced_total_minor"],
+        meters=[invoice_pb2.LateUsageMeter(**m) for m in data["meters"]],
+    )
+
+
+def billed(record: InvoiceRecord) -> Billed:
+    """What a stored invoice billed for its own period, for domain.late: its
+    total less the LATE_USAGE lines it carries for earlier periods, and each
+    meter's quantity (the first usage line of each meter)."""
+    quantities: dict[str, tuple[str, str, Decimal]] = {}
+    total = record.total_minor
+    for line in record.lines:
+        if _kind(line) == LATE_USAGE:
+            total -= int(line["amount_minor"])
+        elif _kind(line) == USAGE and line["meter_id"] not in quantities:
+            quantities[line["meter_id"]] = (
+                line["meter_id"],
+                line["meter_name"],
+                Decimal(line["quantity"]),
+            )
+    return Billed(record.id, record.number, total, tuple(quantities.values()))
 
 
 def _credits_json(credits: LineCredits) -> dict[str, Any]:
@@ -315,7 +375,7 @@ def draft_json(draft: InvoiceDraft) -> dict[str, Any]:
         "period_start": draft.period_start,
         "period_end": draft.period_end,
         "currency": draft.currency,
-        "lines": [_line_json(line) for line in draft.lines],
+        "lines": [line_json(line) for line in draft.lines],
         "subtotal_minor": draft.subtotal_minor,
         "total_minor": draft.total_minor,
     }
@@ -336,6 +396,8 @@ def _proto_line(line: dict[str, Any]) -> invoice_pb2.InvoiceLine:
     )
     if line.get("credits"):  # lines stored before the field have none
         message.credits.CopyFrom(_proto_credits(line["credits"]))
+    if line.get("late_usage"):
+        message.late_usage.CopyFrom(_proto_late(line["late_usage"]))
     return message
 
 

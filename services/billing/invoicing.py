@@ -12,21 +12,28 @@ holds one page of subscriptions (SUBSCRIPTION_PAGE, in the bytewise order of
 the customers' external ids) and their usage (usage.UsageStreams). Invoice
 numbers follow the periods within a page; across pages, the customers' order.
 A period that cannot be priced is held (no invoice), recorded once in
-billing.period_failures, reported in the run's answer, and retried on every run."""
+billing.period_failures, reported in the run's answer, and retried on every run.
+
+Late usage (domain/late.py): per page, the finalized periods whose backdating
+window has closed by as_of are re-priced once (by `_price`, as any invoice)
+and recorded checked, with their LATE_USAGE line when the total differs; the
+line goes on the subscription's next invoice finalized (in that transaction),
+or, for a subscription that has ended with nothing left to finalize, on an
+invoice of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
 from services.billing import convert
-from services.billing.domain import commitments
+from services.billing.domain import commitments, late
 from services.billing.domain.invoice import InvoiceDraft, Unpriceable, Usage, build_invoice
 from services.billing.domain.periods import (
     Interval,
@@ -41,6 +48,7 @@ from services.billing.meter_client import PricingMeters
 from services.billing.store import (
     BillingStore,
     InvoiceRecord,
+    LateCheck,
     PeriodFailure,
     ProductRecord,
     SubscriptionRecord,
@@ -97,6 +105,9 @@ PUBLISH_TIMEOUT: Final = 10.0
 # Products remembered for previews and current usage (Invoicing._product);
 # when full, forgotten all at once.
 MAX_REMEMBERED_PRODUCTS: Final = 10_000
+# How far back ingest accepts events unless configured
+# (USAGEBILLING_BACKDATE_WINDOW, read by ingest and billing alike).
+BACKDATE_WINDOW: Final = timedelta(days=35)
 # (subscription id, period start)
 PeriodKey = tuple[str, datetime]
 
@@ -172,6 +183,7 @@ class Invoicing:
         catchup_periods: int = CATCHUP_PERIODS,
         run_budget: timedelta | None = None,
         credits: Any = None,
+        backdate_window: timedelta = BACKDATE_WINDOW,
     ) -> None:
         if catchup_periods < 1:
             raise ValueError("catchup_periods must be at least 1")
@@ -187,6 +199,9 @@ class Invoicing:
         # Credits (services/billing/credits.py): usage they covered is not billed again.
         self._credits = credits
         self._products: dict[tuple[str, str], ProductRecord] = {}
+        # No event older than this reaches meter: a period this far (and the
+        # grace) behind as_of is complete, and checked for late usage.
+        self._backdate = backdate_window
 
     # Pricing periods.
 
@@ -399,6 +414,10 @@ class Invoicing:
             subscription = subscriptions[subscription_id]
             return BillablePeriod(subscription, products[subscription.product_id], start, end)
 
+        # First the late usage of periods whose window has closed, so that
+        # the drafts finalized below carry it.
+        more = await self._check_late(tenant_id, among, period_of, as_of, now, streams)
+
         # To build: the oldest `limit` new periods of each subscription, and
         # up to `limit` of its failed periods again. Asking for one more tells
         # whether any is left.
@@ -455,25 +474,135 @@ class Invoicing:
         failures: list[PeriodFailure] = []
         # The page's customers' usage of the periods many of them share, in one
         # forward pass over meter's pages per period (see usage.UsageStreams).
-        wanted: dict[UsageKey, set[str]] = defaultdict(set)
-        for p in ordered:
-            customer = p.subscription.customer_external_id
-            for price in p.product.usage_prices:
-                if not price.get("transaction_key"):  # those are read per transaction
-                    wanted[(price["meter_id"], p.start, p.end)].add(customer)
-        await streams.prepare(wanted)
+        await streams.prepare(_wanted(ordered))
         batches = _batches(ordered, calls=BATCH_CALLS, size=BATCH)
         stopped = False
         for number, batch in enumerate(batches):
             built, held = await self._bill_batch(
-                tenant_id, batch, to_build, due, ids, retried, now, streams
+                tenant_id,
+                batch,
+                to_build,
+                due,
+                ids,
+                retried,
+                now,
+                streams,
+                late.closed_by(as_of, self._backdate, self._grace),
             )
             touched += built
             failures += held
             if deadline is not None and loop.time() >= deadline and number + 1 < len(batches):
                 more = stopped = True  # the budget is spent: the next run goes on from here
                 break
+        if not stopped:
+            touched += await self._issue_late(tenant_id, state, products, as_of, now)
         return CycleReport(touched, failures, more), stopped
+
+    async def _check_late(
+        self,
+        tenant_id: str,
+        among: list[str],
+        period_of: Callable[[str, datetime, datetime], BillablePeriod],
+        as_of: datetime,
+        now: datetime,
+        streams: UsageStreams,
+    ) -> bool:
+        """Re-prices, once, the finalized periods of these subscriptions whose
+        backdating window has closed by as_of (at most `catchup_periods` of
+        each per run), and records each checked with its LATE_USAGE line, if
+        the total differs from what its invoice billed. Returns whether more
+        are left beyond that bound. A period that cannot be priced now (or
+        whose usage cannot be read) is left unchecked and tried again on the
+        next run, like a held period; it never stops the page's billing."""
+        limit = self._catchup
+        closed_by = late.closed_by(as_of, self._backdate, self._grace)
+        invoices = await self._store.late_candidates(
+            tenant_id, closed_by, among=among, per_subscription=limit + 1
+        )
+        seen: Counter[str] = Counter()
+        billed: dict[PeriodKey, InvoiceRecord] = {}
+        more = False
+        for invoice in invoices:
+            seen[invoice.subscription_id] += 1
+            if seen[invoice.subscription_id] > limit:
+                more = True
+            else:
+                billed[(invoice.subscription_id, invoice.period_start)] = invoice
+        periods = sorted(
+            (period_of(i.subscription_id, i.period_start, i.period_end) for i in billed.values()),
+            key=lambda p: (p.end, p.start, p.subscription.id),
+        )
+        if not periods:
+            return more
+        try:
+            # Through the run's streams: a period many of the page's customers
+            # share is read in one forward pass over meter's pages, as the
+            # page's own periods are (prepared after this).
+            await streams.prepare(_wanted(periods))
+        except Exception as exc:  # meter unavailable, say: the next run tries again
+            log.warning("late_usage_not_checked", periods=len(periods), error=repr(exc))
+            return more
+        for batch in _batches(periods, calls=BATCH_CALLS, size=BATCH):
+            try:
+                drafts, held = await self._price(tenant_id, batch, streams=streams)
+            except Exception as exc:  # meter unavailable, say: the next run tries again
+                log.warning("late_usage_not_checked", periods=len(batch), error=repr(exc))
+                return more
+            checks = []
+            for period in batch:
+                if period.key in held:
+                    log.warning(
+                        "late_usage_not_checked",
+                        subscription_id=period.subscription.id,
+                        period_start=period.start.isoformat(),
+                        reason=held[period.key].reason,
+                    )
+                    continue
+                invoice = billed[period.key]
+                line = late.late_usage_line(convert.billed(invoice), drafts[period.key])
+                checks.append(
+                    LateCheck(
+                        period.subscription.id,
+                        period.start,
+                        period.end,
+                        invoice.id,
+                        None if line is None else convert.line_json(line),
+                    )
+                )
+            recorded = await self._store.record_late_checks(tenant_id, checks, now)
+            found = [c for c in checks if c.line is not None and c.key in recorded]
+            for check in found:
+                assert check.line is not None
+                log.info(
+                    "late_usage_found",
+                    subscription_id=check.subscription_id,
+                    period_start=check.period_start.isoformat(),
+                    invoice_id=check.invoice_id,
+                    amount_minor=check.line["amount_minor"],
+                )
+        return more
+
+    async def _issue_late(
+        self,
+        tenant_id: str,
+        state: Sequence[tuple[SubscriptionRecord, datetime | None]],
+        products: dict[str, ProductRecord],
+        as_of: datetime,
+        now: datetime,
+    ) -> list[str]:
+        """The late usage of the page's subscriptions that have ended, with
+        every period built (none later to carry it), on invoices of their own."""
+        ended = [
+            (s, products[s.product_id].currency)
+            for s, billed_until in state
+            if s.end_time is not None
+            and s.end_time <= as_of
+            and billed_until is not None
+            and billed_until >= s.end_time
+        ]
+        issued = await self._store.issue_late_invoices(tenant_id, ended, now, _attach_late)
+        metrics.INVOICES.labels(action="finalized").inc(len(issued))
+        return issued
 
     async def _bill_batch(
         self,
@@ -485,10 +614,14 @@ class Invoicing:
         retried: set[tuple[str, datetime]],
         now: datetime,
         streams: UsageStreams,
+        closed_by: datetime,
     ) -> tuple[list[str], list[PeriodFailure]]:
         """Prices one batch (in period order), inserts the drafts it builds,
         finalizes the due ones, records the failures and forgets those that
-        succeeded now. Returns (invoice ids touched, failures)."""
+        succeeded now. A period that ended by `closed_by` is finalized on
+        usage no event can change any more: it is recorded checked for late
+        usage as it is finalized, never re-priced. Returns (invoice ids
+        touched, failures)."""
         drafts, held = await self._price(tenant_id, batch, streams=streams)
         contents: dict[tuple[str, datetime], dict[str, Any]] = {}
         for n, (key, draft) in enumerate(drafts.items()):
@@ -512,7 +645,11 @@ class Invoicing:
             # Built by a concurrent run just now: finalize them all the same.
             ids.update(await self._store.draft_ids(tenant_id, missing))
         finalized = await self._store.finalize_drafts(
-            tenant_id, [(ids[p.key], contents[p.key]) for p in finalizing if p.key in ids], now
+            tenant_id,
+            [(ids[p.key], contents[p.key]) for p in finalizing if p.key in ids],
+            now,
+            _attach_late,
+            complete=[ids[p.key] for p in finalizing if p.key in ids and p.end <= closed_by],
         )
         touched += [invoice_id for invoice_id, _ in finalized]
         metrics.INVOICES.labels(action="finalized").inc(len(finalized))
@@ -723,7 +860,9 @@ class Invoicing:
                 f"id: invoice {invoice_id!r} is a draft; only a finalized invoice can be voided"
             )
         replacement = None
-        if reissue and not invoice.replaced_by_id:
+        # An invoice of late-usage lines only (an empty period) is not
+        # re-priced: once void, its lines wait for the next invoice again.
+        if reissue and not invoice.replaced_by_id and invoice.period_end > invoice.period_start:
             subscription = await self._store.get_subscription(tenant_id, invoice.subscription_id)
             product = await self._store.get_product(tenant_id, subscription.product_id)
             period = BillablePeriod(subscription, product, invoice.period_start, invoice.period_end)
@@ -779,6 +918,29 @@ def _build(
             convert.commitment_from_json(period.subscription.commitment),
         ),
     )
+
+
+def _wanted(periods: Sequence[BillablePeriod]) -> dict[UsageKey, set[str]]:
+    """The customers of each (meter, period) these periods price."""
+    wanted: dict[UsageKey, set[str]] = defaultdict(set)
+    for p in periods:
+        customer = p.subscription.customer_external_id
+        for price in p.product.usage_prices:
+            if not price.get("transaction_key"):  # those are read per transaction
+                wanted[(price["meter_id"], p.start, p.end)].add(customer)
+    return wanted
+
+
+def _attach_late(content: dict[str, Any], lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """A draft's content (JSON) with LATE_USAGE lines (JSON) after its own:
+    the totals add their amounts (they are in the same currency: the same
+    subscription's product)."""
+    amount = sum(int(line["amount_minor"]) for line in lines)
+    return content | {
+        "lines": [*content["lines"], *lines],
+        "subtotal_minor": content["subtotal_minor"] + amount,
+        "total_minor": content["total_minor"] + amount,
+    }
 
 
 def _held(period: BillablePeriod, why: str, cause: str) -> PeriodFailure:

@@ -4,7 +4,8 @@ drops the per-event rows a period still to be invoiced needs. Every billing
 replica reports every tenant each REPORT_EVERY (a report is idempotent, and
 cheap next to a cycle): the answer moves only as periods are invoiced, and a
 new subscription that starts in the past is reported within REPORT_EVERY,
-while meter keeps at least the backdating window and a week anyway."""
+while meter keeps at least the backdating window and a week anyway. A
+finalized period stays open until it is checked for late usage."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ REPORT_EVERY = timedelta(minutes=10)
 
 # The start of tenant $1's oldest period not yet invoiced (finalized or voided):
 # a draft, a failed period, or the period after a subscription's last invoice
-# (its start before the first); $2 (now) when there is none.
+# (its start before the first); or finalized but not yet checked for late usage
+# (migration 0012: its re-price reads the usage again); $2 (now) when there is
+# none.
 _OLDEST_OPEN_PERIOD = """
 SELECT least($2::timestamptz,
     (SELECT min(coalesce(done.last_end, s.start_time)) FROM billing.subscriptions s
@@ -35,7 +38,13 @@ SELECT least($2::timestamptz,
      WHERE s.tenant_id = $1
        AND (s.end_time IS NULL OR coalesce(done.last_end, s.start_time) < s.end_time)),
     (SELECT min(period_start) FROM billing.period_failures WHERE tenant_id = $1),
-    (SELECT min(period_start) FROM billing.invoices WHERE tenant_id = $1 AND status = 'DRAFT'))
+    (SELECT min(period_start) FROM billing.invoices WHERE tenant_id = $1 AND status = 'DRAFT'),
+    (SELECT min(i.period_start) FROM billing.invoices i
+     WHERE i.tenant_id = $1 AND i.status = 'FINALIZED' AND i.subscription_id IS NOT NULL
+       AND i.period_end > i.period_start
+       AND NOT EXISTS (SELECT 1 FROM billing.late_usage_checks c
+                       WHERE c.subscription_id = i.subscription_id
+                         AND c.period_start = i.period_start)))
 """
 
 

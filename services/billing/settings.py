@@ -55,7 +55,9 @@ class BillingSettings:
     # Credits' settlement (services/billing/credits.py): how far back each pass
     # reads meter again, how often an account's older days are compared with
     # meter's day totals, and how far back events may be (ingest's
-    # USAGEBILLING_BACKDATE_WINDOW: the same variable, the same default).
+    # USAGEBILLING_BACKDATE_WINDOW: the same variable, the same default). The
+    # billing cycle also re-prices a finalized period once this (and the
+    # invoice grace) has passed since its end, to bill its late usage.
     credits_recheck: timedelta
     credits_reconcile: timedelta
     backdate_window: timedelta

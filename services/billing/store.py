@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from services.billing.domain import late
 from services.common.errors import AlreadyExists, NotFound
 from services.common.ids import is_uuid, parse_uuid
 
@@ -97,6 +98,27 @@ class PeriodFailureRecord:
     first_failed_at: datetime
     last_failed_at: datetime
     attempts: int
+
+
+@dataclass(frozen=True)
+class LateCheck:
+    """One period re-priced after its backdating window closed (migration
+    0012): `line` is its LATE_USAGE line's JSON, None when nothing differed."""
+
+    subscription_id: str
+    period_start: datetime
+    period_end: datetime
+    invoice_id: str  # the invoice compared with
+    line: dict[str, Any] | None
+
+    @property
+    def key(self) -> tuple[str, datetime]:
+        return self.subscription_id, self.period_start
+
+
+# Adds LATE_USAGE lines (JSON) to a draft's content (JSON): the finalizing
+# transaction's hook (see BillingStore.finalize_drafts).
+Attach = Callable[[dict[str, Any], list[dict[str, Any]]], dict[str, Any]]
 
 
 def _failure(r: asyncpg.Record) -> PeriodFailureRecord:
@@ -643,18 +665,29 @@ class BillingStore:
         return [_failure(r) for r in rows]
 
     async def finalize_drafts(
-        self, tenant_id: str, drafts: Sequence[tuple[str, dict[str, Any]]], now: datetime
+        self,
+        tenant_id: str,
+        drafts: Sequence[tuple[str, dict[str, Any]]],
+        now: datetime,
+        attach: Attach | None = None,
+        *,
+        complete: Sequence[str] = (),
     ) -> list[tuple[str, str]]:
         """Finalizes the given (invoice id, draft) invoices that are still
         drafts, with the draft's lines and totals, in one transaction: each
         takes the tenant's next invoice number (gapless, in period order).
-        Returns (invoice id, number) for each one this call finalized; an
-        invoice that another run finalized meanwhile is left alone."""
+        Given `attach`, the LATE_USAGE lines waiting for each subscription go
+        on its first invoice finalized here, and are marked billed by it, in
+        the same transaction (so once, whoever finalizes). The periods of the
+        invoices `complete` (priced after their backdating window closed) are
+        recorded checked for late usage, with no line, in it too. Returns
+        (invoice id, number) for each one this call finalized; an invoice
+        that another run finalized meanwhile is left alone."""
         if not drafts:
             return []
         for attempt in range(_DEADLOCK_ATTEMPTS):
             try:
-                return await self._finalize_drafts(tenant_id, drafts, now)
+                return await self._finalize_drafts(tenant_id, drafts, now, attach, complete)
             except asyncpg.DeadlockDetectedError:
                 # (Another run's draft inserts of the same periods, say: the
                 # transaction was undone whole, so it is simply tried again.)
@@ -663,13 +696,18 @@ class BillingStore:
         raise AssertionError("unreachable")
 
     async def _finalize_drafts(
-        self, tenant_id: str, drafts: Sequence[tuple[str, dict[str, Any]]], now: datetime
+        self,
+        tenant_id: str,
+        drafts: Sequence[tuple[str, dict[str, Any]]],
+        now: datetime,
+        attach: Attach | None,
+        complete: Sequence[str],
     ) -> list[tuple[str, str]]:
         async with self.pool.acquire() as conn, conn.transaction():
             # Row locks in one order (period, id), so concurrent runs queue, not deadlock;
             # a row finalized while we waited no longer matches status = 'DRAFT'.
             locked = await conn.fetch(
-                "SELECT id FROM billing.invoices"
+                "SELECT id, subscription_id FROM billing.invoices"
                 " WHERE tenant_id = $1 AND id = ANY($2::uuid[]) AND status = 'DRAFT'"
                 " ORDER BY period_end, period_start, id FOR UPDATE",
                 tenant_id,
@@ -688,6 +726,9 @@ class BillingStore:
             )
             ids = [str(r["id"]) for r in locked]
             numbers = [f"INV-{last - len(ids) + 1 + i:06d}" for i in range(len(ids))]
+            if attach is not None:
+                await _reissued_late(conn, tenant_id, ids, content, attach)
+                await _attach_late(conn, tenant_id, locked, content, attach)
             chosen = [content[invoice_id] for invoice_id in ids]
             await conn.execute(
                 "UPDATE billing.invoices i SET status = 'FINALIZED', number = u.number,"
@@ -702,7 +743,156 @@ class BillingStore:
                 [d["subtotal_minor"] for d in chosen],
                 [d["total_minor"] for d in chosen],
             )
+            wanted = set(complete)
+            if done := [invoice_id for invoice_id in ids if invoice_id in wanted]:
+                await conn.execute(
+                    "INSERT INTO billing.late_usage_checks (tenant_id, subscription_id,"
+                    " period_start, period_end, invoice_id, checked_at)"
+                    " SELECT tenant_id, subscription_id, period_start, period_end, id, $2"
+                    " FROM billing.invoices WHERE id = ANY($1::uuid[])"
+                    " ORDER BY subscription_id, period_start ON CONFLICT DO NOTHING",
+                    done,
+                    now,
+                )
         return list(zip(ids, numbers, strict=True))
+
+    # Late usage (migration 0012).
+
+    async def late_candidates(
+        self,
+        tenant_id: str,
+        closed_by: datetime,
+        *,
+        among: Sequence[str],
+        per_subscription: int,
+    ) -> list[InvoiceRecord]:
+        """The current (FINALIZED) invoices of the periods of these
+        subscriptions that ended at or before `closed_by` and were never
+        checked for late usage, at most `per_subscription` (the oldest) of
+        each. A period whose invoice is void (or whose correction is still a
+        draft) waits; an invoice of late-usage lines only (an empty period)
+        is none."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM (SELECT i.*, row_number() OVER"
+            "  (PARTITION BY i.subscription_id ORDER BY i.period_start) AS nth"
+            "  FROM billing.invoices i WHERE i.tenant_id = $1"
+            "  AND i.subscription_id = ANY($3::uuid[]) AND i.status = 'FINALIZED'"
+            "  AND i.period_end <= $2 AND i.period_end > i.period_start"
+            "  AND NOT EXISTS (SELECT 1 FROM billing.late_usage_checks c"
+            "   WHERE c.subscription_id = i.subscription_id AND c.period_start = i.period_start)"
+            " ) x WHERE nth <= $4 ORDER BY period_end, period_start, id",
+            tenant_id,
+            closed_by,
+            list(among),
+            per_subscription,
+        )
+        return [_invoice(r) for r in rows]
+
+    async def record_late_checks(
+        self, tenant_id: str, checks: Sequence[LateCheck], now: datetime
+    ) -> set[tuple[str, datetime]]:
+        """Records each period as checked, with its LATE_USAGE line if any,
+        unless it already is (another run checked it first: its result
+        stands). Returns the (subscription id, period start) recorded now."""
+        if not checks:
+            return set()
+        rows = await self.pool.fetch(
+            "INSERT INTO billing.late_usage_checks (tenant_id, subscription_id, period_start,"
+            " period_end, invoice_id, checked_at, line, amount_minor)"
+            " SELECT $1, c.subscription_id, c.period_start, c.period_end, c.invoice_id, $7,"
+            " c.line::jsonb, coalesce((c.line::jsonb ->> 'amount_minor')::bigint, 0)"
+            " FROM unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[], $5::uuid[],"
+            " $6::text[]) AS c(subscription_id, period_start, period_end, invoice_id, line)"
+            " ORDER BY c.subscription_id, c.period_start"
+            " ON CONFLICT DO NOTHING RETURNING subscription_id, period_start",
+            tenant_id,
+            [c.subscription_id for c in checks],
+            [c.period_start for c in checks],
+            [c.period_end for c in checks],
+            [c.invoice_id for c in checks],
+            [None if c.line is None else json.dumps(c.line) for c in checks],
+            now,
+        )
+        return {(str(r["subscription_id"]), r["period_start"]) for r in rows}
+
+    async def issue_late_invoices(
+        self,
+        tenant_id: str,
+        subscriptions: Sequence[tuple[SubscriptionRecord, str]],
+        now: datetime,
+        attach: Attach,
+    ) -> list[str]:
+        """For each (ended subscription, currency) with LATE_USAGE lines
+        waiting and nothing left to finalize (no draft, no failed period), an
+        invoice of its own holding them: FINALIZED now, numbered, its period
+        [now, now). The lines are marked billed by it in the same
+        transaction. Returns the ids of the invoices issued."""
+        if not subscriptions:
+            return []
+        chosen = {s.id: (s, currency) for s, currency in subscriptions}
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT c.subscription_id, c.period_start, c.line FROM billing.late_usage_checks c"
+                " WHERE c.tenant_id = $1 AND c.subscription_id = ANY($2::uuid[])"
+                " AND c.line IS NOT NULL AND c.billed_on_invoice_id IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM billing.invoices i"
+                "  WHERE i.subscription_id = c.subscription_id AND i.status = 'DRAFT')"
+                " AND NOT EXISTS (SELECT 1 FROM billing.period_failures f"
+                "  WHERE f.subscription_id = c.subscription_id)"
+                " ORDER BY c.subscription_id, c.period_start FOR UPDATE OF c",
+                tenant_id,
+                list(chosen),
+            )
+            waiting: dict[str, list[asyncpg.Record]] = {}
+            for r in rows:
+                waiting.setdefault(str(r["subscription_id"]), []).append(r)
+            if not waiting:
+                return []
+            last = await conn.fetchval(
+                "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, $2)"
+                " ON CONFLICT (tenant_id) DO UPDATE"
+                " SET last_number = billing.invoice_numbers.last_number + $2"
+                " RETURNING last_number",
+                tenant_id,
+                len(waiting),
+            )
+            issued = []
+            for n, (subscription_id, checks) in enumerate(waiting.items()):
+                subscription, currency = chosen[subscription_id]
+                content = attach(
+                    {"lines": [], "subtotal_minor": 0, "total_minor": 0},
+                    [r["line"] for r in checks],
+                )
+                new_id = await conn.fetchval(
+                    "INSERT INTO billing.invoices (tenant_id, number, customer_id,"
+                    " subscription_id, period_start, period_end, currency, status, lines,"
+                    " subtotal_minor, total_minor, finalized_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $5, $6, 'FINALIZED', $7, $8, $9, $5)"
+                    " RETURNING id",
+                    tenant_id,
+                    f"INV-{last - len(waiting) + 1 + n:06d}",
+                    parse_uuid(subscription.customer_id, "customer_id"),
+                    parse_uuid(subscription_id, "subscription_id"),
+                    now,
+                    currency,
+                    content["lines"],
+                    content["subtotal_minor"],
+                    content["total_minor"],
+                )
+                await _mark_late_billed(conn, checks, str(new_id))
+                issued.append(str(new_id))
+            return issued
+
+    async def late_checks(self, tenant_id: str, subscription_id: str) -> list[asyncpg.Record]:
+        """A subscription's late-usage checks, oldest period first (for tests
+        and operators)."""
+        rows: list[asyncpg.Record] = await self.pool.fetch(
+            "SELECT * FROM billing.late_usage_checks WHERE tenant_id = $1"
+            " AND subscription_id = $2 ORDER BY period_start",
+            tenant_id,
+            parse_uuid(subscription_id, "subscription_id"),
+        )
+        return rows
 
     async def get_invoice(self, tenant_id: str, invoice_id: str) -> InvoiceRecord:
         return _invoice(await self._by_id("invoices", tenant_id, invoice_id, "id"))
@@ -760,6 +950,13 @@ class BillingStore:
                     " updated_at = now() WHERE id = $1",
                     row["id"],
                     now,
+                )
+                # The late usage it carried is billed again, on the next invoice.
+                await conn.execute(
+                    "UPDATE billing.late_usage_checks SET billed_on_invoice_id = NULL"
+                    " WHERE tenant_id = $1 AND billed_on_invoice_id = $2",
+                    tenant_id,
+                    row["id"],
                 )
             if replacement is not None and row["replaced_by_id"] is None:
                 new_id = await conn.fetchval(
@@ -829,3 +1026,88 @@ class BillingStore:
                         "SELECT pg_advisory_unlock(hashtext('billing:cycle'), hashtext($1))",
                         tenant_id,
                     )
+
+
+async def _reissued_late(
+    conn: Any,
+    tenant_id: str,
+    ids: Sequence[str],
+    content: dict[str, dict[str, Any]],
+    attach: Attach,
+) -> None:
+    """In the finalizing transaction, for drafts that reissue a period whose
+    late usage was found (a voided invoice's correction, priced in full): a
+    LATE_USAGE line already billed on a live invoice is taken back on the
+    reissue (late.taken_back); one still waiting is dropped (the reissue
+    bills that usage itself). Either way the period's late usage is billed
+    once. Before `_attach_late`, which then no longer sees a dropped line."""
+    rows = await conn.fetch(
+        "SELECT i.id AS draft_id, c.subscription_id, c.period_start, c.line,"
+        " c.billed_on_invoice_id, b.number AS carrier_number"
+        " FROM billing.invoices i JOIN billing.late_usage_checks c"
+        " ON c.subscription_id = i.subscription_id AND c.period_start = i.period_start"
+        " LEFT JOIN billing.invoices b ON b.id = c.billed_on_invoice_id"
+        " WHERE i.tenant_id = $1 AND i.id = ANY($2::uuid[]) AND c.line IS NOT NULL"
+        " ORDER BY c.subscription_id, c.period_start FOR UPDATE OF c",
+        tenant_id,
+        list(ids),
+    )
+    dropped = []
+    for r in rows:
+        if r["billed_on_invoice_id"] is None:
+            dropped.append(r)
+        else:
+            draft_id = str(r["draft_id"])
+            content[draft_id] = attach(
+                content[draft_id], [late.taken_back(r["line"], r["carrier_number"])]
+            )
+    if dropped:
+        await conn.execute(
+            "UPDATE billing.late_usage_checks c SET line = NULL, amount_minor = 0"
+            " FROM unnest($1::uuid[], $2::timestamptz[]) AS k(subscription_id, period_start)"
+            " WHERE c.subscription_id = k.subscription_id AND c.period_start = k.period_start",
+            [r["subscription_id"] for r in dropped],
+            [r["period_start"] for r in dropped],
+        )
+
+
+async def _attach_late(
+    conn: Any,
+    tenant_id: str,
+    locked: Sequence[asyncpg.Record],
+    content: dict[str, dict[str, Any]],
+    attach: Attach,
+) -> None:
+    """In the finalizing transaction: puts the LATE_USAGE lines waiting for
+    the subscriptions of the `locked` drafts (in period order) on the first
+    draft of each, in `content`, and marks them billed by it. Their rows are
+    locked, so that two runs finalizing at once bill each line once."""
+    first: dict[str, str] = {}
+    for r in locked:
+        first.setdefault(str(r["subscription_id"]), str(r["id"]))
+    rows = await conn.fetch(
+        "SELECT subscription_id, period_start, line FROM billing.late_usage_checks"
+        " WHERE tenant_id = $1 AND subscription_id = ANY($2::uuid[])"
+        " AND line IS NOT NULL AND billed_on_invoice_id IS NULL"
+        " ORDER BY subscription_id, period_start FOR UPDATE",
+        tenant_id,
+        list(first),
+    )
+    waiting: dict[str, list[asyncpg.Record]] = {}
+    for r in rows:
+        waiting.setdefault(str(r["subscription_id"]), []).append(r)
+    for subscription_id, checks in waiting.items():
+        invoice_id = first[subscription_id]
+        content[invoice_id] = attach(content[invoice_id], [r["line"] for r in checks])
+        await _mark_late_billed(conn, checks, invoice_id)
+
+
+async def _mark_late_billed(conn: Any, checks: Sequence[asyncpg.Record], invoice_id: str) -> None:
+    await conn.execute(
+        "UPDATE billing.late_usage_checks c SET billed_on_invoice_id = $3"
+        " FROM unnest($1::uuid[], $2::timestamptz[]) AS k(subscription_id, period_start)"
+        " WHERE c.subscription_id = k.subscription_id AND c.period_start = k.period_start",
+        [r["subscription_id"] for r in checks],
+        [r["period_start"] for r in checks],
+        parse_uuid(invoice_id, "id"),
+    )

@@ -35,6 +35,7 @@ FIXED_FEE: Final = "fixed_fee"
 USAGE: Final = "usage"
 MAXIMUM_SPEND: Final = "maximum_spend"  # the cap: a negative line
 MINIMUM_SPEND: Final = "minimum_spend"  # the true-up of a shortfall
+LATE_USAGE: Final = "late_usage"  # an earlier period re-priced (domain/late.py)
 # Decimal places a proration ratio is shown with (the amount uses it exactly).
 RATIO_PLACES: Final = 4
 # A usage entry: (price, meter name, consumed), where consumed is each
@@ -76,6 +77,30 @@ class LineCredits:
 
 
 @dataclass(frozen=True)
+class MeterChange:
+    """One meter's quantity in a period as billed and as re-priced."""
+
+    meter_id: str
+    meter_name: str
+    billed_quantity: Decimal
+    quantity: Decimal
+
+
+@dataclass(frozen=True)
+class LateUsage:
+    """What a LATE_USAGE line corrects (InvoiceLineLateUsage on the wire): the
+    period, its invoice, the totals in minor units, the meters that changed."""
+
+    period_start: datetime
+    period_end: datetime
+    invoice_id: str
+    invoice_number: str
+    billed_total_minor: int
+    repriced_total_minor: int
+    meters: tuple[MeterChange, ...]
+
+
+@dataclass(frozen=True)
 class InvoiceLine:
     description: str
     meter_id: str  # empty on the fixed-fee line
@@ -88,6 +113,7 @@ class InvoiceLine:
     tiers: tuple[TierCharge, ...]
     kind: str = USAGE
     credits: LineCredits | None = None  # a usage line whose price draws credits
+    late_usage: LateUsage | None = None  # a LATE_USAGE line
 
 
 @dataclass(frozen=True)

@@ -26,51 +26,55 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from usagebilling.billing.v1 import credit_pb2 as usagebilling_dot_billing_dot_v1_dot_credit__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%usagebilling/billing/v1/invoice.proto\x12\x17usagebilling.billing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$usagebilling/billing/v1/credit.proto\"j\n\x0fInvoiceLineTier\x12\r\n\x05up_to\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\t\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x12\n\nflat_price\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\t\"\xa3\x02\n\x12InvoiceLineCredits\x12\x16\n\x0e\x63redit_type_id\x18\x01 \x01(\t\x12\x18\n\x10\x63redit_type_name\x18\x02 \x01(\t\x12\x13\n\x0b\x63redit_rate\x18\x03 \x01(\t\x12\x15\n\rcredits_drawn\x18\x04 \x01(\t\x12\x18\n\x10quantity_covered\x18\x05 \x01(\t\x12\x18\n\x10overage_quantity\x18\x06 \x01(\t\x12:\n\x0coverage_rule\x18\x07 \x01(\x0e\x32$.usagebilling.billing.v1.OverageRule\x12!\n\x19\x62illable_overage_quantity\x18\x08 \x01(\t\x12\x1c\n\x14overage_amount_minor\x18\t \x01(\x03\"\xe5\x02\n\x0bInvoiceLine\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x10\n\x08meter_id\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\t\x12\x15\n\rfree_quantity\x18\x04 \x01(\t\x12\x19\n\x11\x62illable_quantity\x18\x05 \x01(\t\x12\x12\n\nunit_price\x18\x06 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x07 \x01(\x03\x12\x12\n\nmeter_name\x18\x08 \x01(\t\x12\x37\n\x05tiers\x18\t \x03(\x0b\x32(.usagebilling.billing.v1.InvoiceLineTier\x12\x36\n\x04kind\x18\n \x01(\x0e\x32(.usagebilling.billing.v1.InvoiceLineKind\x12<\n\x07\x63redits\x18\x0b \x01(\x0b\x32+.usagebilling.billing.v1.InvoiceLineCredits\"\x80\x04\n\x07Invoice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x04 \x01(\t\x12\x30\n\x0cperiod_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x36\n\x06status\x18\x08 \x01(\x0e\x32&.usagebilling.billing.v1.InvoiceStatus\x12\x33\n\x05lines\x18\t \x03(\x0b\x32$.usagebilling.billing.v1.InvoiceLine\x12\x16\n\x0esubtotal_minor\x18\n \x01(\x03\x12\x13\n\x0btotal_minor\x18\x0b \x01(\x03\x12\x31\n\rfinalize_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tvoid_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13replaces_invoice_id\x18\x0e \x01(\t\x12\x1e\n\x16replaced_by_invoice_id\x18\x0f \x01(\t\"0\n\x15PreviewInvoiceRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"C\n\x16RunBillingCycleRequest\x12)\n\x05\x61s_of\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x17RunBillingCycleResponse\x12\x13\n\x0binvoice_ids\x18\x01 \x03(\t\x12\x39\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\'.usagebilling.billing.v1.BillingFailure\x12\x14\n\x0cmore_pending\x18\x03 \x01(\x08\"\x9b\x01\n\x0e\x42illingFailure\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x1f\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"j\n\x13ListInvoicesRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"c\n\x14ListInvoicesResponse\x12\x32\n\x08invoices\x18\x01 \x03(\x0b\x32 .usagebilling.billing.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x12VoidInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07reissue\x18\x02 \x01(\x08\"C\n\x17GetCustomerUsageRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x02 \x01(\t\"|\n\nMeterUsage\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x12\n\nmeter_name\x18\x02 \x01(\t\x12\x10\n\x08\x63onsumed\x18\x03 \x01(\t\x12\x0c\n\x04\x66ree\x18\x04 \x01(\t\x12\x12\n\nchargeable\x18\x05 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x06 \x01(\x03\"\xf1\x01\n\x18GetCustomerUsageResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x33\n\x06usages\x18\x06 \x03(\x0b\x32#.usagebilling.billing.v1.MeterUsage\"X\n\x10InvoiceFinalized\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\x07invoice\x18\x02 \x01(\x0b\x32 .usagebilling.billing.v1.Invoice\"U\n\rInvoiceVoided\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\x07invoice\x18\x02 \x01(\x0b\x32 .usagebilling.billing.v1.Invoice*\x80\x01\n\rInvoiceStatus\x12\x1e\n\x1aINVOICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INVOICE_STATUS_DRAFT\x10\x01\x12\x1c\n\x18INVOICE_STATUS_FINALIZED\x10\x02\x12\x17\n\x13INVOICE_STATUS_VOID\x10\x03*\xbc\x01\n\x0fInvoiceLineKind\x12!\n\x1dINVOICE_LINE_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINVOICE_LINE_KIND_FIXED_FEE\x10\x01\x12\x1b\n\x17INVOICE_LINE_KIND_USAGE\x10\x02\x12#\n\x1fINVOICE_LINE_KIND_MAXIMUM_SPEND\x10\x03\x12#\n\x1fINVOICE_LINE_KIND_MINIMUM_SPEND\x10\x04\x32\x8a\x05\n\x0eInvoiceService\x12\x62\n\x0ePreviewInvoice\x12..usagebilling.billing.v1.PreviewInvoiceRequest\x1a .usagebilling.billing.v1.Invoice\x12t\n\x0fRunBillingCycle\x12/.usagebilling.billing.v1.RunBillingCycleRequest\x1a\x30.usagebilling.billing.v1.RunBillingCycleResponse\x12Z\n\nGetInvoice\x12*.usagebilling.billing.v1.GetInvoiceRequest\x1a .usagebilling.billing.v1.Invoice\x12k\n\x0cListInvoices\x12,.usagebilling.billing.v1.ListInvoicesRequest\x1a-.usagebilling.billing.v1.ListInvoicesResponse\x12\\\n\x0bVoidInvoice\x12+.usagebilling.billing.v1.VoidInvoiceRequest\x1a .usagebilling.billing.v1.Invoice\x12w\n\x10GetCustomerUsage\x12\x30.usagebilling.billing.v1.GetCustomerUsageRequest\x1a\x31.usagebilling.billing.v1.GetCustomerUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%usagebilling/billing/v1/invoice.proto\x12\x17usagebilling.billing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$usagebilling/billing/v1/credit.proto\"j\n\x0fInvoiceLineTier\x12\r\n\x05up_to\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\t\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x12\n\nflat_price\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\t\"\xa3\x02\n\x12InvoiceLineCredits\x12\x16\n\x0e\x63redit_type_id\x18\x01 \x01(\t\x12\x18\n\x10\x63redit_type_name\x18\x02 \x01(\t\x12\x13\n\x0b\x63redit_rate\x18\x03 \x01(\t\x12\x15\n\rcredits_drawn\x18\x04 \x01(\t\x12\x18\n\x10quantity_covered\x18\x05 \x01(\t\x12\x18\n\x10overage_quantity\x18\x06 \x01(\t\x12:\n\x0coverage_rule\x18\x07 \x01(\x0e\x32$.usagebilling.billing.v1.OverageRule\x12!\n\x19\x62illable_overage_quantity\x18\x08 \x01(\t\x12\x1c\n\x14overage_amount_minor\x18\t \x01(\x03\"a\n\x0eLateUsageMeter\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x12\n\nmeter_name\x18\x02 \x01(\t\x12\x17\n\x0f\x62illed_quantity\x18\x03 \x01(\t\x12\x10\n\x08quantity\x18\x04 \x01(\t\"\x97\x02\n\x14InvoiceLineLateUsage\x12\x30\n\x0cperiod_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ninvoice_id\x18\x03 \x01(\t\x12\x16\n\x0einvoice_number\x18\x04 \x01(\t\x12\x1a\n\x12\x62illed_total_minor\x18\x05 \x01(\x03\x12\x1c\n\x14repriced_total_minor\x18\x06 \x01(\x03\x12\x37\n\x06meters\x18\x07 \x03(\x0b\x32\'.usagebilling.billing.v1.LateUsageMeter\"\xa8\x03\n\x0bInvoiceLine\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x10\n\x08meter_id\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\t\x12\x15\n\rfree_quantity\x18\x04 \x01(\t\x12\x19\n\x11\x62illable_quantity\x18\x05 \x01(\t\x12\x12\n\nunit_price\x18\x06 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x07 \x01(\x03\x12\x12\n\nmeter_name\x18\x08 \x01(\t\x12\x37\n\x05tiers\x18\t \x03(\x0b\x32(.usagebilling.billing.v1.InvoiceLineTier\x12\x36\n\x04kind\x18\n \x01(\x0e\x32(.usagebilling.billing.v1.InvoiceLineKind\x12<\n\x07\x63redits\x18\x0b \x01(\x0b\x32+.usagebilling.billing.v1.InvoiceLineCredits\x12\x41\n\nlate_usage\x18\x0c \x01(\x0b\x32-.usagebilling.billing.v1.InvoiceLineLateUsage\"\x80\x04\n\x07Invoice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x04 \x01(\t\x12\x30\n\x0cperiod_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x36\n\x06status\x18\x08 \x01(\x0e\x32&.usagebilling.billing.v1.InvoiceStatus\x12\x33\n\x05lines\x18\t \x03(\x0b\x32$.usagebilling.billing.v1.InvoiceLine\x12\x16\n\x0esubtotal_minor\x18\n \x01(\x03\x12\x13\n\x0btotal_minor\x18\x0b \x01(\x03\x12\x31\n\rfinalize_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tvoid_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13replaces_invoice_id\x18\x0e \x01(\t\x12\x1e\n\x16replaced_by_invoice_id\x18\x0f \x01(\t\"0\n\x15PreviewInvoiceRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"C\n\x16RunBillingCycleRequest\x12)\n\x05\x61s_of\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x17RunBillingCycleResponse\x12\x13\n\x0binvoice_ids\x18\x01 \x03(\t\x12\x39\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\'.usagebilling.billing.v1.BillingFailure\x12\x14\n\x0cmore_pending\x18\x03 \x01(\x08\"\x9b\x01\n\x0e\x42illingFailure\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x1f\n\x11GetInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"j\n\x13ListInvoicesRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"c\n\x14ListInvoicesResponse\x12\x32\n\x08invoices\x18\x01 \x03(\x0b\x32 .usagebilling.billing.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x12VoidInvoiceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07reissue\x18\x02 \x01(\x08\"C\n\x17GetCustomerUsageRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65xternal_id\x18\x02 \x01(\t\"|\n\nMeterUsage\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x12\n\nmeter_name\x18\x02 \x01(\t\x12\x10\n\x08\x63onsumed\x18\x03 \x01(\t\x12\x0c\n\x04\x66ree\x18\x04 \x01(\t\x12\x12\n\nchargeable\x18\x05 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x06 \x01(\x03\"\xf1\x01\n\x18GetCustomerUsageResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0fsubscription_id\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x33\n\x06usages\x18\x06 \x03(\x0b\x32#.usagebilling.billing.v1.MeterUsage\"X\n\x10InvoiceFinalized\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\x07invoice\x18\x02 \x01(\x0b\x32 .usagebilling.billing.v1.Invoice\"U\n\rInvoiceVoided\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x31\n\x07invoice\x18\x02 \x01(\x0b\x32 .usagebilling.billing.v1.Invoice*\x80\x01\n\rInvoiceStatus\x12\x1e\n\x1aINVOICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INVOICE_STATUS_DRAFT\x10\x01\x12\x1c\n\x18INVOICE_STATUS_FINALIZED\x10\x02\x12\x17\n\x13INVOICE_STATUS_VOID\x10\x03*\xde\x01\n\x0fInvoiceLineKind\x12!\n\x1dINVOICE_LINE_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINVOICE_LINE_KIND_FIXED_FEE\x10\x01\x12\x1b\n\x17INVOICE_LINE_KIND_USAGE\x10\x02\x12#\n\x1fINVOICE_LINE_KIND_MAXIMUM_SPEND\x10\x03\x12#\n\x1fINVOICE_LINE_KIND_MINIMUM_SPEND\x10\x04\x12 \n\x1cINVOICE_LINE_KIND_LATE_USAGE\x10\x05\x32\x8a\x05\n\x0eInvoiceService\x12\x62\n\x0ePreviewInvoice\x12..usagebilling.billing.v1.PreviewInvoiceRequest\x1a .usagebilling.billing.v1.Invoice\x12t\n\x0fRunBillingCycle\x12/.usagebilling.billing.v1.RunBillingCycleRequest\x1a\x30.usagebilling.billing.v1.RunBillingCycleResponse\x12Z\n\nGetInvoice\x12*.usagebilling.billing.v1.GetInvoiceRequest\x1a .usagebilling.billing.v1.Invoice\x12k\n\x0cListInvoices\x12,.usagebilling.billing.v1.ListInvoicesRequest\x1a-.usagebilling.billing.v1.ListInvoicesResponse\x12\\\n\x0bVoidInvoice\x12+.usagebilling.billing.v1.VoidInvoiceRequest\x1a .usagebilling.billing.v1.Invoice\x12w\n\x10GetCustomerUsage\x12\x30.usagebilling.billing.v1.GetCustomerUsageRequest\x1a\x31.usagebilling.billing.v1.GetCustomerUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'usagebilling.billing.v1.invoice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INVOICESTATUS']._serialized_start=2730
-  _globals['_INVOICESTATUS']._serialized_end=2858
-  _globals['_INVOICELINEKIND']._serialized_start=2861
-  _globals['_INVOICELINEKIND']._serialized_end=3049
+  _globals['_INVOICESTATUS']._serialized_start=3178
+  _globals['_INVOICESTATUS']._serialized_end=3306
+  _globals['_INVOICELINEKIND']._serialized_start=3309
+  _globals['_INVOICELINEKIND']._serialized_end=3531
   _globals['_INVOICELINETIER']._serialized_start=137
   _globals['_INVOICELINETIER']._serialized_end=243
   _globals['_INVOICELINECREDITS']._serialized_start=246
   _globals['_INVOICELINECREDITS']._serialized_end=537
-  _globals['_INVOICELINE']._serialized_start=540
-  _globals['_INVOICELINE']._serialized_end=897
-  _globals['_INVOICE']._serialized_start=900
-  _globals['_INVOICE']._serialized_end=1412
-  _globals['_PREVIEWINVOICEREQUEST']._serialized_start=1414
-  _globals['_PREVIEWINVOICEREQUEST']._serialized_end=1462
-  _globals['_RUNBILLINGCYCLEREQUEST']._serialized_start=1464
-  _globals['_RUNBILLINGCYCLEREQUEST']._serialized_end=1531
-  _globals['_RUNBILLINGCYCLERESPONSE']._serialized_start=1533
-  _globals['_RUNBILLINGCYCLERESPONSE']._serialized_end=1660
-  _globals['_BILLINGFAILURE']._serialized_start=1663
-  _globals['_BILLINGFAILURE']._serialized_end=1818
-  _globals['_GETINVOICEREQUEST']._serialized_start=1820
-  _globals['_GETINVOICEREQUEST']._serialized_end=1851
-  _globals['_LISTINVOICESREQUEST']._serialized_start=1853
-  _globals['_LISTINVOICESREQUEST']._serialized_end=1959
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=1961
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=2060
-  _globals['_VOIDINVOICEREQUEST']._serialized_start=2062
-  _globals['_VOIDINVOICEREQUEST']._serialized_end=2111
-  _globals['_GETCUSTOMERUSAGEREQUEST']._serialized_start=2113
-  _globals['_GETCUSTOMERUSAGEREQUEST']._serialized_end=2180
-  _globals['_METERUSAGE']._serialized_start=2182
-  _globals['_METERUSAGE']._serialized_end=2306
-  _globals['_GETCUSTOMERUSAGERESPONSE']._serialized_start=2309
-  _globals['_GETCUSTOMERUSAGERESPONSE']._serialized_end=2550
-  _globals['_INVOICEFINALIZED']._serialized_start=2552
-  _globals['_INVOICEFINALIZED']._serialized_end=2640
-  _globals['_INVOICEVOIDED']._serialized_start=2642
-  _globals['_INVOICEVOIDED']._serialized_end=2727
-  _globals['_INVOICESERVICE']._serialized_start=3052
-  _globals['_INVOICESERVICE']._serialized_end=3702
+  _globals['_LATEUSAGEMETER']._serialized_start=539
+  _globals['_LATEUSAGEMETER']._serialized_end=636
+  _globals['_INVOICELINELATEUSAGE']._serialized_start=639
+  _globals['_INVOICELINELATEUSAGE']._serialized_end=918
+  _globals['_INVOICELINE']._serialized_start=921
+  _globals['_INVOICELINE']._serialized_end=1345
+  _globals['_INVOICE']._serialized_start=1348
+  _globals['_INVOICE']._serialized_end=1860
+  _globals['_PREVIEWINVOICEREQUEST']._serialized_start=1862
+  _globals['_PREVIEWINVOICEREQUEST']._serialized_end=1910
+  _globals['_RUNBILLINGCYCLEREQUEST']._serialized_start=1912
+  _globals['_RUNBILLINGCYCLEREQUEST']._serialized_end=1979
+  _globals['_RUNBILLINGCYCLERESPONSE']._serialized_start=1981
+  _globals['_RUNBILLINGCYCLERESPONSE']._serialized_end=2108
+  _globals['_BILLINGFAILURE']._serialized_start=2111
+  _globals['_BILLINGFAILURE']._serialized_end=2266
+  _globals['_GETINVOICEREQUEST']._serialized_start=2268
+  _globals['_GETINVOICEREQUEST']._serialized_end=2299
+  _globals['_LISTINVOICESREQUEST']._serialized_start=2301
+  _globals['_LISTINVOICESREQUEST']._serialized_end=2407
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=2409
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=2508
+  _globals['_VOIDINVOICEREQUEST']._serialized_start=2510
+  _globals['_VOIDINVOICEREQUEST']._serialized_end=2559
+  _globals['_GETCUSTOMERUSAGEREQUEST']._serialized_start=2561
+  _globals['_GETCUSTOMERUSAGEREQUEST']._serialized_end=2628
+  _globals['_METERUSAGE']._serialized_start=2630
+  _globals['_METERUSAGE']._serialized_end=2754
+  _globals['_GETCUSTOMERUSAGERESPONSE']._serialized_start=2757
+  _globals['_GETCUSTOMERUSAGERESPONSE']._serialized_end=2998
+  _globals['_INVOICEFINALIZED']._serialized_start=3000
+  _globals['_INVOICEFINALIZED']._serialized_end=3088
+  _globals['_INVOICEVOIDED']._serialized_start=3090
+  _globals['_INVOICEVOIDED']._serialized_end=3175
+  _globals['_INVOICESERVICE']._serialized_start=3534
+  _globals['_INVOICESERVICE']._serialized_end=4184
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,19 @@ class _InvoiceLineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Invoi
     """The minimum spend commitment's true-up: the shortfall of the fixed fee
     and usage (after the cap) below the minimum.
     """
+    INVOICE_LINE_KIND_LATE_USAGE: _InvoiceLineKind.ValueType  # 5
+    """Late usage of an earlier period of the same subscription: usage that
+    arrived after that period's invoice was finalized. Once no event can
+    still arrive for the period (period end + USAGEBILLING_BACKDATE_WINDOW +
+    USAGEBILLING_INVOICE_GRACE), billing re-prices the whole period once, as
+    it builds any invoice (fixed fee, tiers, commitments, credits), and bills
+    the re-priced total less the total its current (non-void) invoice billed
+    on the next invoice it finalizes. amount_minor may be negative (a MAX,
+    LATEST or AVG meter that went down); quantity is "1" and unit_price the
+    amount in major units; late_usage names the period and invoice corrected.
+    The corrected invoice itself never changes. Each period is checked and
+    billed at most once.
+    """
 
 class InvoiceLineKind(_InvoiceLineKind, metaclass=_InvoiceLineKindEnumTypeWrapper):
     """What an invoice line bills."""
@@ -86,6 +99,19 @@ usage lines' excess over the maximum off.
 INVOICE_LINE_KIND_MINIMUM_SPEND: InvoiceLineKind.ValueType  # 4
 """The minimum spend commitment's true-up: the shortfall of the fixed fee
 and usage (after the cap) below the minimum.
+"""
+INVOICE_LINE_KIND_LATE_USAGE: InvoiceLineKind.ValueType  # 5
+"""Late usage of an earlier period of the same subscription: usage that
+arrived after that period's invoice was finalized. Once no event can
+still arrive for the period (period end + USAGEBILLING_BACKDATE_WINDOW +
+USAGEBILLING_INVOICE_GRACE), billing re-prices the whole period once, as
+it builds any invoice (fixed fee, tiers, commitments, credits), and bills
+the re-priced total less the total its current (non-void) invoice billed
+on the next invoice it finalizes. amount_minor may be negative (a MAX,
+LATEST or AVG meter that went down); quantity is "1" and unit_price the
+amount in major units; late_usage names the period and invoice corrected.
+The corrected invoice itself never changes. Each period is checked and
+billed at most once.
 """
 Global___InvoiceLineKind: _TypeAlias = InvoiceLineKind  # noqa: Y015
 
@@ -203,9 +229,107 @@ class InvoiceLineCredits(_message.Message):
 Global___InvoiceLineCredits: _TypeAlias = InvoiceLineCredits  # noqa: Y015
 
 @_typing.final
+class LateUsageMeter(_message.Message):
+    """One meter whose quantity in a corrected period changed after its invoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METER_ID_FIELD_NUMBER: _builtins.int
+    METER_NAME_FIELD_NUMBER: _builtins.int
+    BILLED_QUANTITY_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    meter_id: _builtins.str
+    """The meter (Meter.id)."""
+    meter_name: _builtins.str
+    """Its name when the period was re-priced."""
+    billed_quantity: _builtins.str
+    """The quantity the corrected invoice billed (a decimal string, the meter's
+    unit).
+    """
+    quantity: _builtins.str
+    """The quantity once no more usage could arrive (a decimal string)."""
+    def __init__(
+        self,
+        *,
+        meter_id: _builtins.str = ...,
+        meter_name: _builtins.str = ...,
+        billed_quantity: _builtins.str = ...,
+        quantity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_quantity", b"billed_quantity", "meter_id", b"meter_id", "meter_name", b"meter_name", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LateUsageMeter: _TypeAlias = LateUsageMeter  # noqa: Y015
+
+@_typing.final
+class InvoiceLineLateUsage(_message.Message):
+    """What a LATE_USAGE line corrects. The line's amount_minor is
+    repriced_total_minor - billed_total_minor.
+    Example: "Late usage, 2026-10-01 to 2026-11-01 (invoice INV-000042): api
+    calls 1,200 → 1,450", period_start 2026-10-01T00:00:00Z, period_end
+    2026-11-01T00:00:00Z, billed_total_minor 2400, repriced_total_minor 2775.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    INVOICE_NUMBER_FIELD_NUMBER: _builtins.int
+    BILLED_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
+    REPRICED_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
+    invoice_id: _builtins.str
+    """The period's invoice it corrects (Invoice.id), unchanged and still
+    FINALIZED; when that invoice had been voided and reissued, the reissued
+    one.
+    """
+    invoice_number: _builtins.str
+    """Its number (Invoice.number), such as INV-000042."""
+    billed_total_minor: _builtins.int
+    """What that invoice billed: its total_minor (minor units of the currency)."""
+    repriced_total_minor: _builtins.int
+    """The period's total when re-priced with all its usage (minor units)."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The corrected period: from here (inclusive)."""
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """To here (exclusive)."""
+
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedCompositeFieldContainer[Global___LateUsageMeter]:
+        """The meters whose quantity changed (none when only the price of the same
+        quantities did, for example the credits drawn).
+        """
+
+    def __init__(
+        self,
+        *,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        invoice_id: _builtins.str = ...,
+        invoice_number: _builtins.str = ...,
+        billed_total_minor: _builtins.int = ...,
+        repriced_total_minor: _builtins.int = ...,
+        meters: _abc.Iterable[Global___LateUsageMeter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billed_total_minor", b"billed_total_minor", "invoice_id", b"invoice_id", "invoice_number", b"invoice_number", "meters", b"meters", "period_end", b"period_end", "period_start", b"period_start", "repriced_total_minor", b"repriced_total_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoiceLineLateUsage: _TypeAlias = InvoiceLineLateUsage  # noqa: Y015
+
+@_typing.final
 class InvoiceLine(_message.Message):
-    """One charge of an invoice: the fixed fee, one usage price, or a commitment
-    adjustment.
+    """One charge of an invoice: the fixed fee, one usage price, a commitment
+    adjustment, or an earlier period's late usage.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -221,6 +345,7 @@ class InvoiceLine(_message.Message):
     TIERS_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     CREDITS_FIELD_NUMBER: _builtins.int
+    LATE_USAGE_FIELD_NUMBER: _builtins.int
     description: _builtins.str
     """Human-readable, such as "api-calls: 2500 consumed, 1000 free, 1500 billable
     x 0.02".
@@ -256,6 +381,10 @@ class InvoiceLine(_message.Message):
         field existed, whose description says it in words).
         """
 
+    @_builtins.property
+    def late_usage(self) -> Global___InvoiceLineLateUsage:
+        """Set on a LATE_USAGE line only: the period and invoice it corrects."""
+
     def __init__(
         self,
         *,
@@ -270,10 +399,11 @@ class InvoiceLine(_message.Message):
         tiers: _abc.Iterable[Global___InvoiceLineTier] | None = ...,
         kind: Global___InvoiceLineKind.ValueType = ...,
         credits: Global___InvoiceLineCredits | None = ...,
+        late_usage: Global___InvoiceLineLateUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "late_usage", b"late_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "billable_quantity", b"billable_quantity", "credits", b"credits", "description", b"description", "free_quantity", b"free_quantity", "kind", b"kind", "meter_id", b"meter_id", "meter_name", b"meter_name", "quantity", b"quantity", "tiers", b"tiers", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "billable_quantity", b"billable_quantity", "credits", b"credits", "description", b"description", "free_quantity", b"free_quantity", "kind", b"kind", "late_usage", b"late_usage", "meter_id", b"meter_id", "meter_name", b"meter_name", "quantity", b"quantity", "tiers", b"tiers", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,7 +411,13 @@ Global___InvoiceLine: _TypeAlias = InvoiceLine  # noqa: Y015
 
 @_typing.final
 class Invoice(_message.Message):
-    """A customer's bill for one period of one subscription."""
+    """A customer's bill for one period of one subscription. It may also carry
+    LATE_USAGE lines for earlier periods of the subscription. A subscription
+    that has ended, with no invoice left to finalize, gets its late usage on an
+    invoice of its own: only LATE_USAGE lines, FINALIZED when issued, with
+    period_start = period_end = the instant it was issued (each line names the
+    period it corrects); its total_minor may be negative (a credit).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -315,7 +451,9 @@ class Invoice(_message.Message):
     subtotal_minor: _builtins.int
     """The sum of the lines, in minor units."""
     total_minor: _builtins.int
-    """What the customer owes, in minor units."""
+    """What the customer owes, in minor units (negative only when LATE_USAGE
+    lines credit more than the rest bills).
+    """
     replaces_invoice_id: _builtins.str
     """On a corrected invoice: the voided invoice it replaces."""
     replaced_by_invoice_id: _builtins.str

@@ -85,7 +85,11 @@ class InvoiceServiceServicer:
         subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
         while more_pending is true. A period that cannot be priced is held (no
         invoice, not even its fixed fee: an invoice without the line would
-        underbill) and listed in failures; the call still answers OK.
+        underbill) and listed in failures; the call still answers OK. It also
+        re-prices, once, each finalized period whose backdating window has
+        closed by as_of, and bills any difference on the next invoice it
+        finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+        subscription's invoice of late usage only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,7 +111,13 @@ class InvoiceServiceServicer:
 
     def VoidInvoice(self, request, context):
         """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-        asked, issues a corrected invoice for its period.
+        asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+        voided invoice carried go on the subscription's next finalized invoice
+        again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+        is not re-priced: reissue is ignored and its lines go on the next one.
+        A reissue prices its period in full, late usage included: that period's
+        own LATE_USAGE line is dropped if still waiting, or taken back on the
+        reissue (negated) if already billed on a live invoice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

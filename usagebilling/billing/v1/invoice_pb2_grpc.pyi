@@ -42,7 +42,11 @@ class InvoiceServiceStub:
     subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
     while more_pending is true. A period that cannot be priced is held (no
     invoice, not even its fixed fee: an invoice without the line would
-    underbill) and listed in failures; the call still answers OK.
+    underbill) and listed in failures; the call still answers OK. It also
+    re-prices, once, each finalized period whose backdating window has
+    closed by as_of, and bills any difference on the next invoice it
+    finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+    subscription's invoice of late usage only.
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]
     """Returns one invoice."""
@@ -50,7 +54,13 @@ class InvoiceServiceStub:
     """Newest period first."""
     VoidInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]
     """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-    asked, issues a corrected invoice for its period.
+    asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+    voided invoice carried go on the subscription's next finalized invoice
+    again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+    is not re-priced: reissue is ignored and its lines go on the next one.
+    A reissue prices its period in full, late usage included: that period's
+    own LATE_USAGE line is dropped if still waiting, or taken back on the
+    reissue (negated) if already billed on a live invoice.
     """
     GetCustomerUsage: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]
     """A customer's usage and its price so far in the current period of its
@@ -71,7 +81,11 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
     while more_pending is true. A period that cannot be priced is held (no
     invoice, not even its fixed fee: an invoice without the line would
-    underbill) and listed in failures; the call still answers OK.
+    underbill) and listed in failures; the call still answers OK. It also
+    re-prices, once, each finalized period whose backdating window has
+    closed by as_of, and bills any difference on the next invoice it
+    finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+    subscription's invoice of late usage only.
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
     """Returns one invoice."""
@@ -79,7 +93,13 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     """Newest period first."""
     VoidInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.VoidInvoiceRequest, _invoice_pb2.Invoice]  # type: ignore[assignment]
     """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-    asked, issues a corrected invoice for its period.
+    asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+    voided invoice carried go on the subscription's next finalized invoice
+    again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+    is not re-priced: reissue is ignored and its lines go on the next one.
+    A reissue prices its period in full, late usage included: that period's
+    own LATE_USAGE line is dropped if still waiting, or taken back on the
+    reissue (negated) if already billed on a live invoice.
     """
     GetCustomerUsage: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetCustomerUsageRequest, _invoice_pb2.GetCustomerUsageResponse]  # type: ignore[assignment]
     """A customer's usage and its price so far in the current period of its
@@ -109,7 +129,11 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         subscription, USAGEBILLING_BILLING_RUN_BUDGET per call): call it again
         while more_pending is true. A period that cannot be priced is held (no
         invoice, not even its fixed fee: an invoice without the line would
-        underbill) and listed in failures; the call still answers OK.
+        underbill) and listed in failures; the call still answers OK. It also
+        re-prices, once, each finalized period whose backdating window has
+        closed by as_of, and bills any difference on the next invoice it
+        finalizes (INVOICE_LINE_KIND_LATE_USAGE); invoice_ids include an ended
+        subscription's invoice of late usage only.
         """
 
     @_abc_1.abstractmethod
@@ -135,7 +159,13 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_invoice_pb2.Invoice, _abc.Awaitable[_invoice_pb2.Invoice]]:
         """Voids a finalized invoice (it stays, numbered, with status VOID) and, when
-        asked, issues a corrected invoice for its period.
+        asked, issues a corrected invoice for its period. The LATE_USAGE lines a
+        voided invoice carried go on the subscription's next finalized invoice
+        again (the reissued one, when asked); an invoice of LATE_USAGE lines only
+        is not re-priced: reissue is ignored and its lines go on the next one.
+        A reissue prices its period in full, late usage included: that period's
+        own LATE_USAGE line is dropped if still waiting, or taken back on the
+        reissue (negated) if already billed on a live invoice.
         """
 
     @_abc_1.abstractmethod
