@@ -511,9 +511,11 @@ class Invoicing:
         backdating window has closed by as_of (at most `catchup_periods` of
         each per run), and records each checked with its LATE_USAGE line, if
         the total differs from what its invoice billed. Returns whether more
-        are left beyond that bound. A period that cannot be priced now (or
-        whose usage cannot be read) is left unchecked and tried again on the
-        next run, like a held period; it never stops the page's billing."""
+        are left beyond that bound. When meter cannot be read, the periods are
+        left unchecked and tried again on the next run; a period whose data
+        cannot be priced is recorded checked with no line and logged
+        (late_usage_unpriceable), so that it never holds up the later ones.
+        Neither stops the page's billing."""
         limit = self._catchup
         closed_by = late.closed_by(as_of, self._backdate, self._grace)
         invoices = await self._store.late_candidates(
@@ -550,16 +552,21 @@ class Invoicing:
                 return more
             checks = []
             for period in batch:
+                invoice = billed[period.key]
                 if period.key in held:
-                    log.warning(
-                        "late_usage_not_checked",
+                    # Its data cannot be priced (an amount past int64, say):
+                    # trying again each run would only hold up the periods
+                    # after it, so it is checked with no line, and logged.
+                    log.error(
+                        "late_usage_unpriceable",
                         subscription_id=period.subscription.id,
                         period_start=period.start.isoformat(),
+                        invoice_id=invoice.id,
                         reason=held[period.key].reason,
                     )
-                    continue
-                invoice = billed[period.key]
-                line = late.late_usage_line(convert.billed(invoice), drafts[period.key])
+                    line = None
+                else:
+                    line = late.late_usage_line(convert.billed(invoice), drafts[period.key])
                 checks.append(
                     LateCheck(
                         period.subscription.id,

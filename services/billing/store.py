@@ -793,7 +793,11 @@ class BillingStore:
     ) -> set[tuple[str, datetime]]:
         """Records each period as checked, with its LATE_USAGE line if any,
         unless it already is (another run checked it first: its result
-        stands). Returns the (subscription id, period start) recorded now."""
+        stands) or the invoice it was compared with is no longer FINALIZED
+        (voided meanwhile: a reissue prices the period in full, and a later
+        run compares with that). The compared invoice is locked FOR SHARE, so
+        a void waits for this or this sees the void. Returns the (subscription
+        id, period start) recorded now."""
         if not checks:
             return set()
         rows = await self.pool.fetch(
@@ -803,7 +807,9 @@ class BillingStore:
             " c.line::jsonb, coalesce((c.line::jsonb ->> 'amount_minor')::bigint, 0)"
             " FROM unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[], $5::uuid[],"
             " $6::text[]) AS c(subscription_id, period_start, period_end, invoice_id, line)"
-            " ORDER BY c.subscription_id, c.period_start"
+            " JOIN billing.invoices i ON i.id = c.invoice_id AND i.tenant_id = $1"
+            " AND i.status = 'FINALIZED'"
+            " ORDER BY c.subscription_id, c.period_start FOR SHARE OF i"
             " ON CONFLICT DO NOTHING RETURNING subscription_id, period_start",
             tenant_id,
             [c.subscription_id for c in checks],
