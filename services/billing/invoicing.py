@@ -159,12 +159,14 @@ class _Resume:
     """Where a run stopped for lack of budget: the cursor of the page the next
     run starts at (None: the first), whether the pass found work so far, its
     passes over meter's pages, and the run's as_of - grace (the periods
-    whose usage it read after their grace had ended)."""
+    whose usage it read after their grace had ended), and the as_of of the
+    run that began the passes (what they read may predate later runs)."""
 
     after: tuple[str, str] | None
     worked: bool
     streams: UsageStreams
     ended_by: datetime
+    began: datetime
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -350,8 +352,10 @@ class Invoicing:
         resume = None if subscription_id else self._resume.pop(tenant_id, None)
         if resume is None:
             after, worked, streams = None, False, self._usage.streams(tenant_id)
+            began = as_of
         else:
             after, worked, streams = resume.after, resume.worked, resume.streams
+            began = resume.began
             # Values read before a period's grace ended must not finalize it.
             streams.retain(lambda key: key[2] <= resume.ended_by)
         while True:
@@ -359,7 +363,7 @@ class Invoicing:
                 tenant_id, subscription_id, after=after, limit=SUBSCRIPTION_PAGE
             )
             report, stopped = await self._cycle_page(
-                tenant_id, state, products, streams, as_of, now, deadline
+                tenant_id, state, products, streams, as_of, now, deadline, began
             )
             touched += report.invoice_ids
             failures += report.failures
@@ -376,7 +380,7 @@ class Invoicing:
             if stopped or (deadline is not None and loop.time() >= deadline):
                 more = True  # the budget is spent: the next run goes on from here
                 if not subscription_id:
-                    self._resume[tenant_id] = _Resume(after, worked, streams, ended_by)
+                    self._resume[tenant_id] = _Resume(after, worked, streams, ended_by, began)
                 break
         if touched or failures or more:
             log.info(
@@ -399,9 +403,13 @@ class Invoicing:
         as_of: datetime,
         now: datetime,
         deadline: float | None,
+        began: datetime,
     ) -> tuple[CycleReport, bool]:
         """`cycle` for one page of subscriptions (with the end of what each
-        has billed); also says whether the budget stopped it before its end."""
+        has billed); also says whether the budget stopped it before its end.
+        `streams` may hold usage read by runs since `began` (a pass resumed):
+        only the periods whose backdating window had closed by then are
+        complete on what they read."""
         loop = asyncio.get_running_loop()
         limit = self._catchup
         more = False
@@ -416,7 +424,8 @@ class Invoicing:
 
         # First the late usage of periods whose window has closed, so that
         # the drafts finalized below carry it.
-        more = await self._check_late(tenant_id, among, period_of, as_of, now, streams)
+        settled_by = late.closed_by(began, self._backdate, self._grace)
+        more = await self._check_late(tenant_id, among, period_of, as_of, now, streams, settled_by)
 
         # To build: the oldest `limit` new periods of each subscription, and
         # up to `limit` of its failed periods again. Asking for one more tells
@@ -487,7 +496,7 @@ class Invoicing:
                 retried,
                 now,
                 streams,
-                late.closed_by(as_of, self._backdate, self._grace),
+                settled_by,
             )
             touched += built
             failures += held
@@ -506,6 +515,7 @@ class Invoicing:
         as_of: datetime,
         now: datetime,
         streams: UsageStreams,
+        settled_by: datetime,
     ) -> bool:
         """Re-prices, once, the finalized periods of these subscriptions whose
         backdating window has closed by as_of (at most `catchup_periods` of
@@ -536,17 +546,25 @@ class Invoicing:
         )
         if not periods:
             return more
+        # Through the run's streams: a period many of the page's customers
+        # share is read in one forward pass over meter's pages, as the page's
+        # own periods are (prepared after this). But a resumed pass's streams
+        # may hold usage read before a period's window closed (read ahead for
+        # later customers): such a period is read afresh.
+        shared = [p for p in periods if p.end <= settled_by]
+        fresh = [p for p in periods if p.end > settled_by]
         try:
-            # Through the run's streams: a period many of the page's customers
-            # share is read in one forward pass over meter's pages, as the
-            # page's own periods are (prepared after this).
-            await streams.prepare(_wanted(periods))
+            await streams.prepare(_wanted(shared))
         except Exception as exc:  # meter unavailable, say: the next run tries again
             log.warning("late_usage_not_checked", periods=len(periods), error=repr(exc))
             return more
-        for batch in _batches(periods, calls=BATCH_CALLS, size=BATCH):
+        work: list[tuple[list[BillablePeriod], UsageStreams | None]] = [
+            (b, streams) for b in _batches(shared, calls=BATCH_CALLS, size=BATCH)
+        ]
+        work += [(b, None) for b in _batches(fresh, calls=BATCH_CALLS, size=BATCH)]
+        for batch, through in work:
             try:
-                drafts, held = await self._price(tenant_id, batch, streams=streams)
+                drafts, held = await self._price(tenant_id, batch, streams=through)
             except Exception as exc:  # meter unavailable, say: the next run tries again
                 log.warning("late_usage_not_checked", periods=len(batch), error=repr(exc))
                 return more

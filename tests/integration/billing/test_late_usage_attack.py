@@ -483,11 +483,6 @@ async def test_two_cycles_at_once_issue_an_ended_subscriptions_late_invoice_once
     _gapless(invoices)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="invoicing._cycle_page marks a period `complete` (never re-priced) though a resumed"
-    " run priced it on usage its retained streams read before the window closed",
-)
 async def test_a_run_resumed_after_the_window_closed_reads_the_usage_again(
     billing: Billing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
