@@ -872,8 +872,11 @@ class BillingStore:
                 new_id = await conn.fetchval(
                     "INSERT INTO billing.invoices (tenant_id, number, customer_id,"
                     " subscription_id, period_start, period_end, currency, status, lines,"
-                    " subtotal_minor, total_minor, finalized_at)"
-                    " VALUES ($1, $2, $3, $4, $5, $5, $6, 'FINALIZED', $7, $8, $9, $5)"
+                    " subtotal_minor, total_minor, finalized_at, revision)"
+                    " VALUES ($1, $2, $3, $4, $5, $5, $6, 'FINALIZED', $7, $8, $9, $5,"
+                    # (A voided one of the same instant holds the revision before.)
+                    " (SELECT coalesce(max(revision) + 1, 0) FROM billing.invoices"
+                    "  WHERE subscription_id = $4 AND period_start = $5))"
                     " RETURNING id",
                     tenant_id,
                     f"INV-{last - len(waiting) + 1 + n:06d}",
@@ -963,6 +966,15 @@ class BillingStore:
                     " WHERE tenant_id = $1 AND billed_on_invoice_id = $2",
                     tenant_id,
                     row["id"],
+                )
+                # Its own period's late usage still waiting is not billed: the
+                # period is either not billed at all now, or reissued in full.
+                await conn.execute(
+                    "UPDATE billing.late_usage_checks SET line = NULL, amount_minor = 0"
+                    " WHERE subscription_id = $1 AND period_start = $2"
+                    " AND line IS NOT NULL AND billed_on_invoice_id IS NULL",
+                    row["subscription_id"],
+                    row["period_start"],
                 )
             if replacement is not None and row["replaced_by_id"] is None:
                 new_id = await conn.fetchval(

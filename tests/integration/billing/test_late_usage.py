@@ -356,3 +356,25 @@ async def test_many_customers_late_usage_is_read_a_page_at_a_time_and_billed_exa
         charge = min(calls, 10) * 100 + max(calls - 10, 0) * 50
         expected[c] = charge - 800
     assert found == expected
+
+
+async def test_a_period_voided_without_reissue_drops_its_waiting_late_usage(
+    billing: Billing,
+) -> None:
+    """May 1's late 4.00 waits (its carrier was voided without reissue); then
+    May 1 itself is voided without reissue: the period is not billed at all
+    now, so no later invoice carries the 4.00."""
+    cycle = _invoicing(billing)
+    t, subscription_id, may1 = await _may1_billed_8_calls(billing, cycle)
+    at = MAY1 + 3 * D + 2 * H
+    await cycle.run_cycle(t, at, at)
+    ((carrier, _),) = _late_lines(await invoices_of(billing, t))
+    await cycle.void(t, carrier, reissue=False, now=at)
+    await cycle.void(t, may1, reissue=False, now=at)
+    for _ in range(3):
+        at += D
+        await cycle.run_cycle(t, at, at)
+    live = [i for i in await invoices_of(billing, t) if i.status != "VOID"]
+    assert _late_lines(live) == []
+    (check, *_) = await billing.store.late_checks(t, subscription_id)
+    assert (check["line"], check["billed_on_invoice_id"]) == (None, None)

@@ -78,7 +78,11 @@ class _InvoiceLineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Invoi
     the re-priced total less the total its current (non-void) invoice billed
     on the next invoice it finalizes. amount_minor may be negative (a MAX,
     LATEST or AVG meter that went down); quantity is "1" and unit_price the
-    amount in major units; late_usage names the period and invoice corrected.
+    amount in major units; late_usage names the period and invoice corrected,
+    and amount_minor = late_usage.repriced_total_minor -
+    late_usage.billed_total_minor. On a reissue of that period, the same line
+    negated takes it back (its description says "taken back"): there
+    amount_minor is the negation of that difference.
     The corrected invoice itself never changes. Each period is checked and
     billed at most once.
     """
@@ -109,7 +113,11 @@ it builds any invoice (fixed fee, tiers, commitments, credits), and bills
 the re-priced total less the total its current (non-void) invoice billed
 on the next invoice it finalizes. amount_minor may be negative (a MAX,
 LATEST or AVG meter that went down); quantity is "1" and unit_price the
-amount in major units; late_usage names the period and invoice corrected.
+amount in major units; late_usage names the period and invoice corrected,
+and amount_minor = late_usage.repriced_total_minor -
+late_usage.billed_total_minor. On a reissue of that period, the same line
+negated takes it back (its description says "taken back"): there
+amount_minor is the negation of that difference.
 The corrected invoice itself never changes. Each period is checked and
 billed at most once.
 """
@@ -283,14 +291,17 @@ class InvoiceLineLateUsage(_message.Message):
     REPRICED_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
     METERS_FIELD_NUMBER: _builtins.int
     invoice_id: _builtins.str
-    """The period's invoice it corrects (Invoice.id), unchanged and still
-    FINALIZED; when that invoice had been voided and reissued, the reissued
-    one.
+    """The period's invoice it was compared with (Invoice.id), unchanged; when
+    that invoice had been voided and reissued before the comparison, the
+    reissued one. (It may be voided later: then its reissue takes the line
+    back, see VoidInvoice.)
     """
     invoice_number: _builtins.str
     """Its number (Invoice.number), such as INV-000042."""
     billed_total_minor: _builtins.int
-    """What that invoice billed: its total_minor (minor units of the currency)."""
+    """What that invoice billed for the period: its total_minor less the
+    LATE_USAGE lines of other periods it carried (minor units).
+    """
     repriced_total_minor: _builtins.int
     """The period's total when re-priced with all its usage (minor units)."""
     @_builtins.property
