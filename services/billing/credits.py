@@ -87,6 +87,7 @@ from services.billing.domain.credits import (
 )
 from services.billing.domain.fields import check_name, check_text
 from services.billing.domain.invoice import InvoiceDraft, InvoiceLine, LineCredits
+from services.billing.domain.late import BACKDATE_WINDOW
 from services.billing.domain.money import minor_units
 from services.billing.domain.periods import Interval, period_containing, period_start
 from services.billing.domain.pricing import parse_decimal
@@ -434,7 +435,7 @@ class Credits:
         recheck: timedelta = timedelta(hours=1),
         interval: timedelta = timedelta(seconds=1),
         reconcile: timedelta = timedelta(minutes=1),
-        backdate: timedelta = timedelta(days=35),
+        backdate: timedelta = BACKDATE_WINDOW,
     ) -> None:
         self._store = store
         self._billing = billing

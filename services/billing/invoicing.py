@@ -105,9 +105,6 @@ PUBLISH_TIMEOUT: Final = 10.0
 # Products remembered for previews and current usage (Invoicing._product);
 # when full, forgotten all at once.
 MAX_REMEMBERED_PRODUCTS: Final = 10_000
-# How far back ingest accepts events unless configured
-# (USAGEBILLING_BACKDATE_WINDOW, read by ingest and billing alike).
-BACKDATE_WINDOW: Final = timedelta(days=35)
 # (subscription id, period start)
 PeriodKey = tuple[str, datetime]
 
@@ -185,7 +182,7 @@ class Invoicing:
         catchup_periods: int = CATCHUP_PERIODS,
         run_budget: timedelta | None = None,
         credits: Any = None,
-        backdate_window: timedelta = BACKDATE_WINDOW,
+        backdate_window: timedelta = late.BACKDATE_WINDOW,
     ) -> None:
         if catchup_periods < 1:
             raise ValueError("catchup_periods must be at least 1")
@@ -625,7 +622,7 @@ class Invoicing:
             and billed_until is not None
             and billed_until >= s.end_time
         ]
-        issued = await self._store.issue_late_invoices(tenant_id, ended, now, _attach_late)
+        issued = await self._store.issue_late_invoices(tenant_id, ended, now, _with_late_lines)
         metrics.INVOICES.labels(action="finalized").inc(len(issued))
         return issued
 
@@ -673,7 +670,7 @@ class Invoicing:
             tenant_id,
             [(ids[p.key], contents[p.key]) for p in finalizing if p.key in ids],
             now,
-            _attach_late,
+            _with_late_lines,
             complete=[ids[p.key] for p in finalizing if p.key in ids and p.end <= closed_by],
         )
         touched += [invoice_id for invoice_id, _ in finalized]
@@ -956,7 +953,7 @@ def _wanted(periods: Sequence[BillablePeriod]) -> dict[UsageKey, set[str]]:
     return wanted
 
 
-def _attach_late(content: dict[str, Any], lines: list[dict[str, Any]]) -> dict[str, Any]:
+def _with_late_lines(content: dict[str, Any], lines: list[dict[str, Any]]) -> dict[str, Any]:
     """A draft's content (JSON) with LATE_USAGE lines (JSON) after its own:
     the totals add their amounts (they are in the same currency: the same
     subscription's product)."""

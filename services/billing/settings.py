@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from services.billing.domain import webhooks as webhook_rules
+from services.billing.domain.late import BACKDATE_WINDOW
 from services.billing.domain.webhooks import Network, Policy
 from services.common.config import CommonSettings, EnvReader, read_common
 
@@ -89,7 +90,7 @@ def read(reader: EnvReader) -> BillingSettings:
         credits_reconcile=reader.duration(
             "USAGEBILLING_CREDITS_RECONCILE", timedelta(minutes=1), maximum=timedelta(days=1)
         ),
-        backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", timedelta(days=35)),
+        backdate_window=reader.duration("USAGEBILLING_BACKDATE_WINDOW", BACKDATE_WINDOW),
     )
 
 

@@ -26,6 +26,10 @@ from services.billing.domain.invoice import (
 from services.billing.domain.money import from_minor
 from services.billing.domain.pricing import plain
 
+# How far back ingest accepts events unless configured (billing reads the same
+# USAGEBILLING_BACKDATE_WINDOW: for late usage and credits' reconciliation).
+BACKDATE_WINDOW = timedelta(days=35)
+
 
 def closed_by(as_of: datetime, backdate_window: timedelta, grace: timedelta) -> datetime:
     """The periods that ended at or before this instant can get no more usage
