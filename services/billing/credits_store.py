@@ -33,7 +33,7 @@ from services.billing.domain.credits import (
 from services.billing.domain.fields import check_text, shown
 from services.billing.domain.money import minor_units
 from services.billing.domain.pricing import plain
-from services.billing.store import SubscriptionRecord
+from services.billing.store import SubscriptionRecord, take_invoice_numbers
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.ids import is_uuid, parse_uuid
 
@@ -715,12 +715,7 @@ class CreditStore:
     ) -> GrantRecord:
         """Issues the finalized one-off invoice of a priced grant, numbered in
         the tenant's sequence, in the grant's transaction (so both or neither)."""
-        last = await conn.fetchval(
-            "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, 1)"
-            " ON CONFLICT (tenant_id) DO UPDATE"
-            " SET last_number = billing.invoice_numbers.last_number + 1 RETURNING last_number",
-            tenant_id,
-        )
+        (number,) = await take_invoice_numbers(conn, tenant_id, 1)
         price = Decimal(grant.price_minor).scaleb(-minor_units(grant.price_currency))
         type_name = await conn.fetchval(
             "SELECT name FROM billing.credit_types WHERE tenant_id = $1 AND id = $2",
@@ -745,7 +740,7 @@ class CreditStore:
             " finalized_at) VALUES ($1, $2, $3, NULL, $4, $4, $5, 'FINALIZED', $6, $7, $7,"
             " now()) RETURNING id",
             tenant_id,
-            f"INV-{last:06d}",
+            number,
             uuid.UUID(grant.customer_id),
             grant.effective_at,
             grant.price_currency,

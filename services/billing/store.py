@@ -716,16 +716,8 @@ class BillingStore:
             if not locked:
                 return []
             content = dict(drafts)
-            last = await conn.fetchval(
-                "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, $2)"
-                " ON CONFLICT (tenant_id) DO UPDATE"
-                " SET last_number = billing.invoice_numbers.last_number + $2"
-                " RETURNING last_number",
-                tenant_id,
-                len(locked),
-            )
             ids = [str(r["id"]) for r in locked]
-            numbers = [f"INV-{last - len(ids) + 1 + i:06d}" for i in range(len(ids))]
+            numbers = await take_invoice_numbers(conn, tenant_id, len(ids))
             if attach is not None:
                 await _reissued_late(conn, tenant_id, ids, content, attach)
                 await _attach_late(conn, tenant_id, locked, content, attach)
@@ -854,14 +846,7 @@ class BillingStore:
                 waiting.setdefault(str(r["subscription_id"]), []).append(r)
             if not waiting:
                 return []
-            last = await conn.fetchval(
-                "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, $2)"
-                " ON CONFLICT (tenant_id) DO UPDATE"
-                " SET last_number = billing.invoice_numbers.last_number + $2"
-                " RETURNING last_number",
-                tenant_id,
-                len(waiting),
-            )
+            numbers = await take_invoice_numbers(conn, tenant_id, len(waiting))
             issued = []
             for n, (subscription_id, checks) in enumerate(waiting.items()):
                 subscription, currency = chosen[subscription_id]
@@ -879,7 +864,7 @@ class BillingStore:
                     "  WHERE subscription_id = $4 AND period_start = $5))"
                     " RETURNING id",
                     tenant_id,
-                    f"INV-{last - len(waiting) + 1 + n:06d}",
+                    numbers[n],
                     parse_uuid(subscription.customer_id, "customer_id"),
                     parse_uuid(subscription_id, "subscription_id"),
                     now,
@@ -969,13 +954,7 @@ class BillingStore:
                 )
                 # Its own period's late usage still waiting is not billed: the
                 # period is either not billed at all now, or reissued in full.
-                await conn.execute(
-                    "UPDATE billing.late_usage_checks SET line = NULL, amount_minor = 0"
-                    " WHERE subscription_id = $1 AND period_start = $2"
-                    " AND line IS NOT NULL AND billed_on_invoice_id IS NULL",
-                    row["subscription_id"],
-                    row["period_start"],
-                )
+                await _drop_waiting_late(conn, [row])
             if replacement is not None and row["replaced_by_id"] is None:
                 new_id = await conn.fetchval(
                     "INSERT INTO billing.invoices (tenant_id, customer_id, subscription_id,"
@@ -1079,14 +1058,36 @@ async def _reissued_late(
             content[draft_id] = attach(
                 content[draft_id], [late.taken_back(r["line"], r["carrier_number"])]
             )
-    if dropped:
+    await _drop_waiting_late(conn, dropped)
+
+
+async def _drop_waiting_late(conn: Any, periods: Sequence[asyncpg.Record]) -> None:
+    """Drops the LATE_USAGE lines still waiting (not yet billed) of these
+    (subscription_id, period_start): their period is reissued in full, or
+    no longer billed at all."""
+    if periods:
         await conn.execute(
             "UPDATE billing.late_usage_checks c SET line = NULL, amount_minor = 0"
             " FROM unnest($1::uuid[], $2::timestamptz[]) AS k(subscription_id, period_start)"
-            " WHERE c.subscription_id = k.subscription_id AND c.period_start = k.period_start",
-            [r["subscription_id"] for r in dropped],
-            [r["period_start"] for r in dropped],
+            " WHERE c.subscription_id = k.subscription_id AND c.period_start = k.period_start"
+            " AND c.line IS NOT NULL AND c.billed_on_invoice_id IS NULL",
+            [r["subscription_id"] for r in periods],
+            [r["period_start"] for r in periods],
         )
+
+
+async def take_invoice_numbers(conn: Any, tenant_id: str, count: int) -> list[str]:
+    """The tenant's next `count` invoice numbers (INV-000001 on), gapless:
+    taken in the caller's transaction, so they are given back if it fails."""
+    last: int = await conn.fetchval(
+        "INSERT INTO billing.invoice_numbers (tenant_id, last_number) VALUES ($1, $2)"
+        " ON CONFLICT (tenant_id) DO UPDATE"
+        " SET last_number = billing.invoice_numbers.last_number + $2"
+        " RETURNING last_number",
+        tenant_id,
+        count,
+    )
+    return [f"INV-{last - count + 1 + i:06d}" for i in range(count)]
 
 
 async def _attach_late(
